@@ -1,0 +1,58 @@
+// Rotary position embedding, Hugging Face "rotate_half" convention: within each head of size d,
+// element i pairs with element i + d/2 (i < d/2) and the pair turns by angle pos * inv_freq[i].
+//
+// rope_cos_sin builds [tokens, d/2] fp32 cos/sin tables once per batch (positions are shared by
+// every layer); rope_apply then rotates q and k in place. Positions are per token, so packed
+// samples (each restarting at 0) need nothing special. Llama-3 rope scaling lives entirely in
+// inv_freq, which the host precomputes.
+
+// angle = pos * inv_freq in fp32, as transformers computes it. sincosf takes its slow,
+// stack-using argument reduction only for |angle| > 105615 (positions past ~100k), which is why
+// this kernel is allowed a stack frame.
+extern "C" __global__ void rope_cos_sin(const u32* __restrict__ pos, const float* __restrict__ inv_freq,
+                                        float* __restrict__ cos_t, float* __restrict__ sin_t,
+                                        int tokens, int half) {
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (long long)tokens * half) return;
+    const int t = (int)(idx / half), i = (int)(idx % half);
+    const float a = (float)pos[t] * inv_freq[i];
+    float s, c;
+    sincosf(a, &s, &c);
+    cos_t[idx] = c;
+    sin_t[idx] = s;
+}
+
+__device__ __forceinline__ void rotate_pair2(bf16* __restrict__ head, int i, int half, float c0,
+                                             float s0, float c1, float s1) {
+    u32* p1 = reinterpret_cast<u32*>(head + i);
+    u32* p2 = reinterpret_cast<u32*>(head + i + half);
+    const u32 a = *p1, b = *p2;
+    const float x10 = bf16x2_lo(a), x11 = bf16x2_hi(a);
+    const float x20 = bf16x2_lo(b), x21 = bf16x2_hi(b);
+    *p1 = pack_bf16x2(x10 * c0 - x20 * s0, x11 * c1 - x21 * s1);
+    *p2 = pack_bf16x2(x20 * c0 + x10 * s0, x21 * c1 + x11 * s1);
+}
+
+// q: token t, head h at q + t*q_stride + h*head_dim (so a fused qkv buffer works with its row
+// stride); likewise k (hk may be 0). direction = +1 rotates forward; -1 rotates back, which is
+// the backward pass (the rotation's transpose) applied to dq/dk in place.
+// Block: x = head_dim/4 threads (each owns pairs i and i+1), y = tokens per block.
+// head_dim % 4 == 0, strides even.
+extern "C" __global__ void rope_apply(bf16* __restrict__ q, int q_stride, int hq, bf16* __restrict__ k,
+                                      int k_stride, int hk, const float* __restrict__ cos_t,
+                                      const float* __restrict__ sin_t, int tokens, int head_dim,
+                                      float direction) {
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= tokens) return;
+    const int half = head_dim >> 1;
+    const int i = threadIdx.x * 2;
+    if (i >= half) return;
+    const float* ct = cos_t + (size_t)t * half;
+    const float* st = sin_t + (size_t)t * half;
+    const float c0 = ct[i], c1 = ct[i + 1];
+    const float s0 = st[i] * direction, s1 = st[i + 1] * direction;
+    bf16* qt = q + (size_t)t * q_stride;
+    for (int h = 0; h < hq; h++) rotate_pair2(qt + h * head_dim, i, half, c0, s0, c1, s1);
+    bf16* kt = k + (size_t)t * k_stride;
+    for (int h = 0; h < hk; h++) rotate_pair2(kt + h * head_dim, i, half, c0, s0, c1, s1);
+}

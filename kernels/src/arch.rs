@@ -1,0 +1,62 @@
+//! Which GPU architecture NVRTC compiles for.
+
+use std::fmt;
+
+/// A compute capability, e.g. 9.0 for H100/H200, 8.9 for RTX 40, 8.6 for RTX 30, 8.0 for A100.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GpuArch {
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// The architectures CI compiles every kernel for (the cards the product runs on).
+pub const CI_TARGETS: [GpuArch; 4] = [
+    GpuArch::new(8, 0),
+    GpuArch::new(8, 6),
+    GpuArch::new(8, 9),
+    GpuArch::new(9, 0),
+];
+
+/// Oldest supported architecture: the kernels use bf16 conversion instructions of sm_80.
+pub const MIN_ARCH: GpuArch = GpuArch::new(8, 0);
+
+impl GpuArch {
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+
+    /// NVRTC's `--gpu-architecture` value. Hopper (9.0) gets the architecture-specific
+    /// `sm_90a`, which enables wgmma/setmaxnreg; the cubin then runs only on 9.0 devices,
+    /// which is what the exact-capability compile wants anyway.
+    pub fn nvrtc_target(&self) -> String {
+        if self.major == 9 && self.minor == 0 {
+            "sm_90a".to_string()
+        } else {
+            format!("sm_{}{}", self.major, self.minor)
+        }
+    }
+
+    pub fn is_supported(&self) -> bool {
+        (self.major, self.minor) >= (MIN_ARCH.major, MIN_ARCH.minor)
+    }
+}
+
+impl fmt::Display for GpuArch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.nvrtc_target())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hopper_gets_the_arch_specific_target_others_plain_sm() {
+        let names: Vec<String> = CI_TARGETS.iter().map(|a| a.nvrtc_target()).collect();
+        assert_eq!(names, ["sm_80", "sm_86", "sm_89", "sm_90a"]);
+        assert_eq!(GpuArch::new(12, 0).nvrtc_target(), "sm_120");
+        assert!(!GpuArch::new(7, 5).is_supported());
+        assert!(GpuArch::new(8, 0).is_supported());
+    }
+}

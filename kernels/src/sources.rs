@@ -1,0 +1,173 @@
+//! The embedded CUDA sources: one module per file, each prefixed with `common.cuh`.
+
+use crate::arch::GpuArch;
+
+/// Helpers shared by every module (bf16 conversion, vector loads, block reductions).
+pub const COMMON: &str = include_str!("../cuda/common.cuh");
+
+/// One CUDA source file = one NVRTC program = one loaded module.
+#[derive(Debug)]
+pub struct KernelSource {
+    /// File name under `kernels/cuda/` without `.cu`; also the module's name in the cache.
+    pub name: &'static str,
+    pub source: &'static str,
+    /// The `extern "C" __global__` functions the host launches.
+    pub entries: &'static [&'static str],
+    /// NVRTC options beyond the common ones ([`compile_options`]).
+    pub extra_options: &'static [&'static str],
+    /// Stack-frame bytes a function may use (by name, as ptxas reports it); every other
+    /// function must report no stack frame, and no function may spill registers.
+    pub accepted_stack: &'static [(&'static str, u32)],
+}
+
+impl KernelSource {
+    /// The program text handed to NVRTC; `#line` keeps compiler messages pointing into the
+    /// `.cu` file rather than into the concatenation.
+    pub fn program(&self) -> String {
+        format!(
+            "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}.cu\"\n{}",
+            self.name, self.source
+        )
+    }
+
+    pub fn accepted_stack_bytes(&self, function: &str) -> u32 {
+        self.accepted_stack
+            .iter()
+            .find(|(name, _)| *name == function)
+            .map_or(0, |(_, bytes)| *bytes)
+    }
+}
+
+pub const RMSNORM: KernelSource = KernelSource {
+    name: "rmsnorm",
+    source: include_str!("../cuda/rmsnorm.cu"),
+    entries: &["rmsnorm_fwd", "rmsnorm_bwd"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+pub const ROPE: KernelSource = KernelSource {
+    name: "rope",
+    source: include_str!("../cuda/rope.cu"),
+    entries: &["rope_cos_sin", "rope_apply"],
+    extra_options: &[],
+    // sincosf's Payne-Hanek reduction for |angle| > 105615 keeps a small array on the stack;
+    // it runs once per batch over [tokens, head_dim/2], never in the per-layer path.
+    accepted_stack: &[("rope_cos_sin", 40)],
+};
+
+pub const SWIGLU: KernelSource = KernelSource {
+    name: "swiglu",
+    source: include_str!("../cuda/swiglu.cu"),
+    entries: &["swiglu_fwd", "swiglu_bwd"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+pub const CROSS_ENTROPY: KernelSource = KernelSource {
+    name: "cross_entropy",
+    source: include_str!("../cuda/cross_entropy.cu"),
+    entries: &["ce_stats", "ce_grad"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+pub const ADAMW: KernelSource = KernelSource {
+    name: "adamw",
+    source: include_str!("../cuda/adamw.cu"),
+    entries: &["adamw_fp32", "adamw_8bit"],
+    // Bitwise agreement with the plain-Rust optimizers (see the top of adamw.cu).
+    extra_options: &["--fmad=false"],
+    accepted_stack: &[],
+};
+
+pub const REDUCE: KernelSource = KernelSource {
+    name: "reduce",
+    source: include_str!("../cuda/reduce.cu"),
+    entries: &["reduce_partial", "reduce_final", "grad_norm_final"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+pub const NF4: KernelSource = KernelSource {
+    name: "nf4",
+    source: include_str!("../cuda/nf4.cu"),
+    entries: &[
+        "nf4_quantize",
+        "nf4_dequantize",
+        "nf4_dequantize_dq",
+        "quantize_blockwise_8bit",
+    ],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+pub const EMBEDDING: KernelSource = KernelSource {
+    name: "embedding",
+    source: include_str!("../cuda/embedding.cu"),
+    entries: &["embedding_gather"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
+/// Every module, in load order.
+pub const ALL: &[&KernelSource] = &[
+    &RMSNORM,
+    &ROPE,
+    &SWIGLU,
+    &CROSS_ENTROPY,
+    &ADAMW,
+    &REDUCE,
+    &NF4,
+    &EMBEDDING,
+];
+
+/// The NVRTC options for `source` on `arch`. `-Xptxas -v` makes the program log carry ptxas's
+/// resource report (registers, stack frame, spills), which the CI test checks.
+pub fn compile_options(source: &KernelSource, arch: GpuArch) -> Vec<String> {
+    let mut options = vec![
+        format!("--gpu-architecture={}", arch.nvrtc_target()),
+        "--std=c++17".to_string(),
+        "--ptxas-options=-v".to_string(),
+    ];
+    options.extend(source.extra_options.iter().map(|o| o.to_string()));
+    options
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_is_an_extern_c_kernel_of_its_file_and_every_kernel_is_listed() {
+        for src in ALL {
+            let declared: Vec<&str> = src
+                .source
+                .split("extern \"C\" __global__ void")
+                .skip(1)
+                .map(|rest| {
+                    let rest = rest.trim_start();
+                    let rest = rest.strip_prefix("__launch_bounds__").map_or(rest, |r| {
+                        r.split_once(')').expect("launch bounds close").1
+                    });
+                    rest.trim_start().split('(').next().unwrap().trim()
+                })
+                .collect();
+            let mut listed = src.entries.to_vec();
+            listed.sort();
+            let mut found = declared.clone();
+            found.sort();
+            assert_eq!(found, listed, "kernels of {}.cu", src.name);
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_programs_start_with_the_common_header() {
+        let mut names: Vec<&str> = ALL.iter().map(|s| s.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+        assert!(RMSNORM.program().contains("bf16_to_f32"));
+        assert!(RMSNORM.program().contains("#line 1 \"rmsnorm.cu\""));
+    }
+}
