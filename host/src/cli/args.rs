@@ -1,0 +1,420 @@
+//! The command line: every `unsloth-cli.py` flag of the Kelpie recipe with the same name, type and
+//! default, plus ferrotune's own flags. Parsing only; meaning is given in `job.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use super::choices::*;
+
+/// GGUF quantization presets and the aliases unsloth accepts.
+pub const QUANTIZATION_CHOICES: &[&str] = &[
+    "f32",
+    "f16",
+    "bf16",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "not_quantized",
+    "fast_quantized",
+    "quantized",
+];
+
+/// Integrations transformers' `report_to` knows. ferrotune writes tensorboard itself; the others
+/// are recognised so that a job naming them gets a clear "not available" error, not "unknown".
+pub const REPORT_TO_CHOICES: &[&str] = &[
+    "tensorboard",
+    "none",
+    "all",
+    "azure_ml",
+    "clearml",
+    "codecarbon",
+    "comet_ml",
+    "dagshub",
+    "dvclive",
+    "flyte",
+    "mlflow",
+    "neptune",
+    "swanlab",
+    "trackio",
+    "wandb",
+];
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "LoRA/QLoRA fine-tuning host: a drop-in replacement for Unsloth's unsloth-cli.py",
+    long_about = "LoRA/QLoRA fine-tuning host. `ferrotune ARGS` takes the same arguments as \
+                  `python unsloth-cli.py ARGS` and trains; subcommands add tools beside it.",
+    args_conflicts_with_subcommands = true,
+    args_override_self = true,
+    infer_long_args = true,
+    allow_negative_numbers = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub train: TrainArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the main job on embedded defaults: a tiny model and a bundled dataset, no network.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Where the demo writes its model cache, checkpoints and adapter.
+    #[arg(long, default_value = "ferrotune-demo")]
+    pub workdir: PathBuf,
+}
+
+/// Everything a training job takes. Field names are the flag names.
+#[derive(Debug, Args, Clone, Serialize)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub training: TrainingArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub reporting: ReportingArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub checkpoint: CheckpointArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub saving: SavingArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub plugins: PluginArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Model")]
+pub struct ModelArgs {
+    /// Model: a Hugging Face id (resolved through the local HF cache), a model directory or a .gguf file.
+    #[arg(long, default_value = "unsloth/llama-3-8b")]
+    pub model_name: String,
+    /// Longest training sequence in tokens; longer samples are truncated.
+    #[arg(long, default_value_t = 2048, value_parser = positive_usize)]
+    pub max_seq_length: usize,
+    /// Compute/storage dtype: float16, bfloat16, float32 or None (auto: bf16 where supported, else f16).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Load the frozen base weights quantised to 4-bit NF4 (QLoRA).
+    #[arg(long)]
+    pub load_in_4bit: bool,
+    /// Dataset: an HF dataset id (local HF cache), a .jsonl/.json/.csv/.parquet/.txt file or a directory.
+    #[arg(long, default_value = "yahma/alpaca-cleaned")]
+    pub dataset: String,
+    /// Where to run: auto picks cuda when a usable GPU exists, else cpu.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Data")]
+pub struct DataArgs {
+    /// Train on a raw text file cut into windows of --chunk_size tokens (instead of --dataset rows).
+    #[arg(long)]
+    pub raw_text_file: Option<PathBuf>,
+    /// Window length in tokens for --raw_text_file.
+    #[arg(long, default_value_t = 2048, value_parser = positive_usize)]
+    pub chunk_size: usize,
+    /// Overlap in tokens between consecutive --raw_text_file windows.
+    #[arg(long, default_value_t = 512, value_parser = non_negative_usize)]
+    pub stride: usize,
+    /// Pack several samples into each max_seq_length row (no attention across samples).
+    #[arg(long)]
+    pub packing: bool,
+    /// Compute the loss on completions/assistant turns only (prompts are masked).
+    #[arg(long)]
+    pub train_on_completions: bool,
+    /// Chat template: a template name, a Jinja file, or unset for the tokenizer's own.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+    /// Evaluation dataset (same forms as --dataset).
+    #[arg(long)]
+    pub eval_dataset: Option<String>,
+    /// Hold out this share (0 < x < 1) or number (x >= 1) of training rows for evaluation.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub val_size: f64,
+    /// Evaluation batch size per device.
+    #[arg(long, default_value_t = 4, value_parser = positive_usize)]
+    pub per_device_eval_batch_size: usize,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "LoRA")]
+pub struct LoraArgs {
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16, value_parser = positive_usize)]
+    pub r: usize,
+    /// LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with --use_rslora).
+    #[arg(long, default_value_t = 16.0, value_parser = positive_f64)]
+    pub lora_alpha: f64,
+    /// Dropout on the LoRA input.
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub lora_dropout: f64,
+    /// Which biases train.
+    #[arg(long, value_enum, default_value_t = Bias::None)]
+    pub bias: Bias,
+    /// Activation checkpointing: unsloth (recompute, offload to host memory on GPU), true (recompute), false.
+    #[arg(long, value_enum, default_value_t = GradientCheckpointing::Unsloth)]
+    pub use_gradient_checkpointing: GradientCheckpointing,
+    /// Seed for LoRA initialisation.
+    #[arg(long, default_value_t = 3407)]
+    pub random_state: u64,
+    /// Rank-stabilised LoRA: scale = alpha / sqrt(r).
+    #[arg(long)]
+    pub use_rslora: bool,
+    /// LoftQ initialisation config (JSON).
+    #[arg(long)]
+    pub loftq_config: Option<String>,
+    /// Modules that get adapters: q,k,v,o,gate,up,down (with or without `_proj`), comma or space separated.
+    #[arg(long, num_args = 1.., value_delimiter = ',',
+          default_values = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])]
+    pub target_modules: Vec<String>,
+    /// Weight-decomposed LoRA (DoRA).
+    #[arg(long)]
+    pub use_dora: bool,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Training")]
+pub struct TrainingArgs {
+    /// Micro-batch size per device.
+    #[arg(long, default_value_t = 2, value_parser = positive_usize)]
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 4, value_parser = positive_usize)]
+    pub gradient_accumulation_steps: usize,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 5, value_parser = non_negative_usize)]
+    pub warmup_steps: usize,
+    /// Warm-up as a share of all steps (used when --warmup_steps is 0).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub warmup_ratio: f64,
+    /// Optimizer steps to run; 0 or -1 trains for --num_train_epochs instead.
+    #[arg(long, default_value_t = 400)]
+    pub max_steps: i64,
+    /// Epochs to train; takes effect when --max_steps is not given (or is <= 0).
+    #[arg(long, value_parser = positive_f64)]
+    pub num_train_epochs: Option<f64>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4, value_parser = positive_f64)]
+    pub learning_rate: f64,
+    /// Optimizer.
+    #[arg(long, value_enum, default_value_t = Optim::Adamw8bit)]
+    pub optim: Optim,
+    /// Decoupled weight decay.
+    #[arg(long, default_value_t = 0.01, value_parser = non_negative_f64)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule after warm-up.
+    #[arg(long, value_enum, default_value_t = SchedulerKind::Linear)]
+    pub lr_scheduler_type: SchedulerKind,
+    /// Seed for data order and dropout.
+    #[arg(long, default_value_t = 3407)]
+    pub seed: u64,
+    /// Clip the global gradient norm to this value (0 disables).
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub max_grad_norm: f64,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Reporting")]
+pub struct ReportingArgs {
+    /// Where metrics go: tensorboard (event files under OUTPUT_DIR/runs), none, or all.
+    #[arg(long, default_value = "tensorboard", value_parser = REPORT_TO_CHOICES.to_vec())]
+    pub report_to: String,
+    /// Log every N optimizer steps.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    pub logging_steps: usize,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Checkpoint & resume")]
+pub struct CheckpointArgs {
+    /// When to write OUTPUT_DIR/checkpoint-N.
+    #[arg(long, value_enum, default_value_t = SaveStrategy::Steps)]
+    pub save_strategy: SaveStrategy,
+    /// Checkpoint every N optimizer steps (with --save_strategy steps).
+    #[arg(long, default_value_t = 500, value_parser = positive_usize)]
+    pub save_steps: usize,
+    /// Keep at most N checkpoints; the oldest go once a new one is complete.
+    #[arg(long, value_parser = positive_usize)]
+    pub save_total_limit: Option<usize>,
+    /// Resume from the newest valid checkpoint in --output_dir (start fresh if none).
+    #[arg(long)]
+    pub resume: bool,
+    /// Resume from exactly this checkpoint directory.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Saving & publishing")]
+pub struct SavingArgs {
+    /// Checkpoints and logs go here.
+    #[arg(long, default_value = "/opt/checkpoints")]
+    pub output_dir: PathBuf,
+    /// Save the final model to --save_path.
+    #[arg(long)]
+    pub save_model: bool,
+    /// What --save_model writes.
+    #[arg(long, value_enum, default_value_t = SaveMethod::Merged16bit)]
+    pub save_method: SaveMethod,
+    /// Also write GGUF files (one per --quantization).
+    #[arg(long)]
+    pub save_gguf: bool,
+    /// Final artefacts go here.
+    #[arg(long, default_value = "/opt/outputs")]
+    pub save_path: PathBuf,
+    /// GGUF quantization presets (one or more).
+    #[arg(long, num_args = 1.., default_values = ["q8_0"], value_parser = QUANTIZATION_CHOICES.to_vec())]
+    pub quantization: Vec<String>,
+    /// Push the saved model to the Hugging Face Hub at --hub_path.
+    #[arg(long)]
+    pub push_model: bool,
+    /// Push the GGUF files to the Hugging Face Hub at --hub_path.
+    #[arg(long)]
+    pub push_gguf: bool,
+    /// Hub repository (owner/name) for pushes.
+    #[arg(long, default_value = "hf/model")]
+    pub hub_path: String,
+    /// Hub token for pushes (never logged).
+    #[arg(long)]
+    #[serde(serialize_with = "redact_secret")]
+    pub hub_token: Option<String>,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Plugins")]
+pub struct PluginArgs {
+    /// Dataset formatter: alpaca, chat, text, prompt-completion, or a PATH.wasm plugin.
+    #[arg(long, default_value = "alpaca")]
+    pub formatter: String,
+    /// Formatter configuration: inline JSON or @file.json.
+    #[arg(long)]
+    pub formatter_config: Option<String>,
+    /// What to do with a row the formatter rejects: fail the job or skip the row (counted, logged).
+    #[arg(long, value_enum, default_value_t = OnBadRow::Fail)]
+    pub on_bad_row: OnBadRow,
+    /// Sync plugin (built-in name or PATH.wasm) that mirrors checkpoints/outputs to storage.
+    #[arg(long)]
+    pub sync: Option<String>,
+    /// Sync configuration: inline JSON or @file.json.
+    #[arg(long)]
+    pub sync_config: Option<String>,
+    /// Memory limit per plugin instance, MiB.
+    #[arg(long, default_value_t = 512, value_parser = positive_usize)]
+    pub plugin_memory_mb: usize,
+    /// Deadline per plugin call, seconds.
+    #[arg(long, default_value_t = 30.0, value_parser = positive_f64)]
+    pub plugin_timeout_s: f64,
+}
+
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(next_help_heading = "Run")]
+pub struct RunArgs {
+    /// Read flags from a YAML or JSON file (keys are flag names); command-line flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Print the resolved configuration as JSON (secrets redacted) and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Secrets appear in `--dry_run` output and logs only as a marker that they are set.
+fn redact_secret<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+fn parse_number<T: std::str::FromStr>(text: &str, what: &str) -> Result<T, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("expected {what}, got {text:?}"))
+}
+
+fn positive_usize(text: &str) -> Result<usize, String> {
+    let n: i64 = parse_number(text, "a positive integer")?;
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("must be a positive integer, got {n}"))
+}
+
+fn non_negative_usize(text: &str) -> Result<usize, String> {
+    let n: i64 = parse_number(text, "an integer >= 0")?;
+    usize::try_from(n).map_err(|_| format!("must be an integer >= 0, got {n}"))
+}
+
+fn finite_f64(text: &str) -> Result<f64, String> {
+    let x: f64 = parse_number(text, "a number")?;
+    if x.is_finite() {
+        Ok(x)
+    } else {
+        Err(format!("must be a finite number, got {text:?}"))
+    }
+}
+
+fn positive_f64(text: &str) -> Result<f64, String> {
+    let x = finite_f64(text)?;
+    if x > 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("must be greater than 0, got {x}"))
+    }
+}
+
+fn non_negative_f64(text: &str) -> Result<f64, String> {
+    let x = finite_f64(text)?;
+    if x >= 0.0 {
+        Ok(x)
+    } else {
+        Err(format!("must be >= 0, got {x}"))
+    }
+}
+
+fn probability(text: &str) -> Result<f64, String> {
+    let x = finite_f64(text)?;
+    if (0.0..1.0).contains(&x) {
+        Ok(x)
+    } else {
+        Err(format!("must be in [0, 1), got {x}"))
+    }
+}

@@ -1,0 +1,3 @@
+//! Dataset rows → training batches.
+
+pub mod sample;

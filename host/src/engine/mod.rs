@@ -1,0 +1,94 @@
+//! The training step, behind one trait with two implementations (DESIGN.md §2): `cpu` (candle-core,
+//! the reference, what CI runs) and `cuda` (feature `cuda`). The training loop in `crate::train`
+//! only talks to [`Backend`].
+
+use anyhow::Result;
+
+/// One micro-batch, laid out row-major as `[batch_size, seq_len]`.
+///
+/// `targets[i]` is the token the model must predict at position `i` (already shifted by one), or
+/// [`IGNORE`] where no loss is taken (prompt tokens with completion-only training, padding, and the
+/// last token of each packed sample). Attention is causal and only between positions of the same
+/// row with the same `segment_ids` value, so packed samples never see each other.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub input_ids: Vec<u32>,
+    pub targets: Vec<i32>,
+    /// Position of each token inside its own sample (restarts at 0 for each packed sample).
+    pub position_ids: Vec<u32>,
+    /// Which packed sample of its row each token belongs to; padding has its own segment.
+    pub segment_ids: Vec<u32>,
+}
+
+/// Target value meaning "no loss here" (PyTorch's -100 convention).
+pub const IGNORE: i32 = -100;
+
+impl Batch {
+    /// Tokens that contribute to the loss.
+    pub fn trainable_tokens(&self) -> usize {
+        self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+}
+
+/// What one forward(+backward) pass measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PassStats {
+    /// Sum of per-token cross-entropy over trainable tokens (not averaged).
+    pub loss_sum: f64,
+    /// Number of trainable tokens in the batch.
+    pub tokens: usize,
+}
+
+/// A tensor copied to host memory, for checkpoints and exports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: HostData,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostData {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+/// A training backend owns the model's weights, the trainable LoRA (and bias) parameters, their
+/// gradients and the optimizer state.
+pub trait Backend {
+    /// Short name for logs ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    /// Runs forward and backward on `batch`, adding `loss_scale · ∂(loss_sum)/∂θ` to the
+    /// accumulated gradients. The trainer passes `1 / trainable tokens of the whole accumulation
+    /// window`, so gradient accumulation is exact, not a mean of per-micro-batch means.
+    fn forward_backward(&mut self, batch: &Batch, loss_scale: f32) -> Result<PassStats>;
+
+    /// Forward only (evaluation); gradients are untouched.
+    fn eval_loss(&mut self, batch: &Batch) -> Result<PassStats>;
+
+    /// L2 norm of all accumulated gradients.
+    fn grad_norm(&mut self) -> Result<f64>;
+
+    /// Applies one optimizer step with learning rate `lr` to gradients multiplied by `grad_scale`
+    /// (gradient clipping), then zeroes the gradients.
+    fn optimizer_step(&mut self, lr: f64, grad_scale: f64) -> Result<()>;
+
+    /// Trainable parameters by their PEFT names
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), in a fixed order.
+    fn export_trainable(&self) -> Result<Vec<(String, HostTensor)>>;
+
+    /// Replaces trainable parameters (resume); names and shapes must match `export_trainable`.
+    fn import_trainable(&mut self, params: &[(String, HostTensor)]) -> Result<()>;
+
+    /// Optimizer state as named tensors plus a JSON blob of scalars (step counts), for checkpoints.
+    fn export_optimizer(&self) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)>;
+
+    /// Restores what `export_optimizer` produced.
+    fn import_optimizer(
+        &mut self,
+        tensors: &[(String, HostTensor)],
+        scalars: &serde_json::Value,
+    ) -> Result<()>;
+}

@@ -1,0 +1,68 @@
+//! Runs a parsed invocation and maps its outcome to the process exit code:
+//! 0 success, 1 a failure while running, 2 bad input (nothing was written).
+
+use std::process::ExitCode;
+
+use crate::cli::{CliStop, Command, Invocation, UsageError};
+use crate::job::{self, JobConfig};
+
+/// Entry point shared by the binary and the tests.
+pub fn main_with_args(argv: Vec<String>) -> ExitCode {
+    let invocation = match crate::cli::parse(argv) {
+        Ok(invocation) => invocation,
+        Err(CliStop::Display(help)) => {
+            let _ = help.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(CliStop::Usage(err)) => return usage_exit(&err),
+    };
+    let outcome = match invocation {
+        Invocation::Train(job) => train(*job),
+        Invocation::Command(command) => run_command(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => match err.downcast_ref::<UsageError>() {
+            Some(usage) => usage_exit(usage),
+            None => {
+                tracing::error!("{err:#}");
+                eprintln!("error: {err:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn usage_exit(err: &UsageError) -> ExitCode {
+    eprintln!("error: {err}");
+    ExitCode::from(2)
+}
+
+fn train(job: JobConfig) -> anyhow::Result<()> {
+    if job.run.dry_run {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+        return Ok(());
+    }
+    crate::logging::init(job.reporting.log_format);
+    let span = crate::logging::job_span();
+    let _entered = span.enter();
+    tracing::info!(config = %serde_json::to_string(&job)?, "resolved configuration");
+    let missing = job::unbuilt_features(&job);
+    if !missing.is_empty() {
+        return Err(UsageError::new(format!(
+            "this job needs features ferrotune cannot run yet: {}",
+            missing.join("; ")
+        ))
+        .into());
+    }
+    unreachable!("every feature a job can ask for is listed in job::unbuilt_features")
+}
+
+fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo(_) => Err(UsageError::new(
+            "ferrotune demo: not built yet (issue \"The training slice\")",
+        )
+        .into()),
+    }
+}

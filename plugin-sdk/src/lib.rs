@@ -1,0 +1,112 @@
+//! Guest SDK for ferrotune plugins: write a per-row [`Formatter`], export it with
+//! [`export_formatter!`], compile with `cargo build --release --target wasm32-wasip2`, and pass
+//! the `.wasm` to `ferrotune --formatter`. The SDK owns the batched ABI of the WIT world
+//! `ferrotune:plugin/formatter` (JSON parsing, config, error values), so a plugin is only the
+//! mapping from one row to one [`Sample`]. Unit tests run natively through [`testing::Harness`].
+//!
+//! ```ignore
+//! use ferrotune_plugin_sdk::{export_formatter, Formatter, Sample};
+//!
+//! #[derive(serde::Deserialize, Default)]
+//! #[serde(default)]
+//! struct Config { column: Option<String> }
+//!
+//! struct Upper { column: String }
+//!
+//! impl Formatter for Upper {
+//!     const NAME: &'static str = "upper";
+//!     type Config = Config;
+//!     type Row = ferrotune_plugin_sdk::JsonRow;
+//!     fn new(config: Config) -> Result<Self, String> {
+//!         Ok(Upper { column: config.column.unwrap_or_else(|| "text".into()) })
+//!     }
+//!     fn format(&self, row: Self::Row) -> Result<Sample, String> {
+//!         Ok(Sample::text(row.str(&self.column)?.to_uppercase()))
+//!     }
+//! }
+//! export_formatter!(Upper);
+//! ```
+
+// The generated bindings name this crate by its public path so that the export macro, which
+// expands inside the plugin crate, resolves the same items.
+extern crate self as ferrotune_plugin_sdk;
+
+mod formatter;
+pub mod log;
+mod row;
+mod sample;
+pub mod testing;
+
+pub use formatter::Formatter;
+pub use log::LogLevel;
+pub use row::JsonRow;
+pub use sample::{Message, Sample};
+pub use serde;
+pub use serde_json;
+
+/// The WIT world version this SDK builds plugins against.
+pub const WORLD_VERSION: &str = "0.1.0";
+
+/// Generated bindings for the `formatter` world. Not part of the SDK's API.
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "ferrotune:plugin/formatter",
+        pub_export_macro: true,
+        export_macro_name: "__export_formatter_world",
+        default_bindings_module: "ferrotune_plugin_sdk::bindings",
+        runtime_path: "ferrotune_plugin_sdk::bindings::__wit_bindgen",
+    });
+    pub use wit_bindgen as __wit_bindgen;
+}
+
+/// What the export macro calls; generic so that the ABI glue is written (and tested) once.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::formatter::{configure, describe, format_batch};
+}
+
+/// Exports a [`Formatter`] as the component's `format` interface.
+///
+/// Expands to the WIT glue: `describe`, `configure` (once per instance, with the job's JSON
+/// config) and `format-batch` (one `result<sample, string>` per row, same order). The
+/// configured formatter lives in a per-instance slot; a batch before `configure` gives one
+/// error per row instead of trapping.
+#[macro_export]
+macro_rules! export_formatter {
+    ($formatter:ty) => {
+        const _: () = {
+            use $crate::bindings::exports::ferrotune::plugin::format as __wit;
+
+            struct FerrotuneFormatterExport;
+
+            ::std::thread_local! {
+                static CONFIGURED: ::std::cell::RefCell<::std::option::Option<$formatter>> =
+                    const { ::std::cell::RefCell::new(::std::option::Option::None) };
+            }
+
+            impl __wit::Guest for FerrotuneFormatterExport {
+                fn describe() -> __wit::PluginInfo {
+                    $crate::__private::describe::<$formatter>()
+                }
+
+                fn configure(config: ::std::string::String) -> ::std::result::Result<(), ::std::string::String> {
+                    let formatter = $crate::__private::configure::<$formatter>(&config)?;
+                    CONFIGURED.with(|slot| *slot.borrow_mut() = ::std::option::Option::Some(formatter));
+                    ::std::result::Result::Ok(())
+                }
+
+                fn format_batch(
+                    rows: ::std::vec::Vec<::std::string::String>,
+                ) -> ::std::vec::Vec<::std::result::Result<__wit::Sample, ::std::string::String>> {
+                    CONFIGURED.with(|slot| {
+                        $crate::__private::format_batch::<$formatter>(slot.borrow().as_ref(), &rows)
+                    })
+                }
+            }
+
+            $crate::__export_formatter_world!(FerrotuneFormatterExport with_types_in $crate::bindings);
+        };
+    };
+}
