@@ -72,7 +72,11 @@ fn dynamic_map(signed: bool) -> [f32; 256] {
     const MAX_EXPONENT_BITS: i32 = 7;
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for i in 0..MAX_EXPONENT_BITS {
-        let items = if signed { 1usize << i } else { 1usize << (i + 1) };
+        let items = if signed {
+            1usize << i
+        } else {
+            1usize << (i + 1)
+        };
         let scale = 10f32.powi(i - (MAX_EXPONENT_BITS - 1));
         let bounds = linspace_f32(0.1, 1.0, items + 1);
         for pair in bounds.windows(2) {
@@ -171,7 +175,10 @@ mod tests {
         }
         let src = crate::sources::NF4.source;
         for m in mids {
-            assert!(src.contains(&format!("{m:?}f")), "nf4.cu lacks midpoint {m:?}");
+            assert!(
+                src.contains(&format!("{m:?}f")),
+                "nf4.cu lacks midpoint {m:?}"
+            );
         }
     }
 
@@ -194,8 +201,14 @@ mod tests {
     fn dynamic_maps_have_bitsandbytes_shape() {
         let s = signed_map();
         let u = unsigned_map();
-        assert!(s.windows(2).all(|w| w[0] < w[1]), "signed map strictly ascending");
-        assert!(u.windows(2).all(|w| w[0] < w[1]), "unsigned map strictly ascending");
+        assert!(
+            s.windows(2).all(|w| w[0] < w[1]),
+            "signed map strictly ascending"
+        );
+        assert!(
+            u.windows(2).all(|w| w[0] < w[1]),
+            "unsigned map strictly ascending"
+        );
         assert_eq!((s[255], u[255], u[0]), (1.0, 1.0, 0.0));
         assert_eq!(s.iter().filter(|v| **v == 0.0).count(), 1);
         assert!((s[0] + 0.992_8).abs() < 1e-3);

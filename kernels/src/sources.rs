@@ -53,7 +53,7 @@ pub const ROPE: KernelSource = KernelSource {
     extra_options: &[],
     // sincosf's Payne-Hanek reduction for |angle| > 105615 keeps a small array on the stack;
     // it runs once per batch over [tokens, head_dim/2], never in the per-layer path.
-    accepted_stack: &[("rope_cos_sin", 40)],
+    accepted_stack: &[("rope_cos_sin", 32)],
 };
 
 pub const SWIGLU: KernelSource = KernelSource {
@@ -147,9 +147,9 @@ mod tests {
                 .skip(1)
                 .map(|rest| {
                     let rest = rest.trim_start();
-                    let rest = rest.strip_prefix("__launch_bounds__").map_or(rest, |r| {
-                        r.split_once(')').expect("launch bounds close").1
-                    });
+                    let rest = rest
+                        .strip_prefix("__launch_bounds__")
+                        .map_or(rest, |r| r.split_once(')').expect("launch bounds close").1);
                     rest.trim_start().split('(').next().unwrap().trim()
                 })
                 .collect();

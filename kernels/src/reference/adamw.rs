@@ -50,7 +50,13 @@ impl AdamStep {
 
     /// bitsandbytes semantics at 1-based `step` (constants in f32, as
     /// host/src/optim/adamw_8bit.rs).
-    pub fn bitsandbytes(step: u64, lr: f64, weight_decay: f64, betas: (f64, f64), eps: f64) -> Self {
+    pub fn bitsandbytes(
+        step: u64,
+        lr: f64,
+        weight_decay: f64,
+        betas: (f64, f64),
+        eps: f64,
+    ) -> Self {
         let (b1, b2) = (betas.0 as f32, betas.1 as f32);
         let c1 = 1.0 - b1.powf(step as f32);
         let c2 = (1.0 - b2.powf(step as f32)).sqrt();
@@ -205,14 +211,23 @@ mod tests {
         }
         // First step moves each weight by lr against its gradient's sign.
         let mut p = [1.0f32];
-        adamw_fp32(&mut p, &[3.0], &mut [0.0], &mut [0.0], &AdamStep::torch(1, 0.1, 0.0, BETAS, 1e-8), 1.0);
+        adamw_fp32(
+            &mut p,
+            &[3.0],
+            &mut [0.0],
+            &mut [0.0],
+            &AdamStep::torch(1, 0.1, 0.0, BETAS, 1e-8),
+            1.0,
+        );
         assert!((p[0] - 0.9).abs() < 1e-6);
     }
 
     #[test]
     fn eight_bit_states_track_fp32_states() {
         let n = 600; // two full blocks and a partial one
-        let g: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0).collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
         let mut p8: Vec<f32> = (0..n).map(|i| (i as f32 * 0.01).sin()).collect();
         let mut p32 = p8.clone();
         let (mut m, mut v) = (vec![0.0; n], vec![0.0; n]);
@@ -222,7 +237,11 @@ mod tests {
             adamw_8bit(&mut p8, &g, &mut st, &s, 0.5);
             adamw_fp32(&mut p32, &g, &mut m, &mut v, &s, 0.5);
         }
-        let diff = p8.iter().zip(&p32).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = p8
+            .iter()
+            .zip(&p32)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         // Ten steps of lr 1e-3 move a weight by up to 1e-2; 8-bit states stay within 5% of it.
         assert!(diff < 5e-4, "{diff}");
         assert_eq!(st.m_absmax.len(), 3);

@@ -65,7 +65,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_within_half_the_widest_level_gap() {
-        let w: Vec<f32> = (0..256).map(|i| ((i * 97 % 256) as f32 - 128.0) / 50.0).collect();
+        let w: Vec<f32> = (0..256)
+            .map(|i| ((i * 97 % 256) as f32 - 128.0) / 50.0)
+            .collect();
         let (packed, absmax) = nf4_quantize(&w);
         assert_eq!((packed.len(), absmax.len()), (128, 4));
         let back = nf4_dequantize(&packed, &absmax);
@@ -75,7 +77,12 @@ mod tests {
             assert!((x - y).abs() <= 0.1520 * a, "{x} {y}");
         }
         // The block maximum itself is exact (level ±1).
-        let imax = w[..64].iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap().0;
+        let imax = w[..64]
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap()
+            .0;
         assert_eq!(back[imax], w[imax]);
     }
 
@@ -93,7 +100,9 @@ mod tests {
 
     #[test]
     fn double_quantised_absmax_stays_close() {
-        let absmax: Vec<f32> = (0..700).map(|i| 0.01 + (i as f32 * 0.37).sin().abs() * 0.05).collect();
+        let absmax: Vec<f32> = (0..700)
+            .map(|i| 0.01 + (i as f32 * 0.37).sin().abs() * 0.05)
+            .collect();
         let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
         let (q, a2) = quantize_blockwise_8bit(&absmax, offset, signed_map());
         assert_eq!(a2.len(), 3);

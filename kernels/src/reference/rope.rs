@@ -56,7 +56,10 @@ mod tests {
         let mut x = orig.clone();
         apply(&mut x, 16, 2, 8, &c, &s, 3, 1.0);
         assert_eq!(&x[..16], &orig[..16], "position 0 does not rotate");
-        assert!(x[16..].iter().zip(&orig[16..]).any(|(a, b)| (a - b).abs() > 1e-3));
+        assert!(x[16..]
+            .iter()
+            .zip(&orig[16..])
+            .any(|(a, b)| (a - b).abs() > 1e-3));
         apply(&mut x, 16, 2, 8, &c, &s, 3, -1.0);
         for (a, b) in x.iter().zip(&orig) {
             assert!((a - b).abs() < 1e-5);
