@@ -1,1 +1,1016 @@
-fn main() {}
+//! GPU parity tool: runs every kernel on random inputs (never zeros) over several shapes,
+//! including sizes that are not multiples of the block/tile sizes, and compares each output
+//! with the plain-Rust reference (`ferrotune_kernels::reference`). Outputs are poisoned with
+//! NaN before each launch, so an element the kernel failed to write shows up as NaN.
+//!
+//! Tolerances (issue "CUDA engine", ladder step 1): relative L2 error ≤ 1e-2 for bf16 outputs,
+//! ≤ 1e-5 for fp32 outputs; optimizer states and quantisation codes are compared bit for bit.
+//! With `--bench`, also times the memory-bound kernels at Llama-3-8B shapes (CUDA events,
+//! median of 20 after warm-up) and prints the achieved bandwidth.
+//!
+//! Usage: `parity [--bench]`; exits 1 if any check fails. See docs/kernels.md.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use ferrotune_kernels::cache::{default_dir, KernelCache};
+use ferrotune_kernels::device::{
+    bf16, Adam8bitStates, CrossEntropyRows, Kernels, Nf4Absmax, Nf4DoubleQuant, QuantMaps,
+    REDUCE_PARTS,
+};
+use ferrotune_kernels::reference::adamw::{self as radam, Adam8bitState, AdamStep};
+use ferrotune_kernels::reference::{bf16_round, cross_entropy, nf4, norm, reduce, rope, swiglu};
+use ferrotune_kernels::rope::{inv_freq, Llama3Scaling};
+use ferrotune_kernels::{quant, IGNORE_INDEX};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BF16_TOL: f64 = 1e-2;
+const F32_TOL: f64 = 1e-5;
+const BETAS: (f64, f64) = (0.9, 0.999);
+
+struct Checks {
+    rows: Vec<String>,
+    failed: usize,
+}
+
+impl Checks {
+    /// Records ‖got − want‖/‖want‖ and max |got − want|; NaN anywhere fails.
+    fn close(&mut self, name: &str, got: &[f32], want: &[f32], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{name}: lengths");
+        let (mut num, mut den, mut max_abs, mut nan) = (0f64, 0f64, 0f64, 0usize);
+        for (&g, &w) in got.iter().zip(want) {
+            if g.is_nan() != w.is_nan() {
+                nan += 1;
+                continue;
+            }
+            if g.is_nan() {
+                continue;
+            }
+            let d = g as f64 - w as f64;
+            num += d * d;
+            den += (w as f64) * (w as f64);
+            max_abs = max_abs.max(d.abs());
+        }
+        let rel = if den > 0.0 {
+            (num / den).sqrt()
+        } else {
+            num.sqrt()
+        };
+        let ok = nan == 0 && rel <= tol;
+        self.push(
+            name,
+            ok,
+            format!(
+                "rel_l2 {rel:.3e}  max_abs {max_abs:.3e}  nan {nan}  (tol {tol:.0e}, n {})",
+                got.len()
+            ),
+        );
+    }
+
+    /// Exact equality (bits for floats).
+    fn exact<T: PartialEq + Copy>(&mut self, name: &str, got: &[T], want: &[T]) {
+        let bad =
+            got.iter().zip(want).filter(|(a, b)| a != b).count() + got.len().abs_diff(want.len());
+        self.push(
+            name,
+            bad == 0,
+            format!("mismatches {bad} of {}", want.len()),
+        );
+    }
+
+    fn push(&mut self, name: &str, ok: bool, detail: String) {
+        if !ok {
+            self.failed += 1;
+        }
+        let line = format!("{:<4} {name:<52} {detail}", if ok { "ok" } else { "FAIL" });
+        println!("{line}");
+        self.rows.push(line);
+    }
+}
+
+struct Gpu {
+    stream: Arc<CudaStream>,
+    k: Kernels,
+    rng: ChaCha8Rng,
+}
+
+fn bits_eq(a: &[f32], b: &[f32]) -> (Vec<u32>, Vec<u32>) {
+    (
+        a.iter().map(|x| x.to_bits()).collect(),
+        b.iter().map(|x| x.to_bits()).collect(),
+    )
+}
+
+impl Gpu {
+    /// Random values from a normal-ish distribution (sum of uniforms) times `scale`, never 0.
+    fn randn(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let s: f32 = (0..4).map(|_| self.rng.random::<f32>() - 0.5).sum();
+                let v = s * 1.732 * scale;
+                if v == 0.0 {
+                    scale * 1e-3
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+    fn randn_bf16(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        self.randn(n, scale).into_iter().map(bf16_round).collect()
+    }
+    fn rand_bf16_dev(&mut self, n: usize, scale: f32) -> Res<CudaSlice<bf16>> {
+        let v = self.randn_bf16(n, scale);
+        self.up_bf16(&v)
+    }
+    fn rand_dev(&mut self, n: usize, scale: f32) -> Res<CudaSlice<f32>> {
+        let v = self.randn(n, scale);
+        self.up(&v)
+    }
+    fn up_bf16(&self, x: &[f32]) -> Res<CudaSlice<bf16>> {
+        let h: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        Ok(self.stream.clone_htod(&h)?)
+    }
+    fn up<T: DeviceRepr>(&self, x: &[T]) -> Res<CudaSlice<T>> {
+        Ok(self.stream.clone_htod(x)?)
+    }
+    fn poison_bf16(&self, n: usize) -> Res<CudaSlice<bf16>> {
+        self.up_bf16(&vec![f32::NAN; n])
+    }
+    fn poison_f32(&self, n: usize) -> Res<CudaSlice<f32>> {
+        self.up(&vec![f32::NAN; n])
+    }
+    fn down_bf16(&self, x: &CudaSlice<bf16>) -> Res<Vec<f32>> {
+        Ok(self
+            .stream
+            .clone_dtoh(x)?
+            .into_iter()
+            .map(|v| v.to_f32())
+            .collect())
+    }
+    fn down<T: DeviceRepr + ValidAsZeroBits + Default + Clone>(
+        &self,
+        x: &CudaSlice<T>,
+    ) -> Res<Vec<T>> {
+        Ok(self.stream.clone_dtoh(x)?)
+    }
+}
+
+fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for (rows, dim) in [(37, 4096), (5, 136), (300, 8192), (64, 128)] {
+        let x = g.randn_bf16(rows * dim, 2.0);
+        let w: Vec<f32> = g
+            .randn(dim, 0.2)
+            .into_iter()
+            .map(|v| bf16_round(1.0 + v))
+            .collect();
+        let (xd, wd) = (g.up_bf16(&x)?, g.up_bf16(&w)?);
+        let mut y = g.poison_bf16(rows * dim)?;
+        let mut rstd = g.poison_f32(rows)?;
+        g.k.rmsnorm_fwd(
+            &g.stream,
+            &xd.as_view(),
+            &wd.as_view(),
+            &mut y.as_view_mut(),
+            &mut rstd.as_view_mut(),
+            rows,
+            dim,
+            1e-5,
+        )?;
+        let (y_ref, rstd_ref) = norm::rmsnorm_fwd(&x, &w, dim, 1e-5);
+        c.close(
+            &format!("rmsnorm_fwd y [{rows}x{dim}]"),
+            &g.down_bf16(&y)?,
+            &y_ref,
+            BF16_TOL,
+        );
+        let rstd_gpu = g.down(&rstd)?;
+        c.close(
+            &format!("rmsnorm_fwd rstd [{rows}]"),
+            &rstd_gpu,
+            &rstd_ref,
+            F32_TOL,
+        );
+
+        let dy = g.randn_bf16(rows * dim, 0.5);
+        let dyd = g.up_bf16(&dy)?;
+        let dx_ref = norm::rmsnorm_bwd(&x, &w, &rstd_gpu, &dy, dim);
+        let mut dx = g.poison_bf16(rows * dim)?;
+        g.k.rmsnorm_bwd(
+            &g.stream,
+            &xd.as_view(),
+            &wd.as_view(),
+            &rstd.as_view(),
+            &dyd.as_view(),
+            &mut dx.as_view_mut(),
+            rows,
+            dim,
+            false,
+        )?;
+        c.close(
+            &format!("rmsnorm_bwd dx [{rows}x{dim}]"),
+            &g.down_bf16(&dx)?,
+            &dx_ref,
+            BF16_TOL,
+        );
+        // Accumulating into an existing residual gradient.
+        let res = g.randn_bf16(rows * dim, 0.5);
+        let mut acc = g.up_bf16(&res)?;
+        g.k.rmsnorm_bwd(
+            &g.stream,
+            &xd.as_view(),
+            &wd.as_view(),
+            &rstd.as_view(),
+            &dyd.as_view(),
+            &mut acc.as_view_mut(),
+            rows,
+            dim,
+            true,
+        )?;
+        let want: Vec<f32> = res.iter().zip(&dx_ref).map(|(a, b)| a + b).collect();
+        c.close(
+            &format!("rmsnorm_bwd dx += [{rows}x{dim}]"),
+            &g.down_bf16(&acc)?,
+            &want,
+            BF16_TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_rope(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    let scaling = Llama3Scaling {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192.0,
+    };
+    for (tokens, hq, hk, d, pos_max) in [
+        (77usize, 32usize, 8usize, 128usize, 8192u32),
+        (19, 4, 2, 64, 200_000),
+    ] {
+        let inv = inv_freq(d, 500_000.0, Some(&scaling));
+        // Packed samples: positions restart inside the batch.
+        let pos: Vec<u32> = (0..tokens)
+            .map(|t| {
+                if t < tokens / 3 {
+                    t as u32
+                } else {
+                    g.rng.random_range(0..pos_max)
+                }
+            })
+            .collect();
+        let (pd, invd) = (g.up(&pos)?, g.up(&inv)?);
+        let half = d / 2;
+        let mut cos = g.poison_f32(tokens * half)?;
+        let mut sin = g.poison_f32(tokens * half)?;
+        g.k.rope_cos_sin(
+            &g.stream,
+            &pd.as_view(),
+            &invd.as_view(),
+            &mut cos.as_view_mut(),
+            &mut sin.as_view_mut(),
+        )?;
+        let (c_ref, s_ref) = rope::cos_sin(&pos, &inv);
+        let (cg, sg) = (g.down(&cos)?, g.down(&sin)?);
+        c.close(
+            &format!("rope_cos_sin cos [{tokens}x{half}] pos<{pos_max}"),
+            &cg,
+            &c_ref,
+            F32_TOL,
+        );
+        c.close(
+            &format!("rope_cos_sin sin [{tokens}x{half}] pos<{pos_max}"),
+            &sg,
+            &s_ref,
+            F32_TOL,
+        );
+        // Padded row strides, as inside a fused qkv buffer.
+        let (qs, ks) = (hq * d + 3 * d, hk * d + 2 * d);
+        for inverse in [false, true] {
+            let q = g.randn_bf16(tokens * qs, 1.0);
+            let k = g.randn_bf16(tokens * ks, 1.0);
+            let (mut qd, mut kd) = (g.up_bf16(&q)?, g.up_bf16(&k)?);
+            g.k.rope_apply(
+                &g.stream,
+                &mut qd.as_view_mut(),
+                qs,
+                hq,
+                Some((&mut kd.as_view_mut(), ks, hk)),
+                &cos.as_view(),
+                &sin.as_view(),
+                tokens,
+                d,
+                inverse,
+            )?;
+            let dir = if inverse { -1.0 } else { 1.0 };
+            let (mut qr, mut kr) = (q.clone(), k.clone());
+            rope::apply(&mut qr, qs, hq, d, &cg, &sg, tokens, dir);
+            rope::apply(&mut kr, ks, hk, d, &cg, &sg, tokens, dir);
+            let tag = if inverse { "bwd" } else { "fwd" };
+            c.close(
+                &format!("rope_apply {tag} q [{tokens}x{hq}x{d}]"),
+                &g.down_bf16(&qd)?,
+                &qr,
+                BF16_TOL,
+            );
+            c.close(
+                &format!("rope_apply {tag} k [{tokens}x{hk}x{d}]"),
+                &g.down_bf16(&kd)?,
+                &kr,
+                BF16_TOL,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_swiglu(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for (rows, cols, pad) in [(33usize, 14336usize, 0usize), (7, 8 * 37, 16)] {
+        let s = cols + pad;
+        let gate = g.randn_bf16(rows * s, 2.0);
+        let up = g.randn_bf16(rows * s, 1.0);
+        let (gd, ud) = (g.up_bf16(&gate)?, g.up_bf16(&up)?);
+        let mut h = g.poison_bf16(rows * s)?;
+        g.k.swiglu_fwd(
+            &g.stream,
+            (&gd.as_view(), s),
+            (&ud.as_view(), s),
+            (&mut h.as_view_mut(), s),
+            rows,
+            cols,
+        )?;
+        let strip =
+            |v: &[f32]| -> Vec<f32> { v.chunks(s).flat_map(|r| r[..cols].to_vec()).collect() };
+        let (gs, us) = (strip(&gate), strip(&up));
+        c.close(
+            &format!("swiglu_fwd h [{rows}x{cols}] stride {s}"),
+            &strip(&g.down_bf16(&h)?),
+            &swiglu::swiglu_fwd(&gs, &us),
+            BF16_TOL,
+        );
+
+        let dh = g.randn_bf16(rows * s, 0.5);
+        let dhd = g.up_bf16(&dh)?;
+        let (mut gg, mut uu) = (g.up_bf16(&gate)?, g.up_bf16(&up)?);
+        let mut h2 = g.poison_bf16(rows * s)?;
+        g.k.swiglu_bwd(
+            &g.stream,
+            (&dhd.as_view(), s),
+            (&mut gg.as_view_mut(), s),
+            (&mut uu.as_view_mut(), s),
+            Some((&mut h2.as_view_mut(), s)),
+            rows,
+            cols,
+        )?;
+        let (dg, du, hr) = swiglu::swiglu_bwd(&strip(&dh), &gs, &us);
+        c.close(
+            &format!("swiglu_bwd dg [{rows}x{cols}]"),
+            &strip(&g.down_bf16(&gg)?),
+            &dg,
+            BF16_TOL,
+        );
+        c.close(
+            &format!("swiglu_bwd du [{rows}x{cols}]"),
+            &strip(&g.down_bf16(&uu)?),
+            &du,
+            BF16_TOL,
+        );
+        c.close(
+            &format!("swiglu_bwd h [{rows}x{cols}]"),
+            &strip(&g.down_bf16(&h2)?),
+            &hr,
+            BF16_TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_cross_entropy(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    // (rows, vocab, chunk widths): an odd vocabulary cut into uneven chunks (rows start
+    // unaligned), and Llama-3's vocabulary in one chunk.
+    for (rows, vocab, chunks) in [
+        (67usize, 32003usize, vec![10000usize, 13001, 9002]),
+        (64, 128256, vec![128256]),
+    ] {
+        let logits = g.randn_bf16(rows * vocab, 3.0);
+        let targets: Vec<i32> = (0..rows)
+            .map(|r| {
+                if r % 5 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    g.rng.random_range(0..vocab as i32)
+                }
+            })
+            .collect();
+        let valid = targets.iter().filter(|&&t| t != IGNORE_INDEX).count();
+        let scale = 1.0 / valid as f32;
+        let want = cross_entropy::cross_entropy(&logits, vocab, &targets, scale);
+        let mut ld = g.up_bf16(&logits)?;
+        let td = g.up(&targets)?;
+        let mut stats = CrossEntropyRows::new(&g.stream, rows)?;
+        g.stream
+            .memcpy_htod(&vec![f32::NAN; rows], &mut stats.lse)?;
+        g.stream
+            .memcpy_htod(&vec![f32::NAN; rows], &mut stats.loss)?;
+        let mut v0 = 0;
+        for (i, &w) in chunks.iter().enumerate() {
+            let view = ld.slice(v0..);
+            g.k.ce_stats(
+                &g.stream,
+                &view,
+                vocab,
+                rows,
+                v0,
+                w,
+                &td.as_view(),
+                &mut stats,
+                i == 0,
+                i + 1 == chunks.len(),
+            )?;
+            v0 += w;
+        }
+        let mut v0 = 0;
+        for &w in &chunks {
+            let mut view = ld.slice_mut(v0..);
+            g.k.ce_grad(
+                &g.stream,
+                &mut view,
+                vocab,
+                rows,
+                v0,
+                w,
+                &td.as_view(),
+                &stats.lse.as_view(),
+                scale,
+            )?;
+            v0 += w;
+        }
+        let tag = format!("[{rows}x{vocab}] {} chunks", chunks.len());
+        let f = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        c.close(
+            &format!("ce_stats lse {tag}"),
+            &g.down(&stats.lse)?,
+            &f(&want.lse),
+            F32_TOL,
+        );
+        c.close(
+            &format!("ce_stats loss {tag}"),
+            &g.down(&stats.loss)?,
+            &f(&want.loss),
+            F32_TOL,
+        );
+        c.close(
+            &format!("ce_grad dlogits {tag}"),
+            &g.down_bf16(&ld)?,
+            &want.dlogits,
+            BF16_TOL,
+        );
+    }
+    Ok(())
+}
+
+fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    let n = 100_003;
+    let grads = g.randn(n, 0.05);
+    let gd = g.up(&grads)?;
+    // Global norm and clip coefficient on the device.
+    let mut parts = g.poison_f32(REDUCE_PARTS)?;
+    let (mut normd, mut coefd) = (g.poison_f32(1)?, g.poison_f32(1)?);
+    g.k.grad_norm(
+        &g.stream,
+        &gd.as_view(),
+        1.0,
+        &mut parts.as_view_mut(),
+        &mut normd.as_view_mut(),
+        &mut coefd.as_view_mut(),
+    )?;
+    let norm_ref = reduce::sum_sq(&grads).sqrt() as f32;
+    let (normg, coefg) = (g.down(&normd)?[0], g.down(&coefd)?[0]);
+    c.close(&format!("grad_norm [{n}]"), &[normg], &[norm_ref], F32_TOL);
+    c.close(
+        "grad_norm clip coef (max_norm 1)",
+        &[coefg],
+        &[reduce::clip_coef(norm_ref, 1.0)],
+        F32_TOL,
+    );
+    assert!(coefg < 1.0, "the test gradients should be clipped");
+
+    for bnb in [false, true] {
+        let mut p = g.randn(n, 0.1);
+        let mut m = g.randn(n, 0.01);
+        let mut v: Vec<f32> = g.randn(n, 1e-3).into_iter().map(|x| x * x).collect();
+        let (mut pd, mut md, mut vd) = (g.up(&p)?, g.up(&m)?, g.up(&v)?);
+        for t in 1..=3 {
+            let s = if bnb {
+                AdamStep::bitsandbytes(t, 2e-4, 0.01, BETAS, 1e-8)
+            } else {
+                AdamStep::torch(t, 2e-4, 0.01, BETAS, 1e-8)
+            };
+            g.k.adamw_fp32(
+                &g.stream,
+                &mut pd.as_view_mut(),
+                &gd.as_view(),
+                &mut md.as_view_mut(),
+                &mut vd.as_view_mut(),
+                &s,
+                Some(&coefd.as_view()),
+            )?;
+            radam::adamw_fp32(&mut p, &grads, &mut m, &mut v, &s, coefg);
+        }
+        let tag = if bnb {
+            "bitsandbytes order"
+        } else {
+            "torch order"
+        };
+        let (a, b) = bits_eq(&g.down(&pd)?, &p);
+        c.exact(&format!("adamw_fp32 params, 3 steps, {tag}"), &a, &b);
+        let (a, b) = bits_eq(&g.down(&vd)?, &v);
+        c.exact(&format!("adamw_fp32 v, 3 steps, {tag}"), &a, &b);
+    }
+
+    let n8 = 256 * 300 + 77;
+    let maps = QuantMaps::upload(&g.stream)?;
+    let mut p = g.randn(n8, 0.1);
+    let mut pd = g.up(&p)?;
+    let mut st = Adam8bitState::zeros(n8);
+    let mut mc = g.up(&st.m_codes)?;
+    let mut ma = g.up(&st.m_absmax)?;
+    let mut vc = g.up(&st.v_codes)?;
+    let mut va = g.up(&st.v_absmax)?;
+    for t in 1..=3 {
+        let mut gr = g.randn(n8, 0.05);
+        gr[1234] = f32::NAN; // skipped by bitsandbytes semantics
+        let grd = g.up(&gr)?;
+        let s = AdamStep::bitsandbytes(t, 2e-4, 0.01, BETAS, 1e-8);
+        let mut states = Adam8bitStates {
+            m_codes: mc.as_view_mut(),
+            m_absmax: ma.as_view_mut(),
+            v_codes: vc.as_view_mut(),
+            v_absmax: va.as_view_mut(),
+        };
+        g.k.adamw_8bit(
+            &g.stream,
+            &mut pd.as_view_mut(),
+            &grd.as_view(),
+            &mut states,
+            &maps,
+            &s,
+            None,
+        )?;
+        radam::adamw_8bit(&mut p, &gr, &mut st, &s, 1.0);
+    }
+    let (a, b) = bits_eq(&g.down(&pd)?, &p);
+    c.exact(&format!("adamw_8bit params, 3 steps [{n8}]"), &a, &b);
+    c.exact("adamw_8bit m codes", &g.down(&mc)?, &st.m_codes);
+    c.exact("adamw_8bit v codes", &g.down(&vc)?, &st.v_codes);
+    let (a, b) = bits_eq(&g.down(&ma)?, &st.m_absmax);
+    c.exact("adamw_8bit m absmax", &a, &b);
+    let (a, b) = bits_eq(&g.down(&va)?, &st.v_absmax);
+    c.exact("adamw_8bit v absmax", &a, &b);
+    Ok(())
+}
+
+fn check_nf4(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    let maps = QuantMaps::upload(&g.stream)?;
+    for n in [64 * 5003, 4096 * 64] {
+        let w = g.randn_bf16(n, 0.02);
+        let wd = g.up_bf16(&w)?;
+        let (mut packed, mut absmax) = (g.up(&vec![0xAAu8; n / 2])?, g.poison_f32(n / 64)?);
+        g.k.nf4_quantize(
+            &g.stream,
+            &wd.as_view(),
+            &mut packed.as_view_mut(),
+            &mut absmax.as_view_mut(),
+        )?;
+        let (p_ref, a_ref) = nf4::nf4_quantize(&w);
+        c.exact(
+            &format!("nf4_quantize codes [{n}]"),
+            &g.down(&packed)?,
+            &p_ref,
+        );
+        let (a, b) = bits_eq(&g.down(&absmax)?, &a_ref);
+        c.exact(&format!("nf4_quantize absmax [{}]", n / 64), &a, &b);
+        let mut out = g.poison_bf16(n)?;
+        g.k.nf4_dequantize(
+            &g.stream,
+            &packed.as_view(),
+            Nf4Absmax::Plain(&absmax.as_view()),
+            &mut out.as_view_mut(),
+        )?;
+        let deq: Vec<f32> = nf4::nf4_dequantize(&p_ref, &a_ref)
+            .into_iter()
+            .map(bf16_round)
+            .collect();
+        let (a, b) = bits_eq(&g.down_bf16(&out)?, &deq);
+        c.exact(&format!("nf4_dequantize [{n}]"), &a, &b);
+        c.close(
+            &format!("nf4 round trip vs bf16 weights [{n}]"),
+            &deq,
+            &w,
+            0.12,
+        );
+
+        // Double quantisation of the absmax values.
+        let nb = n / 64;
+        let mut parts = g.poison_f32(REDUCE_PARTS)?;
+        let mut offset = g.poison_f32(1)?;
+        let (mut qa, mut a2) = (g.up(&vec![0u8; nb])?, g.poison_f32(nb.div_ceil(256))?);
+        g.k.nf4_double_quantize(
+            &g.stream,
+            &absmax.as_view(),
+            &maps,
+            &mut parts.as_view_mut(),
+            &mut offset.as_view_mut(),
+            &mut qa.as_view_mut(),
+            &mut a2.as_view_mut(),
+        )?;
+        let off = g.down(&offset)?[0];
+        let mean = (reduce::sum(&a_ref) / nb as f64) as f32;
+        c.close(
+            &format!("nf4 double-quant offset (mean of {nb})"),
+            &[off],
+            &[mean],
+            F32_TOL,
+        );
+        let (q_ref, a2_ref) = nf4::quantize_blockwise_8bit(&a_ref, off, quant::signed_map());
+        c.exact(
+            &format!("quantize_blockwise_8bit codes [{nb}]"),
+            &g.down(&qa)?,
+            &q_ref,
+        );
+        let (a, b) = bits_eq(&g.down(&a2)?, &a2_ref);
+        c.exact(
+            &format!("quantize_blockwise_8bit absmax2 [{}]", a2_ref.len()),
+            &a,
+            &b,
+        );
+        let dq = Nf4DoubleQuant {
+            qabsmax: qa.as_view(),
+            absmax2: a2.as_view(),
+            offset: offset.as_view(),
+        };
+        let mut out2 = g.poison_bf16(n)?;
+        g.k.nf4_dequantize(
+            &g.stream,
+            &packed.as_view(),
+            Nf4Absmax::Double(&dq, &maps),
+            &mut out2.as_view_mut(),
+        )?;
+        let absmax_dq = nf4::dequantize_absmax(&q_ref, &a2_ref, quant::signed_map(), off);
+        let deq2: Vec<f32> = nf4::nf4_dequantize(&p_ref, &absmax_dq)
+            .into_iter()
+            .map(bf16_round)
+            .collect();
+        let (a, b) = bits_eq(&g.down_bf16(&out2)?, &deq2);
+        c.exact(&format!("nf4_dequantize_dq [{n}]"), &a, &b);
+    }
+    Ok(())
+}
+
+fn check_embedding(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    let (vocab, dim, tokens) = (1000usize, 264usize, 77usize);
+    let table = g.randn_bf16(vocab * dim, 1.0);
+    let mut ids: Vec<u32> = (0..tokens)
+        .map(|_| g.rng.random_range(0..vocab as u32))
+        .collect();
+    ids[5] = vocab as u32 + 7; // out of range: zero row, no out-of-bounds read
+    let (td, idd) = (g.up_bf16(&table)?, g.up(&ids)?);
+    let mut out = g.poison_bf16(tokens * dim)?;
+    g.k.embedding_gather(
+        &g.stream,
+        &idd.as_view(),
+        &td.as_view(),
+        &mut out.as_view_mut(),
+        dim,
+    )?;
+    let want: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| {
+            if (i as usize) < vocab {
+                table[i as usize * dim..(i as usize + 1) * dim].to_vec()
+            } else {
+                vec![0.0; dim]
+            }
+        })
+        .collect();
+    let (a, b) = bits_eq(&g.down_bf16(&out)?, &want);
+    c.exact(&format!("embedding_gather [{tokens}x{dim}]"), &a, &b);
+    Ok(())
+}
+
+/// Median time of `f` over 20 runs after 3 warm-ups, in ms (CUDA events).
+fn time_ms(g: &Gpu, mut f: impl FnMut() -> Res<()>) -> Res<f32> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut t = Vec::new();
+    for _ in 0..20 {
+        let a = g
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        f()?;
+        let b = g
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        b.synchronize()?;
+        t.push(a.elapsed_ms(&b)?);
+    }
+    t.sort_by(f32::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn bench(g: &mut Gpu) -> Res<()> {
+    println!("\nbench (Llama-3-8B shapes, batch 2 x 2048 = 4096 tokens); GB/s counts each input read once and each output written once");
+    let report = |name: &str, ms: f32, bytes: f64| {
+        println!(
+            "bench {name:<48} {ms:>8.4} ms  {:>7.0} GB/s",
+            bytes / (ms as f64 * 1e-3) / 1e9
+        )
+    };
+    let (t, d, inter, v) = (4096usize, 4096usize, 14336usize, 128256usize);
+    let x = g.rand_bf16_dev(t * d, 1.0)?;
+    let w = g.rand_bf16_dev(d, 1.0)?;
+    let mut y = g.poison_bf16(t * d)?;
+    let mut rstd = g.poison_f32(t)?;
+    let ms = time_ms(g, || {
+        Ok(g.k.rmsnorm_fwd(
+            &g.stream,
+            &x.as_view(),
+            &w.as_view(),
+            &mut y.as_view_mut(),
+            &mut rstd.as_view_mut(),
+            t,
+            d,
+            1e-5,
+        )?)
+    })?;
+    report("rmsnorm_fwd 4096x4096", ms, (2 * t * d * 2) as f64);
+    let dy = g.rand_bf16_dev(t * d, 1.0)?;
+    let ms = time_ms(g, || {
+        Ok(g.k.rmsnorm_bwd(
+            &g.stream,
+            &x.as_view(),
+            &w.as_view(),
+            &rstd.as_view(),
+            &dy.as_view(),
+            &mut y.as_view_mut(),
+            t,
+            d,
+            false,
+        )?)
+    })?;
+    report("rmsnorm_bwd 4096x4096", ms, (3 * t * d * 2) as f64);
+    let gate = g.rand_bf16_dev(t * inter, 1.0)?;
+    let up = g.rand_bf16_dev(t * inter, 1.0)?;
+    let mut h = g.poison_bf16(t * inter)?;
+    let ms = time_ms(g, || {
+        Ok(g.k.swiglu_fwd(
+            &g.stream,
+            (&gate.as_view(), inter),
+            (&up.as_view(), inter),
+            (&mut h.as_view_mut(), inter),
+            t,
+            inter,
+        )?)
+    })?;
+    report("swiglu_fwd 4096x14336", ms, (3 * t * inter * 2) as f64);
+    let (mut gg, mut uu) = (
+        g.rand_bf16_dev(t * inter, 1.0)?,
+        g.rand_bf16_dev(t * inter, 1.0)?,
+    );
+    let ms = time_ms(g, || {
+        Ok(g.k.swiglu_bwd(
+            &g.stream,
+            (&h.as_view(), inter),
+            (&mut gg.as_view_mut(), inter),
+            (&mut uu.as_view_mut(), inter),
+            None,
+            t,
+            inter,
+        )?)
+    })?;
+    report(
+        "swiglu_bwd 4096x14336 (in place, no h)",
+        ms,
+        (5 * t * inter * 2) as f64,
+    );
+    let inv = g.up(&inv_freq(128, 500_000.0, None))?;
+    let pos = g.up(&(0..t as u32).collect::<Vec<u32>>())?;
+    let (mut cs, mut sn) = (g.poison_f32(t * 64)?, g.poison_f32(t * 64)?);
+    g.k.rope_cos_sin(
+        &g.stream,
+        &pos.as_view(),
+        &inv.as_view(),
+        &mut cs.as_view_mut(),
+        &mut sn.as_view_mut(),
+    )?;
+    let (mut q, mut k) = (
+        g.rand_bf16_dev(t * 4096, 1.0)?,
+        g.rand_bf16_dev(t * 1024, 1.0)?,
+    );
+    let ms = time_ms(g, || {
+        Ok(g.k.rope_apply(
+            &g.stream,
+            &mut q.as_view_mut(),
+            4096,
+            32,
+            Some((&mut k.as_view_mut(), 1024, 8)),
+            &cs.as_view(),
+            &sn.as_view(),
+            t,
+            128,
+            false,
+        )?)
+    })?;
+    report(
+        "rope_apply q 32 heads + k 8 heads, d 128",
+        ms,
+        (2 * t * 5120 * 2) as f64,
+    );
+    // Cross-entropy on row chunks of 1024 rows x full vocab (the host's GEMM writes each chunk).
+    let rows = 1024;
+    let mut logits = g.rand_bf16_dev(rows * v, 3.0)?;
+    let targets = g.up(&(0..rows as i32)
+        .map(|r| r * 97 % v as i32)
+        .collect::<Vec<i32>>())?;
+    let mut stats = CrossEntropyRows::new(&g.stream, rows)?;
+    let ms = time_ms(g, || {
+        Ok(g.k.ce_stats(
+            &g.stream,
+            &logits.as_view(),
+            v,
+            rows,
+            0,
+            v,
+            &targets.as_view(),
+            &mut stats,
+            true,
+            true,
+        )?)
+    })?;
+    report("ce_stats 1024x128256", ms, (rows * v * 2) as f64);
+    let ms = time_ms(g, || {
+        Ok(g.k.ce_grad(
+            &g.stream,
+            &mut logits.as_view_mut(),
+            v,
+            rows,
+            0,
+            v,
+            &targets.as_view(),
+            &stats.lse.as_view(),
+            1e-3,
+        )?)
+    })?;
+    report(
+        "ce_grad 1024x128256 (in place)",
+        ms,
+        (2 * rows * v * 2) as f64,
+    );
+    // LoRA r16 on q,k,v,o,gate,up,down of Llama-3-8B: 41,943,040 parameters.
+    let n = 41_943_040usize;
+    let (mut p, gr) = (g.rand_dev(n, 0.1)?, g.rand_dev(n, 0.01)?);
+    let (mut m, mut vv) = (g.up(&vec![0f32; n])?, g.up(&vec![0f32; n])?);
+    let s = AdamStep::torch(1, 2e-4, 0.01, BETAS, 1e-8);
+    let ms = time_ms(g, || {
+        Ok(g.k.adamw_fp32(
+            &g.stream,
+            &mut p.as_view_mut(),
+            &gr.as_view(),
+            &mut m.as_view_mut(),
+            &mut vv.as_view_mut(),
+            &s,
+            None,
+        )?)
+    })?;
+    report("adamw_fp32 41.9M params", ms, (n * 4 * 7) as f64);
+    let maps = QuantMaps::upload(&g.stream)?;
+    let blocks = n / 256;
+    let (mut mc, mut vc) = (g.up(&vec![0u8; n])?, g.up(&vec![0u8; n])?);
+    let (mut ma, mut va) = (g.up(&vec![0f32; blocks])?, g.up(&vec![0f32; blocks])?);
+    let s8 = AdamStep::bitsandbytes(1, 2e-4, 0.01, BETAS, 1e-8);
+    let ms = time_ms(g, || {
+        let mut st = Adam8bitStates {
+            m_codes: mc.as_view_mut(),
+            m_absmax: ma.as_view_mut(),
+            v_codes: vc.as_view_mut(),
+            v_absmax: va.as_view_mut(),
+        };
+        Ok(g.k.adamw_8bit(
+            &g.stream,
+            &mut p.as_view_mut(),
+            &gr.as_view(),
+            &mut st,
+            &maps,
+            &s8,
+            None,
+        )?)
+    })?;
+    report("adamw_8bit 41.9M params", ms, (n * (4 * 3 + 4)) as f64);
+    let mut parts = g.poison_f32(REDUCE_PARTS)?;
+    let (mut nd, mut cd) = (g.poison_f32(1)?, g.poison_f32(1)?);
+    let ms = time_ms(g, || {
+        Ok(g.k.grad_norm(
+            &g.stream,
+            &gr.as_view(),
+            1.0,
+            &mut parts.as_view_mut(),
+            &mut nd.as_view_mut(),
+            &mut cd.as_view_mut(),
+        )?)
+    })?;
+    report("grad_norm 41.9M", ms, (n * 4) as f64);
+    let nw = inter * d;
+    let wbig = g.rand_bf16_dev(nw, 0.02)?;
+    let (mut pk, mut am) = (g.up(&vec![0u8; nw / 2])?, g.poison_f32(nw / 64)?);
+    let ms = time_ms(g, || {
+        Ok(g.k.nf4_quantize(
+            &g.stream,
+            &wbig.as_view(),
+            &mut pk.as_view_mut(),
+            &mut am.as_view_mut(),
+        )?)
+    })?;
+    report(
+        "nf4_quantize 14336x4096",
+        ms,
+        (nw * 2 + nw / 2 + nw / 16) as f64,
+    );
+    let mut deq = g.poison_bf16(nw)?;
+    let ms = time_ms(g, || {
+        Ok(g.k.nf4_dequantize(
+            &g.stream,
+            &pk.as_view(),
+            Nf4Absmax::Plain(&am.as_view()),
+            &mut deq.as_view_mut(),
+        )?)
+    })?;
+    report(
+        "nf4_dequantize 14336x4096",
+        ms,
+        (nw * 2 + nw / 2 + nw / 16) as f64,
+    );
+    Ok(())
+}
+
+fn main() -> Res<()> {
+    let bench_too = std::env::args().any(|a| a == "--bench");
+    let ctx = CudaContext::new(0)?;
+    let stream = ctx.default_stream();
+    let cache = default_dir().map(KernelCache::new);
+    let t0 = std::time::Instant::now();
+    let (k, report) = Kernels::load(&ctx, cache.as_ref())?;
+    println!(
+        "device {} ({}), {}; load {:.2} s: {} modules compiled, {} from cache {:?}",
+        ctx.name()?,
+        report.target,
+        report.compiler,
+        t0.elapsed().as_secs_f64(),
+        report.compiled.len(),
+        report.cached.len(),
+        cache.as_ref().map(|c| c.dir().to_path_buf())
+    );
+    for (module, funcs) in &report.compiled {
+        for f in funcs {
+            println!(
+                "ptxas {module}/{}: {:?} regs, {} B stack, {} B spill",
+                f.name,
+                f.registers,
+                f.stack_frame_bytes,
+                f.spill_store_bytes + f.spill_load_bytes
+            );
+        }
+    }
+    for e in &report.cache_errors {
+        println!("cache write failed: {e}");
+    }
+    let mut g = Gpu {
+        stream,
+        k,
+        rng: ChaCha8Rng::seed_from_u64(20_251_129),
+    };
+    let mut c = Checks {
+        rows: Vec::new(),
+        failed: 0,
+    };
+    check_rmsnorm(&mut g, &mut c)?;
+    check_rope(&mut g, &mut c)?;
+    check_swiglu(&mut g, &mut c)?;
+    check_cross_entropy(&mut g, &mut c)?;
+    check_adamw(&mut g, &mut c)?;
+    check_nf4(&mut g, &mut c)?;
+    check_embedding(&mut g, &mut c)?;
+    g.stream.synchronize()?;
+    println!("\n{} checks, {} failed", c.rows.len(), c.failed);
+    if bench_too {
+        bench(&mut g)?;
+    }
+    if c.failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
