@@ -6,6 +6,8 @@
 //
 // `clip` (nullable) points at the gradient-clipping coefficient written on the device by
 // grad_norm_final, so clipping needs no host round trip: g is used as g * (*clip).
+// `shadow` (nullable) receives bf16(p) after the update: the copy of the fp32 LoRA weights
+// that the bf16 GEMMs read, written in the same pass instead of a separate cast kernel.
 
 __device__ __forceinline__ float clip_coef(const float* clip) { return clip != nullptr ? *clip : 1.0f; }
 
@@ -19,7 +21,8 @@ __device__ __forceinline__ float clip_coef(const float* clip) { return clip != n
 extern "C" __global__ void adamw_fp32(float* __restrict__ p, const float* __restrict__ g,
                                       float* __restrict__ m, float* __restrict__ v, long long n,
                                       float beta1, float beta2, float step_size, float bc2_sqrt,
-                                      float eps, float decay, int mode, const float* __restrict__ clip) {
+                                      float eps, float decay, int mode, const float* __restrict__ clip,
+                                      bf16* __restrict__ shadow) {
     const float coef = clip_coef(clip);
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
@@ -42,6 +45,7 @@ extern "C" __global__ void adamw_fp32(float* __restrict__ p, const float* __rest
         p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        if (shadow != nullptr) shadow[i] = f32_to_bf16(pi);
     }
 }
 
@@ -85,53 +89,120 @@ __device__ __forceinline__ int quantize_unsigned(const float* map, float x, floa
 // bitsandbytes AdamW8bit (blockwise): m and v are stored as one byte per value, in blocks of 256
 // values with one fp32 absmax per block, coded by the signed (m) / unsigned (v) dynamic maps.
 // A step dequantises, updates in fp32 exactly as mode 1 above, takes the new block absmax and
-// re-quantises. One 256-thread block per quantisation block (grid-strided), so the absmax is one
-// block reduction. The arena must place each tensor at a multiple of 256 (padding is harmless:
-// zero grads keep zero params), so its blocks are bitsandbytes' per-tensor blocks.
+// re-quantises. One warp per quantisation block, 8 consecutive values per lane (16-byte loads
+// of p and g, 8-byte loads of the codes), so the block absmax is a warp reduction with no
+// barrier; the maps sit in shared memory, shared by the CUDA block's 8 warps.
+// The arena must place each tensor at a multiple of 256 values (padding is harmless: zero grads
+// keep zero params), so its blocks are bitsandbytes' per-tensor blocks.
 #define Q_BLOCK 256
+#define Q_PER_LANE 8
 
-extern "C" __global__ void __launch_bounds__(Q_BLOCK)
+__device__ __forceinline__ void load8(const float* p, long long i, long long n, bool full, float (&v)[8]) {
+    if (full) {
+        const float4 a = *reinterpret_cast<const float4*>(p + i);
+        const float4 b = *reinterpret_cast<const float4*>(p + i + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+#pragma unroll
+        for (int j = 0; j < 8; j++) v[j] = i + j < n ? p[i + j] : 0.0f;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
 adamw_8bit(float* __restrict__ p, const float* __restrict__ g, u8* __restrict__ m_codes,
            float* __restrict__ m_absmax, u8* __restrict__ v_codes, float* __restrict__ v_absmax,
            const float* __restrict__ signed_map, const float* __restrict__ unsigned_map, long long n,
            float beta1, float beta2, float step_size, float eps, float decay,
-           const float* __restrict__ clip) {
-    __shared__ float smap[256], umap[256], scratch[32];
-    smap[threadIdx.x] = signed_map[threadIdx.x];
-    umap[threadIdx.x] = unsigned_map[threadIdx.x];
+           const float* __restrict__ clip, bf16* __restrict__ shadow) {
+    __shared__ float smap[256], umap[256];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        smap[i] = signed_map[i];
+        umap[i] = unsigned_map[i];
+    }
     __syncthreads();
     const float coef = clip_coef(clip);
+    const int lane = threadIdx.x & 31;
     const long long nblocks = (n + Q_BLOCK - 1) / Q_BLOCK;
-    for (long long b = blockIdx.x; b < nblocks; b += gridDim.x) {
-        const long long i = b * Q_BLOCK + threadIdx.x;
-        const bool valid = i < n;
-        float gi = 0.0f, mi = 0.0f, vi = 0.0f;
-        if (valid) {
-            gi = g[i] * coef;
-            mi = smap[m_codes[i]] * m_absmax[b];
-            vi = umap[v_codes[i]] * v_absmax[b];
-        }
-        const bool finite = isfinite(gi);
-        if (finite) {
-            mi = mi * beta1 + (1.0f - beta1) * gi;
-            vi = vi * beta2 + (1.0f - beta2) * gi * gi;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long b = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; b < nblocks; b += warps) {
+        const long long i0 = b * Q_BLOCK + lane * Q_PER_LANE;
+        const bool full = (b + 1) * Q_BLOCK <= n;
+        float gv[8], mv[8], vv[8];
+        load8(g, i0, n, full, gv);
+        const float ma = m_absmax[b], va = v_absmax[b];
+        u32 mc[2] = {0u, 0u}, vc[2] = {0u, 0u};
+        if (full) {
+            const uint2 a = *reinterpret_cast<const uint2*>(m_codes + i0);
+            const uint2 c = *reinterpret_cast<const uint2*>(v_codes + i0);
+            mc[0] = a.x; mc[1] = a.y; vc[0] = c.x; vc[1] = c.y;
         } else {
-            mi = 0.0f;
-            vi = 0.0f;
-        }
-        const float m_max = block_max(fabsf(mi), scratch);
-        const float v_max = block_max(fabsf(vi), scratch);
-        if (valid) {
-            if (finite) {
-                float pi = p[i];
-                pi += step_size * (mi / (sqrtf(vi) + eps));
-                pi *= decay;
-                p[i] = pi;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (i0 + j < n) {
+                    mc[j >> 2] |= (u32)m_codes[i0 + j] << (8 * (j & 3));
+                    vc[j >> 2] |= (u32)v_codes[i0 + j] << (8 * (j & 3));
+                }
             }
-            m_codes[i] = (u8)quantize_signed(smap, mi, m_max);
-            v_codes[i] = (u8)quantize_unsigned(umap, vi, v_max);
         }
-        if (threadIdx.x == 0) {
+        float m_max = 0.0f, v_max = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float gi = gv[j] * coef;
+            gv[j] = gi;
+            float mi = smap[(mc[j >> 2] >> (8 * (j & 3))) & 0xffu] * ma;
+            float vi = umap[(vc[j >> 2] >> (8 * (j & 3))) & 0xffu] * va;
+            if (isfinite(gi)) {
+                mi = mi * beta1 + (1.0f - beta1) * gi;
+                vi = vi * beta2 + (1.0f - beta2) * gi * gi;
+            } else {
+                mi = 0.0f;
+                vi = 0.0f;
+            }
+            mv[j] = mi;
+            vv[j] = vi;
+            m_max = fmaxf(m_max, fabsf(mi));
+            v_max = fmaxf(v_max, fabsf(vi));
+        }
+        m_max = warp_max(m_max);
+        v_max = warp_max(v_max);
+        float pv[8];
+        load8(p, i0, n, full, pv);
+        u32 mo[2] = {0u, 0u}, vo[2] = {0u, 0u};
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            if (isfinite(gv[j])) {
+                pv[j] += step_size * (mv[j] / (sqrtf(vv[j]) + eps));
+                pv[j] *= decay;
+            }
+            mo[j >> 2] |= (u32)quantize_signed(smap, mv[j], m_max) << (8 * (j & 3));
+            vo[j >> 2] |= (u32)quantize_unsigned(umap, vv[j], v_max) << (8 * (j & 3));
+        }
+        if (full) {
+            *reinterpret_cast<float4*>(p + i0) = make_float4(pv[0], pv[1], pv[2], pv[3]);
+            *reinterpret_cast<float4*>(p + i0 + 4) = make_float4(pv[4], pv[5], pv[6], pv[7]);
+            *reinterpret_cast<uint2*>(m_codes + i0) = make_uint2(mo[0], mo[1]);
+            *reinterpret_cast<uint2*>(v_codes + i0) = make_uint2(vo[0], vo[1]);
+            if (shadow != nullptr) {
+                uint4 h;
+                h.x = pack_bf16x2(pv[0], pv[1]);
+                h.y = pack_bf16x2(pv[2], pv[3]);
+                h.z = pack_bf16x2(pv[4], pv[5]);
+                h.w = pack_bf16x2(pv[6], pv[7]);
+                *reinterpret_cast<uint4*>(shadow + i0) = h;
+            }
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                if (i0 + j < n) {
+                    p[i0 + j] = pv[j];
+                    m_codes[i0 + j] = (u8)(mo[j >> 2] >> (8 * (j & 3)));
+                    v_codes[i0 + j] = (u8)(vo[j >> 2] >> (8 * (j & 3)));
+                    if (shadow != nullptr) shadow[i0 + j] = f32_to_bf16(pv[j]);
+                }
+            }
+        }
+        if (lane == 0) {
             m_absmax[b] = m_max;
             v_absmax[b] = v_max;
         }

@@ -19,7 +19,9 @@ use ferrotune_kernels::device::{
     REDUCE_PARTS,
 };
 use ferrotune_kernels::reference::adamw::{self as radam, Adam8bitState, AdamStep};
-use ferrotune_kernels::reference::{bf16_round, cross_entropy, nf4, norm, reduce, rope, swiglu};
+use ferrotune_kernels::reference::{
+    bf16_round, cross_entropy, dropout, nf4, norm, reduce, rope, swiglu,
+};
 use ferrotune_kernels::rope::{inv_freq, Llama3Scaling};
 use ferrotune_kernels::{quant, IGNORE_INDEX};
 use rand::{Rng, SeedableRng};
@@ -504,6 +506,7 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         let mut m = g.randn(n, 0.01);
         let mut v: Vec<f32> = g.randn(n, 1e-3).into_iter().map(|x| x * x).collect();
         let (mut pd, mut md, mut vd) = (g.up(&p)?, g.up(&m)?, g.up(&v)?);
+        let mut shadow = g.poison_bf16(n)?;
         for t in 1..=3 {
             let s = if bnb {
                 AdamStep::bitsandbytes(t, 2e-4, 0.01, BETAS, 1e-8)
@@ -518,6 +521,7 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
                 &mut vd.as_view_mut(),
                 &s,
                 Some(&coefd.as_view()),
+                Some(&mut shadow.as_view_mut()),
             )?;
             radam::adamw_fp32(&mut p, &grads, &mut m, &mut v, &s, coefg);
         }
@@ -530,6 +534,9 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         c.exact(&format!("adamw_fp32 params, 3 steps, {tag}"), &a, &b);
         let (a, b) = bits_eq(&g.down(&vd)?, &v);
         c.exact(&format!("adamw_fp32 v, 3 steps, {tag}"), &a, &b);
+        let want: Vec<f32> = p.iter().map(|&x| bf16_round(x)).collect();
+        let (a, b) = bits_eq(&g.down_bf16(&shadow)?, &want);
+        c.exact(&format!("adamw_fp32 bf16 shadow, {tag}"), &a, &b);
     }
 
     let n8 = 256 * 300 + 77;
@@ -541,6 +548,7 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     let mut ma = g.up(&st.m_absmax)?;
     let mut vc = g.up(&st.v_codes)?;
     let mut va = g.up(&st.v_absmax)?;
+    let mut shadow = g.poison_bf16(n8)?;
     for t in 1..=3 {
         let mut gr = g.randn(n8, 0.05);
         gr[1234] = f32::NAN; // skipped by bitsandbytes semantics
@@ -560,6 +568,7 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &maps,
             &s,
             None,
+            Some(&mut shadow.as_view_mut()),
         )?;
         radam::adamw_8bit(&mut p, &gr, &mut st, &s, 1.0);
     }
@@ -571,6 +580,61 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     c.exact("adamw_8bit m absmax", &a, &b);
     let (a, b) = bits_eq(&g.down(&va)?, &st.v_absmax);
     c.exact("adamw_8bit v absmax", &a, &b);
+    let want: Vec<f32> = p.iter().map(|&x| bf16_round(x)).collect();
+    let (a, b) = bits_eq(&g.down_bf16(&shadow)?, &want);
+    c.exact("adamw_8bit bf16 shadow", &a, &b);
+    Ok(())
+}
+
+fn check_dropout(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for (n, p) in [(4096 * 24 + 8, 0.1f32), (8 * 1001, 0.5)] {
+        let (threshold, scale) = dropout::dropout_params(p);
+        let seed = g.rng.random::<u64>();
+        let x = g.randn_bf16(n, 1.0);
+        let xd = g.up_bf16(&x)?;
+        let mut out = g.poison_bf16(n)?;
+        g.k.dropout_apply(
+            &g.stream,
+            &xd.as_view(),
+            &mut out.as_view_mut(),
+            threshold,
+            scale,
+            seed,
+            false,
+        )?;
+        let mut want = vec![0f32; n];
+        dropout::dropout_apply(&x, &mut want, threshold, scale, seed, false);
+        let want: Vec<f32> = want.into_iter().map(bf16_round).collect();
+        let got = g.down_bf16(&out)?;
+        let (a, b) = bits_eq(&got, &want);
+        c.exact(&format!("dropout_apply fwd [{n}] p {p}"), &a, &b);
+        let kept = got.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+        c.close(
+            &format!("dropout kept fraction [{n}] p {p}"),
+            &[kept as f32],
+            &[1.0 - p],
+            0.05,
+        );
+        // Backward: same mask on the gradient, added onto the base path's dX.
+        let dy = g.randn_bf16(n, 0.5);
+        let base = g.randn_bf16(n, 0.5);
+        let dyd = g.up_bf16(&dy)?;
+        let mut dx = g.up_bf16(&base)?;
+        g.k.dropout_apply(
+            &g.stream,
+            &dyd.as_view(),
+            &mut dx.as_view_mut(),
+            threshold,
+            scale,
+            seed,
+            true,
+        )?;
+        let mut want = base.clone();
+        dropout::dropout_apply(&dy, &mut want, threshold, scale, seed, true);
+        let want: Vec<f32> = want.into_iter().map(bf16_round).collect();
+        let (a, b) = bits_eq(&g.down_bf16(&dx)?, &want);
+        c.exact(&format!("dropout_apply bwd accumulate [{n}] p {p}"), &a, &b);
+    }
     Ok(())
 }
 
@@ -876,6 +940,7 @@ fn bench(g: &mut Gpu) -> Res<()> {
     let (mut p, gr) = (g.rand_dev(n, 0.1)?, g.rand_dev(n, 0.01)?);
     let (mut m, mut vv) = (g.up(&vec![0f32; n])?, g.up(&vec![0f32; n])?);
     let s = AdamStep::torch(1, 2e-4, 0.01, BETAS, 1e-8);
+    let mut sh = g.poison_bf16(n)?;
     let ms = time_ms(g, || {
         Ok(g.k.adamw_fp32(
             &g.stream,
@@ -885,9 +950,14 @@ fn bench(g: &mut Gpu) -> Res<()> {
             &mut vv.as_view_mut(),
             &s,
             None,
+            Some(&mut sh.as_view_mut()),
         )?)
     })?;
-    report("adamw_fp32 41.9M params", ms, (n * 4 * 7) as f64);
+    report(
+        "adamw_fp32 41.9M params (+bf16 shadow)",
+        ms,
+        (n * (4 * 7 + 2)) as f64,
+    );
     let maps = QuantMaps::upload(&g.stream)?;
     let blocks = n / 256;
     let (mut mc, mut vc) = (g.up(&vec![0u8; n])?, g.up(&vec![0u8; n])?);
@@ -908,9 +978,30 @@ fn bench(g: &mut Gpu) -> Res<()> {
             &maps,
             &s8,
             None,
+            Some(&mut sh.as_view_mut()),
         )?)
     })?;
-    report("adamw_8bit 41.9M params", ms, (n * (4 * 3 + 4)) as f64);
+    report(
+        "adamw_8bit 41.9M params (+bf16 shadow)",
+        ms,
+        (n * (4 * 3 + 4 + 2)) as f64,
+    );
+    // LoRA dropout on a q/k/v input: 4096 tokens x 4096.
+    let xin = g.rand_bf16_dev(t * d, 1.0)?;
+    let mut xout = g.poison_bf16(t * d)?;
+    let (th, sc) = dropout::dropout_params(0.05);
+    let ms = time_ms(g, || {
+        Ok(g.k.dropout_apply(
+            &g.stream,
+            &xin.as_view(),
+            &mut xout.as_view_mut(),
+            th,
+            sc,
+            7,
+            false,
+        )?)
+    })?;
+    report("dropout_apply 4096x4096", ms, (2 * t * d * 2) as f64);
     let mut parts = g.poison_f32(REDUCE_PARTS)?;
     let (mut nd, mut cd) = (g.poison_f32(1)?, g.poison_f32(1)?);
     let ms = time_ms(g, || {
@@ -1003,6 +1094,7 @@ fn main() -> Res<()> {
     check_cross_entropy(&mut g, &mut c)?;
     check_adamw(&mut g, &mut c)?;
     check_nf4(&mut g, &mut c)?;
+    check_dropout(&mut g, &mut c)?;
     check_embedding(&mut g, &mut c)?;
     g.stream.synchronize()?;
     println!("\n{} checks, {} failed", c.rows.len(), c.failed);

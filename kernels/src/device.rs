@@ -64,6 +64,7 @@ struct Functions {
     nf4_dequantize_dq: CudaFunction,
     quantize_blockwise_8bit: CudaFunction,
     embedding_gather: CudaFunction,
+    dropout_apply: CudaFunction,
 }
 
 /// Every kernel, loaded for one device.
@@ -244,6 +245,7 @@ impl Kernels {
             nf4_dequantize_dq: get(&NF4, "nf4_dequantize_dq")?,
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
+            dropout_apply: get(&DROPOUT, "dropout_apply")?,
         };
         Ok((
             Self {
@@ -615,7 +617,8 @@ impl Kernels {
     }
 
     /// One AdamW step over a flat fp32 arena (torch or bitsandbytes order, per `step.mode`).
-    /// `clip` is the device scalar from [`Kernels::grad_norm`] or None.
+    /// `clip` is the device scalar from [`Kernels::grad_norm`] or None; `shadow`, when given,
+    /// receives the updated parameters in bf16 (the copy the GEMMs read).
     #[allow(clippy::too_many_arguments)]
     pub fn adamw_fp32(
         &self,
@@ -626,6 +629,7 @@ impl Kernels {
         v: &mut CudaViewMut<f32>,
         step: &AdamStep,
         clip: Option<&CudaView<f32>>,
+        shadow: Option<&mut CudaViewMut<bf16>>,
     ) -> Result<(), KernelError> {
         const K: &str = "adamw_fp32";
         let n = params.len();
@@ -642,6 +646,7 @@ impl Kernels {
             .arg(&step.bc2_sqrt);
         a.arg(&step.eps).arg(&step.decay).arg(&mode);
         push_opt(&mut a, clip);
+        push_shadow(K, &mut a, shadow, n)?;
         launch(
             a,
             cfg(grid(n, THREADS as usize, self.stride_cap()), (THREADS, 1)),
@@ -660,6 +665,7 @@ impl Kernels {
         maps: &QuantMaps,
         step: &AdamStep,
         clip: Option<&CudaView<f32>>,
+        shadow: Option<&mut CudaViewMut<bf16>>,
     ) -> Result<(), KernelError> {
         const K: &str = "adamw_8bit";
         if step.mode != AdamMode::Bitsandbytes {
@@ -672,6 +678,14 @@ impl Kernels {
         check_len(K, "v_codes", states.v_codes.len(), n)?;
         check_len(K, "m_absmax", states.m_absmax.len(), blocks)?;
         check_len(K, "v_absmax", states.v_absmax.len(), blocks)?;
+        // 16-byte vectors of p and g, 8-byte vectors of codes at multiples of 8 values.
+        aligned16(K, "params", &*params, stream)?;
+        aligned16(K, "grads", grads, stream)?;
+        aligned16(K, "m_codes", &states.m_codes, stream)?;
+        aligned16(K, "v_codes", &states.v_codes, stream)?;
+        if let Some(s) = &shadow {
+            aligned16(K, "shadow", &**s, stream)?;
+        }
         let n_i = n as i64;
         let mut a = stream.launch_builder(&self.f.adamw_8bit);
         a.arg(params)
@@ -689,10 +703,9 @@ impl Kernels {
             .arg(&step.eps);
         a.arg(&step.decay);
         push_opt(&mut a, clip);
-        launch(
-            a,
-            cfg(grid(blocks, 1, self.stride_cap()), (Q8_BLOCK as u32, 1)),
-        )
+        push_shadow(K, &mut a, shadow, n)?;
+        // One warp per quantisation block, 8 warps per CUDA block.
+        launch(a, cfg(grid(blocks, 8, self.stride_cap()), (THREADS, 1)))
     }
 
     fn reduce_partial(
@@ -896,6 +909,66 @@ impl Kernels {
             ),
         )
     }
+}
+
+impl Kernels {
+    /// LoRA dropout with a regenerable mask: out = (accumulate ? out : 0) + mask ⊙ x / (1-p),
+    /// mask from (seed, index) only — the backward calls it again with the same seed on the
+    /// gradient. `threshold`/`scale` from [`crate::reference::dropout::dropout_params`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn dropout_apply(
+        &self,
+        stream: &CudaStream,
+        x: &CudaView<bf16>,
+        out: &mut CudaViewMut<bf16>,
+        threshold: u32,
+        scale: f32,
+        seed: u64,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
+        const K: &str = "dropout_apply";
+        let n = x.len();
+        if !n.is_multiple_of(8) {
+            return Err(shape(K, format!("{n} values: needs a multiple of 8")));
+        }
+        check_len(K, "out", out.len(), n)?;
+        aligned16(K, "x", x, stream)?;
+        aligned16(K, "out", &*out, stream)?;
+        let (n_i, acc) = (n as i64, accumulate as i32);
+        let mut a = stream.launch_builder(&self.f.dropout_apply);
+        a.arg(x)
+            .arg(out)
+            .arg(&n_i)
+            .arg(&threshold)
+            .arg(&scale)
+            .arg(&seed)
+            .arg(&acc);
+        launch(
+            a,
+            cfg(
+                grid(n / 8, THREADS as usize, self.stride_cap()),
+                (THREADS, 1),
+            ),
+        )
+    }
+}
+
+fn push_shadow<'a>(
+    kernel: &'static str,
+    a: &mut LaunchArgs<'a>,
+    shadow: Option<&'a mut CudaViewMut<'_, bf16>>,
+    n: usize,
+) -> Result<(), KernelError> {
+    match shadow {
+        Some(s) => {
+            check_len(kernel, "shadow", s.len(), n)?;
+            a.arg(s);
+        }
+        None => {
+            a.arg(&NULL_PTR);
+        }
+    }
+    Ok(())
 }
 
 /// How NF4 absmax values are stored.

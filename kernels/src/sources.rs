@@ -102,6 +102,14 @@ pub const NF4: KernelSource = KernelSource {
     accepted_stack: &[],
 };
 
+pub const DROPOUT: KernelSource = KernelSource {
+    name: "dropout",
+    source: include_str!("../cuda/dropout.cu"),
+    entries: &["dropout_apply"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
 pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     source: include_str!("../cuda/embedding.cu"),
@@ -119,6 +127,7 @@ pub const ALL: &[&KernelSource] = &[
     &ADAMW,
     &REDUCE,
     &NF4,
+    &DROPOUT,
     &EMBEDDING,
 ];
 

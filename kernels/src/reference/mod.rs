@@ -8,6 +8,7 @@
 
 pub mod adamw;
 pub mod cross_entropy;
+pub mod dropout;
 pub mod nf4;
 pub mod norm;
 pub mod reduce;
