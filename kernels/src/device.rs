@@ -1096,3 +1096,43 @@ fn module_cubin(
         .push((src.name, ptxas::parse(&compiled.log)));
     Ok(compiled.cubin)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rmsnorm_block_holds_the_row_in_registers() {
+        // 4096 = 512 vectors = 4 per thread over 128 threads.
+        assert_eq!(rms_threads("t", 4096).unwrap(), 128);
+        assert_eq!(rms_threads("t", 128).unwrap(), 32);
+        assert_eq!(rms_threads("t", 32768).unwrap(), 1024);
+        for bad in [0, 12, 32776] {
+            assert!(rms_threads("t", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn layout_contracts_reject_what_the_kernels_cannot_read() {
+        assert!(swiglu_check("t", 16, 2, &[("g", 32, 16)]).is_ok());
+        // Strided rows need (rows-1)*stride + cols elements, not rows*stride.
+        assert!(swiglu_check("t", 16, 2, &[("g", 40, 24)]).is_ok());
+        assert!(swiglu_check("t", 16, 2, &[("g", 39, 24)]).is_err());
+        assert!(swiglu_check("t", 12, 2, &[("g", 24, 12)]).is_err());
+        assert!(swiglu_check("t", 16, 2, &[("g", 64, 20)]).is_err());
+        assert!(ce_check("t", 3 * 10 + 4, 10, 4, 4, 4).is_ok());
+        assert!(ce_check("t", 3 * 10 + 3, 10, 4, 4, 4).is_err());
+        assert!(ce_check("t", 100, 10, 4, 11, 4).is_err());
+        assert!(ce_check("t", 100, 10, 4, 4, 3).is_err());
+        assert_eq!(nf4_check("t", 128, 64, 2).unwrap(), 128);
+        assert!(nf4_check("t", 96, 48, 2).is_err());
+        assert!(nf4_check("t", 128, 63, 2).is_err());
+    }
+
+    #[test]
+    fn grids_cover_the_work_and_respect_the_cap() {
+        assert_eq!(grid(0, 256, 100), 1);
+        assert_eq!(grid(257, 256, 100), 2);
+        assert_eq!(grid(1 << 30, 256, 100), 100);
+    }
+}
