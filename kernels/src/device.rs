@@ -285,6 +285,9 @@ impl Kernels {
         eps: f32,
     ) -> Result<(), KernelError> {
         const K: &str = "rmsnorm_fwd";
+        if rows == 0 {
+            return Ok(());
+        }
         let threads = rms_threads(K, dim)?;
         check_len(K, "x", x.len(), rows * dim)?;
         check_len(K, "y", y.len(), rows * dim)?;
@@ -320,6 +323,9 @@ impl Kernels {
         accumulate: bool,
     ) -> Result<(), KernelError> {
         const K: &str = "rmsnorm_bwd";
+        if rows == 0 {
+            return Ok(());
+        }
         let threads = rms_threads(K, dim)?;
         for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
             check_len(K, what, len, rows * dim)?;
@@ -562,6 +568,9 @@ impl Kernels {
         last: bool,
     ) -> Result<(), KernelError> {
         const K: &str = "ce_stats";
+        if rows == 0 {
+            return Ok(());
+        }
         ce_check(K, logits.len(), ld, rows, vc, targets.len())?;
         check_len(K, "row statistics", stats.rows(), rows)?;
         let (ld_i, r_i) = (ld as i64, to_i32(K, "rows", rows)?);
@@ -600,6 +609,9 @@ impl Kernels {
         scale: f32,
     ) -> Result<(), KernelError> {
         const K: &str = "ce_grad";
+        if rows == 0 {
+            return Ok(());
+        }
         ce_check(K, logits.len(), ld, rows, vc, targets.len())?;
         check_len(K, "lse", lse.len(), rows)?;
         let (ld_i, r_i) = (ld as i64, to_i32(K, "rows", rows)?);
