@@ -7,4 +7,5 @@ pub mod engine;
 pub mod gguf;
 pub mod job;
 pub mod logging;
+pub mod optim;
 pub mod run;
