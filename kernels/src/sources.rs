@@ -118,6 +118,14 @@ pub const EMBEDDING: KernelSource = KernelSource {
     accepted_stack: &[],
 };
 
+pub const ATTENTION: KernelSource = KernelSource {
+    name: "attention",
+    source: include_str!("../cuda/attention.cu"),
+    entries: &["attn_softmax_fwd", "attn_softmax_bwd"],
+    extra_options: &[],
+    accepted_stack: &[],
+};
+
 /// Every module, in load order.
 pub const ALL: &[&KernelSource] = &[
     &RMSNORM,
@@ -129,6 +137,7 @@ pub const ALL: &[&KernelSource] = &[
     &NF4,
     &DROPOUT,
     &EMBEDDING,
+    &ATTENTION,
 ];
 
 /// The NVRTC options for `source` on `arch`. `-Xptxas -v` makes the program log carry ptxas's

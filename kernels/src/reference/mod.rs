@@ -7,6 +7,7 @@
 //! compared with a tolerance.
 
 pub mod adamw;
+pub mod attention;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod nf4;
