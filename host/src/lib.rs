@@ -7,5 +7,6 @@ pub mod engine;
 pub mod gguf;
 pub mod job;
 pub mod logging;
+pub mod plugin;
 pub mod optim;
 pub mod run;

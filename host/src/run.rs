@@ -64,5 +64,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
             "ferrotune demo: not built yet (issue \"The training slice\")",
         )
         .into()),
+        Command::Plugin(command) => crate::plugin::command::run(command),
     }
 }

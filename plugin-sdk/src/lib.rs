@@ -33,7 +33,7 @@ extern crate self as ferrotune_plugin_sdk;
 
 mod formatter;
 pub mod log;
-mod row;
+pub mod row;
 mod sample;
 pub mod testing;
 
@@ -56,7 +56,7 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_formatter_world",
         default_bindings_module: "ferrotune_plugin_sdk::bindings",
-        runtime_path: "ferrotune_plugin_sdk::bindings::__wit_bindgen",
+        runtime_path: "ferrotune_plugin_sdk::bindings::__wit_bindgen::rt",
     });
     pub use wit_bindgen as __wit_bindgen;
 }
@@ -106,7 +106,7 @@ macro_rules! export_formatter {
                 }
             }
 
-            $crate::__export_formatter_world!(FerrotuneFormatterExport with_types_in $crate::bindings);
+            $crate::bindings::__export_formatter_world!(FerrotuneFormatterExport with_types_in $crate::bindings);
         };
     };
 }

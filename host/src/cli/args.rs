@@ -76,6 +76,38 @@ pub struct Cli {
 pub enum Command {
     /// Run the main job on embedded defaults: a tiny model and a bundled dataset, no network.
     Demo(DemoArgs),
+    /// WASM plugin tools: scaffold a new plugin crate, inspect a .wasm component.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Write a ready-to-build plugin crate DIR/NAME (Cargo.toml, src/lib.rs with an example, README).
+    New(PluginNewArgs),
+    /// Print a plugin's kind, WIT world version, description and config schema.
+    Inspect(PluginInspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PluginNewArgs {
+    /// Crate name: lower-case letters, digits and '-'.
+    pub name: String,
+    /// Plugin kind (one WIT world each).
+    #[arg(long, value_enum)]
+    pub kind: PluginKind,
+    /// Folder the crate is created in.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// The plugin-sdk folder to depend on (default: the SDK this ferrotune was built from).
+    #[arg(long)]
+    pub sdk_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PluginInspectArgs {
+    /// The .wasm component.
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -78,6 +78,10 @@ choice!(
     OnBadRow { Fail = "fail", Skip = "skip" }
 );
 choice!(
+    /// Plugin kinds, one WIT world each (`ferrotune plugin new --kind`).
+    PluginKind { Formatter = "formatter", Sync = "sync", Storage = "storage", Publish = "publish" }
+);
+choice!(
     /// Storage dtype of the frozen weights (`--dtype`; unset means auto).
     Dtype { F16 = "float16", Bf16 = "bfloat16", F32 = "float32" }
 );
