@@ -106,6 +106,9 @@ macro_rules! export_formatter {
                 }
             }
 
+            // Only wasm exports the ABI symbols: their names ("ferrotune:plugin/format@0.1.0#...")
+            // are not valid in native linker scripts, and native builds only run unit tests.
+            #[cfg(target_arch = "wasm32")]
             $crate::bindings::__export_formatter_world!(FerrotuneFormatterExport with_types_in $crate::bindings);
         };
     };
