@@ -7,6 +7,7 @@ pub mod engine;
 pub mod gguf;
 pub mod job;
 pub mod logging;
+pub mod model;
 pub mod plugin;
 pub mod optim;
 pub mod run;

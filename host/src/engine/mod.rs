@@ -2,6 +2,8 @@
 //! the reference, what CI runs) and `cuda` (feature `cuda`). The training loop in `crate::train`
 //! only talks to [`Backend`].
 
+pub mod cpu;
+
 use anyhow::Result;
 
 /// One micro-batch, laid out row-major as `[batch_size, seq_len]`.
