@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod data;
 pub mod engine;
+pub mod export;
 pub mod gguf;
 pub mod job;
 pub mod logging;

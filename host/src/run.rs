@@ -65,5 +65,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         )
         .into()),
         Command::Plugin(command) => crate::plugin::command::run(command),
+        Command::Export(args) => crate::export::command::run(args),
     }
 }

@@ -79,6 +79,39 @@ pub enum Command {
     /// WASM plugin tools: scaffold a new plugin crate, inspect a .wasm component.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Save a trained adapter as a merged model, a PEFT adapter and/or GGUF files, without training.
+    Export(ExportArgs),
+}
+
+/// Flags spelled with underscores, like every training flag (`--save_path`).
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct ExportArgs {
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Training checkpoint (OUTPUT_DIR/checkpoint-N) whose adapter to export.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Base model (HF id resolved through the local cache, or a directory); default: the adapter's
+    /// base_model_name_or_path.
+    #[arg(long)]
+    pub base: Option<String>,
+    /// What to save into --save_path.
+    #[arg(long, value_enum)]
+    pub save_method: Option<SaveMethod>,
+    /// Also write GGUF files (one per --quantization).
+    #[arg(long)]
+    pub save_gguf: bool,
+    /// GGUF quantization presets (one or more).
+    #[arg(long, num_args = 1.., default_values = ["q8_0"], value_parser = QUANTIZATION_CHOICES.to_vec())]
+    pub quantization: Vec<String>,
+    /// Output directory.
+    #[arg(long)]
+    pub save_path: PathBuf,
+    /// Largest merged-model shard in MB (default 5000, transformers' 5GB).
+    #[arg(long, value_parser = positive_u64)]
+    pub max_shard_size_mb: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -408,6 +441,10 @@ fn positive_usize(text: &str) -> Result<usize, String> {
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| format!("must be a positive integer, got {n}"))
+}
+
+fn positive_u64(text: &str) -> Result<u64, String> {
+    positive_usize(text).map(|n| n as u64)
 }
 
 fn non_negative_usize(text: &str) -> Result<usize, String> {

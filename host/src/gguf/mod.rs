@@ -3,9 +3,13 @@
 //! hyper-parameter and tokenizer metadata, per-tensor type choice of each preset).
 //! See docs/export.md for what each preset writes.
 
+pub mod arch;
+pub mod convert;
 pub mod names;
+pub mod preset;
 pub mod quant;
 pub mod reader;
+pub mod tokenizer;
 pub mod types;
 pub mod value;
 pub mod writer;

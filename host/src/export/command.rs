@@ -1,0 +1,74 @@
+//! `ferrotune export`: the saves of `--save_model`/`--save_gguf` from an existing adapter or
+//! checkpoint, without training.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
+use super::run::{model_name_of, run_exports, ExportRequest};
+use crate::cli::args::ExportArgs;
+use crate::cli::choices::LogFormat;
+use crate::cli::UsageError;
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    crate::logging::init(LogFormat::Text);
+    let (flag, adapter_dir) = match (&args.adapter, &args.checkpoint) {
+        (Some(dir), None) => ("--adapter", dir.clone()),
+        (None, Some(dir)) => ("--checkpoint", dir.clone()),
+        _ => {
+            return Err(UsageError::new(
+                "ferrotune export: pass exactly one of --adapter DIR or --checkpoint DIR",
+            )
+            .into())
+        }
+    };
+    if !adapter_dir.join("adapter_config.json").is_file() {
+        return Err(UsageError::new(format!(
+            "{flag} {}: no adapter_config.json there; pass a PEFT adapter directory or an OUTPUT_DIR/checkpoint-N",
+            adapter_dir.display()
+        ))
+        .into());
+    }
+    if args.save_method.is_none() && !args.save_gguf {
+        return Err(UsageError::new("ferrotune export: nothing to do; pass --save_method merged_16bit|lora and/or --save_gguf").into());
+    }
+    let base_name = match &args.base {
+        Some(base) => base.clone(),
+        None => base_from_adapter(&adapter_dir)?,
+    };
+    let base_dir: PathBuf = crate::model::resolve::resolve_model(&base_name)
+        .map_err(|e| UsageError::new(format!("--base {base_name}: {e:#}")))?;
+    let request = ExportRequest {
+        base_dir,
+        adapter_dir,
+        save_method: args.save_method,
+        gguf_presets: if args.save_gguf {
+            args.quantization.clone()
+        } else {
+            Vec::new()
+        },
+        save_path: args.save_path.clone(),
+        name: model_name_of(&base_name),
+        max_shard_bytes: args
+            .max_shard_size_mb
+            .map_or(DEFAULT_MAX_SHARD_BYTES, |mb| mb * 1_000_000),
+    };
+    for file in run_exports(&request)? {
+        println!("{}", file.display());
+    }
+    Ok(())
+}
+
+fn base_from_adapter(adapter_dir: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(adapter_dir.join("adapter_config.json"))?;
+    let config: serde_json::Value = serde_json::from_str(&text)?;
+    match config["base_model_name_or_path"].as_str() {
+        Some(name) if !name.is_empty() => Ok(name.to_string()),
+        _ => Err(UsageError::new(format!(
+            "{}/adapter_config.json names no base_model_name_or_path; pass --base MODEL",
+            adapter_dir.display()
+        ))
+        .into()),
+    }
+}

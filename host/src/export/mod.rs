@@ -1,0 +1,14 @@
+//! Final artefacts from a trained adapter (DESIGN §1: … → checkpoint → export → publish):
+//! the PEFT adapter, the merged 16-bit model in Hugging Face's layout, and GGUF files for
+//! llama.cpp/Ollama (`crate::gguf`). Everything streams tensor by tensor from memory-mapped
+//! safetensors, so memory stays near one tensor whatever the model size. See docs/export.md.
+
+pub mod command;
+pub mod hf_save;
+pub mod merge;
+pub mod peft;
+pub mod progress;
+pub mod run;
+pub mod safetensors_dir;
+
+pub use run::{run_exports, run_final_exports, ExportRequest};

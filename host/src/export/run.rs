@@ -1,0 +1,299 @@
+//! One export run: validate everything first (presets, methods, inputs), then write the saves
+//! in order — adapter or merged model, then one GGUF per preset and an Ollama Modelfile.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+use super::hf_save::{PlannedTensor, ShardedWriter, DEFAULT_MAX_SHARD_BYTES};
+use super::merge::MergedModel;
+use super::peft::LoraAdapter;
+use super::progress;
+use super::safetensors_dir::SafetensorsDir;
+use crate::cli::choices::SaveMethod;
+use crate::cli::UsageError;
+use crate::gguf::convert::GgufPlan;
+use crate::gguf::preset::Preset;
+use crate::job::JobConfig;
+
+/// Tokenizer and config files copied next to a saved model or adapter, when the base has them.
+const TOKENIZER_FILES: [&str; 9] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
+/// What to export, resolved to directories.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    /// Base model directory (config.json, safetensors, tokenizer files).
+    pub base_dir: PathBuf,
+    /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    pub adapter_dir: PathBuf,
+    /// `None`: no model save (only GGUF, if asked).
+    pub save_method: Option<SaveMethod>,
+    /// GGUF presets; empty: no GGUF.
+    pub gguf_presets: Vec<String>,
+    pub save_path: PathBuf,
+    /// Names the GGUF files (`<name>.<PRESET>.gguf`) and `general.name`.
+    pub name: String,
+    pub max_shard_bytes: u64,
+}
+
+/// Exports at the end of training: `--save_model` (with `--save_method`) and `--save_gguf`
+/// (with `--quantization`) into `--save_path`, from the base in `model_dir` and the final
+/// adapter in `adapter_dir`. Returns the files written.
+pub fn run_final_exports(
+    job: &JobConfig,
+    model_dir: &Path,
+    adapter_dir: &Path,
+) -> Result<Vec<PathBuf>> {
+    let s = &job.saving;
+    let request = ExportRequest {
+        base_dir: model_dir.to_path_buf(),
+        adapter_dir: adapter_dir.to_path_buf(),
+        save_method: s.save_model.then_some(s.save_method),
+        gguf_presets: if s.save_gguf {
+            s.quantization.clone()
+        } else {
+            Vec::new()
+        },
+        save_path: s.save_path.clone(),
+        name: model_name_of(&job.model.model_name),
+        max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+    };
+    run_exports(&request)
+}
+
+/// `org/Model-Name` or `/path/to/Model-Name` → `Model-Name`.
+pub fn model_name_of(model: &str) -> String {
+    let trimmed = model.trim_end_matches('/');
+    let last = trimmed.rsplit(['/', '\\']).next().unwrap_or(trimmed);
+    let name = last.strip_suffix(".gguf").unwrap_or(last);
+    if name.is_empty() {
+        "model".into()
+    } else {
+        name.to_string()
+    }
+}
+
+/// Parses and de-duplicates presets, failing on the first unknown one before any work starts.
+pub fn parse_presets(names: &[String]) -> Result<Vec<Preset>, UsageError> {
+    let mut out = Vec::new();
+    for name in names {
+        let preset = Preset::parse(name).map_err(|e| UsageError::new(e.to_string()))?;
+        if !out.contains(&preset) {
+            out.push(preset);
+        }
+    }
+    Ok(out)
+}
+
+pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
+    let presets = parse_presets(&req.gguf_presets)?;
+    if req.save_method == Some(SaveMethod::Merged4bit) {
+        return Err(UsageError::new(
+            "--save_method merged_4bit: not built yet (issue \"Export and publish\"); use merged_16bit or lora",
+        )
+        .into());
+    }
+    if req.save_method.is_none() && presets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let adapter = LoraAdapter::open(&req.adapter_dir)?;
+    std::fs::create_dir_all(&req.save_path)
+        .with_context(|| format!("cannot create --save_path {}", req.save_path.display()))?;
+    let mut written = Vec::new();
+    if req.save_method == Some(SaveMethod::Lora) {
+        written.extend(save_adapter(req)?);
+    }
+    let needs_merge = req.save_method == Some(SaveMethod::Merged16bit) || !presets.is_empty();
+    if !needs_merge {
+        return Ok(written);
+    }
+    let base = SafetensorsDir::open_model_dir(&req.base_dir)?;
+    let merged = MergedModel::new(&base, &adapter)?;
+    if req.save_method == Some(SaveMethod::Merged16bit) {
+        written.extend(save_merged_16bit(req, &base, &merged)?);
+    }
+    if !presets.is_empty() {
+        let plan = GgufPlan::new(&req.base_dir, &merged, &req.name)?;
+        let mut first = None;
+        for preset in presets {
+            let dest = req
+                .save_path
+                .join(format!("{}.{}.gguf", req.name, preset.file_tag()));
+            let stats = plan.write(&merged, preset, &dest)?;
+            eprintln!(
+                "wrote {} ({:.1} MiB, {:.1} s, {:.1} M values/s)",
+                stats.path.display(),
+                stats.bytes as f64 / (1 << 20) as f64,
+                stats.seconds,
+                stats.values as f64 / 1e6 / stats.seconds.max(1e-9)
+            );
+            first.get_or_insert_with(|| stats.path.clone());
+            written.push(stats.path);
+        }
+        if let Some(first) = first {
+            written.push(write_modelfile(&req.save_path, &first)?);
+        }
+    }
+    Ok(written)
+}
+
+fn copy_if_present(from_dir: &Path, to_dir: &Path, names: &[&str]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for name in names {
+        let src = from_dir.join(name);
+        if src.is_file() {
+            let dst = to_dir.join(name);
+            if src != dst {
+                std::fs::copy(&src, &dst).with_context(|| {
+                    format!("cannot copy {} to {}", src.display(), dst.display())
+                })?;
+            }
+            out.push(dst);
+        }
+    }
+    Ok(out)
+}
+
+/// `lora`: the PEFT adapter files plus the base's tokenizer files.
+fn save_adapter(req: &ExportRequest) -> Result<Vec<PathBuf>> {
+    let mut out = copy_if_present(
+        &req.adapter_dir,
+        &req.save_path,
+        &[
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "README.md",
+        ],
+    )?;
+    out.extend(copy_if_present(
+        &req.base_dir,
+        &req.save_path,
+        &TOKENIZER_FILES,
+    )?);
+    Ok(out)
+}
+
+/// `merged_16bit`: every base tensor merged and stored in its own dtype, config, generation
+/// config and tokenizer files.
+fn save_merged_16bit(
+    req: &ExportRequest,
+    base: &SafetensorsDir,
+    merged: &MergedModel,
+) -> Result<Vec<PathBuf>> {
+    let plan: Vec<PlannedTensor> = base
+        .metas()
+        .iter()
+        .map(|m| PlannedTensor {
+            name: m.name.clone(),
+            shape: m.shape.clone(),
+            dtype: m.dtype,
+        })
+        .collect();
+    // Shards are staged in a hidden directory and moved into place only once all are written,
+    // so a failed merge (e.g. a non-finite value) leaves no partial model behind.
+    let staging = tempfile::Builder::new()
+        .prefix(".ferrotune-merging-")
+        .tempdir_in(&req.save_path)
+        .with_context(|| {
+            format!(
+                "cannot create a staging directory in {}",
+                req.save_path.display()
+            )
+        })?;
+    let mut writer = ShardedWriter::new(staging.path(), &plan, req.max_shard_bytes)?;
+    let bar = progress::bar(plan.len() as u64, "merge");
+    for t in &plan {
+        bar.set_message(t.name.clone());
+        let (_, bytes) = merged.merged_in(&t.name, t.dtype)?;
+        writer.write(&t.name, &bytes)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut files = Vec::new();
+    for staged in writer.finish()? {
+        let dst = req.save_path.join(staged.file_name().unwrap_or_default());
+        std::fs::rename(&staged, &dst)
+            .with_context(|| format!("cannot move {} into place", dst.display()))?;
+        files.push(dst);
+    }
+    files.extend(copy_if_present(
+        &req.base_dir,
+        &req.save_path,
+        &["config.json"],
+    )?);
+    files.push(write_generation_config(&req.base_dir, &req.save_path)?);
+    files.extend(copy_if_present(
+        &req.base_dir,
+        &req.save_path,
+        &TOKENIZER_FILES,
+    )?);
+    if !req.save_path.join("config.json").is_file() {
+        bail!(
+            "{}: the base model has no config.json to save with the merged weights",
+            req.base_dir.display()
+        );
+    }
+    Ok(files)
+}
+
+/// The base's generation_config.json, or the one transformers derives from config.json.
+fn write_generation_config(base: &Path, out: &Path) -> Result<PathBuf> {
+    let dst = out.join("generation_config.json");
+    let src = base.join("generation_config.json");
+    if src.is_file() {
+        if src != dst {
+            std::fs::copy(&src, &dst)?;
+        }
+        return Ok(dst);
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("config.json"))?)?;
+    let mut gen = serde_json::Map::new();
+    gen.insert("_from_model_config".into(), true.into());
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        if !config[key].is_null() {
+            gen.insert(key.into(), config[key].clone());
+        }
+    }
+    std::fs::write(&dst, serde_json::to_string_pretty(&gen)?)?;
+    Ok(dst)
+}
+
+/// An Ollama Modelfile pointing at the first GGUF (`ollama create NAME -f Modelfile`).
+fn write_modelfile(dir: &Path, gguf: &Path) -> Result<PathBuf> {
+    let file = gguf.file_name().unwrap_or_default().to_string_lossy();
+    let path = dir.join("Modelfile");
+    std::fs::write(&path, format!("FROM ./{file}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_come_from_the_last_path_component() {
+        assert_eq!(model_name_of("unsloth/llama-3-8b"), "llama-3-8b");
+        assert_eq!(model_name_of("/models/Qwen2.5-0.5B/"), "Qwen2.5-0.5B");
+        assert_eq!(model_name_of("x.gguf"), "x");
+    }
+
+    #[test]
+    fn presets_are_checked_before_any_work() {
+        let err = parse_presets(&["q8_0".into(), "iq1_s".into()]).unwrap_err();
+        assert!(err.to_string().contains("iq1_s"));
+        let ok = parse_presets(&["quantized".into(), "q4_k_m".into(), "f16".into()]).unwrap();
+        assert_eq!(ok, [Preset::Q4KM, Preset::F16]);
+    }
+}
