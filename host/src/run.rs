@@ -65,6 +65,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         )
         .into()),
         Command::Plugin(command) => crate::plugin::command::run(command),
+        Command::Format(args) => crate::plugin::command::format(*args),
         Command::Export(args) => crate::export::command::run(args),
     }
 }

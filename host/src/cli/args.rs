@@ -81,6 +81,19 @@ pub enum Command {
     Plugin(PluginCommand),
     /// Save a trained adapter as a merged model, a PEFT adapter and/or GGUF files, without training.
     Export(ExportArgs),
+    /// Print the first training samples as the model will see them (formatter, chat template,
+    /// EOS, truncation), with the parts that carry no loss marked ⟦…⟧.
+    Format(Box<FormatArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct FormatArgs {
+    /// The job's flags (model, dataset, formatter, chat template, masking) as for training.
+    #[command(flatten)]
+    pub job: TrainArgs,
+    /// How many samples to print.
+    #[arg(long, default_value_t = 5, value_parser = positive_usize)]
+    pub limit: usize,
 }
 
 /// Flags spelled with underscores, like every training flag (`--save_path`).

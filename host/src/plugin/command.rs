@@ -1,9 +1,10 @@
-//! The `ferrotune plugin` subcommands.
+//! The `ferrotune plugin` subcommands and `ferrotune format`.
 
 use anyhow::Result;
 
+use super::formatter::FormatterPlugin;
 use super::runtime::{PluginLimits, PluginRuntime};
-use crate::cli::args::PluginCommand;
+use crate::cli::args::{FormatArgs, PluginCommand};
 use crate::cli::choices::{LogFormat, PluginKind};
 use crate::cli::UsageError;
 
@@ -35,4 +36,50 @@ pub fn run(command: PluginCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `ferrotune format`: the first `--limit` samples after formatter, chat template, EOS and
+/// truncation, with the no-loss parts marked, so plugin authors see what the model will learn.
+pub fn format(args: FormatArgs) -> Result<()> {
+    let FormatArgs { job, limit } = args;
+    // `--config` is expanded for the training command line only; refuse rather than ignore it.
+    if job.run.config.is_some() || job.run.dry_run {
+        return Err(UsageError::new(
+            "ferrotune format: --config and --dry_run are training-only; pass the flags directly",
+        )
+        .into());
+    }
+    let job = crate::job::resolve(job, |_| false)?;
+    crate::logging::init(job.reporting.log_format);
+    let model = crate::model::resolve::resolve_model(&job.model.model_name)?;
+    if !model.is_dir() {
+        return Err(UsageError::new(format!(
+            "ferrotune format --model_name {}: needs a model directory with tokenizer.json \
+             (a .gguf file is not supported here)",
+            job.model.model_name
+        ))
+        .into());
+    }
+    let tokenizer = crate::data::TokenizerInfo::load(&model)?;
+    let runtime = PluginRuntime::new(PluginLimits::from_job(&job))?;
+    let config = match &job.plugins.formatter_config {
+        Some(text) => crate::job::json_or_file("--formatter_config", text)?,
+        None => serde_json::Value::Null,
+    };
+    let plugin = FormatterPlugin::load(&runtime, &job.plugins.formatter, config)?;
+    let rows = crate::data::PluginRows {
+        plugin: &plugin,
+        on_bad_row: job.plugins.on_bad_row,
+    };
+    let samples = crate::data::preview(&job, &tokenizer, &rows, limit)?;
+    println!(
+        "# {} sample(s) from {} via formatter {}; ⟦…⟧ marks text that carries no loss",
+        samples.len(),
+        job.model.dataset,
+        plugin.name()
+    );
+    for (i, text) in samples.iter().enumerate() {
+        println!("── sample {i} ──\n{text}");
+    }
+    Ok(())
 }

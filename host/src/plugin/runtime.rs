@@ -26,6 +26,16 @@ pub struct PluginLimits {
     pub timeout: Duration,
 }
 
+impl PluginLimits {
+    /// The job's `--plugin_memory_mb` and `--plugin_timeout_s`.
+    pub fn from_job(job: &crate::job::JobConfig) -> Self {
+        PluginLimits {
+            memory_mb: job.plugins.plugin_memory_mb,
+            timeout: Duration::from_secs_f64(job.plugins.plugin_timeout_s),
+        }
+    }
+}
+
 impl Default for PluginLimits {
     fn default() -> Self {
         PluginLimits {
