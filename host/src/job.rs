@@ -65,6 +65,10 @@ pub fn resolve(
             json_or_file(flag, text)?;
         }
     }
+    crate::sync::SyncSettings::from_flags(
+        job.plugins.sync.as_deref(),
+        job.plugins.sync_config.as_deref(),
+    )?;
     if let Some(file) = &job.data.raw_text_file {
         if !file.is_file() {
             return Err(UsageError::new(format!(

@@ -12,3 +12,6 @@ pub mod model;
 pub mod plugin;
 pub mod optim;
 pub mod run;
+pub mod signals;
+pub mod storage;
+pub mod sync;

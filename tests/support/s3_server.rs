@@ -1,0 +1,99 @@
+//! A real S3-compatible server for tests: moto's standalone server (`pip install
+//! 'moto[server]'`), started on 127.0.0.1 on a free port and killed when dropped.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a free port")
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // Lets multipart tests use small parts (real S3 needs 5 MiB).
+            .env("S3_UPLOAD_PART_MIN_SIZE", "1024")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server: install it with pip install 'moto[server]==5.2.1' (see .ci/run)");
+        let server = S3Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not listen on port {port} within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Sends one raw HTTP/1.1 request (moto accepts unsigned requests); returns the status.
+    pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.port,
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {response:?}"))
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let status = self.raw("PUT", &format!("/{bucket}"), &[], b"");
+        assert_eq!(status, 200, "create bucket {bucket}");
+    }
+
+    /// Settings pointing at this server (the credentials are test values moto accepts).
+    pub fn settings(&self) -> ferrotune::storage::s3::S3Settings {
+        let endpoint = self.endpoint();
+        ferrotune::storage::s3::S3Settings::from_lookup(|name| {
+            Some(match name {
+                "AWS_ACCESS_KEY_ID" => "test-access-key".to_string(),
+                "AWS_SECRET_ACCESS_KEY" => SECRET.to_string(),
+                "AWS_REGION" => "us-east-1".to_string(),
+                "AWS_ENDPOINT_URL" => endpoint.clone(),
+                _ => return None,
+            })
+        })
+        .unwrap()
+    }
+}
+
+/// The secret used in tests; no log line or error may contain it.
+pub const SECRET: &str = "test-secret-do-not-print";
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
