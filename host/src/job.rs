@@ -185,11 +185,10 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
     };
     need(true, "training", "issue \"The training slice\"");
     need(
-        job.saving.save_model && job.saving.save_method != SaveMethod::Lora,
-        &format!("--save_method {}", job.saving.save_method),
+        job.saving.save_model && job.saving.save_method == SaveMethod::Merged4bit,
+        "--save_method merged_4bit",
         "issue \"Export and publish\"",
     );
-    need(job.saving.save_gguf, "--save_gguf", "issue \"Export and publish\"");
     need(job.saving.push_model, "--push_model", "issue \"Export and publish\"");
     need(job.saving.push_gguf, "--push_gguf", "issue \"Export and publish\"");
     need(job.model.load_in_4bit, "--load_in_4bit", "issue \"CUDA engine\"");

@@ -11,4 +11,4 @@ pub mod progress;
 pub mod run;
 pub mod safetensors_dir;
 
-pub use run::{run_exports, run_final_exports, ExportRequest};
+pub use run::{check_final_exports, run_exports, run_final_exports, ExportRequest};

@@ -71,6 +71,33 @@ pub fn run_final_exports(
     run_exports(&request)
 }
 
+/// Checks, before training starts, that the final exports the job asks for can run on the base
+/// in `model_dir`, so that a long run does not end in an export error that was knowable up front.
+pub fn check_final_exports(job: &JobConfig, model_dir: &Path) -> Result<()> {
+    let s = &job.saving;
+    if s.save_gguf {
+        parse_presets(&s.quantization)?;
+    }
+    if s.save_model && s.save_method == SaveMethod::Merged4bit {
+        return Err(UsageError::new("--save_method merged_4bit: not built yet (issue \"Export and publish\"); use merged_16bit or lora").into());
+    }
+    let merges = s.save_model && s.save_method == SaveMethod::Merged16bit;
+    if merges || s.save_gguf {
+        let base = SafetensorsDir::open_model_dir(model_dir).with_context(|| {
+            format!("--save_model/--save_gguf merge the adapter into the base weights of {}", model_dir.display())
+        })?;
+        drop(base);
+    }
+    if s.save_gguf {
+        let cfg = crate::model::config::ModelConfig::from_dir(model_dir)?;
+        crate::gguf::arch::arch_for(&cfg.model_type)?;
+        if !model_dir.join("tokenizer.json").is_file() {
+            bail!("--save_gguf needs {}/tokenizer.json for the GGUF tokenizer metadata", model_dir.display());
+        }
+    }
+    Ok(())
+}
+
 /// `org/Model-Name` or `/path/to/Model-Name` → `Model-Name`.
 pub fn model_name_of(model: &str) -> String {
     let trimmed = model.trim_end_matches('/');
