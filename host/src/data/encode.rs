@@ -123,7 +123,7 @@ impl Encoder<'_> {
         let all = |text: &str| vec![0..text.len()];
         Ok(match sample {
             Sample::Text { text } => {
-                let text = self.with_eos(text.clone());
+                let text = self.with_eos(text.clone(), false);
                 Layout {
                     trainable: all(&text),
                     text,
@@ -132,7 +132,7 @@ impl Encoder<'_> {
                 }
             }
             Sample::Completion { prompt, completion } => {
-                let text = self.with_eos(format!("{prompt}{completion}"));
+                let text = self.with_eos(format!("{prompt}{completion}"), false);
                 let trainable = if self.options.train_on_completions {
                     vec![prompt.len()..text.len()]
                 } else {
@@ -164,7 +164,7 @@ impl Encoder<'_> {
             (vec![0..rendered.len()], 0)
         };
         let rendered_len = rendered.len();
-        let text = self.with_eos(rendered);
+        let text = self.with_eos(rendered, true);
         let mut trainable = spans;
         let ends_with_assistant = messages.last().is_some_and(|m| m.role == "assistant");
         if text.len() > rendered_len && (ends_with_assistant || !self.options.train_on_completions)
@@ -179,11 +179,17 @@ impl Encoder<'_> {
         })
     }
 
-    /// Appends the EOS token text unless the text already ends with it (trailing whitespace
-    /// ignored, as a template ending in `<|im_end|>\n` already ends its turn).
-    fn with_eos(&self, mut text: String) -> String {
+    /// Appends the EOS token text unless the text already ends with it, as TRL does. For chat
+    /// text trailing whitespace is ignored: a template ending in `<|im_end|>\n` with EOS
+    /// `<|im_end|>` has ended its turn already.
+    fn with_eos(&self, mut text: String, ignore_trailing_whitespace: bool) -> String {
         if let Some(eos) = &self.tokenizer.eos {
-            if !text.trim_end().ends_with(&eos.text) {
+            let end = if ignore_trailing_whitespace {
+                text.trim_end()
+            } else {
+                &text
+            };
+            if !end.ends_with(&eos.text) {
                 text.push_str(&eos.text);
             }
         }

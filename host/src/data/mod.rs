@@ -6,6 +6,8 @@
 pub mod batch;
 pub mod display;
 pub mod encode;
+#[cfg(test)]
+mod hf_parity;
 pub mod pipeline;
 pub mod raw_text;
 pub mod sample;
