@@ -421,3 +421,52 @@ fn a_scaffolded_plugin_builds_and_formats_through_the_host() {
         "{err}"
     );
 }
+
+/// `ferrotune format` prints the training text after formatter, chat template and EOS, with the
+/// no-loss part (the prompt, with --train_on_completions) marked ⟦…⟧.
+#[test]
+fn format_prints_the_training_text_with_the_masked_part_marked() {
+    use ferrotune::data::tiny_tokenizer::{train_tiny_tokenizer, write_tokenizer_files, EOS};
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    let texts = ["Below is an instruction that describes a task. Say hi. Hi there!"; 4];
+    write_tokenizer_files(&model, &train_tiny_tokenizer(&texts, 300).unwrap(), 512).unwrap();
+    let data = work.path().join("data.jsonl");
+    let row = json!({"instruction": "Say hi.", "input": "", "output": "Hi there!"});
+    std::fs::write(&data, format!("{row}\n{row}\n")).unwrap();
+
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(["format", "--model_name"])
+            .arg(&model)
+            .arg("--dataset")
+            .arg(&data)
+            .args(["--formatter", "alpaca", "--limit", "1"])
+            .args(extra)
+            .env("FERROTUNE_CACHE_DIR", work.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let masked = run(&["--train_on_completions"]);
+    assert!(masked.contains("── sample 0 ──"), "{masked}");
+    assert!(!masked.contains("── sample 1 ──"), "--limit 1: {masked}");
+    // The prompt is masked up to the response; the response and EOS carry the loss.
+    let (prompt, learned) = masked.rsplit_once('⟧').unwrap();
+    assert!(prompt.contains("### Instruction:\n    Say hi."), "{masked}");
+    assert!(
+        learned.trim_end().ends_with(&format!("Hi there!{EOS}")),
+        "{masked}"
+    );
+    assert!(!learned.contains("### Response:"), "{masked}");
+    // Without --train_on_completions everything but the first token is learned.
+    let full = run(&[]);
+    let sample = full.split_once("── sample 0 ──").unwrap().1;
+    assert_eq!(sample.matches('⟦').count(), 1, "{full}");
+    assert!(full.contains("### Response:\n    Hi there!"), "{full}");
+}

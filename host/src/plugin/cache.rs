@@ -7,6 +7,7 @@
 //! written atomically (temporary file + rename) into a directory only this user writes, and a
 //! file that fails to deserialize is recompiled and replaced.
 
+use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 
@@ -73,11 +74,12 @@ fn key(engine: &Engine, wasm: &[u8]) -> String {
     engine
         .precompile_compatibility_hash()
         .hash(&mut engine_hash);
-    let content: String = Sha256::digest(wasm)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{content}-{:016x}", engine_hash.finish())
+    let mut name = String::with_capacity(64 + 17);
+    for byte in Sha256::digest(wasm) {
+        let _ = write!(name, "{byte:02x}");
+    }
+    let _ = write!(name, "-{:016x}", engine_hash.finish());
+    name
 }
 
 fn store(component: &Component, dir: &Path, file: &Path) -> Result<()> {
