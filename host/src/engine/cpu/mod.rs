@@ -105,6 +105,11 @@ impl CpuBackend {
     /// Builds the backend for a job: LoRA settings from its flags, the optimizer `--optim` names.
     pub fn from_job(model: Model, job: &JobConfig) -> Result<Self> {
         let options = EngineOptions::from_job(job);
+        if let Some(dtype) = job.model.dtype.as_deref().filter(|d| *d != "float32") {
+            // Said once so that the flag is not silently ignored: the reference engine's
+            // numbers are f32 by design (the GPU engine is where --dtype picks the storage).
+            tracing::info!("cpu engine: weights and compute are float32 (--dtype {dtype} applies to the cuda engine)");
+        }
         let shapes = trainable_shapes(&model.config, &options)?;
         let optimizer = crate::optim::build(job, &shapes)?;
         Self::new(model, options, optimizer)

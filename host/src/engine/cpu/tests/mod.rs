@@ -595,3 +595,103 @@ fn bad_batches_and_mismatched_checkpoints_are_clear_errors() {
     let err = be.import_trainable(&other).unwrap_err().to_string();
     assert!(err.contains("trainable tensors"), "{err}");
 }
+
+/// CPU seconds this process has used (all threads), from /proc: the perf report divides by
+/// these as well as by wall time, because CI machines are shared.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Wall and CPU seconds per call of `f`, averaged over `runs`.
+fn timed(runs: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let (wall, cpu) = (std::time::Instant::now(), cpu_seconds());
+    for _ in 0..runs {
+        f();
+    }
+    (
+        wall.elapsed().as_secs_f64() / runs as f64,
+        (cpu_seconds() - cpu) / runs as f64,
+    )
+}
+
+/// The performance figure in docs/engine.md: one forward_backward of a 4-layer, 512-hidden Llama
+/// (vocab 32000) on one 512-token row, next to the GEMM throughput of the same machine. Run with
+/// `cargo test -p ferrotune --lib perf_llama_4x512 -- --ignored --nocapture`.
+#[test]
+#[ignore = "performance report, not a check"]
+fn perf_llama_4x512_seq512() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinySpec {
+        vocab_size: 32000,
+        hidden_size: 512,
+        intermediate_size: 1376,
+        num_hidden_layers: 4,
+        num_attention_heads: 8,
+        num_key_value_heads: 8,
+        init_std: 0.02,
+        ..TinySpec::default()
+    };
+    write_random_model(dir.path(), &spec, 1).unwrap();
+    let t = 512;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let ids: Vec<u32> = (0..t).map(|_| rng.random_range(0..32000)).collect();
+    let batch = Batch {
+        batch_size: 1,
+        seq_len: t,
+        input_ids: ids.clone(),
+        targets: ids[1..].iter().map(|&x| x as i32).chain([IGNORE]).collect(),
+        position_ids: (0..t as u32).collect(),
+        segment_ids: vec![0; t],
+    };
+    // Baseline: candle's f32 GEMM on the MLP's shape, x[512,512] · W[1376,512]ᵀ.
+    let x = rand_tensor(&[t, 512], 1.0, 1);
+    let w = rand_tensor(&[1376, 512], 1.0, 2);
+    let (gw, gc) = timed(20, || {
+        x.matmul(&w.t().unwrap()).unwrap();
+    });
+    let flops = 2.0 * t as f64 * 512.0 * 1376.0;
+    println!(
+        "gemm baseline: {:.1} GFLOP/s wall, {:.1} GFLOP/s per CPU-second; threads={}",
+        flops / gw / 1e9,
+        flops / gc.max(1e-9) / 1e9,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    for ckpt in [true, false] {
+        let opts = EngineOptions {
+            r: 16,
+            lora_alpha: 16.0,
+            gradient_checkpointing: ckpt,
+            ..options()
+        };
+        let mut be = backend(dir.path(), opts);
+        be.forward_backward(&batch, 1.0).unwrap(); // warm-up
+        let (fw, fc) = timed(2, || {
+            be.forward_backward(&batch, 1.0).unwrap();
+        });
+        let (ew, ec) = timed(2, || {
+            be.eval_loss(&batch).unwrap();
+        });
+        println!(
+            "checkpointing={ckpt}: forward_backward {fw:.3} s wall / {fc:.3} CPU-s = {:.0} tokens/s \
+             ({:.0} per CPU-s); forward only {ew:.3} s / {ec:.3} CPU-s = {:.0} tokens/s",
+            t as f64 / fw,
+            t as f64 / fc.max(1e-9),
+            t as f64 / ew,
+        );
+    }
+}
