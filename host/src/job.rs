@@ -194,6 +194,13 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
     need(job.model.load_in_4bit, "--load_in_4bit", "issue \"CUDA engine\"");
     need(job.lora.loftq_config.is_some(), "--loftq_config", "LoftQ initialisation");
     need(job.lora.use_dora, "--use_dora", "DoRA adapters");
+    need(
+        std::path::Path::new(&job.model.model_name)
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
+        "--model_name FILE.gguf as the base model",
+        "GGUF base models; pass a Hugging Face model directory",
+    );
     need(job.plugins.sync.is_some(), "--sync", "issue \"Storage backends, sync plugins\"");
     missing
 }
