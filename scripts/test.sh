@@ -2,6 +2,7 @@
 # Runs every test of the workspace. Used by CI (.ci/run) and by the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# ferrotune-kernels/cuda compiles the GPU code paths (cudarc loads CUDA dynamically, so no
-# toolkit is needed) and the NVRTC compile test, in the same single workspace build.
-cargo test --workspace --no-fail-fast --features ferrotune-kernels/cuda
+# ferrotune/cuda compiles the cuda engine and, through it, ferrotune-kernels/cuda (cudarc loads
+# CUDA dynamically, so no toolkit is needed): one workspace build with one feature set runs the
+# engine's non-GPU tests, the NVRTC compile test and the GPU tests (which skip without a GPU).
+cargo test --workspace --no-fail-fast --features ferrotune/cuda

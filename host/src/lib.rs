@@ -1,6 +1,7 @@
 //! ferrotune: a LoRA/QLoRA fine-tuning host. The binary's modules, in the order data flows
 //! through them (DESIGN.md §1): `cli` → `job` → data → engine → checkpoint → export → publish.
 
+pub mod bench;
 pub mod cli;
 pub mod data;
 pub mod engine;

@@ -67,5 +67,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Plugin(command) => crate::plugin::command::run(command),
         Command::Format(args) => crate::plugin::command::format(*args),
         Command::Export(args) => crate::export::command::run(args),
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }

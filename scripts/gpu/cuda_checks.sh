@@ -2,8 +2,9 @@
 # On the GPU machine, from the repo root, with the binaries built here and carried in gpu-bin/:
 #   ferrotune   (cargo build --profile gpu -p ferrotune --features cuda)
 #   cuda_parity (cargo test --profile gpu -p ferrotune --features cuda --test cuda_parity --no-run)
-# Runs the correctness ladder (cpu parity, HF+PEFT parity) and, with BENCH="SHAPE ...", the
-# anchor benchmark and `ferrotune bench` on the same weights in the same call.
+# Runs the correctness ladder (cpu parity, HF+PEFT parity; PARITY=0 skips it) and, with
+# BENCH="SHAPE ...", the anchor benchmark (ANCHOR_MODES="hf unsloth ...") and `ferrotune bench`
+# (CKPT_MODES, default "false true unsloth") on the same weights in the same call.
 # Logs go to $OUT (or /tmp).
 set -uo pipefail
 out=${OUT:-/tmp}
@@ -18,8 +19,8 @@ for shape in ${BENCH:-}; do
   if [ -n "${ANCHOR_MODES:-}" ]; then bash .bench/run_anchor.sh $shape 2 2048 $ANCHOR_MODES; fi
   d=/tmp/model-$shape
   [ -f $d/config.json ] || python3 .bench/make_model.py $shape $d 2>&1 | tail -1
-  for ck in ${CKPT_MODES:-false true}; do
-    ./gpu-bin/ferrotune bench --model_name $d --per_device_train_batch_size 2 --max_seq_length 2048 \
+  for ck in ${CKPT_MODES:-false true unsloth}; do
+    timeout 240 ./gpu-bin/ferrotune bench --model_name $d --per_device_train_batch_size 2 --max_seq_length 2048 \
       --use_gradient_checkpointing $ck --device cuda 2>&1 | tee -a $out/bench-$shape.log | grep -E "RESULT|error|panicked"
   done
 done

@@ -84,6 +84,43 @@ pub enum Command {
     /// Print the first training samples as the model will see them (formatter, chat template,
     /// EOS, truncation), with the parts that carry no loss marked ⟦…⟧.
     Format(Box<FormatArgs>),
+    /// Time training steps on random tokens (warm-up, then the median step): tokens/s, peak GPU memory.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct BenchArgs {
+    /// Model directory (config.json + safetensors), e.g. the anchor benchmark's /tmp/model-llama3-1b.
+    #[arg(long)]
+    pub model_name: PathBuf,
+    /// Rows per step.
+    #[arg(long, default_value_t = 2)]
+    pub per_device_train_batch_size: usize,
+    /// Tokens per row (every row full length).
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_length: usize,
+    /// Activation checkpointing mode.
+    #[arg(long, value_enum, default_value_t = GradientCheckpointing::False)]
+    pub use_gradient_checkpointing: GradientCheckpointing,
+    /// LoRA rank (adapters on q,k,v,o,gate,up,down).
+    #[arg(long, default_value_t = 16)]
+    pub r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    pub warmup_steps: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+    /// NF4 base weights (QLoRA).
+    #[arg(long)]
+    pub load_in_4bit: bool,
 }
 
 #[derive(Debug, Args)]

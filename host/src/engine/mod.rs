@@ -3,6 +3,9 @@
 //! only talks to [`Backend`].
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod select;
 
 use anyhow::Result;
 
@@ -56,6 +59,16 @@ pub enum HostData {
     U8(Vec<u8>),
 }
 
+/// Device memory a backend has used (GPU backends).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryStats {
+    /// The device, for reports ("NVIDIA H200 (sm_90)").
+    pub device: String,
+    /// Most device memory in use by this backend at once, in bytes (allocations it made,
+    /// library workspaces included; the CUDA context itself not).
+    pub peak_bytes: u64,
+}
+
 /// A training backend owns the model's weights, the trainable LoRA (and bias) parameters, their
 /// gradients and the optimizer state.
 pub trait Backend {
@@ -93,4 +106,9 @@ pub trait Backend {
         tensors: &[(String, HostTensor)],
         scalars: &serde_json::Value,
     ) -> Result<()>;
+
+    /// Device memory use, where the backend has a device of its own.
+    fn memory_stats(&self) -> Option<MemoryStats> {
+        None
+    }
 }

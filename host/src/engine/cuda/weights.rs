@@ -1,0 +1,125 @@
+//! Frozen base weights straight from the safetensors files to the GPU as bf16.
+//!
+//! The cpu engine's loader (`crate::model::Weights`) converts everything to f32 in host memory,
+//! which for an 8B model means 32 GB of RAM and seconds of conversion before anything reaches
+//! the GPU. Here each file is memory-mapped and a bf16 tensor is copied to the device from the
+//! mapping itself; f32/f16 tensors are rounded to bf16 on the way (round to nearest even).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cudarc::driver::{CudaSlice, CudaStream};
+use ferrotune_kernels::device::bf16;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::model::weights::safetensors_files;
+
+/// The memory-mapped safetensors files of one model directory and where each tensor lives.
+pub struct WeightFiles {
+    maps: Vec<(PathBuf, Mmap)>,
+    index: HashMap<String, usize>,
+}
+
+impl WeightFiles {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for file in safetensors_files(dir)? {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("cannot open {}", file.display()))?;
+            // SAFETY: mapped read-only; like every mmap loader we assume nobody truncates the
+            // file while the model loads.
+            let map = unsafe { Mmap::map(&f) }
+                .with_context(|| format!("cannot map {}", file.display()))?;
+            let st = SafeTensors::deserialize(&map).with_context(|| {
+                format!(
+                    "{}: not a valid safetensors file (corrupt or truncated?)",
+                    file.display()
+                )
+            })?;
+            for name in st.names() {
+                if index.insert(name.to_string(), maps.len()).is_some() {
+                    bail!(
+                        "tensor {name:?} appears in more than one shard ({})",
+                        file.display()
+                    );
+                }
+            }
+            maps.push((file, map));
+        }
+        Ok(WeightFiles { maps, index })
+    }
+
+    /// Uploads tensor `name` as bf16, checking its shape against what config.json implies.
+    pub fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<CudaSlice<bf16>> {
+        let &i = self.index.get(name).with_context(|| {
+            format!("weight {name:?} is missing from the model's safetensors files")
+        })?;
+        let (file, map) = &self.maps[i];
+        let st = SafeTensors::deserialize(map)?;
+        let view = st.tensor(name)?;
+        if view.shape() != shape {
+            bail!(
+                "weight {name:?} has shape {:?} but config.json implies {shape:?}",
+                view.shape()
+            );
+        }
+        let data = view.data();
+        let out = match view.dtype() {
+            Dtype::BF16 => {
+                // SAFETY: bf16 is a plain 16-bit value; every bit pattern is valid.
+                let (head, body, tail) = unsafe { data.align_to::<bf16>() };
+                if head.is_empty() && tail.is_empty() {
+                    stream.clone_htod(body)?
+                } else {
+                    let v: Vec<bf16> = data
+                        .chunks_exact(2)
+                        .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                        .collect();
+                    stream.clone_htod(&v)?
+                }
+            }
+            Dtype::F32 => {
+                let v: Vec<bf16> = data
+                    .chunks_exact(4)
+                    .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    .collect();
+                stream.clone_htod(&v)?
+            }
+            Dtype::F16 => {
+                let v: Vec<bf16> = data
+                    .chunks_exact(2)
+                    .map(|b| bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
+                    .collect();
+                stream.clone_htod(&v)?
+            }
+            other => bail!(
+                "{}: tensor {name:?} is {other:?}; the cuda engine loads bf16, f16 or f32 weights",
+                file.display()
+            ),
+        };
+        Ok(out)
+    }
+
+    /// Total scalars in the files (for the parameter count in logs).
+    pub fn numel(&self) -> Result<usize> {
+        let mut n = 0;
+        for (_, map) in &self.maps {
+            let st = SafeTensors::deserialize(map)?;
+            n += st
+                .tensors()
+                .iter()
+                .map(|(_, v)| v.shape().iter().product::<usize>())
+                .sum::<usize>();
+        }
+        Ok(n)
+    }
+}
