@@ -511,7 +511,9 @@ mod tests {
     use crate::data::batch::DataPosition;
     use crate::data::display::render_for_display;
     use crate::data::sample::Message;
-    use crate::data::test_support::{alpaca_formatter, text_formatter, write_model_dir};
+    use crate::data::test_support::{
+        alpaca_formatter, text_formatter, write_model_dir, write_parquet,
+    };
 
     /// The job of `ferrotune --dataset <dataset>` (all other flags at their defaults), then
     /// `edit` sets the flags a test is about.
@@ -581,6 +583,67 @@ mod tests {
         assert_eq!(p.train_stats.rows, 3);
         assert_eq!(p.train_stats.samples, 3);
         assert_eq!(p.train_stats.trainable_tokens, p.train_stats.tokens - 3);
+    }
+
+    #[test]
+    fn every_file_format_gives_the_same_samples() {
+        let f = Fixture::new();
+        let rows = [
+            ("Add two and three.", "", "Two plus three is five."),
+            ("Say hi", "twice", "hi hi"),
+        ];
+        let jsonl: String = rows
+            .iter()
+            .map(|(i, n, o)| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"instruction": i, "input": n, "output": o})
+                )
+            })
+            .collect();
+        let reference = prepare(
+            &job(&f.file("a.jsonl", &jsonl)),
+            &f.model(),
+            &alpaca_formatter,
+        )
+        .unwrap();
+        assert_eq!(reference.train.len(), 2);
+        let array = serde_json::Value::Array(
+            rows.iter()
+                .map(|(i, n, o)| serde_json::json!({"instruction": i, "input": n, "output": o}))
+                .collect(),
+        );
+        let columns = serde_json::json!({
+            "instruction": rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+            "input": rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+            "output": rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+        });
+        let csv: String = std::iter::once("instruction,input,output\n".to_string())
+            .chain(rows.iter().map(|(i, n, o)| format!("{i},{n},{o}\n")))
+            .collect();
+        let parquet = f.dir.path().join("e.parquet");
+        let column = |k: usize| -> Vec<&str> { rows.iter().map(|r| [r.0, r.1, r.2][k]).collect() };
+        let (c0, c1, c2) = (column(0), column(1), column(2));
+        write_parquet(
+            &parquet,
+            &[("instruction", &c0), ("input", &c1), ("output", &c2)],
+        );
+        let parquet = parquet.to_str().unwrap().to_string();
+        let dir = f.dir.path().join("dir/data");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("train-00000-of-00001.jsonl"), &jsonl).unwrap();
+        std::fs::write(dir.join("test-00000-of-00001.jsonl"), "{}\n").unwrap();
+        for spec in [
+            f.file("a.json", &array.to_string()),
+            f.file("b.json", &serde_json::json!({ "data": array }).to_string()),
+            f.file("c.json", &columns.to_string()),
+            f.file("d.csv", &csv),
+            f.dir.path().join("dir").to_str().unwrap().to_string(),
+            parquet,
+        ] {
+            let p = prepare(&job(&spec), &f.model(), &alpaca_formatter).unwrap();
+            assert_eq!(p.train, reference.train, "{spec}");
+        }
     }
 
     #[test]

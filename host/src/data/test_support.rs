@@ -85,3 +85,38 @@ pub fn text_formatter(rows: &[String]) -> Result<Vec<(usize, Sample)>> {
         })
         .collect()
 }
+
+/// Writes a snappy-compressed Parquet file of UTF-8 string columns.
+pub fn write_parquet(path: &Path, columns: &[(&str, &[&str])]) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    let fields: String = columns
+        .iter()
+        .map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);"))
+        .collect();
+    let schema = std::sync::Arc::new(
+        parquet::schema::parser::parse_message_type(&format!("message m {{ {fields} }}")).unwrap(),
+    );
+    let props = std::sync::Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut writer =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut group = writer.next_row_group().unwrap();
+    let mut i = 0;
+    while let Some(mut column) = group.next_column().unwrap() {
+        let values: Vec<ByteArray> = columns[i].1.iter().map(|v| ByteArray::from(*v)).collect();
+        column
+            .typed::<ByteArrayType>()
+            .write_batch(&values, None, None)
+            .unwrap();
+        column.close().unwrap();
+        i += 1;
+    }
+    group.close().unwrap();
+    writer.close().unwrap();
+}

@@ -309,7 +309,7 @@ fn dominant_format(root: &Path, files: Vec<(PathBuf, FileKind)>) -> Vec<(PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use crate::data::test_support::write_parquet;
 
     fn write(dir: &Path, rel: &str, text: &str) -> PathBuf {
         let path = dir.join(rel);
@@ -398,41 +398,6 @@ mod tests {
         let p = write(d.path(), "bad.csv", "a,b\n1,2\n3\n");
         let e = err(load_file(&p));
         assert!(e.contains("bad.csv: row 1 (line 3)"), "{e}");
-    }
-
-    fn write_parquet(path: &Path, columns: &[(&str, &[&str])]) {
-        use parquet::basic::Compression;
-        use parquet::data_type::{ByteArray, ByteArrayType};
-        use parquet::file::properties::WriterProperties;
-        use parquet::file::writer::SerializedFileWriter;
-        let fields: String = columns
-            .iter()
-            .map(|(name, _)| format!("REQUIRED BYTE_ARRAY {name} (UTF8);"))
-            .collect();
-        let schema = Arc::new(
-            parquet::schema::parser::parse_message_type(&format!("message m {{ {fields} }}"))
-                .unwrap(),
-        );
-        let props = Arc::new(
-            WriterProperties::builder()
-                .set_compression(Compression::SNAPPY)
-                .build(),
-        );
-        let mut writer =
-            SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
-        let mut group = writer.next_row_group().unwrap();
-        let mut i = 0;
-        while let Some(mut column) = group.next_column().unwrap() {
-            let values: Vec<ByteArray> = columns[i].1.iter().map(|v| ByteArray::from(*v)).collect();
-            column
-                .typed::<ByteArrayType>()
-                .write_batch(&values, None, None)
-                .unwrap();
-            column.close().unwrap();
-            i += 1;
-        }
-        group.close().unwrap();
-        writer.close().unwrap();
     }
 
     #[test]
