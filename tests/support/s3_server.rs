@@ -41,14 +41,18 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    /// Sends one raw HTTP/1.1 request (moto accepts unsigned requests); returns the status.
+    /// Sends one raw HTTP/1.1 request; returns the status. moto checks no signatures, but treats
+    /// a request without an `Authorization` header as anonymous (denied on object writes), so
+    /// one with a well-formed but unsigned header is sent.
     pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .unwrap();
         let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\
+             Authorization: AWS4-HMAC-SHA256 Credential=test-access-key/20260101/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=0000\r\n",
             self.port,
             body.len()
         );

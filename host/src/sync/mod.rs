@@ -235,12 +235,30 @@ impl Syncer {
             .map_err(|e| anyhow::anyhow!("sync policy {}: {e}", policy.name()))
     }
 
-    fn submit(&self, kind: BatchKind, event: &Event) -> anyhow::Result<()> {
+    fn submit(&self, kind: BatchKind, dir: Option<&Path>, event: &Event) -> anyhow::Result<()> {
         let actions = self.decide(event)?;
         if let Some(worker) = self.worker.lock().unwrap().as_ref() {
-            worker.submit(Batch { kind, actions });
+            worker.submit(Batch {
+                kind,
+                dir: dir.map(Path::to_path_buf),
+                actions,
+            });
         }
         Ok(())
+    }
+}
+
+impl Drop for Syncer {
+    /// A job that ends by an error never calls `on_run_finished`: still store the checkpoints
+    /// already queued (bounded by `final_timeout_s`), as a failed run's work is worth resuming.
+    /// A job that ends by a signal never gets here (the process dies by the signal).
+    fn drop(&mut self) {
+        let Some(worker) = self.worker.get_mut().ok().and_then(Option::take) else {
+            return;
+        };
+        if let Err(e) = worker.finish(self.options.final_timeout) {
+            tracing::error!("sync to {} incomplete: {e}", self.store.url());
+        }
     }
 }
 
@@ -309,7 +327,7 @@ impl SyncHooks for Syncer {
             dir: dir.to_path_buf(),
             files,
         };
-        self.submit(BatchKind::Checkpoint(step), &event)
+        self.submit(BatchKind::Checkpoint(step), Some(dir), &event)
     }
 
     fn on_run_finished(&self, outcome: RunOutcome, save_path: &Path) -> anyhow::Result<()> {
@@ -330,7 +348,7 @@ impl SyncHooks for Syncer {
             save_path: PathBuf::from(save_path),
             files,
         };
-        self.submit(BatchKind::Final, &event)?;
+        self.submit(BatchKind::Final, None, &event)?;
         let worker = self
             .worker
             .lock()

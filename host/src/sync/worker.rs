@@ -1,7 +1,8 @@
 //! The background uploader: executes batches of actions in order on its own thread, so storage
 //! never stalls training. Transient failures are retried with exponential backoff and full
-//! jitter until they succeed or the run ends; a checkpoint batch that a newer one supersedes is
-//! dropped (mirroring only needs the newest).
+//! jitter until they succeed or the run ends. A queued checkpoint whose directory the trainer
+//! has already rotated away (`--save_total_limit`) is skipped, so a backlog built up during an
+//! outage stays as small as the local output directory.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -12,7 +13,7 @@ use super::execute::{execute, Done};
 use super::policy::Action;
 use crate::storage::{ObjectStore, StorageError};
 
-/// What a batch is for: checkpoint batches may be superseded; final ones never are.
+/// What a batch is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchKind {
     Checkpoint(u64),
@@ -22,6 +23,8 @@ pub enum BatchKind {
 #[derive(Debug)]
 pub struct Batch {
     pub kind: BatchKind,
+    /// For checkpoint batches: the local directory; once it is gone the batch is moot.
+    pub dir: Option<std::path::PathBuf>,
     pub actions: Vec<Action>,
 }
 
@@ -158,13 +161,8 @@ fn run(store: &dyn ObjectStore, shared: &(Mutex<State>, Condvar), backoff: Backo
                     return;
                 }
                 if let Some(batch) = state.queue.pop_front() {
-                    let superseded = matches!(batch.kind, BatchKind::Checkpoint(_))
-                        && state
-                            .queue
-                            .iter()
-                            .any(|b| matches!(b.kind, BatchKind::Checkpoint(_)));
-                    if superseded {
-                        tracing::info!(?batch.kind, "skipping upload: a newer checkpoint supersedes it");
+                    if batch.dir.as_ref().is_some_and(|dir| !dir.exists()) {
+                        tracing::info!(?batch.kind, "skipping upload: rotated away locally");
                         continue;
                     }
                     state.busy = true;
