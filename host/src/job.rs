@@ -183,7 +183,6 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
             missing.push(format!("{what} (not built yet: {issue})"));
         }
     };
-    need(true, "training", "issue \"The training slice\"");
     need(
         job.saving.save_model && job.saving.save_method == SaveMethod::Merged4bit,
         "--save_method merged_4bit",

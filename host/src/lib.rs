@@ -2,8 +2,10 @@
 //! through them (DESIGN.md §1): `cli` → `job` → data → engine → checkpoint → export → publish.
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
+pub mod demo;
 pub mod engine;
 pub mod export;
 pub mod gguf;
@@ -16,3 +18,4 @@ pub mod run;
 pub mod signals;
 pub mod storage;
 pub mod sync;
+pub mod train;

@@ -55,15 +55,16 @@ fn train(job: JobConfig) -> anyhow::Result<()> {
         ))
         .into());
     }
-    unreachable!("every feature a job can ask for is listed in job::unbuilt_features")
+    let report = crate::train::run_job(&job)?;
+    for file in &report.saved {
+        println!("{}", file.display());
+    }
+    Ok(())
 }
 
 fn run_command(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Demo(_) => Err(UsageError::new(
-            "ferrotune demo: not built yet (issue \"The training slice\")",
-        )
-        .into()),
+        Command::Demo(args) => crate::demo::run(&args),
         Command::Plugin(command) => crate::plugin::command::run(command),
         Command::Format(args) => crate::plugin::command::format(*args),
         Command::Export(args) => crate::export::command::run(args),

@@ -194,10 +194,14 @@ pub struct PluginInspectArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
 pub struct DemoArgs {
     /// Where the demo writes its model cache, checkpoints and adapter.
     #[arg(long, default_value = "ferrotune-demo")]
     pub workdir: PathBuf,
+    /// Optimizer steps of the demo run (it stops halfway at a checkpoint and resumes).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_steps: u64,
 }
 
 /// Everything a training job takes. Field names are the flag names.
@@ -233,7 +237,7 @@ pub struct TrainArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Model")]
+#[command(next_help_heading = "Model", rename_all = "snake_case")]
 pub struct ModelArgs {
     /// Model: a Hugging Face id (resolved through the local HF cache), a model directory or a .gguf file.
     #[arg(long, default_value = "unsloth/llama-3-8b")]
@@ -256,7 +260,7 @@ pub struct ModelArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Data")]
+#[command(next_help_heading = "Data", rename_all = "snake_case")]
 pub struct DataArgs {
     /// Train on a raw text file cut into windows of --chunk_size tokens (instead of --dataset rows).
     #[arg(long)]
@@ -288,7 +292,7 @@ pub struct DataArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "LoRA")]
+#[command(next_help_heading = "LoRA", rename_all = "snake_case")]
 pub struct LoraArgs {
     /// LoRA rank.
     #[arg(long, default_value_t = 16, value_parser = positive_usize)]
@@ -324,7 +328,7 @@ pub struct LoraArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Training")]
+#[command(next_help_heading = "Training", rename_all = "snake_case")]
 pub struct TrainingArgs {
     /// Micro-batch size per device.
     #[arg(long, default_value_t = 2, value_parser = positive_usize)]
@@ -365,7 +369,7 @@ pub struct TrainingArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Reporting")]
+#[command(next_help_heading = "Reporting", rename_all = "snake_case")]
 pub struct ReportingArgs {
     /// Where metrics go: tensorboard (event files under OUTPUT_DIR/runs), none, or all.
     #[arg(long, default_value = "tensorboard", value_parser = REPORT_TO_CHOICES.to_vec())]
@@ -379,7 +383,7 @@ pub struct ReportingArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Checkpoint & resume")]
+#[command(next_help_heading = "Checkpoint & resume", rename_all = "snake_case")]
 pub struct CheckpointArgs {
     /// When to write OUTPUT_DIR/checkpoint-N.
     #[arg(long, value_enum, default_value_t = SaveStrategy::Steps)]
@@ -399,7 +403,7 @@ pub struct CheckpointArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Saving & publishing")]
+#[command(next_help_heading = "Saving & publishing", rename_all = "snake_case")]
 pub struct SavingArgs {
     /// Checkpoints and logs go here.
     #[arg(long, default_value = "/opt/checkpoints")]
@@ -435,7 +439,7 @@ pub struct SavingArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Plugins")]
+#[command(next_help_heading = "Plugins", rename_all = "snake_case")]
 pub struct PluginArgs {
     /// Dataset formatter: alpaca, chat, text, prompt-completion, or a PATH.wasm plugin.
     #[arg(long, default_value = "alpaca")]
@@ -461,7 +465,7 @@ pub struct PluginArgs {
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
-#[command(next_help_heading = "Run")]
+#[command(next_help_heading = "Run", rename_all = "snake_case")]
 pub struct RunArgs {
     /// Read flags from a YAML or JSON file (keys are flag names); command-line flags override it.
     #[arg(long)]

@@ -3,6 +3,7 @@
 //! llama.cpp/Ollama (`crate::gguf`). Everything streams tensor by tensor from memory-mapped
 //! safetensors, so memory stays near one tensor whatever the model size. See docs/export.md.
 
+pub mod adapter;
 pub mod command;
 pub mod hf_save;
 pub mod merge;

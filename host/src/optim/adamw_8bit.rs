@@ -186,7 +186,10 @@ impl Optimizer for AdamW8bit {
             let name = &spec.name;
             match state {
                 State::Fp32 { m, v } => {
-                    tensors.push((format!("{name}.exp_avg"), f32_tensor(&spec.shape, m.clone())));
+                    tensors.push((
+                        format!("{name}.exp_avg"),
+                        f32_tensor(&spec.shape, m.clone()),
+                    ));
                     tensors.push((
                         format!("{name}.exp_avg_sq"),
                         f32_tensor(&spec.shape, v.clone()),
@@ -329,7 +332,12 @@ mod tests {
         let mut f = AdamW::new(specs);
         let pq = descend(&mut q, n, 200);
         let pf = descend(&mut f, n, 200);
-        let diff: f32 = pq.iter().zip(&pf).map(|(a, b)| (a - b).powi(2)).sum::<f32>().sqrt();
+        let diff: f32 = pq
+            .iter()
+            .zip(&pf)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt();
         let norm: f32 = pf.iter().map(|a| a * a).sum::<f32>().sqrt();
         assert!(diff / norm < 0.02, "relative distance {}", diff / norm);
         // And both actually moved toward the target.

@@ -28,7 +28,11 @@ pub fn unsigned() -> &'static [f32; MAP_LEN] {
 fn dynamic_map(signed: bool) -> [f32; MAP_LEN] {
     let mut data: Vec<f32> = Vec::with_capacity(MAP_LEN);
     for i in 0..MAX_EXPONENT_BITS {
-        let fraction_items = if signed { 1usize << i } else { 1usize << (i + 1) } + 1;
+        let fraction_items = if signed {
+            1usize << i
+        } else {
+            1usize << (i + 1)
+        } + 1;
         let scale = 10f32.powi(i - (MAX_EXPONENT_BITS - 1));
         let boundaries = linspace_f32(0.1, 1.0, fraction_items);
         for pair in boundaries.windows(2) {
@@ -99,7 +103,14 @@ mod tests {
         assert!((s[0] + 0.9928).abs() < 1e-3, "{}", s[0]);
         // Smallest non-zero magnitude: midpoint of [0.1, 1] times 1e-6 (signed) / of its
         // first half (unsigned).
-        assert!((s.iter().filter(|v| **v > 0.0).fold(1.0f32, |a, &b| a.min(b)) - 0.55e-6).abs() < 1e-9);
+        assert!(
+            (s.iter()
+                .filter(|v| **v > 0.0)
+                .fold(1.0f32, |a, &b| a.min(b))
+                - 0.55e-6)
+                .abs()
+                < 1e-9
+        );
         assert!((u[1] - 0.325e-6).abs() < 1e-9, "{}", u[1]);
     }
 

@@ -45,7 +45,11 @@ impl Schedule {
     }
 
     fn factor(&self, step: u64) -> f64 {
-        let (s, w, t) = (step as f64, self.warmup_steps as f64, self.total_steps as f64);
+        let (s, w, t) = (
+            step as f64,
+            self.warmup_steps as f64,
+            self.total_steps as f64,
+        );
         let warming = step < self.warmup_steps;
         let warm = s / w.max(1.0);
         // Share of the post-warm-up steps done; transformers guards the division with max(1, ·).
@@ -128,7 +132,9 @@ mod tests {
         let cases: &[(SchedulerKind, &[f64])] = &[
             (
                 SchedulerKind::Linear,
-                &[0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0],
+                &[
+                    0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0,
+                ],
             ),
             (SchedulerKind::Constant, &[1.0; 12]),
             (
@@ -139,7 +145,11 @@ mod tests {
         for (kind, expected) in cases {
             let s = Schedule::new(*kind, lr, 2, 10);
             for (step, want) in expected.iter().enumerate() {
-                assert!(close(s.lr(step as u64), *want), "{kind} step {step}: {} vs {want}", s.lr(step as u64));
+                assert!(
+                    close(s.lr(step as u64), *want),
+                    "{kind} step {step}: {} vs {want}",
+                    s.lr(step as u64)
+                );
             }
         }
         let cos = Schedule::new(SchedulerKind::Cosine, 2.0, 2, 10);
@@ -170,7 +180,11 @@ mod tests {
 
     #[test]
     fn polynomial_needs_lr_above_its_end() {
-        assert!(Schedule::new(SchedulerKind::Polynomial, 1e-8, 0, 10).validate().is_err());
-        assert!(Schedule::new(SchedulerKind::Linear, 1e-8, 0, 10).validate().is_ok());
+        assert!(Schedule::new(SchedulerKind::Polynomial, 1e-8, 0, 10)
+            .validate()
+            .is_err());
+        assert!(Schedule::new(SchedulerKind::Linear, 1e-8, 0, 10)
+            .validate()
+            .is_ok());
     }
 }
