@@ -554,8 +554,8 @@ impl Part {
         let (src, offset, len) = (self.src.clone(), self.offset, self.len);
         let md5 = tokio::task::spawn_blocking(move || md5_of(&src, offset, len))
             .await
-            .map_err(|e| SdkError::construction_failure(e))?
-            .map_err(|e| SdkError::construction_failure(e))?;
+            .map_err(SdkError::construction_failure)?
+            .map_err(SdkError::construction_failure)?;
         let body = ByteStream::read_from()
             .path(&self.src)
             .offset(self.offset)
