@@ -51,39 +51,44 @@ impl<'a> MergedModel<'a> {
         Ok(w)
     }
 
-    /// The merged tensor rounded to `dtype`, failing on values that are not finite there.
-    pub fn merged_in(&self, name: &str, dtype: StoreDtype) -> Result<(Vec<f32>, Vec<u8>)> {
-        let w = self.merged_f32(name)?;
-        let bytes = dtype.encode(&w);
-        let rounded = dtype.decode(&bytes);
-        if let Some(i) = rounded.iter().position(|v| !v.is_finite()) {
-            let before = w[i];
-            bail!(
-                "{name}: value {i} is {} after merging the adapter ({before} in f32); the adapter is diverged or the value overflows {} — check the training loss, or export a model stored in bfloat16/float32",
-                rounded[i],
-                dtype.name()
-            );
+    /// The merged tensor rounded to `dtype` (in place, no second copy), failing on values that
+    /// are not finite there.
+    pub fn merged_in(&self, name: &str, dtype: StoreDtype) -> Result<Vec<f32>> {
+        let mut w = self.merged_f32(name)?;
+        for (i, v) in w.iter_mut().enumerate() {
+            let before = *v;
+            *v = dtype.round(before);
+            if !v.is_finite() {
+                bail!(
+                    "{name}: value {i} is {} after merging the adapter ({before} in f32); the adapter is diverged or the value overflows {} — check the training loss, or export a model stored in bfloat16/float32",
+                    v,
+                    dtype.name()
+                );
+            }
         }
-        Ok((rounded, bytes))
+        Ok(w)
     }
 }
 
 /// `w[o, :] += scale · Σ_k B[o, k] · A[k, :]`, rows in parallel; the product is accumulated in
 /// f32 before scaling, as PEFT's `weight + (B @ A) * scaling`.
 pub fn add_low_rank(w: &mut [f32], inp: usize, d: &LoraDelta) {
-    w.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
-        let mut acc = vec![0f32; inp];
-        for k in 0..d.r {
-            let b = d.b[o * d.r + k];
-            let a = &d.a[k * inp..(k + 1) * inp];
-            for (s, &x) in acc.iter_mut().zip(a) {
-                *s += b * x;
+    w.par_chunks_mut(inp).enumerate().for_each_init(
+        || vec![0f32; inp],
+        |acc, (o, row)| {
+            acc.fill(0.0);
+            for k in 0..d.r {
+                let b = d.b[o * d.r + k];
+                let a = &d.a[k * inp..(k + 1) * inp];
+                for (s, &x) in acc.iter_mut().zip(a) {
+                    *s += b * x;
+                }
             }
-        }
-        for (v, s) in row.iter_mut().zip(&acc) {
-            *v += s * d.scale;
-        }
-    });
+            for (v, s) in row.iter_mut().zip(acc.iter()) {
+                *v += s * d.scale;
+            }
+        },
+    );
 }
 
 impl TensorSource for MergedModel<'_> {
@@ -97,7 +102,7 @@ impl TensorSource for MergedModel<'_> {
             .meta(name)
             .map(|m| m.dtype)
             .unwrap_or(StoreDtype::F32);
-        Ok(self.merged_in(name, dtype)?.0)
+        self.merged_in(name, dtype)
     }
 }
 

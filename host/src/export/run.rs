@@ -84,7 +84,10 @@ pub fn check_final_exports(job: &JobConfig, model_dir: &Path) -> Result<()> {
     let merges = s.save_model && s.save_method == SaveMethod::Merged16bit;
     if merges || s.save_gguf {
         let base = SafetensorsDir::open_model_dir(model_dir).with_context(|| {
-            format!("--save_model/--save_gguf merge the adapter into the base weights of {}", model_dir.display())
+            format!(
+                "--save_model/--save_gguf merge the adapter into the base weights of {}",
+                model_dir.display()
+            )
         })?;
         drop(base);
     }
@@ -92,7 +95,10 @@ pub fn check_final_exports(job: &JobConfig, model_dir: &Path) -> Result<()> {
         let cfg = crate::model::config::ModelConfig::from_dir(model_dir)?;
         crate::gguf::arch::arch_for(&cfg.model_type)?;
         if !model_dir.join("tokenizer.json").is_file() {
-            bail!("--save_gguf needs {}/tokenizer.json for the GGUF tokenizer metadata", model_dir.display());
+            bail!(
+                "--save_gguf needs {}/tokenizer.json for the GGUF tokenizer metadata",
+                model_dir.display()
+            );
         }
     }
     Ok(())
@@ -241,8 +247,8 @@ fn save_merged_16bit(
     let bar = progress::bar(plan.len() as u64, "merge");
     for t in &plan {
         bar.set_message(t.name.clone());
-        let (_, bytes) = merged.merged_in(&t.name, t.dtype)?;
-        writer.write(&t.name, &bytes)?;
+        let values = merged.merged_in(&t.name, t.dtype)?;
+        writer.write(&t.name, &t.dtype.encode(&values))?;
         bar.inc(1);
     }
     bar.finish_and_clear();

@@ -1,13 +1,12 @@
-//! A Hugging Face model directory's safetensors weights, memory-mapped and read one tensor at a
-//! time as f32 (bf16, f16 and f32 storage).
+//! A Hugging Face model directory's safetensors weights, read one tensor at a time as f32 (bf16,
+//! f16 and f32 storage).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use std::os::unix::fs::FileExt;
 
 use crate::gguf::convert::TensorSource;
 
@@ -20,15 +19,6 @@ pub enum StoreDtype {
 }
 
 impl StoreDtype {
-    pub fn from_safetensors(d: Dtype) -> Option<Self> {
-        match d {
-            Dtype::F32 => Some(StoreDtype::F32),
-            Dtype::F16 => Some(StoreDtype::F16),
-            Dtype::BF16 => Some(StoreDtype::BF16),
-            _ => None,
-        }
-    }
-
     /// safetensors' dtype name in file headers.
     pub fn name(self) -> &'static str {
         match self {
@@ -59,6 +49,18 @@ impl StoreDtype {
         out
     }
 
+    /// The nearest value this dtype stores (round to nearest even).
+    pub fn round(self, v: f32) -> f32 {
+        use crate::gguf::quant::{
+            bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits,
+        };
+        match self {
+            StoreDtype::F32 => v,
+            StoreDtype::F16 => f16_bits_to_f32(f32_to_f16_bits(v)),
+            StoreDtype::BF16 => bf16_bits_to_f32(f32_to_bf16_bits(v)),
+        }
+    }
+
     pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
         use crate::gguf::quant::{bf16_bits_to_f32, f16_bits_to_f32};
         match self {
@@ -84,11 +86,16 @@ pub struct TensorMeta {
     pub shape: Vec<usize>,
     pub dtype: StoreDtype,
     file: usize,
+    /// Absolute byte range in the file.
+    start: u64,
+    len: usize,
 }
 
+/// Tensors are read with positioned reads into owned buffers rather than through a memory map:
+/// resident memory then holds only the tensor being processed, not every page touched so far.
 pub struct SafetensorsDir {
-    files: Vec<(PathBuf, Mmap)>,
-    /// Tensors in file order, then header order.
+    files: Vec<(PathBuf, File)>,
+    /// Tensors in file order, then data order.
     metas: Vec<TensorMeta>,
     by_name: HashMap<String, usize>,
 }
@@ -106,44 +113,17 @@ impl SafetensorsDir {
         for path in paths {
             let file =
                 File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            // SAFETY: the file is opened read-only and ferrotune never writes a file it reads;
-            // a concurrent external writer could change bytes under us, as with any mmap reader.
-            let mmap = unsafe { Mmap::map(&file) }
-                .with_context(|| format!("cannot map {}", path.display()))?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow::anyhow!("{} is not a safetensors file: {e}", path.display())
-            })?;
-            let mut names: Vec<(String, usize)> = st
-                .tensors()
-                .into_iter()
-                .map(|(n, v)| {
-                    let start = v.data().as_ptr() as usize;
-                    (n, start)
-                })
-                .collect();
-            names.sort_by_key(|(_, start)| *start);
-            for (name, _) in names {
-                let view = st
-                    .tensor(&name)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-                let Some(dtype) = StoreDtype::from_safetensors(view.dtype()) else {
-                    bail!(
-                        "{}: tensor {name} is {:?}; export reads F32, F16 and BF16 weights",
-                        path.display(),
-                        view.dtype()
-                    );
-                };
-                if by_name.insert(name.clone(), metas.len()).is_some() {
-                    bail!("tensor {name} appears in two safetensors files");
+            let mut entries = read_header(&file)
+                .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+            entries.sort_by_key(|e| e.start);
+            for mut meta in entries {
+                meta.file = files.len();
+                if by_name.insert(meta.name.clone(), metas.len()).is_some() {
+                    bail!("tensor {} appears in two safetensors files", meta.name);
                 }
-                metas.push(TensorMeta {
-                    name,
-                    shape: view.shape().to_vec(),
-                    dtype,
-                    file: files.len(),
-                });
+                metas.push(meta);
             }
-            files.push((path, mmap));
+            files.push((path, file));
         }
         Ok(SafetensorsDir {
             files,
@@ -161,21 +141,74 @@ impl SafetensorsDir {
     }
 
     /// The stored bytes of one tensor.
-    pub fn bytes(&self, name: &str) -> Result<&[u8]> {
+    pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
         let meta = self
             .meta(name)
             .with_context(|| format!("no tensor {name} in the weights"))?;
-        let (path, mmap) = &self.files[meta.file];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let view = st
-            .tensor(name)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let data = view.data();
-        // Re-slice from the mmap so the borrow is tied to `self`, not to the parsed header.
-        let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
-        Ok(&mmap[start..start + data.len()])
+        let (path, file) = &self.files[meta.file];
+        let mut buf = vec![0u8; meta.len];
+        file.read_exact_at(&mut buf, meta.start)
+            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
+        Ok(buf)
     }
+}
+
+/// Parses a safetensors header: u64 length, then JSON `{name: {dtype, shape, data_offsets}}`.
+fn read_header(file: &File) -> Result<Vec<TensorMeta>> {
+    let mut len = [0u8; 8];
+    file.read_exact_at(&mut len, 0)?;
+    let n = u64::from_le_bytes(len);
+    let file_len = file.metadata()?.len();
+    if n > 100 << 20 || 8 + n > file_len {
+        bail!("header length {n} does not fit the file");
+    }
+    let mut text = vec![0u8; n as usize];
+    file.read_exact_at(&mut text, 8)?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&text)?;
+    let data_start = 8 + n;
+    let mut out = Vec::new();
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_name = info["dtype"].as_str().unwrap_or("?");
+        let dtype = match dtype_name {
+            "F32" => StoreDtype::F32,
+            "F16" => StoreDtype::F16,
+            "BF16" => StoreDtype::BF16,
+            other => bail!("tensor {name} is {other}; export reads F32, F16 and BF16 weights"),
+        };
+        let shape: Vec<usize> = info["shape"]
+            .as_array()
+            .with_context(|| format!("tensor {name}: no shape"))?
+            .iter()
+            .map(|d| {
+                d.as_u64()
+                    .map(|d| d as usize)
+                    .with_context(|| format!("tensor {name}: bad shape"))
+            })
+            .collect::<Result<_>>()?;
+        let offsets = info["data_offsets"]
+            .as_array()
+            .with_context(|| format!("tensor {name}: no data_offsets"))?;
+        let (begin, end) = match offsets.as_slice() {
+            [b, e] => (b.as_u64().unwrap_or(u64::MAX), e.as_u64().unwrap_or(0)),
+            _ => bail!("tensor {name}: bad data_offsets"),
+        };
+        let len = shape.iter().product::<usize>() * dtype.size();
+        if end < begin || end - begin != len as u64 || data_start + end > file_len {
+            bail!("tensor {name}: data_offsets [{begin}, {end}] do not match its shape {shape:?} or the file");
+        }
+        out.push(TensorMeta {
+            name,
+            shape,
+            dtype,
+            file: 0,
+            start: data_start + begin,
+            len,
+        });
+    }
+    Ok(out)
 }
 
 impl TensorSource for SafetensorsDir {
@@ -190,6 +223,6 @@ impl TensorSource for SafetensorsDir {
         let meta = self
             .meta(name)
             .with_context(|| format!("no tensor {name} in the weights"))?;
-        Ok(meta.dtype.decode(self.bytes(name)?))
+        Ok(meta.dtype.decode(&self.bytes(name)?))
     }
 }
