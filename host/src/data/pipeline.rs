@@ -9,11 +9,12 @@ use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::batch::{BatchOptions, Batcher};
-use super::encode::{EncodeOptions, Encoder, TokenizedSample};
+use super::encode::{EncodeOptions, Encoded, Encoder, TokenizedSample};
 use super::raw_text;
 use super::sample::Sample;
 use super::source::{self, Document, RowFile, SourceData, Split};
@@ -345,12 +346,19 @@ impl<'a> Pipeline<'a> {
                 .format(&file.rows)
                 .with_context(|| format!("{path}: formatting rows"))?;
             stats.skipped_rows += file.rows.len().saturating_sub(formatted.len());
-            for (row, sample) in formatted {
-                if is_empty(&sample) {
+            // Templating and tokenizing are independent per sample: spread them over the
+            // cores, then account for the results in row order (first error wins, as serially).
+            let encoder = &self.encoder;
+            let results: Vec<(usize, Option<Result<Encoded>>)> = formatted
+                .par_iter()
+                .map(|(row, sample)| (*row, (!is_empty(sample)).then(|| encoder.encode(sample))))
+                .collect();
+            for (row, result) in results {
+                let Some(result) = result else {
                     stats.empty += 1;
                     continue;
-                }
-                let encoded = match self.encoder.encode(&sample) {
+                };
+                let encoded = match result {
                     Ok(e) => e,
                     Err(e) if skip_bad => {
                         tracing::warn!("{path}: row {row}: skipped: {e:#}");
