@@ -200,7 +200,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "ferrotune-demo")]
     pub workdir: PathBuf,
     /// Optimizer steps of the demo run (it stops halfway at a checkpoint and resumes).
-    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(2..))]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(2..))]
     pub max_steps: u64,
 }
 

@@ -1,0 +1,313 @@
+//! The training job through the real binary: exact continuation after SIGKILL, a kill in the
+//! middle of a checkpoint save, corrupt checkpoints, tensorboard read-back, bad inputs, and the
+//! demo. Models are tiny random Llamas written with ferrotune's own test helpers.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ferrotune::data::tiny_tokenizer;
+use ferrotune::model::tiny::{write_random_model, TinySpec};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+    cmd.env("FERROTUNE_LOG", "info")
+        .env_remove("FERROTUNE_CRASH_IN_SAVE");
+    cmd
+}
+
+/// A tiny model + tokenizer and the demo dataset in `dir`.
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
+    let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, 320).unwrap();
+    tiny_tokenizer::write_tokenizer_files(&model, &tokenizer, 512).unwrap();
+    let spec = TinySpec {
+        vocab_size: tokenizer.get_vocab_size(true),
+        bos_token_id: tokenizer.token_to_id(tiny_tokenizer::BOS).unwrap(),
+        eos_token_id: tokenizer.token_to_id(tiny_tokenizer::EOS).unwrap(),
+        ..TinySpec::default()
+    };
+    write_random_model(&model, &spec, 1).unwrap();
+    let data = dir.join("train.jsonl");
+    let rows: Vec<&str> = ferrotune::demo::DATASET.lines().take(40).collect();
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    (model, data)
+}
+
+fn job_args(model: &Path, data: &Path, out: &Path, max_steps: u32) -> Vec<String> {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    [
+        "--model_name",
+        &s(model),
+        "--dataset",
+        &s(data),
+        "--output_dir",
+        &s(out),
+        "--device",
+        "cpu",
+        "--max_seq_length",
+        "256",
+        "--r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        &max_steps.to_string(),
+        "--save_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "5e-3",
+        "--optim",
+        "adamw_8bit",
+        "--lora_dropout",
+        "0.1",
+        "--report_to",
+        "tensorboard",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+fn run_ok(args: &[String]) -> String {
+    let out = bin().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "ferrotune failed: {stderr}");
+    stderr
+}
+
+fn losses(out: &Path) -> Vec<(u64, u64)> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("trainer_state.json")).unwrap()).unwrap();
+    state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["step"].as_u64()?, e.get("loss")?.as_f64()?.to_bits())))
+        .collect()
+}
+
+#[test]
+fn resume_after_sigkill_continues_bitwise_and_tensorboard_reads_the_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let straight = tmp.path().join("straight");
+    run_ok(&job_args(&model, &data, &straight, 10));
+    let reference = losses(&straight);
+    assert_eq!(reference.len(), 10);
+
+    // The same job, killed by SIGKILL once checkpoint-3 is on disk.
+    let killed = tmp.path().join("killed");
+    let mut child = bin()
+        .args(job_args(&model, &data, &killed, 10))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().contains("checkpoint-3") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the run ended before the kill: {status:?}"
+    );
+    assert!(
+        !killed.join("trainer_state.json").exists(),
+        "killed before the end"
+    );
+
+    let mut resume = job_args(&model, &data, &killed, 10);
+    resume.push("--resume".into());
+    let log = run_ok(&resume);
+    assert!(log.contains("resumed from"), "{log}");
+    assert_eq!(
+        losses(&killed),
+        reference,
+        "per-step losses differ after resume"
+    );
+    let adapter =
+        |d: &Path| std::fs::read(d.join("checkpoint-10/adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        adapter(&straight),
+        adapter(&killed),
+        "final adapters differ"
+    );
+
+    // The tensorboard package reads the uninterrupted run's event file.
+    let runs = straight.join("runs");
+    let run_dir = std::fs::read_dir(&runs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let script =
+        "import sys\nfrom tensorboard.backend.event_processing import event_accumulator as ea\n\
+                  a = ea.EventAccumulator(sys.argv[1]); a.Reload()\n\
+                  print(' '.join(repr(e.value) for e in a.Scalars('train/loss')))";
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tensorboard read-back: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let values: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(values.len(), 10);
+    for (v, (_, bits)) in values.iter().zip(&reference) {
+        assert!(
+            (v - f64::from_bits(*bits)).abs() < 1e-5,
+            "{v} vs {}",
+            f64::from_bits(*bits)
+        );
+    }
+}
+
+#[test]
+fn kill_during_save_and_corrupt_checkpoints_are_survived() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let out = tmp.path().join("out");
+    let args = job_args(&model, &data, &out, 7);
+    let crashed = bin()
+        .args(&args)
+        .env("FERROTUNE_CRASH_IN_SAVE", "6")
+        .output()
+        .unwrap();
+    assert_eq!(
+        crashed.status.signal(),
+        Some(6),
+        "expected SIGABRT mid-save: {:?}",
+        crashed.status
+    );
+    assert!(out.join("checkpoint-3").is_dir());
+    assert!(
+        !out.join("checkpoint-6").exists(),
+        "a half-written checkpoint is never in place"
+    );
+    let leftover = out
+        .join(".checkpoint-6.tmp-")
+        .to_string_lossy()
+        .into_owned();
+    assert!(std::fs::read_dir(&out).unwrap().any(|e| e
+        .unwrap()
+        .path()
+        .to_string_lossy()
+        .starts_with(&leftover)));
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let log = run_ok(&resume);
+    assert!(log.contains("left by an interrupted save"), "{log}");
+    assert!(
+        log.contains("continuing from") && log.contains("checkpoint-3"),
+        "{log}"
+    );
+    assert!(std::fs::read_dir(&out).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with('.')));
+    assert_eq!(losses(&out).len(), 7);
+
+    // Damage the newest checkpoint: --resume falls back with a warning naming the file,
+    // --resume_from_checkpoint on it is a clear error.
+    let newest = out.join("checkpoint-7");
+    std::fs::write(newest.join("optimizer.safetensors"), b"garbage").unwrap();
+    let mut exact = args.clone();
+    exact.extend([
+        "--resume_from_checkpoint".into(),
+        newest.to_string_lossy().into_owned(),
+    ]);
+    let bad = bin().args(&exact).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("checkpoint-7"),
+        "{err}"
+    );
+    let log = run_ok(&resume);
+    assert!(
+        log.contains("checkpoint-7 is not a usable checkpoint"),
+        "{log}"
+    );
+    assert!(
+        log.contains("continuing from") && log.contains("checkpoint-6"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_missing_dataset_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, _) = fixture(tmp.path());
+    let missing = tmp.path().join("nope.jsonl");
+    let out = bin()
+        .args(job_args(&model, &missing, &tmp.path().join("o"), 2))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nope.jsonl"), "{err}");
+    assert!(!tmp.path().join("o").join("checkpoint-2").exists());
+}
+
+#[test]
+fn demo_trains_resumes_and_saves_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("demo");
+    let out = bin()
+        .args([
+            "demo",
+            "--workdir",
+            &work.to_string_lossy(),
+            "--max_steps",
+            "12",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("resumed from") && stdout.contains("training loss"),
+        "{stdout}"
+    );
+    let adapter = work.join("adapter");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "tokenizer.json",
+    ] {
+        assert!(adapter.join(f).is_file(), "{f} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["peft_type"], "LORA");
+    assert_eq!(config["task_type"], "CAUSAL_LM");
+    assert_eq!(config["r"], 16);
+}
