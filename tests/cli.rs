@@ -38,16 +38,59 @@ fn assert_usage_error(args: &[&str], needle: &str) {
 }
 
 const RECIPE: &[&str] = &[
-    "--model_name", "unsloth/llama-3-8b", "--dataset", "yahma/alpaca-cleaned",
-    "--max_seq_length", "2048", "--load_in_4bit", "--r", "16", "--lora_alpha", "16",
-    "--lora_dropout", "0.05", "--bias", "none", "--use_gradient_checkpointing", "unsloth",
-    "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4",
-    "--warmup_steps", "5", "--max_steps", "1200", "--learning_rate", "2e-4",
-    "--logging_steps", "10", "--optim", "adamw_8bit", "--weight_decay", "0.01",
-    "--lr_scheduler_type", "linear", "--seed", "3407", "--report_to", "none",
-    "--output_dir", "/opt/checkpoints", "--save_model", "--save_path", "/opt/outputs",
-    "--save_method", "merged_16bit", "--save_strategy", "steps", "--save_steps", "100",
-    "--save_total_limit", "3", "--resume",
+    "--model_name",
+    "unsloth/llama-3-8b",
+    "--dataset",
+    "yahma/alpaca-cleaned",
+    "--max_seq_length",
+    "2048",
+    "--load_in_4bit",
+    "--r",
+    "16",
+    "--lora_alpha",
+    "16",
+    "--lora_dropout",
+    "0.05",
+    "--bias",
+    "none",
+    "--use_gradient_checkpointing",
+    "unsloth",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "4",
+    "--warmup_steps",
+    "5",
+    "--max_steps",
+    "1200",
+    "--learning_rate",
+    "2e-4",
+    "--logging_steps",
+    "10",
+    "--optim",
+    "adamw_8bit",
+    "--weight_decay",
+    "0.01",
+    "--lr_scheduler_type",
+    "linear",
+    "--seed",
+    "3407",
+    "--report_to",
+    "none",
+    "--output_dir",
+    "/opt/checkpoints",
+    "--save_model",
+    "--save_path",
+    "/opt/outputs",
+    "--save_method",
+    "merged_16bit",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "100",
+    "--save_total_limit",
+    "3",
+    "--resume",
 ];
 
 #[test]
@@ -106,24 +149,87 @@ fn help_lists_every_flag_in_its_group() {
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     let groups: &[(&str, &[&str])] = &[
-        ("Model:", &["model_name", "max_seq_length", "dtype", "load_in_4bit", "dataset"]),
-        ("LoRA:", &["r", "lora_alpha", "lora_dropout", "bias", "use_gradient_checkpointing",
-                    "random_state", "use_rslora", "loftq_config", "target_modules", "use_dora"]),
-        ("Training:", &["per_device_train_batch_size", "gradient_accumulation_steps",
-                        "warmup_steps", "max_steps", "learning_rate", "optim", "weight_decay",
-                        "lr_scheduler_type", "seed", "num_train_epochs", "max_grad_norm",
-                        "warmup_ratio"]),
+        (
+            "Model:",
+            &[
+                "model_name",
+                "max_seq_length",
+                "dtype",
+                "load_in_4bit",
+                "dataset",
+            ],
+        ),
+        (
+            "LoRA:",
+            &[
+                "r",
+                "lora_alpha",
+                "lora_dropout",
+                "bias",
+                "use_gradient_checkpointing",
+                "random_state",
+                "use_rslora",
+                "loftq_config",
+                "target_modules",
+                "use_dora",
+            ],
+        ),
+        (
+            "Training:",
+            &[
+                "per_device_train_batch_size",
+                "gradient_accumulation_steps",
+                "warmup_steps",
+                "max_steps",
+                "learning_rate",
+                "optim",
+                "weight_decay",
+                "lr_scheduler_type",
+                "seed",
+                "num_train_epochs",
+                "max_grad_norm",
+                "warmup_ratio",
+            ],
+        ),
         ("Reporting:", &["report_to", "logging_steps", "log_format"]),
-        ("Checkpoint & resume:", &["save_strategy", "save_steps", "save_total_limit", "resume",
-                                   "resume_from_checkpoint"]),
-        ("Saving & publishing:", &["output_dir", "save_model", "save_method", "save_gguf",
-                                   "save_path", "quantization", "push_model", "push_gguf",
-                                   "hub_path", "hub_token"]),
+        (
+            "Checkpoint & resume:",
+            &[
+                "save_strategy",
+                "save_steps",
+                "save_total_limit",
+                "resume",
+                "resume_from_checkpoint",
+            ],
+        ),
+        (
+            "Saving & publishing:",
+            &[
+                "output_dir",
+                "save_model",
+                "save_method",
+                "save_gguf",
+                "save_path",
+                "quantization",
+                "push_model",
+                "push_gguf",
+                "hub_path",
+                "hub_token",
+            ],
+        ),
     ];
     for (heading, flags) in groups {
-        let start = help.find(heading).unwrap_or_else(|| panic!("no {heading} group"));
-        let section = &help[start..];
-        let end = section[1..].find("\n\n").map_or(section.len(), |e| e + 1);
+        let start = help
+            .find(heading)
+            .unwrap_or_else(|| panic!("no {heading} group"));
+        // A group runs until the next heading: a line with no indentation ending in ':'.
+        let section = &help[start + heading.len()..];
+        let end = section
+            .lines()
+            .skip(1)
+            .find(|l| !l.starts_with(' ') && l.ends_with(':'))
+            .and_then(|next| section.find(&format!("\n{next}\n")))
+            .unwrap_or(section.len());
         let section = &section[..end];
         for flag in *flags {
             let token = format!("--{flag} ");
@@ -156,7 +262,11 @@ fn command_line_overrides_config_file_values() {
     assert_eq!(config["formatter_config"], r#"{"text_column":"body"}"#);
 
     let listed = dry_run(&["--config", yaml, "--quantization", "q8_0"]);
-    assert_eq!(listed["quantization"], json!(["q8_0"]), "a list flag replaces the file's list");
+    assert_eq!(
+        listed["quantization"],
+        json!(["q8_0"]),
+        "a list flag replaces the file's list"
+    );
 }
 
 #[test]
@@ -170,19 +280,35 @@ fn dry_run_output_round_trips_as_a_json_config() {
     std::fs::write(&file, Value::Object(map).to_string()).unwrap();
     let mut second = dry_run(&["--config", file.to_str().unwrap()]);
     second["config"] = first["config"].clone();
-    assert_eq!(first, second, "feeding --dry_run output back as --config changes nothing");
+    assert_eq!(
+        first, second,
+        "feeding --dry_run output back as --config changes nothing"
+    );
 }
 
 #[test]
 fn aliases_are_normalised() {
-    let config = dry_run(&["--dtype", "bf16", "--target_modules", "q,v", "--num_train_epochs", "2"]);
+    let config = dry_run(&[
+        "--dtype",
+        "bf16",
+        "--target_modules",
+        "q,v",
+        "--num_train_epochs",
+        "2",
+    ]);
     assert_eq!(config["dtype"], "bfloat16");
     assert_eq!(config["target_modules"], json!(["q_proj", "v_proj"]));
-    assert_eq!(config["max_steps"], -1, "epochs given alone take over the step budget");
+    assert_eq!(
+        config["max_steps"], -1,
+        "epochs given alone take over the step budget"
+    );
     assert_eq!(config["num_train_epochs"], 2.0);
     assert_eq!(dry_run(&["--dtype", "None"])["dtype"], Value::Null);
     let both = dry_run(&["--num_train_epochs", "2", "--max_steps", "7"]);
-    assert_eq!(both["max_steps"], 7, "an explicit --max_steps wins, as in transformers");
+    assert_eq!(
+        both["max_steps"], 7,
+        "an explicit --max_steps wins, as in transformers"
+    );
 }
 
 #[test]
@@ -201,7 +327,12 @@ fn hub_token_is_never_printed() {
 #[test]
 fn kelpie_job_id_is_on_every_log_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(["--log_format", "json", "--output_dir", "/nonexistent/never-written"])
+        .args([
+            "--log_format",
+            "json",
+            "--output_dir",
+            "/nonexistent/never-written",
+        ])
         .env("KELPIE_JOB_ID", "job-1234")
         .output()
         .unwrap();
@@ -212,7 +343,10 @@ fn kelpie_job_id_is_on_every_log_line() {
         .collect();
     assert!(!json_lines.is_empty(), "no JSON log lines in {err}");
     for line in json_lines {
-        assert_eq!(line["span"]["kelpie_job_id"], "job-1234", "line without job id: {line}");
+        assert_eq!(
+            line["span"]["kelpie_job_id"], "job-1234",
+            "line without job id: {line}"
+        );
     }
 }
 
@@ -222,7 +356,7 @@ fn bad_input_is_one_line_naming_the_flag() {
     let out_dir = dir.path().join("out");
     let out = out_dir.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["--model_nam", "x"], "--model_nam"),
+        (&["--model_nmae", "x"], "--model_nmae"),
         (&["--no_such_flag"], "--no_such_flag"),
         (&["--bias", "some"], "--bias"),
         (&["--optim", "adafactorx"], "--optim"),
@@ -231,7 +365,10 @@ fn bad_input_is_one_line_naming_the_flag() {
         (&["--lora_dropout", "1.5"], "--lora_dropout"),
         (&["--learning_rate", "0"], "--learning_rate"),
         (&["--stride", "2048", "--chunk_size", "1024"], "--stride"),
-        (&["--resume_from_checkpoint", "/no/such/checkpoint-5"], "--resume_from_checkpoint"),
+        (
+            &["--resume_from_checkpoint", "/no/such/checkpoint-5"],
+            "--resume_from_checkpoint",
+        ),
         (&["--quantization", "q9_9"], "--quantization"),
         (&["--report_to", "nowhere"], "--report_to"),
         (&["--report_to", "wandb"], "tensorboard"),
@@ -265,7 +402,11 @@ fn features_not_built_fail_loudly_before_writing_anything() {
     for flag in ["--push_gguf", "--push_model", "--use_dora"] {
         let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
         assert_eq!(run.status.code(), Some(2));
-        assert!(stderr(&run).contains(&format!("{flag} (not built yet")), "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains(&format!("{flag} (not built yet")),
+            "{}",
+            stderr(&run)
+        );
         assert!(!out_dir.exists());
     }
 }

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use crate::cli::choices::LogFormat;
 use crate::cli::{CliStop, Command, Invocation, UsageError};
 use crate::job::{self, JobConfig};
 
@@ -16,6 +17,15 @@ pub fn main_with_args(argv: Vec<String>) -> ExitCode {
         }
         Err(CliStop::Usage(err)) => return usage_exit(&err),
     };
+    // Every log line of the run, errors included, is recorded inside the job span so that it
+    // carries KELPIE_JOB_ID; the subscriber must exist before the span is created.
+    let log_format = match &invocation {
+        Invocation::Train(job) => job.reporting.log_format,
+        Invocation::Command(_) => LogFormat::Text,
+    };
+    crate::logging::init(log_format);
+    let span = crate::logging::job_span();
+    let _entered = span.enter();
     let outcome = match invocation {
         Invocation::Train(job) => train(*job),
         Invocation::Command(command) => run_command(command),
@@ -43,9 +53,6 @@ fn train(job: JobConfig) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&job)?);
         return Ok(());
     }
-    crate::logging::init(job.reporting.log_format);
-    let span = crate::logging::job_span();
-    let _entered = span.enter();
     tracing::info!(config = %serde_json::to_string(&job)?, "resolved configuration");
     let missing = job::unbuilt_features(&job);
     if !missing.is_empty() {

@@ -1,6 +1,7 @@
 //! `--config FILE`: a YAML or JSON map whose keys are flag names. The file's values become
-//! command-line tokens placed before the real ones, so clap validates them like typed flags and a
-//! flag given on the command line overrides the file (later occurrences win).
+//! command-line tokens placed before the real ones, so clap validates them like typed flags. A key
+//! whose flag is also on the command line is left out, so the command line overrides the file
+//! whole (a list flag such as --quantization replaces the file's list, it does not extend it).
 
 use std::path::Path;
 
@@ -15,15 +16,29 @@ pub fn expand(command: &Command, argv: Vec<String>) -> Result<Vec<String>, Usage
         return Ok(argv);
     };
     let map = read_map(Path::new(&path))?;
+    let given = flags_given(&argv);
     let mut tokens = Vec::new();
     for (key, value) in map {
-        tokens.extend(tokens_for(command, &path, &key, value)?);
+        let these = tokens_for(command, &path, &key, value)?;
+        if !given.contains(key.as_str()) {
+            tokens.extend(these);
+        }
     }
     let mut expanded = Vec::with_capacity(argv.len() + tokens.len());
     expanded.push(argv[0].clone());
     expanded.extend(tokens);
     expanded.extend(argv.into_iter().skip(1));
     Ok(expanded)
+}
+
+/// Long flag names present on the command line (`--name` or `--name=value`).
+fn flags_given(argv: &[String]) -> std::collections::HashSet<&str> {
+    argv.iter()
+        .skip(1)
+        .take_while(|arg| *arg != "--")
+        .filter_map(|arg| arg.strip_prefix("--"))
+        .map(|flag| flag.split_once('=').map_or(flag, |(name, _)| name))
+        .collect()
 }
 
 /// The value of the last `--config` on the command line (`--config F` or `--config=F`).
@@ -49,14 +64,20 @@ fn read_map(path: &Path) -> Result<serde_json::Map<String, Value>, UsageError> {
             "--config {shown}: cannot read it ({e}); pass an existing YAML or JSON file"
         ))
     })?;
-    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let is_json = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let value: Value = if is_json {
         serde_json::from_str(&text).map_err(|e| {
-            UsageError::new(format!("--config {shown}: invalid JSON ({e}); fix the file"))
+            UsageError::new(format!(
+                "--config {shown}: invalid JSON ({e}); fix the file"
+            ))
         })?
     } else {
         serde_yaml_ng::from_str(&text).map_err(|e| {
-            UsageError::new(format!("--config {shown}: invalid YAML ({e}); fix the file"))
+            UsageError::new(format!(
+                "--config {shown}: invalid YAML ({e}); fix the file"
+            ))
         })?
     };
     match value {
