@@ -51,10 +51,11 @@ impl Bigram {
             stats.loss_sum += (z.ln() + max - row[t as usize]) as f64;
             stats.tokens += 1;
             if let Some(scale) = grad_scale {
-                for j in 0..VOCAB {
-                    let p = (row[j] - max).exp() / z;
+                let grad_row = &mut self.grad[x as usize * VOCAB..(x as usize + 1) * VOCAB];
+                for (j, (g, &logit)) in grad_row.iter_mut().zip(row).enumerate() {
+                    let p = (logit - max).exp() / z;
                     let y = if j == t as usize { 1.0 } else { 0.0 };
-                    self.grad[x as usize * VOCAB + j] += scale * (p - y);
+                    *g += scale * (p - y);
                 }
             }
         }

@@ -104,7 +104,7 @@ impl Trainer<'_> {
 
             let step = state.global_step;
             let last = step == plan.total_steps;
-            if step % self.job.reporting.logging_steps as u64 == 0 || last {
+            if step.is_multiple_of(self.job.reporting.logging_steps as u64) || last {
                 let elapsed = last_log.0.elapsed().as_secs_f64();
                 self.log(
                     state,
@@ -125,7 +125,9 @@ impl Trainer<'_> {
             let epoch_end = state.position.index == 0;
             let due = match self.job.checkpoint.save_strategy {
                 SaveStrategy::No => false,
-                SaveStrategy::Steps => step % self.job.checkpoint.save_steps as u64 == 0 || last,
+                SaveStrategy::Steps => {
+                    step.is_multiple_of(self.job.checkpoint.save_steps as u64) || last
+                }
                 SaveStrategy::Epoch => epoch_end || last,
             };
             let pausing = self.pause_after == Some(step) && !last;
