@@ -367,6 +367,10 @@ fn llama_export_merges_the_adapter_and_writes_every_gguf_preset() {
         merged_w["model.norm.weight"].1, base_w["model.norm.weight"].1,
         "untargeted tensors are copied exactly"
     );
+    // The training loader reads the merged save like any base model.
+    ferrotune::model::config::ModelConfig::from_dir(&out).unwrap();
+    let loaded = ferrotune::model::weights::Weights::load(&out).unwrap();
+    assert_eq!(loaded.names().count(), base_w.len());
 
     check_ggufs(&out, "base-llama", &ALL_PRESETS, false, tmp.path());
 }
