@@ -239,7 +239,9 @@ fn cuda_step_matches_the_cpu_engine() {
                     &format!("ckpt={checkpointing} gradients"),
                     &gpu.gradients().unwrap(),
                     &cpu_grads(&cpu),
-                    3e-2,
+                    // bf16 activations and adapter shadows against the f32 engine: 2.8e-2
+                    // measured on the H200 (docs/gpu.md); headroom for other cuBLASLt kernels.
+                    4e-2,
                 );
             }
             let (nc, ng) = (cpu.grad_norm().unwrap(), gpu.grad_norm().unwrap());
