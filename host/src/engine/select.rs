@@ -4,15 +4,9 @@
 //! (driver, runtime compiler and cuBLASLt found, sm_80 or newer), else the cpu; `cuda` without
 //! one is an error naming what is missing.
 
-use std::path::Path;
-
 use anyhow::Result;
 
-use super::cpu::CpuBackend;
-use super::Backend;
 use crate::cli::choices::Device;
-use crate::job::JobConfig;
-use crate::model::Model;
 
 /// Where a job runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,20 +29,6 @@ pub fn resolve(requested: Device) -> Result<Resolved> {
             "--device cuda: {why}; use --device cpu (or auto) to train on the CPU"
         ))
         .into()),
-    }
-}
-
-/// The backend for `job` on the model directory `dir`, on the device `--device` resolves to.
-pub fn build(job: &JobConfig, dir: &Path) -> Result<Box<dyn Backend>> {
-    match resolve(job.model.device)? {
-        Resolved::Cpu => Ok(Box::new(CpuBackend::from_job(Model::load(dir)?, job)?)),
-        #[cfg(feature = "cuda")]
-        Resolved::Cuda(name) => {
-            tracing::info!("training on {name}");
-            Ok(Box::new(super::cuda::CudaBackend::from_job(dir, job)?))
-        }
-        #[cfg(not(feature = "cuda"))]
-        Resolved::Cuda(_) => unreachable!("resolve never picks cuda without the feature"),
     }
 }
 
