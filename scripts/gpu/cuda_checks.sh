@@ -2,6 +2,8 @@
 # On the GPU machine, from the repo root, with the binaries built here and carried in gpu-bin/:
 #   ferrotune   (cargo build --profile gpu -p ferrotune --features cuda)
 #   cuda_parity (cargo test --profile gpu -p ferrotune --features cuda --test cuda_parity --no-run)
+# The two binaries plus .bench/site.tgz exceed the 64 MiB carry limit: carry ferrotune as
+# gpu-bin/ferrotune.xz (xz -6, ~10 MB) and unpack it first with python3's lzma (see docs/gpu.md).
 # Runs the correctness ladder (cpu parity, HF+PEFT parity; PARITY=0 skips it) and, with
 # BENCH="SHAPE ...", the anchor benchmark (ANCHOR_MODES="hf unsloth ...") and `ferrotune bench`
 # (CKPT_MODES, default "false true unsloth") on the same weights in the same call.
