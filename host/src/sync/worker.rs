@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::execute::{execute, Done};
 use super::policy::Action;
-use crate::storage::{ObjectStore, StorageError};
+use crate::storage::ObjectStore;
 
 /// What a batch is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +189,12 @@ fn run(store: &dyn ObjectStore, shared: &(Mutex<State>, Condvar), backoff: Backo
     }
 }
 
+/// Whether `batch` is a checkpoint upload whose local directory is gone.
+fn rotated_away(batch: &Batch) -> bool {
+    matches!(batch.kind, BatchKind::Checkpoint(_))
+        && batch.dir.as_ref().is_some_and(|dir| !dir.exists())
+}
+
 /// Runs one batch's actions in order; returns whether all succeeded.
 fn run_batch(
     store: &dyn ObjectStore,
@@ -204,6 +210,13 @@ fn run_batch(
                 Ok(done) => {
                     log_done(store, &done);
                     break;
+                }
+                Err(_) if rotated_away(batch) => {
+                    // The trainer rotated this checkpoint away while it went up (the error may
+                    // surface as a local NotFound or as the S3 body stream failing): a newer one
+                    // exists locally and carries the state.
+                    tracing::info!(?batch.kind, "checkpoint vanished locally before upload; skipped");
+                    return true;
                 }
                 Err(err) if err.is_transient() => {
                     let delay = backoff.delay(attempt);
@@ -221,15 +234,6 @@ fn run_batch(
                     if state.abandoned {
                         return false;
                     }
-                }
-                Err(StorageError::Local { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound
-                        && matches!(batch.kind, BatchKind::Checkpoint(_)) =>
-                {
-                    // The trainer rotated this checkpoint away before it went up: a newer one
-                    // exists locally and carries the state.
-                    tracing::info!(?batch.kind, "checkpoint vanished locally before upload; skipped");
-                    return true;
                 }
                 Err(err) => {
                     tracing::error!(storage = store.url(), "sync failed: {err}");
