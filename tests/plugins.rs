@@ -150,7 +150,7 @@ fn each_builtin_formats_good_rows_and_names_malformed_ones() {
         let plugin = FormatterPlugin::load(&rt, name, config).unwrap();
         assert_eq!(plugin.name(), name);
         assert_eq!(
-            format_ok(&plugin, &[good.clone()]),
+            format_ok(&plugin, std::slice::from_ref(&good)),
             vec![expected.clone()],
             "{name}"
         );

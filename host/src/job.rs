@@ -169,9 +169,8 @@ pub fn json_or_file(flag: &str, text: &str) -> Result<serde_json::Value, UsageEr
         }
         None => ("value".to_string(), text.to_string()),
     };
-    serde_json::from_str(&body).map_err(|e| {
-        UsageError::new(format!("{flag} {source}: invalid JSON ({e}); fix the JSON"))
-    })
+    serde_json::from_str(&body)
+        .map_err(|e| UsageError::new(format!("{flag} {source}: invalid JSON ({e}); fix the JSON")))
 }
 
 /// Features the job asks for that this build cannot run yet, each named with the issue that
@@ -188,10 +187,26 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
         "--save_method merged_4bit",
         "issue \"Export and publish\"",
     );
-    need(job.saving.push_model, "--push_model", "issue \"Export and publish\"");
-    need(job.saving.push_gguf, "--push_gguf", "issue \"Export and publish\"");
-    need(job.model.load_in_4bit, "--load_in_4bit", "issue \"CUDA engine\"");
-    need(job.lora.loftq_config.is_some(), "--loftq_config", "LoftQ initialisation");
+    need(
+        job.saving.push_model,
+        "--push_model",
+        "issue \"Export and publish\"",
+    );
+    need(
+        job.saving.push_gguf,
+        "--push_gguf",
+        "issue \"Export and publish\"",
+    );
+    need(
+        job.model.load_in_4bit,
+        "--load_in_4bit",
+        "issue \"CUDA engine\"",
+    );
+    need(
+        job.lora.loftq_config.is_some(),
+        "--loftq_config",
+        "LoftQ initialisation",
+    );
     need(job.lora.use_dora, "--use_dora", "DoRA adapters");
     need(
         std::path::Path::new(&job.model.model_name)

@@ -8,29 +8,8 @@ use serde::Serialize;
 
 use super::choices::*;
 
-/// GGUF quantization presets and the aliases unsloth accepts.
-pub const QUANTIZATION_CHOICES: &[&str] = &[
-    "f32",
-    "f16",
-    "bf16",
-    "q8_0",
-    "q4_0",
-    "q4_1",
-    "q5_0",
-    "q5_1",
-    "q2_k",
-    "q3_k_s",
-    "q3_k_m",
-    "q3_k_l",
-    "q4_k_s",
-    "q4_k_m",
-    "q5_k_s",
-    "q5_k_m",
-    "q6_k",
-    "not_quantized",
-    "fast_quantized",
-    "quantized",
-];
+/// GGUF quantization presets and the aliases unsloth accepts (one list, owned by the GGUF writer).
+pub use crate::gguf::preset::PRESET_NAMES as QUANTIZATION_CHOICES;
 
 /// Integrations transformers' `report_to` knows. ferrotune writes tensorboard itself; the others
 /// are recognised so that a job naming them gets a clear "not available" error, not "unknown".

@@ -42,9 +42,8 @@ pub fn parse(argv: Vec<String>) -> Result<Invocation, CliStop> {
     match cli.command {
         Some(sub) => Ok(Invocation::Command(sub)),
         None => {
-            let explicit = |id: &str| {
-                matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
-            };
+            let explicit =
+                |id: &str| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
             let job = crate::job::resolve(cli.train, explicit)?;
             Ok(Invocation::Train(Box::new(job)))
         }
