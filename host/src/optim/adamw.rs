@@ -1,11 +1,14 @@
 //! AdamW with fp32 states and torch's update order (`torch.optim.AdamW`, single-tensor path):
-//! decoupled decay first, then the bias-corrected Adam step.
+//! decoupled decay first, then the bias-corrected Adam step. The arithmetic is the kernels
+//! crate's reference update (`ferrotune_kernels::reference::adamw`), which the GPU kernel
+//! matches bit for bit.
 
 use anyhow::Result;
+use ferrotune_kernels::reference::adamw::{adamw_fp32, AdamStep};
 
 use super::{
-    check_index, check_kind, f32_tensor, find_f32, read_steps, Optimizer, ParamSpec, ADAM_BETAS,
-    ADAM_EPSILON,
+    adam_scalars, check_index, check_kind, push_moments, read_moments, read_steps, Optimizer,
+    ParamSpec, ADAM_BETAS, ADAM_EPSILON,
 };
 use crate::engine::HostTensor;
 
@@ -13,7 +16,7 @@ const KIND: &str = "adamw";
 
 pub struct AdamW {
     specs: Vec<ParamSpec>,
-    /// First moment per tensor (allocated on first step, as torch does lazily).
+    /// First moment per tensor.
     exp_avg: Vec<Vec<f32>>,
     /// Second moment per tensor.
     exp_avg_sq: Vec<Vec<f32>>,
@@ -33,45 +36,26 @@ impl AdamW {
     }
 }
 
-/// One fp32 AdamW update of a flat tensor at 1-based `step`, torch semantics.
-fn adamw_update(
-    param: &mut [f32],
-    grad: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    step: u64,
-    lr: f64,
-    weight_decay: f64,
-) {
-    let (beta1, beta2) = ADAM_BETAS;
-    let bias_correction1 = 1.0 - beta1.powi(step as i32);
-    let bias_correction2_sqrt = (1.0 - beta2.powi(step as i32)).sqrt();
-    let decay = (1.0 - lr * weight_decay) as f32;
-    let step_size = (lr / bias_correction1) as f32;
-    let bc2_sqrt = bias_correction2_sqrt as f32;
-    let (b1, b2, eps) = (beta1 as f32, beta2 as f32, ADAM_EPSILON as f32);
-    for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
-        *p *= decay;
-        // torch: exp_avg.lerp_(grad, 1 - beta1)
-        *m += (1.0 - b1) * (g - *m);
-        *v = *v * b2 + (1.0 - b2) * g * g;
-        let denom = v.sqrt() / bc2_sqrt + eps;
-        *p -= step_size * (*m / denom);
-    }
-}
-
 impl Optimizer for AdamW {
     fn step(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64) -> Result<()> {
         check_index(&self.specs, index, param, grad)?;
         self.steps[index] += 1;
-        adamw_update(
+        // The same update (and the same step constants) as the GPU's `adamw_fp32` kernel, so
+        // both engines produce the same bits from the same state.
+        let constants = AdamStep::torch(
+            self.steps[index],
+            lr,
+            self.specs[index].weight_decay,
+            ADAM_BETAS,
+            ADAM_EPSILON,
+        );
+        adamw_fp32(
             param,
             grad,
             &mut self.exp_avg[index],
             &mut self.exp_avg_sq[index],
-            self.steps[index],
-            lr,
-            self.specs[index].weight_decay,
+            &constants,
+            1.0,
         );
         Ok(())
     }
@@ -79,24 +63,9 @@ impl Optimizer for AdamW {
     fn export_state(&self) -> (Vec<(String, HostTensor)>, serde_json::Value) {
         let mut tensors = Vec::with_capacity(2 * self.specs.len());
         for (i, spec) in self.specs.iter().enumerate() {
-            tensors.push((
-                format!("{}.exp_avg", spec.name),
-                f32_tensor(&spec.shape, self.exp_avg[i].clone()),
-            ));
-            tensors.push((
-                format!("{}.exp_avg_sq", spec.name),
-                f32_tensor(&spec.shape, self.exp_avg_sq[i].clone()),
-            ));
+            push_moments(&mut tensors, spec, &self.exp_avg[i], &self.exp_avg_sq[i]);
         }
-        let scalars = serde_json::json!({
-            "optimizer": KIND,
-            "betas": [ADAM_BETAS.0, ADAM_BETAS.1],
-            "eps": ADAM_EPSILON,
-            "params": self.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-            "weight_decay": self.specs.iter().map(|s| s.weight_decay).collect::<Vec<_>>(),
-            "steps": self.steps,
-        });
-        (tensors, scalars)
+        (tensors, adam_scalars(KIND, &self.specs, &self.steps))
     }
 
     fn import_state(
@@ -107,10 +76,7 @@ impl Optimizer for AdamW {
         check_kind(scalars, KIND, &self.specs)?;
         let steps = read_steps(scalars, self.specs.len())?;
         for (i, spec) in self.specs.iter().enumerate() {
-            let n = spec.numel();
-            self.exp_avg[i] = find_f32(tensors, &format!("{}.exp_avg", spec.name), n)?.to_vec();
-            self.exp_avg_sq[i] =
-                find_f32(tensors, &format!("{}.exp_avg_sq", spec.name), n)?.to_vec();
+            (self.exp_avg[i], self.exp_avg_sq[i]) = read_moments(tensors, spec)?;
         }
         self.steps = steps;
         Ok(())

@@ -6,33 +6,29 @@
 //! block, runs the Adam update in fp32, takes the new absmax and re-quantises. Tensors with fewer
 //! than 4096 values keep fp32 states, as bitsandbytes' `min_8bit_size`. bitsandbytes applies
 //! the decoupled decay after the Adam step (torch applies it before); we keep its order.
+//!
+//! The update and the dynamic maps are the kernels crate's (`ferrotune_kernels::reference::adamw`,
+//! `ferrotune_kernels::quant`): one definition for this optimizer and the GPU kernel it mirrors.
 
 use anyhow::Result;
+use ferrotune_kernels::quant::Q8_BLOCK;
+use ferrotune_kernels::reference::adamw::{adamw_8bit, adamw_fp32, Adam8bitState, AdamStep};
 
-use super::quant_map::{self, nearest};
 use super::{
-    check_index, check_kind, f32_tensor, find_f32, find_u8, read_steps, Optimizer, ParamSpec,
-    ADAM_BETAS, ADAM_EPSILON,
+    adam_scalars, check_index, check_kind, f32_tensor, find_f32, find_u8, push_moments,
+    read_moments, read_steps, Optimizer, ParamSpec, ADAM_BETAS, ADAM_EPSILON,
 };
 use crate::engine::{HostData, HostTensor};
 
 const KIND: &str = "adamw_8bit";
 /// Values per quantisation block.
-pub const BLOCK: usize = 256;
+pub const BLOCK: usize = Q8_BLOCK;
 /// Tensors smaller than this keep fp32 states (bitsandbytes' `min_8bit_size`).
 pub const MIN_8BIT_SIZE: usize = 4096;
 
 enum State {
-    Fp32 {
-        m: Vec<f32>,
-        v: Vec<f32>,
-    },
-    Blockwise {
-        m_codes: Vec<u8>,
-        m_absmax: Vec<f32>,
-        v_codes: Vec<u8>,
-        v_absmax: Vec<f32>,
-    },
+    Fp32 { m: Vec<f32>, v: Vec<f32> },
+    Blockwise(Adam8bitState),
 }
 
 pub struct AdamW8bit {
@@ -53,14 +49,7 @@ impl AdamW8bit {
                         v: vec![0.0; n],
                     }
                 } else {
-                    // Codes 0 with absmax 0 decode to 0, as bitsandbytes' zero-initialised state.
-                    let blocks = n.div_ceil(BLOCK);
-                    State::Blockwise {
-                        m_codes: vec![0; n],
-                        m_absmax: vec![0.0; blocks],
-                        v_codes: vec![0; n],
-                        v_absmax: vec![0.0; blocks],
-                    }
+                    State::Blockwise(Adam8bitState::zeros(n))
                 }
             })
             .collect();
@@ -73,59 +62,7 @@ impl AdamW8bit {
 
     /// Whether tensor `index` keeps 8-bit states.
     pub fn is_blockwise(&self, index: usize) -> bool {
-        matches!(self.states[index], State::Blockwise { .. })
-    }
-}
-
-/// Step constants of bitsandbytes' Adam kernels for 1-based `step`.
-struct Coefficients {
-    beta1: f32,
-    beta2: f32,
-    /// −lr·√(1−β₂ᵗ)/(1−β₁ᵗ)
-    step_size: f32,
-    /// ε·√(1−β₂ᵗ): ε moved inside the un-corrected denominator.
-    eps_scaled: f32,
-    decay: f32,
-    decays: bool,
-}
-
-impl Coefficients {
-    fn new(step: u64, lr: f64, weight_decay: f64) -> Self {
-        let (beta1, beta2) = (ADAM_BETAS.0 as f32, ADAM_BETAS.1 as f32);
-        let correction1 = 1.0 - beta1.powf(step as f32);
-        let correction2 = (1.0 - beta2.powf(step as f32)).sqrt();
-        let lr32 = lr as f32;
-        Self {
-            beta1,
-            beta2,
-            step_size: -lr32 * correction2 / correction1,
-            eps_scaled: correction2 * ADAM_EPSILON as f32,
-            decay: 1.0 - lr32 * weight_decay as f32,
-            decays: weight_decay > 0.0,
-        }
-    }
-
-    /// New moments for one element; a non-finite gradient zeroes them (and skips the update).
-    #[inline]
-    fn moments(&self, g: f32, m: f32, v: f32) -> (f32, f32) {
-        if g.is_finite() {
-            (
-                m * self.beta1 + (1.0 - self.beta1) * g,
-                v * self.beta2 + (1.0 - self.beta2) * g * g,
-            )
-        } else {
-            (0.0, 0.0)
-        }
-    }
-
-    #[inline]
-    fn apply(&self, p: &mut f32, g: f32, m: f32, v: f32) {
-        if g.is_finite() {
-            *p += self.step_size * (m / (v.sqrt() + self.eps_scaled));
-            if self.decays {
-                *p *= self.decay;
-            }
-        }
+        matches!(self.states[index], State::Blockwise(_))
     }
 }
 
@@ -133,49 +70,18 @@ impl Optimizer for AdamW8bit {
     fn step(&mut self, index: usize, param: &mut [f32], grad: &[f32], lr: f64) -> Result<()> {
         check_index(&self.specs, index, param, grad)?;
         self.steps[index] += 1;
-        let c = Coefficients::new(self.steps[index], lr, self.specs[index].weight_decay);
+        // bitsandbytes' step constants and update order, shared with the GPU's `adamw_8bit`
+        // kernel (whose reference this is), so both engines produce the same bits.
+        let constants = AdamStep::bitsandbytes(
+            self.steps[index],
+            lr,
+            self.specs[index].weight_decay,
+            ADAM_BETAS,
+            ADAM_EPSILON,
+        );
         match &mut self.states[index] {
-            State::Fp32 { m, v } => {
-                for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
-                    (*m, *v) = c.moments(g, *m, *v);
-                    c.apply(p, g, *m, *v);
-                }
-            }
-            State::Blockwise {
-                m_codes,
-                m_absmax,
-                v_codes,
-                v_absmax,
-            } => {
-                let (smap, umap) = (quant_map::signed(), quant_map::unsigned());
-                let mut m_block = [0f32; BLOCK];
-                let mut v_block = [0f32; BLOCK];
-                for (b, start) in (0..param.len()).step_by(BLOCK).enumerate() {
-                    let end = (start + BLOCK).min(param.len());
-                    let len = end - start;
-                    // Dequantise, update the moments in fp32 and find the new block maxima.
-                    let (mut m_max, mut v_max) = (0f32, 0f32);
-                    for j in 0..len {
-                        let i = start + j;
-                        let m = smap[m_codes[i] as usize] * m_absmax[b];
-                        let v = umap[v_codes[i] as usize] * v_absmax[b];
-                        let (m, v) = c.moments(grad[i], m, v);
-                        m_block[j] = m;
-                        v_block[j] = v;
-                        m_max = m_max.max(m.abs());
-                        v_max = v_max.max(v.abs());
-                    }
-                    // The parameter update uses the fresh fp32 moments; only storage is 8-bit.
-                    for j in 0..len {
-                        let i = start + j;
-                        c.apply(&mut param[i], grad[i], m_block[j], v_block[j]);
-                        m_codes[i] = quantize_signed(smap, m_block[j], m_max);
-                        v_codes[i] = quantize_unsigned(umap, v_block[j], v_max);
-                    }
-                    m_absmax[b] = m_max;
-                    v_absmax[b] = v_max;
-                }
-            }
+            State::Fp32 { m, v } => adamw_fp32(param, grad, m, v, &constants, 1.0),
+            State::Blockwise(state) => adamw_8bit(param, grad, state, &constants, 1.0),
         }
         Ok(())
     }
@@ -185,49 +91,23 @@ impl Optimizer for AdamW8bit {
         for (spec, state) in self.specs.iter().zip(&self.states) {
             let name = &spec.name;
             match state {
-                State::Fp32 { m, v } => {
-                    tensors.push((
-                        format!("{name}.exp_avg"),
-                        f32_tensor(&spec.shape, m.clone()),
-                    ));
-                    tensors.push((
-                        format!("{name}.exp_avg_sq"),
-                        f32_tensor(&spec.shape, v.clone()),
-                    ));
-                }
-                State::Blockwise {
-                    m_codes,
-                    m_absmax,
-                    v_codes,
-                    v_absmax,
-                } => {
+                State::Fp32 { m, v } => push_moments(&mut tensors, spec, m, v),
+                State::Blockwise(s) => {
                     let codes = |c: &Vec<u8>| HostTensor {
                         shape: vec![c.len()],
                         data: HostData::U8(c.clone()),
                     };
-                    tensors.push((format!("{name}.state1"), codes(m_codes)));
-                    tensors.push((
-                        format!("{name}.absmax1"),
-                        f32_tensor(&[m_absmax.len()], m_absmax.clone()),
-                    ));
-                    tensors.push((format!("{name}.state2"), codes(v_codes)));
-                    tensors.push((
-                        format!("{name}.absmax2"),
-                        f32_tensor(&[v_absmax.len()], v_absmax.clone()),
-                    ));
+                    let absmax = |a: &Vec<f32>| f32_tensor(&[a.len()], a.clone());
+                    tensors.push((format!("{name}.state1"), codes(&s.m_codes)));
+                    tensors.push((format!("{name}.absmax1"), absmax(&s.m_absmax)));
+                    tensors.push((format!("{name}.state2"), codes(&s.v_codes)));
+                    tensors.push((format!("{name}.absmax2"), absmax(&s.v_absmax)));
                 }
             }
         }
-        let scalars = serde_json::json!({
-            "optimizer": KIND,
-            "betas": [ADAM_BETAS.0, ADAM_BETAS.1],
-            "eps": ADAM_EPSILON,
-            "block_size": BLOCK,
-            "min_8bit_size": MIN_8BIT_SIZE,
-            "params": self.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-            "weight_decay": self.specs.iter().map(|s| s.weight_decay).collect::<Vec<_>>(),
-            "steps": self.steps,
-        });
+        let mut scalars = adam_scalars(KIND, &self.specs, &self.steps);
+        scalars["block_size"] = BLOCK.into();
+        scalars["min_8bit_size"] = MIN_8BIT_SIZE.into();
         (tensors, scalars)
     }
 
@@ -242,53 +122,19 @@ impl Optimizer for AdamW8bit {
             let name = &spec.name;
             let n = spec.numel();
             match state {
-                State::Fp32 { m, v } => {
-                    *m = find_f32(tensors, &format!("{name}.exp_avg"), n)?.to_vec();
-                    *v = find_f32(tensors, &format!("{name}.exp_avg_sq"), n)?.to_vec();
-                }
-                State::Blockwise {
-                    m_codes,
-                    m_absmax,
-                    v_codes,
-                    v_absmax,
-                } => {
+                State::Fp32 { m, v } => (*m, *v) = read_moments(tensors, spec)?,
+                State::Blockwise(s) => {
                     let blocks = n.div_ceil(BLOCK);
-                    *m_codes = find_u8(tensors, &format!("{name}.state1"), n)?.to_vec();
-                    *m_absmax = find_f32(tensors, &format!("{name}.absmax1"), blocks)?.to_vec();
-                    *v_codes = find_u8(tensors, &format!("{name}.state2"), n)?.to_vec();
-                    *v_absmax = find_f32(tensors, &format!("{name}.absmax2"), blocks)?.to_vec();
+                    s.m_codes = find_u8(tensors, &format!("{name}.state1"), n)?.to_vec();
+                    s.m_absmax = find_f32(tensors, &format!("{name}.absmax1"), blocks)?.to_vec();
+                    s.v_codes = find_u8(tensors, &format!("{name}.state2"), n)?.to_vec();
+                    s.v_absmax = find_f32(tensors, &format!("{name}.absmax2"), blocks)?.to_vec();
                 }
             }
         }
         self.steps = steps;
         Ok(())
     }
-}
-
-/// Nearest signed code of `x / absmax`, nudged one code toward `x`'s sign when rounding crossed
-/// zero (bitsandbytes keeps the first moment's sign through quantisation).
-fn quantize_signed(map: &[f32; 256], x: f32, absmax: f32) -> u8 {
-    if absmax == 0.0 {
-        return nearest(map, 0.0);
-    }
-    let code = nearest(map, x / absmax);
-    let q = map[code as usize];
-    if q.is_sign_negative() != x.is_sign_negative() {
-        if x > 0.0 {
-            code.saturating_add(1)
-        } else {
-            code.saturating_sub(1)
-        }
-    } else {
-        code
-    }
-}
-
-fn quantize_unsigned(map: &[f32; 256], x: f32, absmax: f32) -> u8 {
-    if absmax == 0.0 {
-        return 0;
-    }
-    nearest(map, x / absmax)
 }
 
 #[cfg(test)]
@@ -370,10 +216,17 @@ mod tests {
 
     #[test]
     fn quantised_first_moment_keeps_its_sign() {
-        let map = quant_map::signed();
-        let tiny = -1e-9f32;
-        let code = quantize_signed(map, tiny, 1.0);
-        assert!(map[code as usize] < 0.0);
+        // One large gradient sets the block's absmax; a tiny negative one would round to the
+        // map's zero, and bitsandbytes nudges it one code to keep its sign.
+        let n = MIN_8BIT_SIZE;
+        let mut q = AdamW8bit::new(vec![spec("w", n, 0.0)]);
+        let mut g = vec![0.0f32; n];
+        g[0] = 1.0;
+        g[1] = -1e-9;
+        q.step(0, &mut vec![0.0; n], &g, 1e-3).unwrap();
+        let (tensors, _) = q.export_state();
+        let code = find_u8(&tensors, "w.state1", n).unwrap()[1];
+        assert!(ferrotune_kernels::quant::signed_map()[code as usize] < 0.0);
     }
 
     #[test]

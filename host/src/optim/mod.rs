@@ -8,7 +8,6 @@
 
 mod adamw;
 mod adamw_8bit;
-mod quant_map;
 pub mod schedule;
 mod sgd;
 
@@ -150,6 +149,43 @@ fn f32_tensor(shape: &[usize], data: Vec<f32>) -> HostTensor {
         shape: shape.to_vec(),
         data: crate::engine::HostData::F32(data),
     }
+}
+
+/// The scalars every Adam variant writes: its kind, hyper-parameters, tensors and step counts
+/// (the 8-bit variant adds its block layout).
+fn adam_scalars(kind: &str, specs: &[ParamSpec], steps: &[u64]) -> serde_json::Value {
+    serde_json::json!({
+        "optimizer": kind,
+        "betas": [ADAM_BETAS.0, ADAM_BETAS.1],
+        "eps": ADAM_EPSILON,
+        "params": specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+        "weight_decay": specs.iter().map(|s| s.weight_decay).collect::<Vec<_>>(),
+        "steps": steps,
+    })
+}
+
+/// Appends the fp32 moments of one tensor under torch's state names (`exp_avg`, `exp_avg_sq`).
+fn push_moments(tensors: &mut Vec<(String, HostTensor)>, spec: &ParamSpec, m: &[f32], v: &[f32]) {
+    tensors.push((
+        format!("{}.exp_avg", spec.name),
+        f32_tensor(&spec.shape, m.to_vec()),
+    ));
+    tensors.push((
+        format!("{}.exp_avg_sq", spec.name),
+        f32_tensor(&spec.shape, v.to_vec()),
+    ));
+}
+
+/// Reads back what [`push_moments`] wrote for `spec`.
+fn read_moments(
+    tensors: &[(String, HostTensor)],
+    spec: &ParamSpec,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let n = spec.numel();
+    Ok((
+        find_f32(tensors, &format!("{}.exp_avg", spec.name), n)?.to_vec(),
+        find_f32(tensors, &format!("{}.exp_avg_sq", spec.name), n)?.to_vec(),
+    ))
 }
 
 /// Per-tensor step counts from the scalars blob.
