@@ -52,21 +52,35 @@ impl Manifest {
 
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 bail!("no {MANIFEST} (the checkpoint was not completed)")
             }
             Err(e) => bail!("cannot read {MANIFEST}: {e}"),
         };
+        Self::parse(&bytes)
+    }
+
+    /// Parses a manifest (read from disk or downloaded): the format must be ours and every file
+    /// name a plain relative path inside the checkpoint, so verifying never reads outside it.
+    pub fn parse(bytes: &[u8]) -> Result<Self> {
         let manifest: Manifest =
-            serde_json::from_str(&text).with_context(|| format!("{MANIFEST} is not valid"))?;
+            serde_json::from_slice(bytes).with_context(|| format!("{MANIFEST} is not valid"))?;
         if manifest.format != FORMAT || manifest.version != VERSION {
             bail!(
                 "{MANIFEST} has format {:?} version {}, expected {FORMAT:?} version {VERSION}",
                 manifest.format,
                 manifest.version
             );
+        }
+        for name in manifest.files.keys() {
+            let inside = Path::new(name)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || name.is_empty() || name == MANIFEST {
+                bail!("{MANIFEST} lists {name:?}, which is not a file inside the checkpoint");
+            }
         }
         Ok(manifest)
     }
@@ -98,7 +112,8 @@ impl Manifest {
     }
 }
 
-fn hash_file(path: &Path) -> Result<FileEntry> {
+/// Size and SHA-256 of one file.
+pub fn hash_file(path: &Path) -> Result<FileEntry> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut hasher = Sha256::new();
@@ -160,5 +175,25 @@ mod tests {
         std::fs::remove_file(dir.path().join(MANIFEST)).unwrap();
         let err = Manifest::read(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not completed"), "{err}");
+    }
+
+    #[test]
+    fn names_outside_the_checkpoint_are_refused() {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "", MANIFEST] {
+            let m = serde_json::json!({
+                "format": FORMAT, "version": VERSION, "global_step": 1,
+                "files": { bad: { "size": 1, "sha256": "00" } }
+            });
+            let err = Manifest::parse(m.to_string().as_bytes()).unwrap_err();
+            assert!(
+                err.to_string().contains("not a file inside"),
+                "{bad}: {err}"
+            );
+        }
+        let nested = serde_json::json!({
+            "format": FORMAT, "version": VERSION, "global_step": 1,
+            "files": { "sub/b.json": { "size": 1, "sha256": "00" } }
+        });
+        assert!(Manifest::parse(nested.to_string().as_bytes()).is_ok());
     }
 }

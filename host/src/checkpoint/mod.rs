@@ -116,6 +116,15 @@ fn pretty(value: &Value) -> Vec<u8> {
     text.into_bytes()
 }
 
+/// The step N of a directory named exactly `checkpoint-N` (digits only: no sign, no suffix).
+pub fn step_of(dir_name: &str) -> Option<u64> {
+    let digits = dir_name.strip_prefix(PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 /// `checkpoint-N` directories in `output_dir`, oldest (lowest N) first.
 pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(output_dir) {
@@ -126,10 +135,7 @@ pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let step = name
-            .strip_prefix(PREFIX)
-            .and_then(|n| n.parse::<u64>().ok());
+        let step = entry.file_name().to_str().and_then(step_of);
         if let (Some(step), true) = (step, entry.file_type()?.is_dir()) {
             found.push((step, entry.path()));
         }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::manifest::{self, Manifest, MANIFEST};
+use super::manifest::{self, MANIFEST};
 use super::policy::Action;
 use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
 
@@ -156,7 +156,7 @@ fn download_checkpoint(
         store.get_file(&manifest_key, &staging.join(MANIFEST))?;
         let bytes = std::fs::read(staging.join(MANIFEST))
             .map_err(|e| StorageError::local("cannot read", &staging, e))?;
-        let manifest = Manifest::parse(&bytes, &manifest_key).map_err(Skip::Invalid)?;
+        let manifest = manifest::parse(&bytes, &manifest_key).map_err(Skip::Invalid)?;
         for (name, file) in &manifest.files {
             let file_key = key::join(&[&base, name]);
             let listed = objects.iter().find(|o| o.key == file_key);

@@ -1,101 +1,34 @@
 //! Checkpoint directories as sync sees them: `checkpoint-N` names and the `manifest.json` that
-//! the checkpoint writer (`crate::checkpoint`) puts in last. A checkpoint counts as valid only
-//! when its manifest parses and every file it lists has the listed size and SHA-256. Sync reads
-//! only the manifest's `files` map, so it also checks downloads before the trainer sees them.
+//! the checkpoint writer puts in last (its types and checks are `crate::checkpoint`'s). A
+//! checkpoint counts as valid only when its manifest parses and every file it lists has the
+//! listed size and SHA-256, so sync also checks downloads before the trainer sees them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-
-/// File name of the manifest inside a checkpoint directory (written last).
-pub const MANIFEST: &str = "manifest.json";
-
-/// What sync reads from a manifest: the files, by name relative to the checkpoint directory.
-/// Other keys (`format`, `version`, `global_step`) are the checkpoint writer's.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub files: BTreeMap<String, ManifestFile>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ManifestFile {
-    pub size: u64,
-    /// Lower-case hex.
-    pub sha256: String,
-}
-
-impl Manifest {
-    pub fn parse(bytes: &[u8], origin: &str) -> Result<Self, String> {
-        let manifest: Manifest = serde_json::from_slice(bytes)
-            .map_err(|e| format!("{origin}: not a checkpoint manifest ({e})"))?;
-        for path in manifest.files.keys() {
-            crate::storage::key::check(path)
-                .map_err(|e| format!("{origin}: bad file path in manifest ({e})"))?;
-            if path == MANIFEST {
-                return Err(format!("{origin}: the manifest lists itself"));
-            }
-        }
-        Ok(manifest)
-    }
-}
-
+pub use crate::checkpoint::manifest::{Manifest, MANIFEST};
 /// The step of a `checkpoint-N` directory name.
-pub fn checkpoint_step(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix("checkpoint-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
+pub use crate::checkpoint::step_of as checkpoint_step;
 
-/// `checkpoint-N` directories directly under `output_dir`, oldest first (a missing directory
-/// has none).
-pub fn local_checkpoints(output_dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let entries = match std::fs::read_dir(output_dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry?;
-        if !entry.file_type()?.is_dir() {
-            continue;
-        }
-        if let Some(step) = entry.file_name().to_str().and_then(checkpoint_step) {
-            found.push((step, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-/// Checks `dir` against its manifest; returns the manifest when every file matches.
-pub fn verify_dir(dir: &Path) -> Result<Manifest, String> {
-    let manifest_path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&manifest_path)
-        .map_err(|e| format!("{}: cannot read ({e})", manifest_path.display()))?;
-    let manifest = Manifest::parse(&bytes, &manifest_path.display().to_string())?;
-    for (name, file) in &manifest.files {
-        let path = dir.join(name);
-        let (size, sha) = hash_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        if size != file.size || sha != file.sha256 {
-            return Err(format!(
-                "{}: {size} bytes, SHA-256 {sha}; the manifest says {} bytes, {}",
-                path.display(),
-                file.size,
-                file.sha256
-            ));
-        }
+/// Parses a downloaded manifest (the checkpoint writer's format); every file it lists must also
+/// be a valid storage key.
+pub fn parse(bytes: &[u8], origin: &str) -> Result<Manifest, String> {
+    let manifest = Manifest::parse(bytes).map_err(|e| format!("{origin}: {e:#}"))?;
+    for path in manifest.files.keys() {
+        crate::storage::key::check(path)
+            .map_err(|e| format!("{origin}: bad file path in manifest ({e})"))?;
     }
     Ok(manifest)
 }
 
+/// Checks `dir` against its manifest; returns the manifest when every file matches.
+pub fn verify_dir(dir: &Path) -> Result<Manifest, String> {
+    let verified = Manifest::read(dir).and_then(|m| m.verify(dir, &[]).map(|()| m));
+    verified.map_err(|e| format!("{}: {e:#}", dir.display()))
+}
+
 /// Newest local checkpoint that verifies.
 pub fn newest_valid_local(output_dir: &Path) -> Option<(u64, PathBuf)> {
-    let mut all = local_checkpoints(output_dir).ok()?;
+    let mut all = crate::checkpoint::list(output_dir).ok()?;
     all.reverse();
     all.into_iter().find(|(_, dir)| verify_dir(dir).is_ok())
 }
@@ -125,18 +58,6 @@ pub fn files_under(dir: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
-fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let size = std::io::copy(&mut file, &mut hasher)?;
-    let sha = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok((size, sha))
-}
-
 /// Test helper: writes a checkpoint directory with a correct manifest (written last).
 #[cfg(test)]
 pub fn write_test_checkpoint(output_dir: &Path, step: u64, files: &[(&str, &[u8])]) -> PathBuf {
@@ -146,11 +67,8 @@ pub fn write_test_checkpoint(output_dir: &Path, step: u64, files: &[(&str, &[u8]
         let path = dir.join(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, body).unwrap();
-        let (size, sha256) = hash_file(&path).unwrap();
-        entries.insert(
-            name.to_string(),
-            serde_json::json!({"size": size, "sha256": sha256}),
-        );
+        let entry = crate::checkpoint::manifest::hash_file(&path).unwrap();
+        entries.insert(name.to_string(), serde_json::to_value(entry).unwrap());
     }
     let manifest = serde_json::json!({
         "format": "ferrotune-checkpoint", "version": 1, "global_step": step, "files": entries
