@@ -21,6 +21,8 @@ pub fn main_with_args(argv: Vec<String>) -> ExitCode {
     // carries KELPIE_JOB_ID; the subscriber must exist before the span is created.
     let log_format = match &invocation {
         Invocation::Train(job) => job.reporting.log_format,
+        // `ferrotune format` takes the training flags, --log_format included.
+        Invocation::Command(Command::Format(args)) => args.job.reporting.log_format,
         Invocation::Command(_) => LogFormat::Text,
     };
     crate::logging::init(log_format);

@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 
 use crate::checkpoint::atomic;
 use crate::cli::args::DemoArgs;
-use crate::cli::choices::LogFormat;
 use crate::data::tiny_tokenizer;
 use crate::model::tiny::{write_random_model, TinySpec};
 use crate::train::{run_job_with, JobReport, RunOptions};
@@ -26,7 +25,6 @@ const VOCAB_SIZE: usize = 512;
 const SEED: u64 = 3407;
 
 pub fn run(args: &DemoArgs) -> Result<()> {
-    crate::logging::init(LogFormat::Text);
     let work = &args.workdir;
     std::fs::create_dir_all(work)
         .with_context(|| format!("--workdir {}: cannot create", work.display()))?;

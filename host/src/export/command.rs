@@ -8,11 +8,9 @@ use anyhow::Result;
 use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
 use super::run::{model_name_of, run_exports, ExportRequest};
 use crate::cli::args::ExportArgs;
-use crate::cli::choices::LogFormat;
 use crate::cli::UsageError;
 
 pub fn run(args: ExportArgs) -> Result<()> {
-    crate::logging::init(LogFormat::Text);
     let (flag, adapter_dir) = match (&args.adapter, &args.checkpoint) {
         (Some(dir), None) => ("--adapter", dir.clone()),
         (None, Some(dir)) => ("--checkpoint", dir.clone()),

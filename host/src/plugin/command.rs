@@ -5,11 +5,10 @@ use anyhow::Result;
 use super::formatter::FormatterPlugin;
 use super::runtime::{PluginLimits, PluginRuntime};
 use crate::cli::args::{FormatArgs, PluginCommand};
-use crate::cli::choices::{LogFormat, PluginKind};
+use crate::cli::choices::PluginKind;
 use crate::cli::UsageError;
 
 pub fn run(command: PluginCommand) -> Result<()> {
-    crate::logging::init(LogFormat::Text);
     match command {
         PluginCommand::New(args) => {
             if args.kind != PluginKind::Formatter {
@@ -50,7 +49,6 @@ pub fn format(args: FormatArgs) -> Result<()> {
         .into());
     }
     let job = crate::job::resolve(job, |_| false)?;
-    crate::logging::init(job.reporting.log_format);
     let model = crate::model::resolve::resolve_model(&job.model.model_name)?;
     if !model.is_dir() {
         return Err(UsageError::new(format!(
