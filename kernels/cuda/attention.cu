@@ -1,59 +1,633 @@
-// Row softmax of attention scores with the causal + packed-segment (+ sliding window) mask, and
-// its backward. The GEMMs around them (S = Q·Kᵀ/√d, O = P·V, dP = dO·Vᵀ, dV = Pᵀ·dO,
-// dQ = dS·K/√d, dK = dSᵀ·Q/√d) run in cuBLASLt on the host side; these kernels are the
-// elementwise/row work between them.
+// Fused causal GQA attention, forward and backward, in the style of FlashAttention-2: the
+// [T, T] scores never exist in memory, key blocks that the mask hides entirely are skipped
+// (the causal upper triangle, other packed samples, keys beyond a sliding window).
 //
-// Layout: `rows` rows of `T` columns; row r is query i = r % T of some head (the host batches
-// heads as consecutive blocks of T rows). Key j is visible from query i when j <= i,
-// seg[j] == seg[i] and (window <= 0 or i - j < window). seg is the batch row's segment ids [T].
-// One block per row; blockDim.x a multiple of 32.
+// Layouts (token-major, as the projections write them):
+//   q, o, dq   [B*T, H*d]     bf16, row n = b*T + i, query head h at columns h*d .. h*d+d
+//   k, v, dk, dv [B*T, Hkv*d] bf16, query head h reads kv head h / (H/Hkv)
+//   lse, delta [B, H, T]      fp32 (head-major: one block of queries is 64 contiguous floats)
+//   dq_acc     [B*T, H*d]     fp32 (the backward's dQ accumulator)
+//   seg        [B, T]         u32 segment ids; key j is visible from query i iff j <= i,
+//                             seg[j] == seg[i] and (window <= 0 or i - j < window)
+//   blk        [B, nb, 2]     u32 per 64-token block: (segment id of its first token, 1 if
+//                             every token of the block has that id) — from flash_seg_blocks
+//
+// Tiles: 64 queries x 64 keys everywhere (FA_BLOCK), so one block classification serves both
+// the query and the key side. head_dim d is a runtime value <= D, D = 64 or 128 the compile-
+// time width of the tiles: columns d..D are zero-filled on load and never stored, so any
+// d % 8 == 0 up to 128 runs (d = 16/32 of small test models on the D = 64 kernels).
+//
+// Tensor cores: mma.sync.m16n8k16 (bf16 in, fp32 accumulate, sm_80+) fed by ldmatrix from
+// XOR-swizzled shared memory. Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"),
+// with lane = 4*g + t (g = lane>>2 in 0..8, t = lane&3):
+//   A (16x16, row-major)  a[0] = A[g][2t..2t+1]   a[1] = A[g+8][2t..2t+1]
+//                         a[2] = A[g][2t+8..+9]   a[3] = A[g+8][2t+8..+9]
+//   B (16x8, "col")       b[0] = B[2t..2t+1][g]   b[1] = B[2t+8..2t+9][g]
+//   C (16x8 fp32)         c[0..1] = C[g][2t..2t+1]  c[2..3] = C[g+8][2t..2t+1]
+// (each 32-bit register holds two bf16, the lower column/row index in the low half).
+// ldmatrix.x4 loads four 8x8 bf16 matrices; lanes 8m..8m+7 give the row addresses of matrix m
+// and register m of every lane receives row g, columns 2t..2t+1 of matrix m (with .trans:
+// rows 2t..2t+1, column g, i.e. the transpose). The address patterns used below:
+//   A from a row-major tile X[m][k]:         row m0 + (lane&15),            col k0 + (lane>>4)*8
+//   B = Xᵀ from a row-major tile X[n][k]:    row n0 + (lane&7) + (lane>>4)*8, col k0 + ((lane>>3)&1)*8
+//       -> regs {0,1} = b of n-tile n0, {2,3} = b of n-tile n0+8
+//   B = X from a row-major tile X[k][n] (.trans): row k0 + (lane&7) + ((lane>>3)&1)*8, col n0 + (lane>>4)*8
+//       -> regs {0,1} = b of n-tile n0, {2,3} = b of n-tile n0+8
+//   A = Xᵀ from a row-major tile X[k][m] (.trans): row k0 + (lane&7) + (lane>>4)*8, col m0 + ((lane>>3)&1)*8
+// and an fp32 C fragment of two adjacent n-tiles (16 keys) is, packed to bf16 pairs, exactly
+// the A fragment of those 16 keys (P·V without a trip through shared memory).
 
-// P[r, :] = softmax over the visible keys of S[r, :] (fp32 scores, already scaled); P is bf16
-// and is written over the whole row (0 where masked), so the P·V GEMM can read full rows.
-extern "C" __global__ void attn_softmax_fwd(const float* __restrict__ S, bf16* __restrict__ P,
-                                            const u32* __restrict__ seg, int rows, int T,
-                                            int window) {
-    __shared__ float scratch[32];
-    const int r = blockIdx.x;
-    if (r >= rows) return;
-    const int i = r % T;
-    const u32 si = seg[i];
-    const int lo = window > 0 ? max(0, i - window + 1) : 0;
-    const float* s = S + (long long)r * T;
-    bf16* p = P + (long long)r * T;
-    float mx = FT_NEG_INF;
-    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x)
-        if (seg[j] == si) mx = fmaxf(mx, s[j]);
-    mx = block_max(mx, scratch);
-    float sum = 0.0f;
-    for (int j = lo + threadIdx.x; j <= i; j += blockDim.x)
-        if (seg[j] == si) sum += expf(s[j] - mx);
-    sum = block_sum(sum, scratch);
-    // The diagonal is always visible, so sum >= 1.
-    const float inv = 1.0f / sum;
-    for (int j = threadIdx.x; j < T; j += blockDim.x) {
-        float v = 0.0f;
-        if (j >= lo && j <= i && seg[j] == si) v = expf(s[j] - mx) * inv;
-        p[j] = f32_to_bf16(v);
+#define FA_BLOCK 64
+#define FA_LOG2E 1.4426950408889634f
+#define FA_LN2 0.6931471805599453f
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// 16 bytes global -> shared, asynchronously; `valid == false` writes 16 zero bytes instead
+// (src-size 0: nothing is read, but `src` must still be a legal address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+// c += a · b (m16n8k16, bf16 inputs, fp32 accumulators).
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Element (row, col) of a row-major shared tile W elements wide (W a multiple of 64), with the
+// 16-byte chunk index XOR-ed by row % 8: the 8 rows an ldmatrix phase reads (and the 8 chunks a
+// quarter-warp's cp.async writes) land in 8 different bank groups.
+template <int W>
+__device__ __forceinline__ int swz(int row, int col) {
+    return row * W + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// Rows row0..row0+63 of a token-major bf16 matrix (row stride `ld` elements, `g` already at the
+// head's first column) into a swizzled [64][D] tile; rows >= T and columns >= d are zeros.
+template <int D, int NT>
+__device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int row0, int T,
+                                          int d, int tid) {
+    constexpr int CH = D / 8;
+    static_assert((FA_BLOCK * CH) % NT == 0, "every thread copies the same number of chunks");
+#pragma unroll
+    for (int it = 0; it < FA_BLOCK * CH / NT; ++it) {
+        const int c = tid + it * NT;
+        const int r = c / CH, ch = c % CH;
+        const int row = row0 + r;
+        const bool ok = row < T && ch * 8 < d;
+        const bf16* src = ok ? g + (long long)row * ld + ch * 8 : g;
+        cp_async16(s + swz<D>(r, ch * 8), src, ok);
     }
 }
 
-// In place over P: dS = P ⊙ (dP − Σ_j P_j·dP_j), the softmax backward (the 1/√d scale is
-// applied by the dQ/dK GEMMs). Keys after the query have P = 0 and keep dS = 0, so only
-// columns j <= i are touched.
-extern "C" __global__ void attn_softmax_bwd(bf16* __restrict__ P, const float* __restrict__ dP,
-                                            int rows, int T) {
-    __shared__ float scratch[32];
-    const int r = blockIdx.x;
-    if (r >= rows) return;
-    const int i = r % T;
-    bf16* p = P + (long long)r * T;
-    const float* dp = dP + (long long)r * T;
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) dot += bf16_to_f32(p[j]) * dp[j];
-    dot = block_sum(dot, scratch);
-    for (int j = threadIdx.x; j <= i; j += blockDim.x) {
-        const float pj = bf16_to_f32(p[j]);
-        p[j] = f32_to_bf16(pj * (dp[j] - dot));
+// Whether the (query block qb, key block kb) tile is hidden entirely by the segment mask: both
+// blocks hold one segment each, and they differ.
+__device__ __forceinline__ bool seg_skip(const u32* blk, int qb, int kb) {
+    return blk[2 * qb + 1] && blk[2 * kb + 1] && blk[2 * qb] != blk[2 * kb];
+}
+
+// Whether every (query, key) pair of the tile is visible, so no per-element mask is needed:
+// strictly below the diagonal, one segment on both sides, inside the window, no rows past T.
+__device__ __forceinline__ bool tile_full(const u32* blk, int qb, int kb, int T, int window) {
+    const int i0 = qb * FA_BLOCK, j0 = kb * FA_BLOCK;
+    return kb < qb && i0 + FA_BLOCK <= T && blk[2 * qb + 1] && blk[2 * kb + 1] &&
+           blk[2 * qb] == blk[2 * kb] && (window <= 0 || i0 + FA_BLOCK - 1 - j0 < window);
+}
+
+// blk[b, kb] = (seg of the block's first token, all tokens of the block share it). One warp per
+// 64-token block; tokens past T do not count.
+extern "C" __global__ void flash_seg_blocks(const u32* __restrict__ seg, u32* __restrict__ blk,
+                                            int B, int T) {
+    const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
+    const int w = (int)((blockIdx.x * blockDim.x + threadIdx.x) >> 5), lane = threadIdx.x & 31;
+    if (w >= B * nb) return;
+    const int b = w / nb, t0 = (w % nb) * FA_BLOCK;
+    const u32* s = seg + (long long)b * T;
+    const u32 first = s[t0];
+    bool same = true;
+    for (int t = t0 + lane; t < min(t0 + FA_BLOCK, T); t += 32) same = same && s[t] == first;
+    const bool uniform = __all_sync(0xffffffffu, same);
+    if (lane == 0) {
+        blk[2 * w] = first;
+        blk[2 * w + 1] = uniform ? 1u : 0u;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. One CTA = one 64-query block of one head of one batch row; 4 warps, each owning 16
+// query rows (its Q fragments stay in registers, its O accumulator is 16 x D fp32). Key blocks
+// run from the diagonal block down to the first visible one, with the online softmax in log2
+// units (z = s·scale·log2e): m = running max, l = running sum of 2^(z - m), O rescaled by
+// 2^(m_old - m_new). Saves O (bf16) and lse = (m + log2 l)·ln2 (natural log, fp32) per row.
+// Shared memory: K and V tiles (Q is staged through the V tile before the loop); the V load
+// of a block overlaps Q·Kᵀ and the softmax, the next K load overlaps P·V.
+template <int D>
+__device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, bf16* __restrict__ o,
+                                          float* __restrict__ lse, const u32* __restrict__ seg,
+                                          const u32* __restrict__ blk, int T, int H, int Hkv,
+                                          int d, int window, float scale_log2) {
+    constexpr int NT = 128;
+    __shared__ __align__(128) bf16 sK[FA_BLOCK * D];
+    __shared__ __align__(128) bf16 sV[FA_BLOCK * D];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
+    // The longest rows (most key blocks) start first.
+    const int qb = nb - 1 - (int)blockIdx.x;
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (H / Hkv);
+    const int i0 = qb * FA_BLOCK;
+    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
+    const bf16* qg = q + (long long)b * T * qld + (long long)h * d;
+    const bf16* kg = k + (long long)b * T * kld + (long long)hk * d;
+    const bf16* vg = v + (long long)b * T * kld + (long long)hk * d;
+    const u32* sg = seg + (long long)b * T;
+    const u32* bl = blk + (long long)b * nb * 2;
+
+    // Key blocks: the diagonal one (always visible: every query sees itself) down to kb_lo.
+    const int kb_lo = window > 0 ? max(0, i0 - window + 1) / FA_BLOCK : 0;
+    int kb = qb;
+
+    load_tile<D, NT>(sV, qg, qld, i0, T, d, tid);
+    load_tile<D, NT>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    u32 qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+        ldsm_x4(qf[kk], sV + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+    __syncthreads();  // every warp holds its Q: sV is free for V
+
+    // This thread's two query rows (C fragment rows g and g + 8 of the warp's 16).
+    const int r0 = i0 + warp * 16 + g, r1 = r0 + 8;
+    const u32 seg0 = r0 < T ? sg[r0] : 0u, seg1 = r1 < T ? sg[r1] : 0u;
+
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float m0 = FT_NEG_INF, m1 = FT_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+    while (true) {
+        // sK holds key block kb (loaded and visible to every warp).
+        load_tile<D, NT>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
+        cp_async_commit();
+
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                u32 bf[4];
+                ldsm_x4(bf, sK + swz<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
+                                        kk * 16 + ((lane >> 3) & 1) * 8));
+                mma16816(s[2 * np], qf[kk], bf[0], bf[1]);
+                mma16816(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+            }
+        }
+
+        const int j0 = kb * FA_BLOCK;
+        const bool full = tile_full(bl, qb, kb, T, window);
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int j = j0 + n * 8 + 2 * t + e;
+                float z0 = s[n][e] * scale_log2, z1 = s[n][2 + e] * scale_log2;
+                if (!full) {
+                    // j <= i < T keeps every segment read inside the row.
+                    const bool in0 = j <= r0 && r0 < T && (window <= 0 || r0 - j < window);
+                    const bool in1 = j <= r1 && r1 < T && (window <= 0 || r1 - j < window);
+                    const u32 sj = (in0 || in1) ? sg[j] : 0u;
+                    if (!(in0 && sj == seg0)) z0 = FT_NEG_INF;
+                    if (!(in1 && sj == seg1)) z1 = FT_NEG_INF;
+                }
+                s[n][e] = z0;
+                s[n][2 + e] = z1;
+            }
+        }
+
+        // Online softmax; the four lanes of a quad share a row.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        // A row with nothing visible yet keeps max -inf: subtract 0 instead, so every
+        // exponent is -inf (-> 0) rather than NaN.
+        const float u0 = mx0 == FT_NEG_INF ? 0.0f : mx0;
+        const float u1 = mx1 == FT_NEG_INF ? 0.0f : mx1;
+        const float a0 = ex2(m0 - u0), a1 = ex2(m1 - u1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= a0;
+        l1 *= a1;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            acc[n][0] *= a0;
+            acc[n][1] *= a0;
+            acc[n][2] *= a1;
+            acc[n][3] *= a1;
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            s[n][0] = ex2(s[n][0] - u0);
+            s[n][1] = ex2(s[n][1] - u0);
+            s[n][2] = ex2(s[n][2] - u1);
+            s[n][3] = ex2(s[n][3] - u1);
+            l0 += s[n][0] + s[n][1];
+            l1 += s[n][2] + s[n][3];
+        }
+
+        cp_async_wait_all();
+        __syncthreads();  // V visible; every warp is done reading sK
+
+        int next = kb - 1;
+        while (next >= kb_lo && seg_skip(bl, qb, next)) --next;
+        if (next >= kb_lo) {
+            load_tile<D, NT>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
+            cp_async_commit();
+        }
+
+        // O += P·V, P straight from the score registers (C layout == A layout, see the top).
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            u32 pa[4];
+            pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dp = 0; dp < D / 16; ++dp) {
+                u32 bf[4];
+                ldsm_x4_t(bf, sV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                          dp * 16 + (lane >> 4) * 8));
+                mma16816(acc[2 * dp], pa, bf[0], bf[1]);
+                mma16816(acc[2 * dp + 1], pa, bf[2], bf[3]);
+            }
+        }
+        if (next < kb_lo) break;
+        kb = next;
+        cp_async_wait_all();
+        __syncthreads();  // next K visible; every warp is done reading sV
+    }
+
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // Every row < T sees at least its own key, so l > 0 there; rows >= T are not stored.
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    bf16* og = o + (long long)b * T * qld + (long long)h * d;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+        const int c = n * 8 + 2 * t;
+        if (c < d) {
+            if (r0 < T)
+                *reinterpret_cast<u32*>(og + (long long)r0 * qld + c) =
+                    pack_bf16x2(acc[n][0] * inv0, acc[n][1] * inv0);
+            if (r1 < T)
+                *reinterpret_cast<u32*>(og + (long long)r1 * qld + c) =
+                    pack_bf16x2(acc[n][2] * inv1, acc[n][3] * inv1);
+        }
+    }
+    if (t == 0) {
+        float* lg = lse + ((long long)b * H + h) * T;
+        if (r0 < T) lg[r0] = (m0 + __log2f(l0)) * FA_LN2;
+        if (r1 < T) lg[r1] = (m1 + __log2f(l1)) * FA_LN2;
+    }
+}
+
+#define FA_FWD_ARGS                                                                           \
+    const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,       \
+        bf16 *__restrict__ o, float *__restrict__ lse, const u32 *__restrict__ seg,           \
+        const u32 *__restrict__ blk, int T, int H, int Hkv, int d, int window, float scale_log2
+
+extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_d64(FA_FWD_ARGS) {
+    flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
+}
+extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_d128(FA_FWD_ARGS) {
+    flash_fwd<128>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, step 1: delta[b, h, i] = Σ_c dO[n, h*d + c] · O[n, h*d + c] (= rowsum(P ⊙ dP)), and
+// zeroes dq_acc for the same (token, head). One warp per (token n = b*T + i, head h); each lane
+// reads 4 values (8 bytes) per step. d % 4 == 0.
+extern "C" __global__ void flash_bwd_prep(const bf16* __restrict__ o, const bf16* __restrict__ dout,
+                                          float* __restrict__ delta, float* __restrict__ dq_acc,
+                                          int N, int T, int H, int d) {
+    const long long pairs = (long long)N * H;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    for (long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; w < pairs;
+         w += warps) {
+        const long long n = w / H;
+        const int h = (int)(w % H);
+        const long long off = n * H * d + (long long)h * d;
+        float dot = 0.0f;
+        for (int c = lane * 4; c < d; c += 128) {
+            const uint2 a = *reinterpret_cast<const uint2*>(o + off + c);
+            const uint2 e = *reinterpret_cast<const uint2*>(dout + off + c);
+            dot += bf16x2_lo(a.x) * bf16x2_lo(e.x) + bf16x2_hi(a.x) * bf16x2_hi(e.x) +
+                   bf16x2_lo(a.y) * bf16x2_lo(e.y) + bf16x2_hi(a.y) * bf16x2_hi(e.y);
+            *reinterpret_cast<float4*>(dq_acc + off + c) = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        dot = warp_sum(dot);
+        if (lane == 0) {
+            const long long b = n / T, i = n % T;
+            delta[(b * H + h) * T + i] = dot;
+        }
+    }
+}
+
+// Backward, step 2. One CTA = one 64-key block of one kv head of one batch row; it loops over
+// the G query heads of its group and over the query blocks that see its keys, so dK and dV (the
+// sums over the group included) accumulate in fp32 registers and are written once, bf16.
+// dQ goes out through fp32 atomics into dq_acc: a separate pass parallel over query blocks
+// would have to recompute Q·Kᵀ and dO·Vᵀ (3 more of the 5 matrix products), while the atomics
+// (one red.add per dQ element per visible key block) are fire-and-forget and overlap the
+// tensor-core work. The price is a run-to-run nondeterministic summation order for dQ.
+//
+// 8 warps. Per query block, with wk = warp & 3 and wn = warp >> 2:
+//   Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ   warp tile: keys wk*16..+16 x queries wn*32..+32
+//   Pᵀ = 2^(Sᵀ·scale·log2e − lse·log2e) (masked to 0), dSᵀ = Pᵀ ⊙ (dPᵀ − delta)  -> shared
+//   dV += Pᵀ·dO, dK += dSᵀ·Q  warp tile: keys wk*16..+16 x columns wn*D/2..+D/2
+//   dQ  = dS·K              warp tile: queries wk*16..+16 x columns wn*D/2..+D/2 -> atomics
+// The softmax scale is applied once at the end (dK) and by flash_dq_convert (dQ).
+// Shared memory (dynamic): K, V, Q, dO tiles [64][D], Pᵀ and dSᵀ [64][64] bf16, lse and delta
+// of the query block.
+template <int D>
+__device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                          const float* __restrict__ lse,
+                                          const float* __restrict__ delta,
+                                          float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                                          bf16* __restrict__ dv, const u32* __restrict__ seg,
+                                          const u32* __restrict__ blk, int T, int H, int Hkv,
+                                          int d, int window, float scale_log2, float scale) {
+    constexpr int NT = 256;
+    constexpr int HD = D / 2;  // columns per warp in the dV/dK/dQ products
+    extern __shared__ __align__(128) unsigned char fa_smem[];
+    bf16* sK = reinterpret_cast<bf16*>(fa_smem);
+    bf16* sV = sK + FA_BLOCK * D;
+    bf16* sQ = sV + FA_BLOCK * D;
+    bf16* sO = sQ + FA_BLOCK * D;  // dO
+    bf16* sP = sO + FA_BLOCK * D;  // Pᵀ [key][query]
+    bf16* sS = sP + FA_BLOCK * FA_BLOCK;  // dSᵀ [key][query]
+    float* sL = reinterpret_cast<float*>(sS + FA_BLOCK * FA_BLOCK);  // lse·log2e
+    float* sD = sL + FA_BLOCK;  // delta
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int wk = warp & 3, wn = warp >> 2;
+    const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
+    const int kb = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;  // kb 0 (most work) first
+    const int G = H / Hkv;
+    const int j0 = kb * FA_BLOCK;
+    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
+    const u32* sg = seg + (long long)b * T;
+    const u32* bl = blk + (long long)b * nb * 2;
+
+    load_tile<D, NT>(sK, k + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
+    load_tile<D, NT>(sV, v + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
+    cp_async_commit();
+
+    // This thread's two key rows (C fragment rows of the Sᵀ tile).
+    const int jr0 = j0 + wk * 16 + g, jr1 = jr0 + 8;
+    const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
+    // Query blocks that can see these keys: from the diagonal up to the window's end.
+    int qb_hi = nb - 1;
+    if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
+
+    float dKa[D / 16][4], dVa[D / 16][4];
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
+
+    for (int gi = 0; gi < G; ++gi) {
+        const int h = hk * G + gi;
+        const bf16* qg = q + (long long)b * T * qld + (long long)h * d;
+        const bf16* og = dout + (long long)b * T * qld + (long long)h * d;
+        const float* lg = lse + ((long long)b * H + h) * T;
+        const float* dg = delta + ((long long)b * H + h) * T;
+        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
+        for (int qb = kb; qb <= qb_hi; ++qb) {
+            if (seg_skip(bl, qb, kb)) continue;  // same decision in every thread
+            const int i0 = qb * FA_BLOCK;
+            load_tile<D, NT>(sQ, qg, qld, i0, T, d, tid);
+            load_tile<D, NT>(sO, og, qld, i0, T, d, tid);
+            cp_async_commit();
+            if (tid < FA_BLOCK) {
+                const int i = i0 + tid;
+                sL[tid] = i < T ? lg[i] * FA_LOG2E : 0.0f;
+                sD[tid] = i < T ? dg[i] : 0.0f;
+            }
+            cp_async_wait_all();
+            __syncthreads();
+
+            float st[4][4], dpt[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                u32 ka[4], va[4];
+                ldsm_x4(ka, sK + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                ldsm_x4(va, sV + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int np = 0; np < 2; ++np) {
+                    const int row = wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
+                    const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+                    u32 qf[4], of[4];
+                    ldsm_x4(qf, sQ + swz<D>(row, col));
+                    mma16816(st[2 * np], ka, qf[0], qf[1]);
+                    mma16816(st[2 * np + 1], ka, qf[2], qf[3]);
+                    ldsm_x4(of, sO + swz<D>(row, col));
+                    mma16816(dpt[2 * np], va, of[0], of[1]);
+                    mma16816(dpt[2 * np + 1], va, of[2], of[3]);
+                }
+            }
+
+            const bool full = tile_full(bl, qb, kb, T, window);
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int il = wn * 32 + n * 8 + 2 * t + e;  // query within the block
+                    const int i = i0 + il;
+                    bool v0 = true, v1 = true;
+                    if (!full) {
+                        const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
+                        const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
+                        const u32 si = (in0 || in1) ? sg[i] : 0u;
+                        v0 = in0 && si == sj0;
+                        v1 = in1 && si == sj1;
+                    }
+                    const float li = sL[il], di = sD[il];
+                    const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
+                    const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
+                    dpt[n][e] = p0 * (dpt[n][e] - di);
+                    dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
+                    st[n][e] = p0;
+                    st[n][2 + e] = p1;
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                const int col = wn * 32 + n * 8 + 2 * t;
+                const int row = wk * 16 + g;
+                *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row, col)) = pack_bf16x2(st[n][0], st[n][1]);
+                *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(st[n][2], st[n][3]);
+                *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = pack_bf16x2(dpt[n][0], dpt[n][1]);
+                *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(dpt[n][2], dpt[n][3]);
+            }
+            __syncthreads();
+
+            // dV += Pᵀ·dO and dK += dSᵀ·Q over the block's 64 queries.
+#pragma unroll
+            for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+                u32 pa[4], sa[4];
+                ldsm_x4(pa, sP + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+                ldsm_x4(sa, sS + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int dp = 0; dp < HD / 16; ++dp) {
+                    const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int col = wn * HD + dp * 16 + (lane >> 4) * 8;
+                    u32 of[4], qf[4];
+                    ldsm_x4_t(of, sO + swz<D>(row, col));
+                    mma16816(dVa[2 * dp], pa, of[0], of[1]);
+                    mma16816(dVa[2 * dp + 1], pa, of[2], of[3]);
+                    ldsm_x4_t(qf, sQ + swz<D>(row, col));
+                    mma16816(dKa[2 * dp], sa, qf[0], qf[1]);
+                    mma16816(dKa[2 * dp + 1], sa, qf[2], qf[3]);
+                }
+            }
+
+            // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys -> atomics.
+            float dqa[HD / 8][4];
+#pragma unroll
+            for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+                u32 da[4];
+                ldsm_x4_t(da, sS + swz<FA_BLOCK>(kk * 16 + (lane & 7) + (lane >> 4) * 8,
+                                                 wk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+                for (int dp = 0; dp < HD / 16; ++dp) {
+                    u32 kf[4];
+                    ldsm_x4_t(kf, sK + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                              wn * HD + dp * 16 + (lane >> 4) * 8));
+                    mma16816(dqa[2 * dp], da, kf[0], kf[1]);
+                    mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
+                }
+            }
+            const int qi0 = i0 + wk * 16 + g, qi1 = qi0 + 8;
+#pragma unroll
+            for (int n = 0; n < HD / 8; ++n) {
+                const int c = wn * HD + n * 8 + 2 * t;
+                if (c < d) {
+                    if (qi0 < T) {
+                        float* p = dqg + (long long)qi0 * qld + c;
+                        atomicAdd(p, dqa[n][0]);
+                        atomicAdd(p + 1, dqa[n][1]);
+                    }
+                    if (qi1 < T) {
+                        float* p = dqg + (long long)qi1 * qld + c;
+                        atomicAdd(p, dqa[n][2]);
+                        atomicAdd(p + 1, dqa[n][3]);
+                    }
+                }
+            }
+            __syncthreads();  // the next query block overwrites sQ, sO, sP, sS, sL, sD
+        }
+    }
+    // A key block no query sees (every query block skipped) still had to wait for K/V.
+    cp_async_wait_all();
+
+    bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
+    bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+        const int c = wn * HD + n * 8 + 2 * t;
+        if (c < d) {
+            if (jr0 < T) {
+                *reinterpret_cast<u32*>(dkg + (long long)jr0 * kld + c) =
+                    pack_bf16x2(dKa[n][0] * scale, dKa[n][1] * scale);
+                *reinterpret_cast<u32*>(dvg + (long long)jr0 * kld + c) =
+                    pack_bf16x2(dVa[n][0], dVa[n][1]);
+            }
+            if (jr1 < T) {
+                *reinterpret_cast<u32*>(dkg + (long long)jr1 * kld + c) =
+                    pack_bf16x2(dKa[n][2] * scale, dKa[n][3] * scale);
+                *reinterpret_cast<u32*>(dvg + (long long)jr1 * kld + c) =
+                    pack_bf16x2(dVa[n][2], dVa[n][3]);
+            }
+        }
+    }
+}
+
+#define FA_BWD_ARGS                                                                            \
+    const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,        \
+        const bf16 *__restrict__ dout, const float *__restrict__ lse,                          \
+        const float *__restrict__ delta, float *__restrict__ dq_acc, bf16 *__restrict__ dk,    \
+        bf16 *__restrict__ dv, const u32 *__restrict__ seg, const u32 *__restrict__ blk, int T, \
+        int H, int Hkv, int d, int window, float scale_log2, float scale
+
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_d64(FA_BWD_ARGS) {
+    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                  scale_log2, scale);
+}
+extern "C" __global__ void __launch_bounds__(256) flash_bwd_d128(FA_BWD_ARGS) {
+    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                   scale_log2, scale);
+}
+
+// Backward, step 3: dq = bf16(dq_acc · scale). n % 8 == 0, both 16-byte aligned.
+extern "C" __global__ void flash_dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq,
+                                            long long n, float scale) {
+    const long long stride = (long long)gridDim.x * blockDim.x * 8;
+    for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
+        const float4 a = *reinterpret_cast<const float4*>(acc + i);
+        const float4 c = *reinterpret_cast<const float4*>(acc + i + 4);
+        const float f[8] = {a.x * scale, a.y * scale, a.z * scale, a.w * scale,
+                            c.x * scale, c.y * scale, c.z * scale, c.w * scale};
+        *reinterpret_cast<uint4*>(dq + i) = pack8(f);
     }
 }

@@ -8,7 +8,11 @@
 //! With `--bench`, also times the memory-bound kernels at Llama-3-8B shapes (CUDA events,
 //! median of 20 after warm-up) and prints the achieved bandwidth.
 //!
-//! Usage: `parity [--bench]`; exits 1 if any check fails. See docs/kernels.md.
+//! With `--bench-attn`, times the fused attention forward and backward at Llama-3-8B and
+//! Llama-3.2-1B shapes and prints TFLOP/s (`parity/attention.rs`).
+//!
+//! Usage: `parity [--attn-only] [--bench] [--bench-attn]`; exits 1 if any check fails.
+//! `--attn-only` runs only the attention checks. See docs/kernels.md.
 
 use std::sync::Arc;
 
@@ -26,6 +30,9 @@ use ferrotune_kernels::rope::{inv_freq, Llama3Scaling};
 use ferrotune_kernels::{quant, IGNORE_INDEX};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+#[path = "parity/attention.rs"]
+mod attention;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -1049,7 +1056,9 @@ fn bench(g: &mut Gpu) -> Res<()> {
 }
 
 fn main() -> Res<()> {
-    let bench_too = std::env::args().any(|a| a == "--bench");
+    let flag = |f: &str| std::env::args().any(|a| a == f);
+    let (bench_too, bench_attn, attn_only) =
+        (flag("--bench"), flag("--bench-attn"), flag("--attn-only"));
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
     let cache = default_dir().map(KernelCache::new);
@@ -1088,18 +1097,24 @@ fn main() -> Res<()> {
         rows: Vec::new(),
         failed: 0,
     };
-    check_rmsnorm(&mut g, &mut c)?;
-    check_rope(&mut g, &mut c)?;
-    check_swiglu(&mut g, &mut c)?;
-    check_cross_entropy(&mut g, &mut c)?;
-    check_adamw(&mut g, &mut c)?;
-    check_nf4(&mut g, &mut c)?;
-    check_dropout(&mut g, &mut c)?;
-    check_embedding(&mut g, &mut c)?;
+    if !attn_only {
+        check_rmsnorm(&mut g, &mut c)?;
+        check_rope(&mut g, &mut c)?;
+        check_swiglu(&mut g, &mut c)?;
+        check_cross_entropy(&mut g, &mut c)?;
+        check_adamw(&mut g, &mut c)?;
+        check_nf4(&mut g, &mut c)?;
+        check_dropout(&mut g, &mut c)?;
+        check_embedding(&mut g, &mut c)?;
+    }
+    attention::check(&mut g, &mut c)?;
     g.stream.synchronize()?;
     println!("\n{} checks, {} failed", c.rows.len(), c.failed);
     if bench_too {
         bench(&mut g)?;
+    }
+    if bench_attn {
+        attention::bench(&mut g)?;
     }
     if c.failed > 0 {
         std::process::exit(1);

@@ -25,6 +25,9 @@ use crate::reference::adamw::{AdamMode, AdamStep};
 use crate::sources::{self, compile_options, KernelSource};
 use crate::{nvrtc, KernelError};
 
+mod flash;
+pub use flash::{FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_MAX_HEAD_DIM};
+
 /// Threads per block of the row kernels and elementwise kernels.
 const THREADS: u32 = 256;
 /// 16-byte vectors each RMSNorm thread keeps in registers (RMS_VECS in rmsnorm.cu).
@@ -65,8 +68,7 @@ struct Functions {
     quantize_blockwise_8bit: CudaFunction,
     embedding_gather: CudaFunction,
     dropout_apply: CudaFunction,
-    attn_softmax_fwd: CudaFunction,
-    attn_softmax_bwd: CudaFunction,
+    flash: flash::FlashFunctions,
 }
 
 /// Every kernel, loaded for one device.
@@ -248,8 +250,7 @@ impl Kernels {
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
-            attn_softmax_fwd: get(&ATTENTION, "attn_softmax_fwd")?,
-            attn_softmax_bwd: get(&ATTENTION, "attn_softmax_bwd")?,
+            flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name))?,
         };
         Ok((
             Self {
@@ -966,62 +967,6 @@ impl Kernels {
                 (THREADS, 1),
             ),
         )
-    }
-}
-
-impl Kernels {
-    /// Masked row softmax of attention scores: `scores` and `probs` are `rows` rows of `seq`
-    /// (row r is query r % seq), `segment_ids` the batch row's [seq] ids; key j is visible from
-    /// query i when j <= i, same segment, and (window == 0 or i - j < window).
-    #[allow(clippy::too_many_arguments)]
-    pub fn attn_softmax_fwd(
-        &self,
-        stream: &CudaStream,
-        scores: &CudaView<f32>,
-        probs: &mut CudaViewMut<bf16>,
-        segment_ids: &CudaView<u32>,
-        rows: usize,
-        seq: usize,
-        window: usize,
-    ) -> Result<(), KernelError> {
-        const K: &str = "attn_softmax_fwd";
-        if rows == 0 {
-            return Ok(());
-        }
-        check_len(K, "scores", scores.len(), rows * seq)?;
-        check_len(K, "probs", probs.len(), rows * seq)?;
-        check_len(K, "segment_ids", segment_ids.len(), seq)?;
-        let (r_i, t_i) = (to_i32(K, "rows", rows)?, to_i32(K, "seq", seq)?);
-        let w_i = to_i32(K, "window", window)?;
-        let mut a = stream.launch_builder(&self.f.attn_softmax_fwd);
-        a.arg(scores)
-            .arg(probs)
-            .arg(segment_ids)
-            .arg(&r_i)
-            .arg(&t_i)
-            .arg(&w_i);
-        launch(a, cfg(rows as u32, (THREADS, 1)))
-    }
-
-    /// Softmax backward in place over `probs`: dS = P ⊙ (dP − rowsum(P ⊙ dP)).
-    pub fn attn_softmax_bwd(
-        &self,
-        stream: &CudaStream,
-        probs: &mut CudaViewMut<bf16>,
-        d_probs: &CudaView<f32>,
-        rows: usize,
-        seq: usize,
-    ) -> Result<(), KernelError> {
-        const K: &str = "attn_softmax_bwd";
-        if rows == 0 {
-            return Ok(());
-        }
-        check_len(K, "probs", probs.len(), rows * seq)?;
-        check_len(K, "d_probs", d_probs.len(), rows * seq)?;
-        let (r_i, t_i) = (to_i32(K, "rows", rows)?, to_i32(K, "seq", seq)?);
-        let mut a = stream.launch_builder(&self.f.attn_softmax_bwd);
-        a.arg(probs).arg(d_probs).arg(&r_i).arg(&t_i);
-        launch(a, cfg(rows as u32, (THREADS, 1)))
     }
 }
 

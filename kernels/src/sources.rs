@@ -121,7 +121,15 @@ pub const EMBEDDING: KernelSource = KernelSource {
 pub const ATTENTION: KernelSource = KernelSource {
     name: "attention",
     source: include_str!("../cuda/attention.cu"),
-    entries: &["attn_softmax_fwd", "attn_softmax_bwd"],
+    entries: &[
+        "flash_seg_blocks",
+        "flash_fwd_d64",
+        "flash_fwd_d128",
+        "flash_bwd_prep",
+        "flash_bwd_d64",
+        "flash_bwd_d128",
+        "flash_dq_convert",
+    ],
     extra_options: &[],
     accepted_stack: &[],
 };

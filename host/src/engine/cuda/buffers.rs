@@ -27,6 +27,9 @@ pub struct LayerActs {
     pub v: CudaSlice<bf16>,
     /// Attention output (o_proj input) `[N, H·d]`.
     pub attn: CudaSlice<bf16>,
+    /// Logsumexp of each query's attention scores `[B, H, T]` fp32 (the attention backward
+    /// recomputes the probabilities from it).
+    pub lse: CudaSlice<f32>,
     /// Residual after attention `[N, hidden]`.
     pub h: CudaSlice<bf16>,
     pub rstd2: CudaSlice<f32>,
@@ -46,6 +49,7 @@ impl LayerActs {
             k: stream.alloc_zeros(n * s.kvd)?,
             v: stream.alloc_zeros(n * s.kvd)?,
             attn: stream.alloc_zeros(n * s.qd)?,
+            lse: stream.alloc_zeros(n * (s.qd / s.head_dim))?,
             h: stream.alloc_zeros(n * s.hidden)?,
             rstd2: stream.alloc_zeros(n)?,
             gate: stream.alloc_zeros(n * s.inter)?,
@@ -120,6 +124,7 @@ pub struct Buffers {
     pub norm: CudaSlice<bf16>,
     /// SwiGLU output `[N, intermediate]` (the down projection's input), recomputed in backward.
     pub act: CudaSlice<bf16>,
+    /// Attention workspace (segment block classes, backward delta and fp32 dQ accumulator).
     pub attn: Scratch,
     pub hn: CudaSlice<bf16>,
     pub rstd_f: CudaSlice<f32>,
@@ -189,10 +194,7 @@ impl Buffers {
             acts,
             norm: z16(n * s.hidden)?,
             act: z16(n * s.inter)?,
-            attn: Scratch {
-                scores: stream.alloc_zeros(dims.scratch())?,
-                probs: z16(dims.scratch())?,
-            },
+            attn: Scratch::new(stream, dims)?,
             hn: z16(n * s.hidden)?,
             rstd_f: stream.alloc_zeros(n)?,
             logits: z16(s.ce_rows * s.vocab)?,

@@ -61,6 +61,8 @@ impl Operand {
         Operand { t: !self.t, ..self }
     }
 
+    /// Strided batches of `stride` elements (no caller since attention is fused).
+    #[allow(dead_code)]
     pub fn batched(self, stride: usize) -> Self {
         Operand { stride, ..self }
     }
@@ -88,6 +90,8 @@ impl Output {
         }
     }
 
+    /// Strided batches of `stride` elements (no caller since attention is fused).
+    #[allow(dead_code)]
     pub fn batched(self, stride: usize) -> Self {
         Output { stride, ..self }
     }

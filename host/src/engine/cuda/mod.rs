@@ -5,7 +5,7 @@
 //! - Every product through cuBLASLt ([`gemm`]), bf16 operands with fp32 accumulation, LoRA
 //!   low-rank first ([`linear`]); frozen weights never get a gradient.
 //! - Own kernels (`ferrotune-kernels`, compiled with NVRTC at start and cached on disk) for
-//!   RMSNorm, RoPE, SwiGLU, the masked attention softmax, chunked cross-entropy, AdamW, grad norm.
+//!   RMSNorm, RoPE, SwiGLU, fused flash-style attention, chunked cross-entropy, AdamW, grad norm.
 //! - Activations preallocated per batch shape ([`buffers`]); the backward updates one residual
 //!   gradient buffer in place; `--use_gradient_checkpointing` recomputes each layer from its
 //!   input.
@@ -459,10 +459,9 @@ impl CudaBackend {
         attention::forward(
             &s,
             &self.kernels,
-            &mut self.gemm,
             &dims,
-            (qp, kp, vp),
-            ptr16(&a.attn),
+            (&a.q, &a.k, &a.v),
+            (&mut a.attn, &mut a.lse),
             &b.segments,
             &mut b.attn,
         )?;
@@ -563,11 +562,11 @@ impl CudaBackend {
         attention::backward(
             &s,
             &self.kernels,
-            g,
             &dims,
-            (p16(&a.q), p16(&a.k), p16(&a.v)),
-            p16(&b.d_attn),
-            (p16(&b.dq), p16(&b.dk), p16(&b.dv)),
+            (&a.q, &a.k, &a.v),
+            (&a.attn, &a.lse),
+            &b.d_attn,
+            (&mut b.dq, &mut b.dk, &mut b.dv),
             &b.segments,
             &mut b.attn,
         )?;
@@ -863,6 +862,7 @@ fn check_supported(cfg: &ModelConfig, o: &EngineOptions) -> Result<()> {
             && cfg.head_dim.is_multiple_of(8),
         "the cuda engine needs hidden_size, intermediate_size and head_dim to be multiples of 8"
     );
+    attention::check_supported(cfg.head_dim)?;
     Ok(())
 }
 

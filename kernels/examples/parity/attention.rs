@@ -1,0 +1,281 @@
+//! Parity checks and the benchmark of the fused attention kernels (`attention.cu`).
+
+use ferrotune_kernels::device::{FlashBwdWork, FlashShape, FLASH_BLOCK};
+use ferrotune_kernels::reference::attention::{self as rattn, Dims};
+
+use super::{time_ms, Checks, Gpu, Res, BF16_TOL};
+
+/// lse is fp32 but comes from bf16 products summed by the tensor cores and ex2/log2
+/// approximations: 1e-4 relative (the outputs that matter, O and the gradients, are bf16).
+const LSE_TOL: f64 = 1e-4;
+
+/// Segment ids of one row of `t` tokens: samples of the given lengths, then one padding segment.
+fn row_segments(t: usize, lens: &[usize]) -> Vec<u32> {
+    let mut s = Vec::with_capacity(t);
+    for (id, &len) in lens.iter().enumerate() {
+        s.extend(std::iter::repeat_n(id as u32, len));
+    }
+    assert!(s.len() <= t, "sample lengths exceed the row");
+    let pad = lens.len() as u32;
+    s.resize(t, pad);
+    s
+}
+
+/// The block classification `flash_seg_blocks` must produce.
+fn seg_blocks_ref(seg: &[u32], batch: usize, t: usize) -> Vec<u32> {
+    let nb = t.div_ceil(FLASH_BLOCK);
+    let mut out = Vec::with_capacity(batch * nb * 2);
+    for b in 0..batch {
+        for kb in 0..nb {
+            let toks = &seg[b * t + kb * FLASH_BLOCK..b * t + ((kb + 1) * FLASH_BLOCK).min(t)];
+            out.push(toks[0]);
+            out.push(toks.iter().all(|&s| s == toks[0]) as u32);
+        }
+    }
+    out
+}
+
+struct Case {
+    shape: FlashShape,
+    /// Sample lengths per batch row (the rest of the row is padding).
+    rows: Vec<Vec<usize>>,
+}
+
+fn cases() -> Vec<Case> {
+    let s = |batch, seq, heads, kv_heads, head_dim, window| FlashShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        window,
+    };
+    vec![
+        // Llama-3 head size, GQA group 4, T not a multiple of 64, packed samples in row 1.
+        Case {
+            shape: s(2, 200, 8, 2, 128, 0),
+            rows: vec![vec![200], vec![70, 1, 79, 30]],
+        },
+        // Sliding window (Mistral), head_dim 64, boundaries inside and on block edges.
+        Case {
+            shape: s(2, 130, 8, 2, 64, 40),
+            rows: vec![vec![64, 64, 2], vec![130]],
+        },
+        // Block-aligned samples: whole tiles skipped by segment, tiles fully visible.
+        Case {
+            shape: s(2, 256, 4, 1, 128, 0),
+            rows: vec![vec![64, 128, 64], vec![256]],
+        },
+        // head_dim 16 (the small test models), padded to the 64-wide kernels.
+        Case {
+            shape: s(2, 77, 8, 2, 16, 0),
+            rows: vec![vec![30, 30], vec![77]],
+        },
+        // head_dim 96 (padded to 128), no GQA, long window crossing samples.
+        Case {
+            shape: s(1, 300, 4, 4, 96, 100),
+            rows: vec![vec![150, 140]],
+        },
+        // Tiny: a single token, and a row shorter than a block.
+        Case {
+            shape: s(2, 1, 4, 2, 64, 0),
+            rows: vec![vec![1], vec![1]],
+        },
+        Case {
+            shape: s(1, 9, 4, 2, 32, 3),
+            rows: vec![vec![4, 5]],
+        },
+    ]
+}
+
+pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for case in cases() {
+        let s = case.shape;
+        let dims = Dims {
+            batch: s.batch,
+            seq: s.seq,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+            window: s.window,
+        };
+        let tag = format!(
+            "B{} T{} H{}/{} d{} w{} rows {:?}",
+            s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.window, case.rows
+        );
+        let seg: Vec<u32> = case
+            .rows
+            .iter()
+            .flat_map(|lens| row_segments(s.seq, lens))
+            .collect();
+        let q = g.randn_bf16(s.q_len(), 1.0);
+        let k = g.randn_bf16(s.kv_len(), 1.0);
+        let v = g.randn_bf16(s.kv_len(), 1.0);
+        let d_o = g.randn_bf16(s.q_len(), 1.0);
+        let (qd, kd, vd, dod) = (
+            g.up_bf16(&q)?,
+            g.up_bf16(&k)?,
+            g.up_bf16(&v)?,
+            g.up_bf16(&d_o)?,
+        );
+        let segd = g.up(&seg)?;
+        let mut blk = g.up(&vec![u32::MAX; s.seg_blocks_len()])?;
+        g.k.flash_seg_blocks(&g.stream, &s, &segd.as_view(), &mut blk.as_view_mut())?;
+        c.exact(
+            &format!("flash_seg_blocks {tag}"),
+            &g.down(&blk)?,
+            &seg_blocks_ref(&seg, s.batch, s.seq),
+        );
+
+        let mut o = g.poison_bf16(s.q_len())?;
+        let mut lse = g.poison_f32(s.lse_len())?;
+        g.k.flash_attn_fwd(
+            &g.stream,
+            &s,
+            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+            &segd.as_view(),
+            &blk.as_view(),
+            &mut o.as_view_mut(),
+            &mut lse.as_view_mut(),
+        )?;
+        let (o_ref, lse_ref) = rattn::forward(&q, &k, &v, &seg, &dims);
+        c.close(
+            &format!("flash_fwd o {tag}"),
+            &g.down_bf16(&o)?,
+            &o_ref,
+            BF16_TOL,
+        );
+        c.close(
+            &format!("flash_fwd lse {tag}"),
+            &g.down(&lse)?,
+            &lse_ref,
+            LSE_TOL,
+        );
+
+        let mut delta = g.poison_f32(s.lse_len())?;
+        let mut dq_acc = g.poison_f32(s.q_len())?;
+        let mut dq = g.poison_bf16(s.q_len())?;
+        let mut dk = g.poison_bf16(s.kv_len())?;
+        let mut dv = g.poison_bf16(s.kv_len())?;
+        g.k.flash_attn_bwd(
+            &g.stream,
+            &s,
+            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+            (&o.as_view(), &dod.as_view(), &lse.as_view()),
+            &segd.as_view(),
+            &blk.as_view(),
+            FlashBwdWork {
+                delta: &mut delta.as_view_mut(),
+                dq_acc: &mut dq_acc.as_view_mut(),
+            },
+            (
+                &mut dq.as_view_mut(),
+                &mut dk.as_view_mut(),
+                &mut dv.as_view_mut(),
+            ),
+        )?;
+        let (dq_ref, dk_ref, dv_ref) = rattn::backward(&q, &k, &v, &d_o, &seg, &dims);
+        for (name, got, want) in [
+            ("dq", &dq, &dq_ref),
+            ("dk", &dk, &dk_ref),
+            ("dv", &dv, &dv_ref),
+        ] {
+            c.close(
+                &format!("flash_bwd {name} {tag}"),
+                &g.down_bf16(got)?,
+                want,
+                BF16_TOL,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Times forward and backward at Llama-3-8B (d 128) and Llama-3.2-1B (d 64) attention shapes,
+/// batch 2 x 2048: one sample per row (the causal triangle), and rows packed with 8 samples
+/// (segment skipping). TFLOP/s count the causal work of one unpacked row: forward
+/// 2·2·B·H·T²·d/2, backward 2.5× that.
+pub fn bench(g: &mut Gpu) -> Res<()> {
+    println!("\nbench-attn (CUDA events, median of 20 after 3 warm-ups)");
+    for (name, heads, kv_heads, head_dim) in [("llama3-8b", 32, 8, 128), ("llama3.2-1b", 32, 8, 64)]
+    {
+        for samples in [1usize, 8] {
+            let s = FlashShape {
+                batch: 2,
+                seq: 2048,
+                heads,
+                kv_heads,
+                head_dim,
+                window: 0,
+            };
+            let lens = vec![s.seq / samples; samples];
+            let seg: Vec<u32> = (0..s.batch)
+                .flat_map(|_| row_segments(s.seq, &lens))
+                .collect();
+            let qd = g.rand_bf16_dev(s.q_len(), 1.0)?;
+            let kd = g.rand_bf16_dev(s.kv_len(), 1.0)?;
+            let vd = g.rand_bf16_dev(s.kv_len(), 1.0)?;
+            let dod = g.rand_bf16_dev(s.q_len(), 1.0)?;
+            let segd = g.up(&seg)?;
+            let mut blk = g.up(&vec![0u32; s.seg_blocks_len()])?;
+            let mut o = g.poison_bf16(s.q_len())?;
+            let mut lse = g.poison_f32(s.lse_len())?;
+            let mut delta = g.poison_f32(s.lse_len())?;
+            let mut dq_acc = g.poison_f32(s.q_len())?;
+            let mut dq = g.poison_bf16(s.q_len())?;
+            let mut dk = g.poison_bf16(s.kv_len())?;
+            let mut dv = g.poison_bf16(s.kv_len())?;
+            let fwd_ms = time_ms(g, || {
+                g.k.flash_seg_blocks(&g.stream, &s, &segd.as_view(), &mut blk.as_view_mut())?;
+                g.k.flash_attn_fwd(
+                    &g.stream,
+                    &s,
+                    (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+                    &segd.as_view(),
+                    &blk.as_view(),
+                    &mut o.as_view_mut(),
+                    &mut lse.as_view_mut(),
+                )?;
+                Ok(())
+            })?;
+            let bwd_ms = time_ms(g, || {
+                g.k.flash_attn_bwd(
+                    &g.stream,
+                    &s,
+                    (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+                    (&o.as_view(), &dod.as_view(), &lse.as_view()),
+                    &segd.as_view(),
+                    &blk.as_view(),
+                    FlashBwdWork {
+                        delta: &mut delta.as_view_mut(),
+                        dq_acc: &mut dq_acc.as_view_mut(),
+                    },
+                    (
+                        &mut dq.as_view_mut(),
+                        &mut dk.as_view_mut(),
+                        &mut dv.as_view_mut(),
+                    ),
+                )?;
+                Ok(())
+            })?;
+            let (b, h, t, d) = (
+                s.batch as f64,
+                s.heads as f64,
+                s.seq as f64,
+                s.head_dim as f64,
+            );
+            let fwd_flop = 2.0 * 2.0 * b * h * t * t * d / 2.0;
+            let bwd_flop = 2.5 * fwd_flop;
+            let tf = |flop: f64, ms: f32| flop / (ms as f64 * 1e-3) / 1e12;
+            println!(
+                "bench-attn {name:<12} B2 T2048 H{heads}/{kv_heads} d{head_dim} samples/row {samples}: \
+                 fwd {fwd_ms:>7.3} ms {:>6.1} TFLOP/s   bwd {bwd_ms:>7.3} ms {:>6.1} TFLOP/s   \
+                 fwd+bwd {:>7.3} ms",
+                tf(fwd_flop, fwd_ms),
+                tf(bwd_flop, bwd_ms),
+                fwd_ms + bwd_ms
+            );
+        }
+    }
+    Ok(())
+}

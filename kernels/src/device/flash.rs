@@ -1,0 +1,387 @@
+//! Launchers of the fused causal GQA attention (`cuda/attention.cu`, FlashAttention-2 style).
+//!
+//! Forward: [`Kernels::flash_seg_blocks`] classifies the 64-token blocks of each row by packed
+//! segment once per batch (the attention kernels skip the key blocks of other samples), then
+//! [`Kernels::flash_attn_fwd`] writes O and the per-(row, head) logsumexp. Backward:
+//! [`Kernels::flash_attn_bwd`] runs the three kernels (delta = rowsum(dO ⊙ O) and dQ-accumulator
+//! reset; dK/dV per key block with dQ by fp32 atomics; dQ to bf16) from O and the logsumexp —
+//! it never needs the forward's scores.
+
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaFunction, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+};
+
+use super::{aligned16, bf16, check_len, grid, launch, shape, to_i32, Kernels, THREADS};
+use crate::KernelError;
+
+/// Queries per query block = keys per key block of every attention kernel (FA_BLOCK).
+pub const FLASH_BLOCK: usize = 64;
+/// Largest head dimension the kernels take (tiles are 64 or 128 wide; d is zero-padded).
+pub const FLASH_MAX_HEAD_DIM: usize = 128;
+
+/// Threads per CTA: forward 4 warps (16 query rows each), backward 8 warps.
+const FWD_THREADS: u32 = 128;
+const BWD_THREADS: u32 = 256;
+
+pub(super) struct FlashFunctions {
+    seg_blocks: CudaFunction,
+    /// Indexed by [`FlashShape::tile`]: 0 → d ≤ 64, 1 → d ≤ 128.
+    fwd: [CudaFunction; 2],
+    bwd: [CudaFunction; 2],
+    bwd_prep: CudaFunction,
+    dq_convert: CudaFunction,
+}
+
+/// Dynamic shared memory of the backward kernel with tiles `width` wide: K, V, Q, dO tiles
+/// [64][width] and Pᵀ, dSᵀ [64][64] in bf16, lse and delta of a query block in fp32.
+fn bwd_smem_bytes(width: usize) -> usize {
+    (4 * FLASH_BLOCK * width + 2 * FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * FLASH_BLOCK * 4
+}
+
+const WIDTHS: [usize; 2] = [64, 128];
+
+impl FlashFunctions {
+    pub(super) fn load(
+        get: impl Fn(&str) -> Result<CudaFunction, KernelError>,
+    ) -> Result<Self, KernelError> {
+        let bwd = [get("flash_bwd_d64")?, get("flash_bwd_d128")?];
+        // More than the 48 KiB of static shared memory: every sm_80+ GPU allows ≥ 99 KiB per
+        // block once the kernel opts in.
+        for (f, width) in bwd.iter().zip(WIDTHS) {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bwd_smem_bytes(width) as i32,
+            )?;
+        }
+        Ok(Self {
+            seg_blocks: get("flash_seg_blocks")?,
+            fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
+            bwd,
+            bwd_prep: get("flash_bwd_prep")?,
+            dq_convert: get("flash_dq_convert")?,
+        })
+    }
+}
+
+/// Shapes of one attention call. q/o are `[batch·seq, heads·head_dim]`, k/v
+/// `[batch·seq, kv_heads·head_dim]` (token-major bf16); query head h reads kv head
+/// `h / (heads / kv_heads)`; key j is visible from query i iff `j <= i`, same segment id and
+/// (`window == 0` or `i - j < window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Mistral's sliding window (0: none).
+    pub window: usize,
+}
+
+impl FlashShape {
+    /// Why these kernels cannot run a model with this head dimension, if they cannot.
+    pub fn head_dim_unsupported(head_dim: usize) -> Option<String> {
+        (head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > FLASH_MAX_HEAD_DIM).then(|| {
+            format!(
+                "head_dim {head_dim}: the fused attention kernels take a multiple of 8 up to \
+                 {FLASH_MAX_HEAD_DIM}"
+            )
+        })
+    }
+
+    /// 64-token blocks per row.
+    pub fn blocks(&self) -> usize {
+        self.seq.div_ceil(FLASH_BLOCK)
+    }
+    /// Elements of the block classification buffer ([`Kernels::flash_seg_blocks`]).
+    pub fn seg_blocks_len(&self) -> usize {
+        self.batch * self.blocks() * 2
+    }
+    /// Elements of the logsumexp (and delta) buffers, `[batch, heads, seq]` fp32.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.seq
+    }
+    /// Elements of q, o, dq and the fp32 dQ accumulator.
+    pub fn q_len(&self) -> usize {
+        self.batch * self.seq * self.heads * self.head_dim
+    }
+    /// Elements of k, v, dk, dv.
+    pub fn kv_len(&self) -> usize {
+        self.batch * self.seq * self.kv_heads * self.head_dim
+    }
+    /// 1/√d, the softmax scale.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// Which kernel width serves this head_dim (0: 64, 1: 128).
+    fn tile(&self) -> usize {
+        usize::from(self.head_dim > 64)
+    }
+
+    fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
+        if let Some(why) = Self::head_dim_unsupported(self.head_dim) {
+            return Err(shape(kernel, why));
+        }
+        if self.kv_heads == 0 || self.heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(shape(
+                kernel,
+                format!(
+                    "heads {} must be a positive multiple of kv_heads {}",
+                    self.heads, self.kv_heads
+                ),
+            ));
+        }
+        if self.heads > 65535 || self.batch > 65535 {
+            return Err(shape(kernel, "heads and batch must be at most 65535"));
+        }
+        to_i32(kernel, "seq", self.seq)?;
+        to_i32(kernel, "window", self.window)?;
+        to_i32(kernel, "heads·head_dim", self.heads * self.head_dim)?;
+        Ok(())
+    }
+
+    fn args(&self) -> (i32, i32, i32, i32, i32) {
+        (
+            self.seq as i32,
+            self.heads as i32,
+            self.kv_heads as i32,
+            self.head_dim as i32,
+            self.window as i32,
+        )
+    }
+}
+
+/// The fp32 workspaces of the backward.
+pub struct FlashBwdWork<'a, 'b> {
+    /// `[batch, heads, seq]`: rowsum(dO ⊙ O).
+    pub delta: &'a mut CudaViewMut<'b, f32>,
+    /// `[batch·seq, heads·head_dim]`: dQ accumulated over key blocks (reset by the backward).
+    pub dq_acc: &'a mut CudaViewMut<'b, f32>,
+}
+
+impl Kernels {
+    /// Classifies the 64-token blocks of every row by segment: `blk[(b·blocks + i)·2]` = segment
+    /// id of the block's first token, `+1` = 1 when all of its tokens (up to seq) share it.
+    /// Run once per batch, before the attention kernels of that batch.
+    pub fn flash_seg_blocks(
+        &self,
+        stream: &CudaStream,
+        shape_: &FlashShape,
+        segment_ids: &CudaView<u32>,
+        blk: &mut CudaViewMut<u32>,
+    ) -> Result<(), KernelError> {
+        const K: &str = "flash_seg_blocks";
+        shape_.check(K)?;
+        check_len(
+            K,
+            "segment_ids",
+            segment_ids.len(),
+            shape_.batch * shape_.seq,
+        )?;
+        check_len(K, "blk", blk.len(), shape_.seg_blocks_len())?;
+        let warps = shape_.batch * shape_.blocks();
+        if warps == 0 {
+            return Ok(());
+        }
+        let (b_i, t_i) = (shape_.batch as i32, shape_.seq as i32);
+        let mut a = stream.launch_builder(&self.f.flash.seg_blocks);
+        a.arg(segment_ids).arg(blk).arg(&b_i).arg(&t_i);
+        launch(
+            a,
+            super::cfg(grid(warps, (THREADS / 32) as usize, u32::MAX), (THREADS, 1)),
+        )
+    }
+
+    /// `o = softmax(q·kᵀ/√d + mask)·v` and `lse[b, h, i]` = logsumexp of the masked, scaled
+    /// scores of query i (natural log), which the backward needs. `blk` from
+    /// [`Kernels::flash_seg_blocks`] for the same `segment_ids`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_fwd(
+        &self,
+        stream: &CudaStream,
+        s: &FlashShape,
+        (q, k, v): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>),
+        segment_ids: &CudaView<u32>,
+        blk: &CudaView<u32>,
+        o: &mut CudaViewMut<bf16>,
+        lse: &mut CudaViewMut<f32>,
+    ) -> Result<(), KernelError> {
+        const K: &str = "flash_attn_fwd";
+        s.check(K)?;
+        check_len(K, "q", q.len(), s.q_len())?;
+        check_len(K, "o", o.len(), s.q_len())?;
+        check_len(K, "k", k.len(), s.kv_len())?;
+        check_len(K, "v", v.len(), s.kv_len())?;
+        check_len(K, "lse", lse.len(), s.lse_len())?;
+        check_len(K, "segment_ids", segment_ids.len(), s.batch * s.seq)?;
+        check_len(K, "blk", blk.len(), s.seg_blocks_len())?;
+        aligned16(K, "q", q, stream)?;
+        aligned16(K, "k", k, stream)?;
+        aligned16(K, "v", v, stream)?;
+        aligned16(K, "o", &*o, stream)?;
+        if s.batch == 0 || s.seq == 0 {
+            return Ok(());
+        }
+        let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
+        let scale_log2 = s.scale() * std::f32::consts::LOG2_E;
+        let mut a = stream.launch_builder(&self.f.flash.fwd[s.tile()]);
+        a.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(o)
+            .arg(lse)
+            .arg(segment_ids)
+            .arg(blk);
+        a.arg(&t_i)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&d_i)
+            .arg(&w_i)
+            .arg(&scale_log2);
+        let config = LaunchConfig {
+            grid_dim: (s.blocks() as u32, s.heads as u32, s.batch as u32),
+            block_dim: (FWD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(a, config)
+    }
+
+    /// Gradients of [`Kernels::flash_attn_fwd`]: `dq`, `dk`, `dv` overwritten (dk/dv summed over
+    /// each kv head's group) from the forward's `o` and `lse` and the output gradient `d_o`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attn_bwd(
+        &self,
+        stream: &CudaStream,
+        s: &FlashShape,
+        (q, k, v): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<bf16>),
+        (o, d_o, lse): (&CudaView<bf16>, &CudaView<bf16>, &CudaView<f32>),
+        segment_ids: &CudaView<u32>,
+        blk: &CudaView<u32>,
+        work: FlashBwdWork<'_, '_>,
+        (dq, dk, dv): (
+            &mut CudaViewMut<bf16>,
+            &mut CudaViewMut<bf16>,
+            &mut CudaViewMut<bf16>,
+        ),
+    ) -> Result<(), KernelError> {
+        const K: &str = "flash_attn_bwd";
+        s.check(K)?;
+        for (what, len) in [("q", q.len()), ("o", o.len()), ("d_o", d_o.len())] {
+            check_len(K, what, len, s.q_len())?;
+        }
+        check_len(K, "dq", dq.len(), s.q_len())?;
+        check_len(K, "dq_acc", work.dq_acc.len(), s.q_len())?;
+        for (what, len) in [("k", k.len()), ("v", v.len())] {
+            check_len(K, what, len, s.kv_len())?;
+        }
+        check_len(K, "dk", dk.len(), s.kv_len())?;
+        check_len(K, "dv", dv.len(), s.kv_len())?;
+        check_len(K, "lse", lse.len(), s.lse_len())?;
+        check_len(K, "delta", work.delta.len(), s.lse_len())?;
+        check_len(K, "segment_ids", segment_ids.len(), s.batch * s.seq)?;
+        check_len(K, "blk", blk.len(), s.seg_blocks_len())?;
+        aligned16(K, "q", q, stream)?;
+        aligned16(K, "k", k, stream)?;
+        aligned16(K, "v", v, stream)?;
+        aligned16(K, "o", o, stream)?;
+        aligned16(K, "d_o", d_o, stream)?;
+        aligned16(K, "dq_acc", &*work.dq_acc, stream)?;
+        aligned16(K, "dq", &*dq, stream)?;
+        aligned16(K, "dk", &*dk, stream)?;
+        aligned16(K, "dv", &*dv, stream)?;
+        if s.batch == 0 || s.seq == 0 {
+            return Ok(());
+        }
+        let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
+        let tokens = s.batch * s.seq;
+        let n_i = to_i32(K, "batch·seq", tokens)?;
+
+        // 1. delta and the dQ accumulator reset: one warp per (token, head).
+        let mut a = stream.launch_builder(&self.f.flash.bwd_prep);
+        a.arg(o)
+            .arg(d_o)
+            .arg(&mut *work.delta)
+            .arg(&mut *work.dq_acc);
+        a.arg(&n_i).arg(&t_i).arg(&h_i).arg(&d_i);
+        let warps_per_block = (THREADS / 32) as usize;
+        launch(
+            a,
+            super::cfg(
+                grid(tokens * s.heads, warps_per_block, self.stride_cap() * 4),
+                (THREADS, 1),
+            ),
+        )?;
+
+        // 2. dK, dV per key block; dQ into the accumulator.
+        let scale = s.scale();
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let mut a = stream.launch_builder(&self.f.flash.bwd[s.tile()]);
+        a.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(d_o)
+            .arg(lse)
+            .arg(&mut *work.delta);
+        a.arg(&mut *work.dq_acc).arg(&mut *dk).arg(&mut *dv);
+        a.arg(segment_ids).arg(blk);
+        a.arg(&t_i)
+            .arg(&h_i)
+            .arg(&hkv_i)
+            .arg(&d_i)
+            .arg(&w_i)
+            .arg(&scale_log2)
+            .arg(&scale);
+        let config = LaunchConfig {
+            grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
+            block_dim: (BWD_THREADS, 1, 1),
+            shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()]) as u32,
+        };
+        launch(a, config)?;
+
+        // 3. dq = bf16(scale · dq_acc).
+        let n = s.q_len();
+        let n_l = n as i64;
+        let mut a = stream.launch_builder(&self.f.flash.dq_convert);
+        a.arg(&mut *work.dq_acc).arg(&mut *dq).arg(&n_l).arg(&scale);
+        launch(
+            a,
+            super::cfg(
+                grid(n / 8, THREADS as usize, self.stride_cap()),
+                (THREADS, 1),
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_dims_and_buffer_sizes() {
+        for d in [16, 32, 64, 80, 96, 128] {
+            assert!(FlashShape::head_dim_unsupported(d).is_none(), "{d}");
+        }
+        for d in [0, 12, 136, 256] {
+            assert!(FlashShape::head_dim_unsupported(d).is_some(), "{d}");
+        }
+        let s = FlashShape {
+            batch: 2,
+            seq: 130,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 96,
+            window: 0,
+        };
+        assert_eq!(s.blocks(), 3);
+        assert_eq!(s.seg_blocks_len(), 12);
+        assert_eq!(s.lse_len(), 2 * 8 * 130);
+        assert_eq!(s.tile(), 1);
+        assert!(s.check("t").is_ok());
+        assert!(FlashShape { kv_heads: 3, ..s }.check("t").is_err());
+        // The backward's shared memory fits the 99 KiB opt-in limit of sm_86/sm_89.
+        assert!(bwd_smem_bytes(128) <= 99 * 1024);
+    }
+}
