@@ -5,6 +5,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod optimizer_state;
 pub mod select;
 
 use anyhow::Result;

@@ -26,6 +26,7 @@ use rand_chacha::ChaCha8Rng;
 use self::layer::{BiasSlot, LayerCache, LayerWeights, PassCtx, Proj};
 use self::params::Param;
 use crate::cli::choices::{Bias, GradientCheckpointing};
+use crate::engine::optimizer_state::{self, EngineCounters};
 use crate::engine::{Backend, Batch, HostTensor, PassStats};
 use crate::job::{JobConfig, PROJECTIONS};
 use crate::model::{Model, ModelConfig};
@@ -97,9 +98,6 @@ pub struct CpuBackend {
     /// optimizer state so a resumed run draws the same masks).
     passes: u64,
 }
-
-/// Key under which [`CpuBackend::export_optimizer`] stores the engine's own counters.
-const ENGINE_STATE_KEY: &str = "cpu_engine";
 
 impl CpuBackend {
     /// Builds the backend for a job: LoRA settings from its flags, the optimizer `--optim` names.
@@ -504,11 +502,10 @@ impl Backend for CpuBackend {
 
     fn export_optimizer(&self) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
         let (tensors, scalars) = self.optimizer.export_state();
-        let json = serde_json::json!({
-            "optimizer": scalars,
-            ENGINE_STATE_KEY: { "passes": self.passes },
-        });
-        Ok((tensors, json))
+        let counters = EngineCounters {
+            forward_passes: Some(self.passes),
+        };
+        Ok((tensors, optimizer_state::pack(scalars, counters)))
     }
 
     fn import_optimizer(
@@ -516,16 +513,9 @@ impl Backend for CpuBackend {
         tensors: &[(String, HostTensor)],
         scalars: &serde_json::Value,
     ) -> Result<()> {
-        let passes = scalars
-            .get(ENGINE_STATE_KEY)
-            .and_then(|e| e.get("passes"))
-            .and_then(serde_json::Value::as_u64)
-            .context("optimizer state has no cpu_engine.passes (written by another backend?)")?;
-        let opt = scalars
-            .get("optimizer")
-            .context("optimizer state has no \"optimizer\" scalars")?;
+        let (opt, counters) = optimizer_state::unpack(scalars)?;
         self.optimizer.import_state(tensors, opt)?;
-        self.passes = passes;
+        self.passes = optimizer_state::resumed_passes(counters, self.options.lora_dropout);
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 //! - Every product through cuBLASLt ([`gemm`]), bf16 operands with fp32 accumulation, LoRA
 //!   low-rank first ([`linear`]); frozen weights never get a gradient.
 //! - Own kernels (`ferrotune-kernels`, compiled with NVRTC at start and cached on disk) for
-//!   RMSNorm, RoPE, SwiGLU, fused flash-style attention, chunked cross-entropy, AdamW, grad norm.
+//!   RMSNorm, RoPE, SwiGLU, the masked attention softmax, chunked cross-entropy, AdamW, grad norm.
 //! - Activations preallocated per batch shape ([`buffers`]); the backward updates one residual
 //!   gradient buffer in place; `--use_gradient_checkpointing` recomputes each layer from its
 //!   input.
@@ -36,7 +36,7 @@ use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::cli::choices::{Bias, GradientCheckpointing};
 use crate::engine::cpu::{kaiming_uniform, rope::Rope, trainable_shapes, EngineOptions};
-use crate::engine::{Backend, Batch, HostTensor, MemoryStats, PassStats, IGNORE};
+use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, PassStats, IGNORE};
 use crate::job::{JobConfig, PROJECTIONS};
 use crate::model::ModelConfig;
 
@@ -459,9 +459,10 @@ impl CudaBackend {
         attention::forward(
             &s,
             &self.kernels,
+            &mut self.gemm,
             &dims,
-            (&a.q, &a.k, &a.v),
-            (&mut a.attn, &mut a.lse),
+            (qp, kp, vp),
+            ptr16(&a.attn),
             &b.segments,
             &mut b.attn,
         )?;
@@ -562,11 +563,11 @@ impl CudaBackend {
         attention::backward(
             &s,
             &self.kernels,
+            g,
             &dims,
-            (&a.q, &a.k, &a.v),
-            (&a.attn, &a.lse),
-            &b.d_attn,
-            (&mut b.dq, &mut b.dk, &mut b.dv),
+            (p16(&a.q), p16(&a.k), p16(&a.v)),
+            p16(&b.d_attn),
+            (p16(&b.dq), p16(&b.dk), p16(&b.dv)),
             &b.segments,
             &mut b.attn,
         )?;
@@ -862,7 +863,6 @@ fn check_supported(cfg: &ModelConfig, o: &EngineOptions) -> Result<()> {
             && cfg.head_dim.is_multiple_of(8),
         "the cuda engine needs hidden_size, intermediate_size and head_dim to be multiples of 8"
     );
-    attention::check_supported(cfg.head_dim)?;
     Ok(())
 }
 
@@ -897,7 +897,9 @@ impl Backend for CudaBackend {
 
     fn export_optimizer(&self) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
         let (tensors, scalars) = self.train.export_optimizer(&self.stream)?;
-        Ok((tensors, serde_json::json!({ "optimizer": scalars })))
+        // The engine-neutral format; no forward-pass count: this engine draws no dropout masks.
+        let counters = optimizer_state::EngineCounters::default();
+        Ok((tensors, optimizer_state::pack(scalars, counters)))
     }
 
     fn import_optimizer(
@@ -905,9 +907,7 @@ impl Backend for CudaBackend {
         tensors: &[(String, HostTensor)],
         scalars: &serde_json::Value,
     ) -> Result<()> {
-        let opt = scalars
-            .get("optimizer")
-            .context("optimizer state has no \"optimizer\" scalars")?;
+        let (opt, _counters) = optimizer_state::unpack(scalars)?;
         self.train.import_optimizer(&self.stream, tensors, opt)
     }
 

@@ -541,7 +541,7 @@ fn dropout_state_resumes_exactly_through_the_optimizer_state() {
     }
     let params = first.export_trainable().unwrap();
     let (tensors, scalars) = first.export_optimizer().unwrap();
-    assert_eq!(scalars["cpu_engine"]["passes"], 2);
+    assert_eq!(scalars["engine"]["forward_passes"], 2);
     let mut resumed = backend(dir.path(), opts);
     resumed.import_trainable(&params).unwrap();
     resumed.import_optimizer(&tensors, &scalars).unwrap();
@@ -559,6 +559,73 @@ fn dropout_state_resumes_exactly_through_the_optimizer_state() {
     );
     fresh.import_trainable(&params).unwrap();
     assert_ne!(fresh.forward_backward(&batch, 1.0).unwrap(), a);
+}
+
+/// A checkpoint written by the cpu engine, re-shaped as the cuda engine writes its state (the
+/// same optimizer blob, no forward-pass count), restores into a fresh cpu backend through the
+/// checkpoint files and continues exactly.
+#[test]
+fn optimizer_state_moves_between_engines_through_a_checkpoint() {
+    use crate::engine::optimizer_state::{pack, unpack, EngineCounters};
+    use crate::optim::{param_specs, AdamW};
+    let dir = tempfile::tempdir().unwrap();
+    write_random_model(dir.path(), &TinySpec::default(), 12).unwrap();
+    let adamw = || {
+        let model = Model::load(dir.path()).unwrap();
+        let shapes = super::trainable_shapes(&model.config, &options()).unwrap();
+        let opt = Box::new(AdamW::new(param_specs(&shapes, 0.01)));
+        CpuBackend::new(model, options(), opt).unwrap()
+    };
+    let batch = packed_batch(96, 3);
+    let mut first = adamw();
+    randomise_b(&mut first, 5);
+    for _ in 0..2 {
+        first.forward_backward(&batch, 1.0).unwrap();
+        first.optimizer_step(1e-2, 1.0).unwrap();
+    }
+    let (tensors, scalars) = first.export_optimizer().unwrap();
+    let (blob, _) = unpack(&scalars).unwrap();
+    let cuda_shaped = pack(blob.clone(), EngineCounters::default());
+    assert!(cuda_shaped["engine"].get("forward_passes").is_none());
+
+    let out = tempfile::tempdir().unwrap();
+    let saved = crate::checkpoint::save(
+        out.path(),
+        &crate::checkpoint::Snapshot {
+            global_step: 2,
+            adapter: first.export_trainable().unwrap(),
+            adapter_config: b"{}".to_vec(),
+            model_card: String::new(),
+            optimizer_tensors: tensors,
+            optimizer_scalars: cuda_shaped,
+            trainer_state: json!({}),
+            training_state: json!({}),
+            training_args: json!({}),
+        },
+    )
+    .unwrap();
+    let loaded = crate::checkpoint::load(&saved).unwrap();
+    let mut resumed = adamw();
+    let wanted = resumed.trainable_shapes();
+    let adapter = crate::checkpoint::tensors::align(loaded.adapter, &wanted, "test").unwrap();
+    resumed.import_trainable(&adapter).unwrap();
+    resumed
+        .import_optimizer(&loaded.optimizer_tensors, &loaded.optimizer_scalars)
+        .unwrap();
+    for be in [&mut first, &mut resumed] {
+        be.forward_backward(&batch, 1.0).unwrap();
+        be.optimizer_step(1e-2, 1.0).unwrap();
+    }
+    assert_eq!(
+        first.export_trainable().unwrap(),
+        resumed.export_trainable().unwrap()
+    );
+    // The same optimizer state (the pass counts differ: the cuda-shaped state had none).
+    let optimizer = |be: &CpuBackend| {
+        let (tensors, scalars) = be.export_optimizer().unwrap();
+        (tensors, unpack(&scalars).unwrap().0.clone())
+    };
+    assert_eq!(optimizer(&first), optimizer(&resumed));
 }
 
 #[test]
