@@ -41,6 +41,10 @@
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f
 
+// The PTX wrappers. kernels/sim/attention_sim.cpp, which runs this file on the CPU (one OS
+// thread per CUDA thread) to check the index math without a GPU, defines FA_SIM and provides
+// its own versions with the ISA's semantics.
+#ifndef FA_SIM
 __device__ __forceinline__ u32 smem_u32(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
@@ -79,6 +83,7 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+#endif  // FA_SIM
 
 // Element (row, col) of a row-major shared tile W elements wide (W a multiple of 64), with the
 // 16-byte chunk index XOR-ed by row % 8: the 8 rows an ldmatrix phase reads (and the 8 chunks a
