@@ -17,19 +17,25 @@ fn bin() -> Command {
     cmd
 }
 
-/// A tiny model + tokenizer and the demo dataset in `dir`.
-fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("model");
+/// A tiny model directory with its tokenizer files, weights in `shards` files.
+fn tiny_model(model: &Path, shards: usize) {
     let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
     let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, 320).unwrap();
-    tiny_tokenizer::write_tokenizer_files(&model, &tokenizer, 512).unwrap();
+    tiny_tokenizer::write_tokenizer_files(model, &tokenizer, 512).unwrap();
     let spec = TinySpec {
         vocab_size: tokenizer.get_vocab_size(true),
         bos_token_id: tokenizer.token_to_id(tiny_tokenizer::BOS).unwrap(),
         eos_token_id: tokenizer.token_to_id(tiny_tokenizer::EOS).unwrap(),
+        shards,
         ..TinySpec::default()
     };
-    write_random_model(&model, &spec, 1).unwrap();
+    write_random_model(model, &spec, 1).unwrap();
+}
+
+/// A tiny model + tokenizer and the demo dataset in `dir`.
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("model");
+    tiny_model(&model, 1);
     let data = dir.join("train.jsonl");
     let rows: Vec<&str> = ferrotune::demo::DATASET.lines().take(40).collect();
     std::fs::write(&data, rows.join("\n") + "\n").unwrap();
@@ -269,6 +275,111 @@ fn a_missing_dataset_is_one_clear_error() {
     assert!(!out.status.success());
     assert!(err.contains("nope.jsonl"), "{err}");
     assert!(!tmp.path().join("o").join("checkpoint-2").exists());
+}
+
+#[test]
+fn resuming_on_other_data_names_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let out = tmp.path().join("out");
+    run_ok(&job_args(&model, &data, &out, 3));
+    let other = tmp.path().join("other.jsonl");
+    let rows: Vec<&str> = ferrotune::demo::DATASET.lines().skip(40).take(40).collect();
+    std::fs::write(&other, rows.join("\n") + "\n").unwrap();
+    let mut args = job_args(&model, &other, &out, 6);
+    args.push("--resume".into());
+    let run = bin().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{err}");
+    let changed = format!(
+        "--dataset {} (checkpoint: {})",
+        other.display(),
+        data.display()
+    );
+    assert!(
+        err.contains(&changed) && err.contains("new --output_dir"),
+        "{err}"
+    );
+    assert!(!out.join("checkpoint-6").exists());
+}
+
+/// Runs tests/python/fake_hub.py over `root`; returns it and its endpoint.
+fn fake_hub(root: &Path, token: &str) -> (std::process::Child, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fake_hub.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .arg(root)
+        .args(["--token", token])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs the fake hub");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().strip_prefix("PORT ").expect("PORT line");
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+#[test]
+fn an_uncached_model_id_is_downloaded_into_the_hf_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, data) = fixture(tmp.path());
+    let served = tmp.path().join("hub/org/tiny");
+    tiny_model(&served, 2);
+    let (mut server, endpoint) = fake_hub(&tmp.path().join("hub"), "secret");
+    let cache = tmp.path().join("cache");
+    let format = |id: &str, token: &str| {
+        bin()
+            .args(["format", "--model_name", id, "--dataset"])
+            .arg(&data)
+            .args(["--limit", "1"])
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_TOKEN", token)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap()
+    };
+    let requests = || std::fs::read_to_string(tmp.path().join("hub/requests.log")).unwrap();
+
+    let first = format("org/tiny", "secret");
+    let log = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{log}");
+    assert!(String::from_utf8_lossy(&first.stdout).contains("### Instruction"));
+    let repo = cache.join("models--org--tiny");
+    let rev = std::fs::read_to_string(repo.join("refs/main")).unwrap();
+    let snapshot = repo.join("snapshots").join(rev.trim());
+    for file in std::fs::read_dir(&served).unwrap() {
+        let file = file.unwrap();
+        assert_eq!(
+            std::fs::read(snapshot.join(file.file_name())).unwrap(),
+            std::fs::read(file.path()).unwrap(),
+            "{:?}",
+            file.file_name()
+        );
+    }
+    assert!(requests().contains("model-00002-of-00002.safetensors"));
+    // Cached now: a second run asks the hub nothing.
+    let asked = requests();
+    assert!(format("org/tiny", "secret").status.success());
+    assert_eq!(requests(), asked);
+
+    for (id, token, says) in [
+        ("org/missing", "secret", "HTTP 404"),
+        ("org/tiny2", "wrong", "HF_TOKEN"),
+    ] {
+        let failed = format(id, token);
+        let err = String::from_utf8_lossy(&failed.stderr);
+        assert!(!failed.status.success(), "{err}");
+        let looked = format!("models--{}", id.replace('/', "--"));
+        assert!(err.contains(&looked) && err.contains(says), "{err}");
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let offline = format("org/gone", "secret");
+    let err = String::from_utf8_lossy(&offline.stderr);
+    assert!(err.contains("cannot reach"), "{err}");
 }
 
 #[test]

@@ -208,12 +208,5 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
         "LoftQ initialisation",
     );
     need(job.lora.use_dora, "--use_dora", "DoRA adapters");
-    need(
-        std::path::Path::new(&job.model.model_name)
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf")),
-        "--model_name FILE.gguf as the base model",
-        "GGUF base models; pass a Hugging Face model directory",
-    );
     missing
 }

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod engine;
 pub mod export;
 pub mod gguf;
+pub mod hub;
 pub mod job;
 pub mod logging;
 pub mod model;

@@ -8,6 +8,7 @@ pub mod display;
 pub mod encode;
 #[cfg(test)]
 mod hf_parity;
+pub mod identity;
 pub mod pipeline;
 pub mod raw_text;
 pub mod sample;

@@ -2,6 +2,7 @@
 //! frozen weights (`weights`), and random model directories for tests and the demo (`tiny`).
 
 pub mod config;
+pub mod gguf_base;
 pub mod resolve;
 pub mod tiny;
 pub mod weights;
@@ -33,8 +34,8 @@ impl Model {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_file() {
             bail!(
-                "--model_name {}: GGUF base models are not supported by this build yet; pass a \
-                 Hugging Face model directory (config.json + safetensors)",
+                "{}: a file; a GGUF base model is read through --model_name (which dequantises it \
+                 into a model directory once), other files are not models",
                 path.display()
             );
         }

@@ -1,13 +1,16 @@
 //! `--model_name` → a local model directory (or GGUF file).
 //!
-//! Accepted forms, in order: an existing directory or `.gguf` file; an `org/name` id found in the
+//! Accepted forms, in order: an existing directory; a `.gguf` file, dequantised once into a model
+//! directory in ferrotune's cache ([`super::gguf_base`]); an `org/name` id found in the
 //! local Hugging Face hub cache (`models--org--name/refs/main` → `snapshots/<rev>/`); with
-//! `UNSLOTH_USE_MODELSCOPE=true`, an `org/name` id in ModelScope's local cache instead. This build
-//! does not download: an id that is not cached fails with one line naming every place it looked.
+//! `UNSLOTH_USE_MODELSCOPE=true`, an `org/name` id in ModelScope's local cache instead. An `org/name`
+//! id that is not cached is downloaded from the Hugging Face Hub into that cache ([`crate::hub`])
+//! unless `HF_HUB_OFFLINE` is set; when that fails too, one line names every place it looked and
+//! why the download failed.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// The environment the resolver reads, separated out so tests need not mutate process env.
 #[derive(Debug, Clone, Default)]
@@ -17,11 +20,23 @@ pub struct CacheEnv {
     pub use_modelscope: bool,
     pub modelscope_cache: Option<PathBuf>,
     pub home: Option<PathBuf>,
+    /// The Hub to download from on a cache miss (`HF_ENDPOINT`, else huggingface.co); `None`
+    /// means no downloads (`HF_HUB_OFFLINE`, and tests that must not touch the network).
+    pub hub_endpoint: Option<String>,
+    pub hf_token: Option<String>,
+    /// `XDG_CACHE_HOME`: ferrotune's own cache (dequantised GGUF base models) lives under it.
+    pub xdg_cache_home: Option<PathBuf>,
 }
 
 impl CacheEnv {
-    /// Reads `HF_HUB_CACHE`, `HF_HOME`, `UNSLOTH_USE_MODELSCOPE`, `MODELSCOPE_CACHE`, `HOME`.
+    /// Reads `HF_HUB_CACHE`, `HF_HOME`, `UNSLOTH_USE_MODELSCOPE`, `MODELSCOPE_CACHE`, `HOME`,
+    /// `HF_ENDPOINT`, `HF_HUB_OFFLINE` and the token ([`crate::hub::token_from_env`]).
     pub fn from_process() -> Self {
+        let flag = |key: &str| {
+            std::env::var(key).is_ok_and(|v| {
+                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+            })
+        };
         let path = |key: &str| {
             std::env::var_os(key)
                 .filter(|v| !v.is_empty())
@@ -30,11 +45,27 @@ impl CacheEnv {
         CacheEnv {
             hf_hub_cache: path("HF_HUB_CACHE"),
             hf_home: path("HF_HOME"),
-            use_modelscope: std::env::var("UNSLOTH_USE_MODELSCOPE")
-                .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes")),
+            use_modelscope: flag("UNSLOTH_USE_MODELSCOPE"),
             modelscope_cache: path("MODELSCOPE_CACHE"),
             home: path("HOME"),
+            hub_endpoint: (!flag("HF_HUB_OFFLINE")).then(|| {
+                std::env::var("HF_ENDPOINT")
+                    .ok()
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or_else(|| "https://huggingface.co".into())
+            }),
+            hf_token: crate::hub::token_from_env(),
+            xdg_cache_home: path("XDG_CACHE_HOME"),
         }
+    }
+
+    /// Where GGUF base models are dequantised to: `XDG_CACHE_HOME/ferrotune/gguf`, else
+    /// `~/.cache/ferrotune/gguf`.
+    pub fn gguf_cache_dir(&self) -> Option<PathBuf> {
+        self.xdg_cache_home
+            .clone()
+            .or_else(|| self.home.as_ref().map(|h| h.join(".cache")))
+            .map(|c| c.join("ferrotune").join("gguf"))
     }
 
     /// Hugging Face's hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -61,8 +92,15 @@ pub fn resolve_model(model_name: &str) -> Result<PathBuf> {
 /// Resolves `--model_name` with an explicit environment.
 pub fn resolve_model_with(model_name: &str, env: &CacheEnv) -> Result<PathBuf> {
     let as_path = Path::new(model_name);
-    if as_path.is_dir() || (as_path.is_file() && is_gguf(as_path)) {
+    if as_path.is_dir() {
         return Ok(as_path.to_path_buf());
+    }
+    if as_path.is_file() && is_gguf(as_path) {
+        let Some(cache) = env.gguf_cache_dir() else {
+            bail!("--model_name {model_name}: a GGUF base model is dequantised into a cache, but neither XDG_CACHE_HOME nor HOME is set");
+        };
+        return super::gguf_base::materialise(as_path, &cache)
+            .with_context(|| format!("--model_name {model_name}: cannot use this GGUF file"));
     }
     if as_path.is_file() {
         bail!("--model_name {model_name}: a file that is not .gguf; pass a model directory, a .gguf file or an org/name id");
@@ -92,16 +130,29 @@ pub fn resolve_model_with(model_name: &str, env: &CacheEnv) -> Result<PathBuf> {
             list(&looked)
         );
     }
-    if let Some(hub) = env.hf_hub_dir() {
+    let hub_dir = env.hf_hub_dir();
+    if let Some(hub) = &hub_dir {
         let repo = hub.join(format!("models--{org}--{name}"));
         if let Some(snapshot) = hf_snapshot(&repo) {
             return Ok(snapshot);
         }
         looked.push(repo);
     }
+    let download = match (&env.hub_endpoint, &hub_dir) {
+        (None, _) => "downloads are off (HF_HUB_OFFLINE)".to_string(),
+        (Some(_), None) => "no cache to download into (set HF_HOME)".to_string(),
+        (Some(endpoint), Some(hub)) => {
+            let client = crate::hub::Hub::new(endpoint, env.hf_token.clone());
+            tracing::info!("--model_name {model_name}: not cached; downloading from {endpoint}");
+            match client.download_model(&format!("{org}/{name}"), hub) {
+                Ok(snapshot) => return Ok(snapshot),
+                Err(e) => format!("downloading from {endpoint} failed: {e:#}"),
+            }
+        }
+    };
     bail!(
         "--model_name {model_name}: not a local directory and not in the Hugging Face cache (looked in {}; \
-         set HF_HUB_CACHE or HF_HOME to move it); this build does not download, so fetch it first \
+         set HF_HUB_CACHE or HF_HOME to move it), and {download}; fetch it first \
          (`huggingface-cli download {model_name}`) or pass a local model directory",
         list(&looked)
     )
@@ -215,7 +266,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("models--meta--llama") && err.contains("does not download"),
+            err.contains("models--meta--llama") && err.contains("downloads are off"),
             "{err}"
         );
         let err = resolve_model_with("not an id", &env)

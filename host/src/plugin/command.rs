@@ -49,15 +49,8 @@ pub fn format(args: FormatArgs) -> Result<()> {
         .into());
     }
     let job = crate::job::resolve(job, |_| false)?;
+    // A directory: GGUF files are dequantised into one (with their tokenizer) on the way.
     let model = crate::model::resolve::resolve_model(&job.model.model_name)?;
-    if !model.is_dir() {
-        return Err(UsageError::new(format!(
-            "ferrotune format --model_name {}: needs a model directory with tokenizer.json \
-             (a .gguf file is not supported here)",
-            job.model.model_name
-        ))
-        .into());
-    }
     let tokenizer = crate::data::TokenizerInfo::load(&model)?;
     let runtime = PluginRuntime::new(PluginLimits::from_job(&job))?;
     let config = match &job.plugins.formatter_config {

@@ -2,12 +2,14 @@
 //! `trainer_state.json` (transformers' `TrainerState`, for people and tools that read HF
 //! checkpoints) and `training_state.json` (what exact continuation needs).
 
+use std::collections::BTreeMap;
+
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::plan::Plan;
-use crate::data::DataPosition;
+use crate::data::{identity, DataPosition};
 use crate::job::JobConfig;
 use crate::optim::schedule::Schedule;
 
@@ -77,6 +79,10 @@ pub struct ResumeState {
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
     pub data_fingerprint: String,
+    /// The flags the data was made from (`crate::data::identity`), to name what changed when
+    /// the fingerprint does not match (absent in older checkpoints).
+    #[serde(default)]
+    pub data_settings: BTreeMap<String, String>,
 }
 
 impl ResumeState {
@@ -93,6 +99,7 @@ impl ResumeState {
             per_device_train_batch_size: job.training.per_device_train_batch_size,
             gradient_accumulation_steps: job.training.gradient_accumulation_steps,
             data_fingerprint: fingerprint.to_string(),
+            data_settings: identity::data_settings(job),
         }
     }
 
@@ -128,11 +135,8 @@ impl ResumeState {
             ));
         }
         if self.data_fingerprint != fingerprint {
-            diffs.push(
-                "the training data (dataset, formatter, template, --max_seq_length or --packing \
-                 changed)"
-                    .to_string(),
-            );
+            let now = identity::data_settings(job);
+            diffs.push(identity::describe_change(&self.data_settings, &now));
         }
         if !diffs.is_empty() {
             bail!(
