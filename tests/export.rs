@@ -2,6 +2,9 @@
 //! adapter are exported with the built binary; the merged model is compared with base + scale·B·A
 //! computed here, and every GGUF preset is checked by llama.cpp's own reader (the `gguf` Python
 //! package, tests/python/check_gguf.py). With CI=true a missing python3/gguf fails the test.
+//! The `merged_4bit` save is read back as bitsandbytes' serialised NF4 and dequantised with the
+//! kernels' reference (tests/python/check_bnb4.py loads it with transformers + bitsandbytes on
+//! the GPU machine: scripts/gpu/export_checks.sh).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -503,14 +506,6 @@ fn bad_exports_fail_with_one_clear_line_and_write_nothing() {
     assert_eq!(r.status.code(), Some(1));
     assert!(stderr(&r).contains("another base model"), "{}", stderr(&r));
 
-    let r = run(&adapter, &["--save_method", "merged_4bit"]);
-    assert_eq!(r.status.code(), Some(2));
-    assert!(
-        stderr(&r).contains("merged_4bit: not built yet"),
-        "{}",
-        stderr(&r)
-    );
-
     let r = run(&adapter, &["--save_gguf", "--quantization", "iq2_xxs"]);
     assert_eq!(r.status.code(), Some(2));
     assert!(stderr(&r).contains("iq2_xxs"), "{}", stderr(&r));
@@ -519,4 +514,362 @@ fn bad_exports_fail_with_one_clear_line_and_write_nothing() {
     assert_eq!(r.status.code(), Some(2));
     assert!(stderr(&r).contains("nothing to do"), "{}", stderr(&r));
     assert!(!out.join("model.safetensors").exists() && !out.join("base.Q8_0.gguf").exists());
+}
+
+/// Every tensor of a model directory as (safetensors dtype, shape, bytes), by name.
+fn read_raw(dir: &Path) -> HashMap<String, (Dtype, Vec<usize>, Vec<u8>)> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            let bytes = std::fs::read(&path).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            for (name, view) in st.tensors() {
+                out.insert(
+                    name,
+                    (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn merged_4bit_is_bitsandbytes_nf4_of_the_merged_16bit_model() {
+    use ferrotune_kernels::quant::{signed_map, NF4_LEVELS};
+    use ferrotune_kernels::reference::nf4::{dequantize_absmax, nf4_dequantize};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
+    let (out16, out4) = (tmp.path().join("out16"), tmp.path().join("out4"));
+    // Four layers make the 4-bit save (about 1.5 MB) span two 1 MB shards.
+    let spec = TinySpec {
+        num_hidden_layers: 4,
+        ..spec("llama", DType::BF16)
+    };
+    write_base(&base, &spec);
+    write_adapter(&adapter, &spec, 8, 0.05);
+    for (method, out, shard_mb) in [
+        ("merged_16bit", &out16, "5000"),
+        ("merged_4bit", &out4, "1"),
+    ] {
+        let r = ferrotune(&[
+            "export",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--save_method",
+            method,
+            "--save_path",
+            out.to_str().unwrap(),
+            "--max_shard_size_mb",
+            shard_mb,
+        ]);
+        assert!(r.status.success(), "{method}: {}", stderr(&r));
+    }
+    assert!(out4.join("model.safetensors.index.json").is_file());
+    for f in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out4.join(f).is_file(), "{f} missing");
+    }
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out4.join("config.json")).unwrap()).unwrap();
+    let q = &config["quantization_config"];
+    for (key, want) in [
+        ("quant_method", json!("bitsandbytes")),
+        ("load_in_4bit", json!(true)),
+        ("load_in_8bit", json!(false)),
+        ("bnb_4bit_quant_type", json!("nf4")),
+        ("bnb_4bit_use_double_quant", json!(true)),
+        ("bnb_4bit_compute_dtype", json!("bfloat16")),
+        ("bnb_4bit_quant_storage", json!("uint8")),
+    ] {
+        assert_eq!(q[key], want, "quantization_config.{key}");
+    }
+    assert_eq!(config["hidden_size"], 256, "the base config is kept");
+
+    let (m16, m4) = (read_raw(&out16), read_raw(&out4));
+    let mut linears = 0;
+    for (name, (dtype, shape, bytes)) in &m16 {
+        let is_linear = name.starts_with("model.layers.") && shape.len() == 2;
+        if !is_linear {
+            // Embeddings, norms and lm_head stay 16-bit, bit for bit the merged_16bit values.
+            assert_eq!(m4[name], (*dtype, shape.clone(), bytes.clone()), "{name}");
+            continue;
+        }
+        linears += 1;
+        let get = |suffix: &str| {
+            m4.get(&format!("{name}{suffix}"))
+                .unwrap_or_else(|| panic!("{name}{suffix} missing"))
+        };
+        let n = shape[0] * shape[1];
+        let (packed, absmax_q) = (get(""), get(".absmax"));
+        assert_eq!((packed.0, &packed.1), (Dtype::U8, &vec![n / 2, 1]));
+        assert_eq!((absmax_q.0, &absmax_q.1), (Dtype::U8, &vec![n / 64]));
+        let quant_map = get(".quant_map");
+        assert_eq!((quant_map.0, &quant_map.1), (Dtype::F32, &vec![16]));
+        assert_eq!(f32s(&quant_map.2), NF4_LEVELS);
+        let nested_map = get(".nested_quant_map");
+        assert_eq!(nested_map.0, Dtype::F32);
+        assert_eq!(f32s(&nested_map.2), signed_map().to_vec());
+        let nested_absmax = get(".nested_absmax");
+        assert_eq!(
+            (nested_absmax.0, &nested_absmax.1),
+            (Dtype::F32, &vec![(n / 64).div_ceil(256)])
+        );
+        let state_t = get(".quant_state.bitsandbytes__nf4");
+        assert_eq!(state_t.0, Dtype::U8);
+        let state: serde_json::Value = serde_json::from_slice(&state_t.2).unwrap();
+        let keys: Vec<&str> = state
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted,
+            [
+                "blocksize",
+                "dtype",
+                "nested_blocksize",
+                "nested_dtype",
+                "nested_offset",
+                "quant_type",
+                "shape"
+            ]
+        );
+        assert_eq!(state["quant_type"], "nf4");
+        assert_eq!(state["blocksize"], 64);
+        assert_eq!(state["dtype"], "bfloat16");
+        assert_eq!(state["shape"], json!(shape));
+        assert_eq!(state["nested_blocksize"], 256);
+        assert_eq!(state["nested_dtype"], "float32");
+        let offset = state["nested_offset"].as_f64().unwrap() as f32;
+
+        // Dequantise as bitsandbytes does and compare with the merged 16-bit weight.
+        let absmax = dequantize_absmax(&absmax_q.2, &f32s(&nested_absmax.2), signed_map(), offset);
+        let back = nf4_dequantize(&packed.2, &absmax);
+        let want: Vec<f32> = bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        let mut err2 = 0f64;
+        let mut ref2 = 0f64;
+        for (b, (block_w, block_back)) in want.chunks(64).zip(back.chunks(64)).enumerate() {
+            let true_max = block_w.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // Double quantisation moves an absmax by at most half a step of the 8-bit map.
+            assert!(
+                (absmax[b] - true_max).abs() <= 0.01 * true_max + 1e-6,
+                "{name} block {b}: absmax {} vs {true_max}",
+                absmax[b]
+            );
+            for (x, y) in block_w.iter().zip(block_back) {
+                assert!(
+                    (x - y).abs() <= 0.152 * true_max + (absmax[b] - true_max).abs() + 1e-6,
+                    "{name} block {b}: {x} dequantised to {y}"
+                );
+                err2 += ((x - y) as f64).powi(2);
+                ref2 += (*x as f64).powi(2);
+            }
+        }
+        let rel = (err2 / ref2).sqrt();
+        assert!(
+            rel < 0.12,
+            "{name}: relative RMS error {rel} (NF4 on these weights: about 0.094)"
+        );
+    }
+    assert_eq!(linears, 7 * spec.num_hidden_layers);
+    assert_eq!(
+        m4.len(),
+        m16.len() + 5 * linears,
+        "six entries per linear weight"
+    );
+}
+
+fn python_has(modules: &str) -> bool {
+    let have = Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but `python3 -c 'import {modules}'` fails: .ci/run must install it");
+    }
+    if !have {
+        eprintln!("SKIPPED a gguf-py check: python3 cannot import {modules}");
+    }
+    have
+}
+
+/// The SentencePiece vocabularies (`tokenizer.ggml.model = llama`) carry real scores: from
+/// tokenizer.model, from a Unigram tokenizer.json, or from the merge ranks of a byte-fallback
+/// BPE; gguf-py reads back exactly the expected tokens, scores and types.
+#[test]
+fn sentencepiece_vocabularies_carry_their_scores_into_the_gguf() {
+    use ferrotune::gguf::sentencepiece::{encode_model, Piece, PieceType};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
+    let spec = TinySpec {
+        vocab_size: 320,
+        ..spec("llama", DType::F32)
+    };
+    write_base(&base, &spec);
+    write_adapter(&adapter, &spec, 4, 0.05);
+    let tok_path = base.join("tokenizer.json");
+    let original: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
+    let vocab: HashMap<u32, String> = original["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(t, id)| (id.as_u64().unwrap() as u32, t.clone()))
+        .collect();
+    let added: HashMap<u32, String> = original["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_u64().unwrap() as u32,
+                a["content"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let n_tok = (0..)
+        .take_while(|id| vocab.contains_key(id) || added.contains_key(id))
+        .count();
+    let text_of = |id: u32| added.get(&id).or(vocab.get(&id)).unwrap().clone();
+    // Specials are CONTROL with score -1000 however the vocabulary is given; padding rows UNUSED.
+    let expected = |score_of: &dyn Fn(u32) -> f32, pad_score: f32| {
+        let (mut tokens, mut scores, mut types) = (vec![], vec![], vec![]);
+        for id in 0..spec.vocab_size as u32 {
+            if (id as usize) >= n_tok {
+                tokens.push(format!("[PAD{id}]"));
+                scores.push(pad_score);
+                types.push(5);
+            } else if added.contains_key(&id) {
+                tokens.push(text_of(id));
+                scores.push(-1000.0);
+                types.push(3);
+            } else {
+                tokens.push(text_of(id));
+                scores.push(score_of(id));
+                types.push(1);
+            }
+        }
+        json!({"model": "llama", "tokens": tokens, "scores": scores, "types": types})
+    };
+    let export = |case: &str, want: serde_json::Value| {
+        let out = tmp.path().join(case);
+        let r = ferrotune(&[
+            "export",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--save_gguf",
+            "--quantization",
+            "f16",
+            "--save_path",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{case}: {}", stderr(&r));
+        let want_path = tmp.path().join(format!("{case}.json"));
+        std::fs::write(&want_path, want.to_string()).unwrap();
+        if python_has("gguf, numpy") {
+            let script =
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/check_gguf_vocab.py");
+            let check = Command::new("python3")
+                .arg(script)
+                .arg(out.join("base.F16.gguf"))
+                .arg(&want_path)
+                .output()
+                .unwrap();
+            assert!(
+                check.status.success(),
+                "{case}: {}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        // Our own reader agrees on the scores.
+        let file = GgufFile::open(&out.join("base.F16.gguf")).unwrap();
+        let want_scores: Vec<f32> = want["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(
+            file.get("tokenizer.ggml.scores"),
+            Some(&ferrotune::gguf::Value::ArrayF32(want_scores)),
+            "{case}"
+        );
+    };
+
+    // 1. Byte-fallback BPE with a tokenizer.model: the model's scores.
+    let mut tok = original.clone();
+    tok["model"]["byte_fallback"] = json!(true);
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    let spm_score = |id: u32| -0.5 * id as f32 - 0.25;
+    let pieces: Vec<Piece> = (0..n_tok as u32)
+        .map(|id| Piece {
+            text: text_of(id),
+            score: if added.contains_key(&id) {
+                0.0
+            } else {
+                spm_score(id)
+            },
+            kind: if added.contains_key(&id) {
+                PieceType::Control
+            } else {
+                PieceType::Normal
+            },
+        })
+        .collect();
+    std::fs::write(base.join("tokenizer.model"), encode_model(&pieces)).unwrap();
+    export("spm", expected(&spm_score, -10000.0));
+
+    // 2. The same without tokenizer.model: merge ranks (the token of merge r scores -r).
+    std::fs::remove_file(base.join("tokenizer.model")).unwrap();
+    let merges = original["model"]["merges"].as_array().unwrap();
+    let mut rank_of: HashMap<String, f32> = HashMap::new();
+    for (r, m) in merges.iter().enumerate() {
+        let merged = match m {
+            serde_json::Value::String(s) => s.replacen(' ', "", 1),
+            serde_json::Value::Array(p) => {
+                format!("{}{}", p[0].as_str().unwrap(), p[1].as_str().unwrap())
+            }
+            other => panic!("{other}"),
+        };
+        rank_of.entry(merged).or_insert(-(r as f32));
+    }
+    let floor = -(rank_of.len() as f32) - 1.0;
+    assert!(rank_of.len() > 10, "the tiny tokenizer has merges");
+    let rank_score = |id: u32| rank_of.get(&text_of(id)).copied().unwrap_or(floor);
+    export("ranks", expected(&rank_score, -1000.0));
+
+    // 3. A Unigram tokenizer.json: its log-probabilities.
+    let uni_score = |id: u32| -1.0 - (id as f32) / 7.0;
+    let mut tok = original.clone();
+    let list: Vec<serde_json::Value> = (0..n_tok as u32)
+        .map(|id| json!([text_of(id), uni_score(id)]))
+        .collect();
+    tok["model"] = json!({"type": "Unigram", "unk_id": null, "vocab": list, "byte_fallback": true});
+    std::fs::write(&tok_path, tok.to_string()).unwrap();
+    export("unigram", expected(&uni_score, -1000.0));
 }

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::cli::choices::{Dtype, SaveMethod};
+use crate::cli::choices::Dtype;
 use crate::cli::{TrainArgs, UsageError};
 
 /// A validated training job. Field names are the flag names; `--dry_run` prints it as JSON.
@@ -182,11 +182,6 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
             missing.push(format!("{what} (not built yet: {issue})"));
         }
     };
-    need(
-        job.saving.save_model && job.saving.save_method == SaveMethod::Merged4bit,
-        "--save_method merged_4bit",
-        "issue \"Export and publish\"",
-    );
     need(
         job.saving.push_model,
         "--push_model",

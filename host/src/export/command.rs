@@ -29,7 +29,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         .into());
     }
     if args.save_method.is_none() && !args.save_gguf {
-        return Err(UsageError::new("ferrotune export: nothing to do; pass --save_method merged_16bit|lora and/or --save_gguf").into());
+        return Err(UsageError::new("ferrotune export: nothing to do; pass --save_method merged_16bit|merged_4bit|lora and/or --save_gguf").into());
     }
     let base_name = match &args.base {
         Some(base) => base.clone(),

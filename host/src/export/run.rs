@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::bnb_nf4::{self, Nf4Weight, StoredTensor};
 use super::hf_save::{PlannedTensor, ShardedWriter, DEFAULT_MAX_SHARD_BYTES};
 use super::merge::MergedModel;
 use super::peft::LoraAdapter;
 use super::progress;
-use super::safetensors_dir::SafetensorsDir;
+use super::safetensors_dir::{SafetensorsDir, StoreDtype};
+use super::spooled_shards::SpooledShards;
 use crate::cli::choices::SaveMethod;
 use crate::cli::UsageError;
 use crate::gguf::convert::GgufPlan;
@@ -78,10 +80,11 @@ pub fn check_final_exports(job: &JobConfig, model_dir: &Path) -> Result<()> {
     if s.save_gguf {
         parse_presets(&s.quantization)?;
     }
-    if s.save_model && s.save_method == SaveMethod::Merged4bit {
-        return Err(UsageError::new("--save_method merged_4bit: not built yet (issue \"Export and publish\"); use merged_16bit or lora").into());
-    }
-    let merges = s.save_model && s.save_method == SaveMethod::Merged16bit;
+    let merges = s.save_model
+        && matches!(
+            s.save_method,
+            SaveMethod::Merged16bit | SaveMethod::Merged4bit
+        );
     if merges || s.save_gguf {
         let base = SafetensorsDir::open_model_dir(model_dir).with_context(|| {
             format!(
@@ -130,12 +133,6 @@ pub fn parse_presets(names: &[String]) -> Result<Vec<Preset>, UsageError> {
 
 pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
     let presets = parse_presets(&req.gguf_presets)?;
-    if req.save_method == Some(SaveMethod::Merged4bit) {
-        return Err(UsageError::new(
-            "--save_method merged_4bit: not built yet (issue \"Export and publish\"); use merged_16bit or lora",
-        )
-        .into());
-    }
     if req.save_method.is_none() && presets.is_empty() {
         return Ok(Vec::new());
     }
@@ -146,14 +143,19 @@ pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
     if req.save_method == Some(SaveMethod::Lora) {
         written.extend(save_adapter(req)?);
     }
-    let needs_merge = req.save_method == Some(SaveMethod::Merged16bit) || !presets.is_empty();
+    let needs_merge = matches!(
+        req.save_method,
+        Some(SaveMethod::Merged16bit | SaveMethod::Merged4bit)
+    ) || !presets.is_empty();
     if !needs_merge {
         return Ok(written);
     }
     let base = SafetensorsDir::open_model_dir(&req.base_dir)?;
     let merged = MergedModel::new(&base, &adapter)?;
-    if req.save_method == Some(SaveMethod::Merged16bit) {
-        written.extend(save_merged_16bit(req, &base, &merged)?);
+    match req.save_method {
+        Some(SaveMethod::Merged16bit) => written.extend(save_merged_16bit(req, &base, &merged)?),
+        Some(SaveMethod::Merged4bit) => written.extend(save_merged_4bit(req, &base, &merged)?),
+        _ => {}
     }
     if !presets.is_empty() {
         let plan = GgufPlan::new(&req.base_dir, &merged, &req.name)?;
@@ -252,23 +254,11 @@ fn save_merged_16bit(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    let mut files = Vec::new();
-    for staged in writer.finish()? {
-        let dst = req.save_path.join(staged.file_name().unwrap_or_default());
-        std::fs::rename(&staged, &dst)
-            .with_context(|| format!("cannot move {} into place", dst.display()))?;
-        files.push(dst);
-    }
+    let mut files = move_into_place(writer.finish()?, &req.save_path)?;
     files.extend(copy_if_present(
         &req.base_dir,
         &req.save_path,
         &["config.json"],
-    )?);
-    files.push(write_generation_config(&req.base_dir, &req.save_path)?);
-    files.extend(copy_if_present(
-        &req.base_dir,
-        &req.save_path,
-        &TOKENIZER_FILES,
     )?);
     if !req.save_path.join("config.json").is_file() {
         bail!(
@@ -276,6 +266,109 @@ fn save_merged_16bit(
             req.base_dir.display()
         );
     }
+    files.extend(save_model_side_files(req)?);
+    Ok(files)
+}
+
+/// Moves staged shards (and index) into `dir`, returning their new paths.
+fn move_into_place(staged: Vec<PathBuf>, dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for staged in staged {
+        let dst = dir.join(staged.file_name().unwrap_or_default());
+        std::fs::rename(&staged, &dst)
+            .with_context(|| format!("cannot move {} into place", dst.display()))?;
+        files.push(dst);
+    }
+    Ok(files)
+}
+
+/// generation_config.json and the tokenizer files next to a merged model.
+fn save_model_side_files(req: &ExportRequest) -> Result<Vec<PathBuf>> {
+    let mut files = vec![write_generation_config(&req.base_dir, &req.save_path)?];
+    files.extend(copy_if_present(
+        &req.base_dir,
+        &req.save_path,
+        &TOKENIZER_FILES,
+    )?);
+    Ok(files)
+}
+
+/// `merged_4bit`: the merged model with every decoder linear weight quantised to NF4 in
+/// bitsandbytes' serialised layout (double-quantised absmax), everything else in its own
+/// dtype, and `quantization_config` in config.json, so that transformers + bitsandbytes load
+/// it as a 4-bit model. Each weight is merged, rounded to its dtype (as a 16-bit merge would
+/// store it) and quantised in turn; memory holds one tensor.
+fn save_merged_4bit(
+    req: &ExportRequest,
+    base: &SafetensorsDir,
+    merged: &MergedModel,
+) -> Result<Vec<PathBuf>> {
+    let config_path = req.base_dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&config_path)
+            .with_context(|| format!("cannot read {}", config_path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
+    if config.get("quantization_config").is_some() {
+        bail!(
+            "{}: the base model is already quantized (config.json has quantization_config); merged_4bit needs a 16-bit base",
+            req.base_dir.display()
+        );
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(".ferrotune-merging-")
+        .tempdir_in(&req.save_path)
+        .with_context(|| {
+            format!(
+                "cannot create a staging directory in {}",
+                req.save_path.display()
+            )
+        })?;
+    let mut writer = SpooledShards::new(staging.path(), req.max_shard_bytes)?;
+    let bar = progress::bar(base.metas().len() as u64, "merge+nf4");
+    let mut linear_dtype = None;
+    let mut quantized = 0usize;
+    for meta in base.metas() {
+        bar.set_message(meta.name.clone());
+        let values = merged.merged_in(&meta.name, meta.dtype)?;
+        if bnb_nf4::is_decoder_linear(&meta.name, &meta.shape) {
+            let q = Nf4Weight::quantize(&values, &meta.shape, meta.dtype)
+                .with_context(|| format!("{}: NF4 quantisation", meta.name))?;
+            writer.write_group(&q.tensors(&meta.name))?;
+            linear_dtype.get_or_insert(meta.dtype);
+            quantized += 1;
+        } else {
+            writer.write_group(&[StoredTensor {
+                name: meta.name.clone(),
+                dtype: meta.dtype.name(),
+                shape: meta.shape.clone(),
+                bytes: meta.dtype.encode(&values),
+            }])?;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if quantized == 0 {
+        bail!(
+            "{}: no model.layers.*.weight linear weights to quantize; merged_4bit supports the llama-family layout",
+            req.base_dir.display()
+        );
+    }
+    // bitsandbytes computes in the model's dtype (what a 16-bit load of this save would use).
+    let compute_dtype = ["torch_dtype", "dtype"]
+        .iter()
+        .find_map(|k| config[*k].as_str().map(str::to_string))
+        .unwrap_or_else(|| {
+            bnb_nf4::torch_dtype_name(linear_dtype.unwrap_or(StoreDtype::F32)).to_string()
+        });
+    config["quantization_config"] = bnb_nf4::quantization_config(&compute_dtype);
+    let mut files = move_into_place(writer.finish()?, &req.save_path)?;
+    let dst = req.save_path.join("config.json");
+    std::fs::write(&dst, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("cannot write {}", dst.display()))?;
+    files.push(dst);
+    files.extend(save_model_side_files(req)?);
+    eprintln!("merged_4bit: {quantized} linear weights in NF4 (bitsandbytes layout, double-quantised absmax)");
     Ok(files)
 }
 

@@ -9,6 +9,7 @@ pub mod names;
 pub mod preset;
 pub mod quant;
 pub mod reader;
+pub mod sentencepiece;
 pub mod tokenizer;
 pub mod types;
 pub mod value;

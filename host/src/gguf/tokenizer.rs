@@ -2,8 +2,14 @@
 //! directory, as llama.cpp's converter derives it:
 //! - byte-level BPE (Llama 3, Qwen2/3): model `gpt2`, `pre` identified by hashing the token ids
 //!   of llama.cpp's pre-tokenizer probe text (`get_vocab_base_pre`), merges from tokenizer.json;
-//! - SentencePiece-style BPE with byte fallback (Llama 2, Mistral): model `llama`, scores and
-//!   types as the converter's `LlamaHfVocab` writes them (every score -1000, `<0xXX>` tokens BYTE);
+//! - SentencePiece vocabularies (Llama 2, Mistral: BPE with byte fallback; or a Unigram
+//!   tokenizer.json): model `llama` with real scores, which llama.cpp's SPM tokenizer uses to pick
+//!   the next merge. From `tokenizer.model` when the directory has one (the converter's
+//!   `_create_vocab_sentencepiece`: its scores and types, added tokens CONTROL/USER_DEFINED with
+//!   score -1000); else from a Unigram vocabulary's log-probabilities; else, for BPE with byte
+//!   fallback, from the merge ranks (the token made by merge r scores -r, tokens no merge makes
+//!   score below every merge). llama.cpp's `LlamaHfVocab` writes -1000 for every token there,
+//!   which makes its SPM tokenizer merge left to right instead of by rank;
 //! - special ids from tokenizer_config.json, else config.json; `add_bos_token`/`add_eos_token`
 //!   from tokenizer.json's post-processor, else tokenizer_config.json; the chat template from
 //!   tokenizer_config.json, chat_template.jinja or chat_template.json.
@@ -15,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value as Json;
 use sha2::{Digest, Sha256};
 
+use super::sentencepiece::{self, Piece, PieceType};
 use super::value::Value;
 
 /// llama.cpp's `llama_token_type`.
@@ -22,6 +29,7 @@ use super::value::Value;
 #[repr(i32)]
 pub enum TokenType {
     Normal = 1,
+    Unknown = 2,
     Control = 3,
     UserDefined = 4,
     Unused = 5,
@@ -95,13 +103,15 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
     let tok_config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
     let config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
     let model = &tok["model"];
-    if model["type"].as_str() != Some("BPE") {
-        bail!(
-            "{}: tokenizer model {:?} is not BPE; GGUF export supports the BPE tokenizers of the llama family",
+    let unigram = match model["type"].as_str() {
+        Some("BPE") => false,
+        Some("Unigram") => true,
+        _ => bail!(
+            "{}: tokenizer model {:?} is neither BPE nor Unigram; GGUF export supports the tokenizers of the llama family",
             tok_path.display(),
             model["type"]
-        );
-    }
+        ),
+    };
     let added: Vec<AddedToken> = tok["added_tokens"]
         .as_array()
         .map(|a| {
@@ -117,10 +127,19 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
         })
         .unwrap_or_default();
     let mut by_id: HashMap<u32, String> = HashMap::new();
+    // Unigram scores by id (`vocab: [[piece, log-probability], …]`, ids in list order).
+    let mut unigram_scores: HashMap<u32, f32> = HashMap::new();
     if let Some(vocab) = model["vocab"].as_object() {
         for (text, id) in vocab {
             if let Some(id) = id.as_u64() {
                 by_id.insert(id as u32, text.clone());
+            }
+        }
+    } else if let Some(vocab) = model["vocab"].as_array() {
+        for (id, entry) in vocab.iter().enumerate() {
+            if let (Some(text), Some(score)) = (entry[0].as_str(), entry[1].as_f64()) {
+                by_id.insert(id as u32, text.to_string());
+                unigram_scores.insert(id as u32, score as f32);
             }
         }
     }
@@ -143,26 +162,39 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
         Vec::with_capacity(vocab_size),
         Vec::with_capacity(vocab_size),
     );
-    if byte_fallback {
-        // SentencePiece-style vocabulary (LlamaHfVocab).
+    if byte_fallback || unigram {
+        let spm_path = dir.join("tokenizer.model");
+        let source = if spm_path.is_file() {
+            SpmSource::Model(sentencepiece::read_pieces(&spm_path)?)
+        } else if unigram {
+            SpmSource::Unigram {
+                scores: unigram_scores,
+                unk_id: model["unk_id"].as_u64().map(|v| v as u32),
+            }
+        } else {
+            SpmSource::MergeRanks(merge_rank_scores(model, &by_id)?)
+        };
+        if let SpmSource::Model(pieces) = &source {
+            // Training tokenized with tokenizer.json: the GGUF must hold the same vocabulary.
+            for (id, piece) in pieces.iter().enumerate() {
+                if let Some(text) = by_id.get(&(id as u32)) {
+                    if added_by_id.contains_key(&(id as u32)) || *text == piece.text {
+                        continue;
+                    }
+                    bail!(
+                        "{}: id {id} is {:?} there but {text:?} in tokenizer.json; the two files are from different tokenizers",
+                        spm_path.display(),
+                        piece.text
+                    );
+                }
+            }
+        }
         let mut scores = Vec::with_capacity(vocab_size);
         for id in 0..vocab_size as u32 {
-            let (text, ty) = match (by_id.get(&id), added_by_id.get(&id)) {
-                (None, _) => (format!("[PAD{id}]"), TokenType::Unused),
-                (Some(t), Some(a)) => (
-                    t.clone(),
-                    if a.special {
-                        TokenType::Control
-                    } else {
-                        TokenType::UserDefined
-                    },
-                ),
-                (Some(t), None) if is_byte_token(t) => (t.clone(), TokenType::Byte),
-                (Some(t), None) => (t.clone(), TokenType::Normal),
-            };
+            let (text, score, ty) = source.entry(id, by_id.get(&id), added_by_id.get(&id));
             tokens.push(text);
             types.push(ty as i32);
-            scores.push(-1000.0f32);
+            scores.push(score);
         }
         meta.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
         meta.push(("tokenizer.ggml.pre".into(), Value::String("default".into())));
@@ -205,6 +237,128 @@ pub fn tokenizer_metadata(dir: &Path, vocab_size: usize) -> Result<Vec<(String, 
         meta.push(("tokenizer.chat_template".into(), Value::String(template)));
     }
     Ok(meta)
+}
+
+/// Where a SentencePiece-style vocabulary's scores and types come from.
+enum SpmSource {
+    /// `tokenizer.model`.
+    Model(Vec<Piece>),
+    /// A Unigram tokenizer.json.
+    Unigram {
+        scores: HashMap<u32, f32>,
+        unk_id: Option<u32>,
+    },
+    /// BPE with byte fallback and no tokenizer.model: scores by id from the merge ranks.
+    MergeRanks(HashMap<u32, f32>),
+}
+
+impl SpmSource {
+    /// (text, score, type) of token `id`: `text` from tokenizer.json, `added` if it is an
+    /// added token there.
+    fn entry(
+        &self,
+        id: u32,
+        text: Option<&String>,
+        added: Option<&&AddedToken>,
+    ) -> (String, f32, TokenType) {
+        match self {
+            SpmSource::Model(pieces) => {
+                // _create_vocab_sentencepiece: added tokens override the pieces with score -1000;
+                // ids past the model are [PAD] with the converter's initial score -10000.
+                if let Some(a) = added {
+                    return if a.special || looks_special(&a.content) {
+                        (a.content.clone(), -1000.0, TokenType::Control)
+                    } else {
+                        (
+                            a.content.replace('\u{2581}', " "),
+                            -1000.0,
+                            TokenType::UserDefined,
+                        )
+                    };
+                }
+                match pieces.get(id as usize) {
+                    Some(p) => {
+                        let ty = match p.kind {
+                            PieceType::Unknown => TokenType::Unknown,
+                            PieceType::Control => TokenType::Control,
+                            PieceType::Unused => TokenType::Unused,
+                            PieceType::Byte => TokenType::Byte,
+                            // The converter types user-defined pieces of the model NORMAL.
+                            PieceType::Normal | PieceType::UserDefined => TokenType::Normal,
+                        };
+                        (p.text.clone(), p.score, ty)
+                    }
+                    None => (format!("[PAD{id}]"), -10000.0, TokenType::Unused),
+                }
+            }
+            SpmSource::Unigram { scores, unk_id } => match (text, added) {
+                (Some(t), Some(a)) => (t.clone(), -1000.0, added_type(a)),
+                (Some(t), None) => {
+                    let score = scores.get(&id).copied().unwrap_or(-1000.0);
+                    let ty = if Some(id) == *unk_id {
+                        TokenType::Unknown
+                    } else if is_byte_token(t) {
+                        TokenType::Byte
+                    } else {
+                        TokenType::Normal
+                    };
+                    (t.clone(), score, ty)
+                }
+                (None, _) => (format!("[PAD{id}]"), -1000.0, TokenType::Unused),
+            },
+            SpmSource::MergeRanks(scores) => match (text, added) {
+                (Some(t), Some(a)) => (t.clone(), -1000.0, added_type(a)),
+                (Some(t), None) => {
+                    let ty = if is_byte_token(t) {
+                        TokenType::Byte
+                    } else {
+                        TokenType::Normal
+                    };
+                    let floor = -(scores.len() as f32) - 1.0;
+                    (t.clone(), scores.get(&id).copied().unwrap_or(floor), ty)
+                }
+                (None, _) => (format!("[PAD{id}]"), -1000.0, TokenType::Unused),
+            },
+        }
+    }
+}
+
+/// LlamaHfVocab's type of an added token.
+fn added_type(a: &AddedToken) -> TokenType {
+    if a.special {
+        TokenType::Control
+    } else {
+        TokenType::UserDefined
+    }
+}
+
+/// SentencePiece BPE scores are merge priorities: the piece made by merge `r` (first merge 0)
+/// scores `-r`, so llama.cpp's SPM tokenizer, which merges the best-scoring pair first, merges
+/// in the order of tokenizer.json's merges. Returns the score of every id some merge makes.
+fn merge_rank_scores(model: &Json, by_id: &HashMap<u32, String>) -> Result<HashMap<u32, f32>> {
+    let Some(list) = model["merges"].as_array() else {
+        return Ok(HashMap::new());
+    };
+    let ids: HashMap<&str, u32> = by_id.iter().map(|(id, t)| (t.as_str(), *id)).collect();
+    let mut scores = HashMap::new();
+    for (rank, m) in list.iter().enumerate() {
+        let merged = match m {
+            Json::String(s) => s
+                .split_once(' ')
+                .map(|(a, b)| format!("{a}{b}"))
+                .with_context(|| format!("merge {rank} {s:?} is not \"left right\""))?,
+            Json::Array(pair) if pair.len() == 2 => format!(
+                "{}{}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            ),
+            other => bail!("unknown merge entry {other}"),
+        };
+        if let Some(&id) = ids.get(merged.as_str()) {
+            scores.entry(id).or_insert(-(rank as f32));
+        }
+    }
+    Ok(scores)
 }
 
 fn is_byte_token(t: &str) -> bool {

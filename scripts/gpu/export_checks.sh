@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root: loads ferrotune's `--save_method merged_4bit` save with
+# transformers + bitsandbytes (CUDA) and compares it with the merged_16bit save
+# (tests/python/check_bnb4.py says what is checked).
+#
+# Needs gpu-bin/ferrotune (or gpu-bin/ferrotune.xz) built from this commit; the cuda feature is not
+# needed for export: `cargo build --release -p ferrotune` (or --profile gpu --features cuda).
+# Needs python3 with torch, transformers, peft and bitsandbytes. bitsandbytes is not always in the
+# image: a wheel in gpu-bin/wheels/ (`pip download bitsandbytes --no-deps -d gpu-bin/wheels`) is
+# installed from there when the import fails. Logs go to $OUT (or /tmp).
+set -uo pipefail
+out=${OUT:-/tmp}
+bin=./gpu-bin/ferrotune
+if [ ! -x "$bin" ] && [ -f gpu-bin/ferrotune.xz ]; then
+  python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open("gpu-bin/ferrotune.xz"), open("/tmp/ferrotune","wb"))'
+  chmod +x /tmp/ferrotune && bin=/tmp/ferrotune
+fi
+if [ ! -x "$bin" ]; then
+  echo "MISSING: gpu-bin/ferrotune (build it here and carry gpu-bin/)"; exit 3
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if ! python3 -c 'import bitsandbytes' 2>/dev/null; then
+  if ls gpu-bin/wheels/bitsandbytes-*.whl >/dev/null 2>&1; then
+    pip install --no-index --no-deps gpu-bin/wheels/bitsandbytes-*.whl 2>&1 | tail -1
+  fi
+fi
+for mod in torch transformers peft bitsandbytes; do
+  if ! python3 -c "import $mod" 2>/dev/null; then
+    echo "MISSING: python package $mod is not installed on this machine; merged_4bit check NOT RUN"
+    exit 3
+  fi
+done
+python3 -c 'import torch, transformers, peft, bitsandbytes as b; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", b.__version__)'
+PYTHONUNBUFFERED=1 python3 tests/python/check_bnb4.py "$bin" /tmp/bnb4-check 2>&1 | grep -vE "Warning|warn" | tee "$out/check_bnb4.log"
+exit "${PIPESTATUS[0]}"
