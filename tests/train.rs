@@ -7,8 +7,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use ferrotune::data::tiny_tokenizer;
-use ferrotune::model::tiny::{write_random_model, TinySpec};
+use ferrotune::model::tiny::{write_tiny_chat_model, TinySpec};
 
 fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
@@ -20,16 +19,11 @@ fn bin() -> Command {
 /// A tiny model directory with its tokenizer files, weights in `shards` files.
 fn tiny_model(model: &Path, shards: usize) {
     let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
-    let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, 320).unwrap();
-    tiny_tokenizer::write_tokenizer_files(model, &tokenizer, 512).unwrap();
     let spec = TinySpec {
-        vocab_size: tokenizer.get_vocab_size(true),
-        bos_token_id: tokenizer.token_to_id(tiny_tokenizer::BOS).unwrap(),
-        eos_token_id: tokenizer.token_to_id(tiny_tokenizer::EOS).unwrap(),
         shards,
         ..TinySpec::default()
     };
-    write_random_model(model, &spec, 1).unwrap();
+    write_tiny_chat_model(model, &texts, 320, 512, spec, 1).unwrap();
 }
 
 /// A tiny model + tokenizer and the demo dataset in `dir`.

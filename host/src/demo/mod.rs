@@ -11,8 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::checkpoint::atomic;
 use crate::cli::args::DemoArgs;
-use crate::data::tiny_tokenizer;
-use crate::model::tiny::{write_random_model, TinySpec};
+use crate::model::tiny::{write_tiny_chat_model, TinySpec};
 use crate::train::{run_job_with, JobReport, RunOptions};
 
 /// The bundled dataset: synthetic alpaca rows (five instruction kinds with a fixed answer
@@ -148,25 +147,15 @@ fn ensure_model(dir: &Path) -> Result<PathBuf> {
                 .join("\n")
         })
         .collect();
-    let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, VOCAB_SIZE)?;
-    tiny_tokenizer::write_tokenizer_files(staged.path(), &tokenizer, 2048)?;
-    let id = |t: &str| {
-        tokenizer
-            .token_to_id(t)
-            .context("special token missing from the demo tokenizer")
-    };
     let spec = TinySpec {
-        vocab_size: tokenizer.get_vocab_size(true),
         hidden_size: 128,
         intermediate_size: 256,
         num_hidden_layers: 4,
         num_attention_heads: 4,
         num_key_value_heads: 2,
-        bos_token_id: id(tiny_tokenizer::BOS)?,
-        eos_token_id: id(tiny_tokenizer::EOS)?,
         ..TinySpec::default()
     };
-    write_random_model(staged.path(), &spec, SEED)?;
+    write_tiny_chat_model(staged.path(), &texts, VOCAB_SIZE, 2048, spec, SEED)?;
     let manifest = crate::checkpoint::manifest::Manifest::describe(staged.path(), 0)?;
     staged.write(
         crate::checkpoint::manifest::MANIFEST,

@@ -76,6 +76,15 @@ pub fn llama_cpp_order(a: &str, b: &str) -> std::cmp::Ordering {
 /// interleaved pairs, because ggml's llama RoPE rotates adjacent pairs. `data` is row-major
 /// with `rows` rows (weights) or one value per row (biases).
 pub fn permute_qk(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
+    regroup_qk(data, rows, n_head, true)
+}
+
+/// The inverse of [`permute_qk`]: a GGUF base model's q/k rows back in Hugging Face's layout.
+pub fn unpermute_qk(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
+    regroup_qk(data, rows, n_head, false)
+}
+
+fn regroup_qk(data: &[f32], rows: usize, n_head: usize, to_gguf: bool) -> Result<Vec<f32>> {
     if n_head == 0 || !rows.is_multiple_of(2 * n_head) || !data.len().is_multiple_of(rows) {
         bail!("cannot permute {rows} rows into {n_head} rotary heads");
     }
@@ -85,8 +94,9 @@ pub fn permute_qk(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> 
     for h in 0..n_head {
         for j in 0..2 {
             for i in 0..half {
-                let src = h * 2 * half + j * half + i;
-                let dst = h * 2 * half + i * 2 + j;
+                let hf = h * 2 * half + j * half + i;
+                let gguf = h * 2 * half + i * 2 + j;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst * cols..(dst + 1) * cols]
                     .copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }

@@ -219,7 +219,7 @@ fn weights(file: &GgufFile, permute: Option<(usize, usize)>) -> Result<Vec<u8>> 
             _ => None,
         };
         if let Some(heads) = heads {
-            data = unpermute_qk(&data, entry.shape[0], heads)
+            data = crate::gguf::names::unpermute_qk(&data, entry.shape[0], heads)
                 .with_context(|| format!("tensor {}", entry.name))?;
         }
         let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -275,28 +275,6 @@ fn hf_name(gguf: &str) -> Result<String> {
         other => bail!("tensor {gguf}: module {other} is not part of a llama-family block"),
     };
     Ok(format!("model.layers.{layer}.{hf}.{suffix}"))
-}
-
-/// Inverse of [`crate::gguf::names::permute_qk`]: interleaved rotary pairs back to half-split
-/// rows within each of `n_head` heads.
-fn unpermute_qk(data: &[f32], rows: usize, n_head: usize) -> Result<Vec<f32>> {
-    if n_head == 0 || !rows.is_multiple_of(2 * n_head) || !data.len().is_multiple_of(rows) {
-        bail!("cannot un-permute {rows} rows of {n_head} rotary heads");
-    }
-    let cols = data.len() / rows;
-    let half = rows / n_head / 2;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for j in 0..2 {
-            for i in 0..half {
-                let dst = h * 2 * half + j * half + i;
-                let src = h * 2 * half + i * 2 + j;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `tokenizer.ggml.*` of a byte-level BPE vocabulary.

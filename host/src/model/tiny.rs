@@ -178,6 +178,35 @@ enum Init {
     Norm,
 }
 
+/// A tiny Llama with a real tokenizer: a byte-level BPE of at most `vocab_size` entries trained on
+/// `texts` (Llama 3's special tokens and chat template), its files written with
+/// `model_max_length`, and random weights for `spec` with the vocabulary and BOS/EOS ids set to
+/// the tokenizer's. What the demo trains and the end-to-end tests use.
+pub fn write_tiny_chat_model<S: AsRef<str> + Sync>(
+    dir: &Path,
+    texts: &[S],
+    vocab_size: usize,
+    model_max_length: usize,
+    spec: TinySpec,
+    seed: u64,
+) -> Result<()> {
+    use crate::data::tiny_tokenizer as tok;
+    let tokenizer = tok::train_tiny_tokenizer(texts, vocab_size)?;
+    tok::write_tokenizer_files(dir, &tokenizer, model_max_length)?;
+    let id = |t: &str| {
+        tokenizer
+            .token_to_id(t)
+            .with_context(|| format!("special token {t} missing from the tiny tokenizer"))
+    };
+    let spec = TinySpec {
+        vocab_size: tokenizer.get_vocab_size(true),
+        bos_token_id: id(tok::BOS)?,
+        eos_token_id: id(tok::EOS)?,
+        ..spec
+    };
+    write_random_model(dir, &spec, seed)
+}
+
 /// Writes `config.json` and random safetensors weights for `spec` into `dir` (created if needed).
 /// The same `seed` always writes the same weights.
 pub fn write_random_model(dir: &Path, spec: &TinySpec, seed: u64) -> Result<()> {

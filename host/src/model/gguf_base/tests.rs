@@ -2,15 +2,15 @@ use std::path::Path;
 
 use super::*;
 use crate::cli::choices::Bias;
-use crate::data::{tiny_tokenizer, TokenizerInfo};
+use crate::data::TokenizerInfo;
 use crate::engine::cpu::{CpuBackend, EngineOptions};
 use crate::engine::{Backend, Batch, IGNORE};
 use crate::export::safetensors_dir::SafetensorsDir;
 use crate::gguf::convert::GgufPlan;
-use crate::gguf::names::{gguf_name, permute_qk, Mapped};
+use crate::gguf::names::{gguf_name, permute_qk, unpermute_qk, Mapped};
 use crate::gguf::preset::Preset;
 use crate::job::PROJECTIONS;
-use crate::model::tiny::{write_random_model, TinySpec};
+use crate::model::tiny::{write_tiny_chat_model, TinySpec};
 use crate::model::{Model, ModelConfig};
 
 #[test]
@@ -42,15 +42,7 @@ fn names_and_the_qk_permutation_invert_the_exporter() {
 /// A tiny Llama with the demo's byte-level BPE tokenizer and chat template.
 fn tiny_model(dir: &Path) {
     let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
-    let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, 320).unwrap();
-    tiny_tokenizer::write_tokenizer_files(dir, &tokenizer, 512).unwrap();
-    let spec = TinySpec {
-        vocab_size: tokenizer.get_vocab_size(true),
-        bos_token_id: tokenizer.token_to_id(tiny_tokenizer::BOS).unwrap(),
-        eos_token_id: tokenizer.token_to_id(tiny_tokenizer::EOS).unwrap(),
-        ..TinySpec::default()
-    };
-    write_random_model(dir, &spec, 4).unwrap();
+    write_tiny_chat_model(dir, &texts, 320, 512, TinySpec::default(), 4).unwrap();
 }
 
 fn loss(model_dir: &Path, batch: &Batch) -> f64 {
