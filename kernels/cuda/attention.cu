@@ -56,6 +56,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                  "r"(valid ? 16 : 0)
                  : "memory");
 }
+// 4 bytes, the same way (for the fp32 lse/delta rows, whose row starts are 4-byte aligned only).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(valid ? 4 : 0)
+                 : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
@@ -394,8 +400,10 @@ extern "C" __global__ void flash_bwd_prep(const bf16* __restrict__ o, const bf16
 //   dV += Pᵀ·dO, dK += dSᵀ·Q  warp tile: keys wk*16..+16 x columns wn*D/2..+D/2
 //   dQ  = dS·K              warp tile: queries wk*16..+16 x columns wn*D/2..+D/2 -> atomics
 // The softmax scale is applied once at the end (dK) and by flash_dq_convert (dQ).
-// Shared memory (dynamic): K, V, Q, dO tiles [64][D], Pᵀ and dSᵀ [64][64] bf16, lse and delta
-// of the query block.
+// Shared memory (dynamic): K, V [64][D], Pᵀ, dSᵀ [64][64] bf16, then `stages` (1 or 2) copies
+// of the per-query-block inputs: Q, dO [64][D] bf16, lse, delta [64] fp32. With 2 stages (when
+// the GPU grants the shared memory: sm_80/sm_90, not the 99 KiB of sm_86/sm_89 at D = 128) the
+// next query block's inputs load while the current one computes; with 1 they load after it.
 template <int D>
 __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -404,18 +412,19 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           float* __restrict__ dq_acc, bf16* __restrict__ dk,
                                           bf16* __restrict__ dv, const u32* __restrict__ seg,
                                           const u32* __restrict__ blk, int T, int H, int Hkv,
-                                          int d, int window, float scale_log2, float scale) {
+                                          int d, int window, float scale_log2, float scale,
+                                          int stages) {
     constexpr int NT = 256;
     constexpr int HD = D / 2;  // columns per warp in the dV/dK/dQ products
+    // Elements of one stage: Q and dO tiles, then lse and delta (2 x 64 fp32 = 128 bf16 slots).
+    constexpr int STAGE = 2 * FA_BLOCK * D + 2 * FA_BLOCK * 2;
     extern __shared__ __align__(128) unsigned char fa_smem[];
     bf16* sK = reinterpret_cast<bf16*>(fa_smem);
     bf16* sV = sK + FA_BLOCK * D;
-    bf16* sQ = sV + FA_BLOCK * D;
-    bf16* sO = sQ + FA_BLOCK * D;  // dO
-    bf16* sP = sO + FA_BLOCK * D;  // Pᵀ [key][query]
+    bf16* sP = sV + FA_BLOCK * D;  // Pᵀ [key][query]
     bf16* sS = sP + FA_BLOCK * FA_BLOCK;  // dSᵀ [key][query]
-    float* sL = reinterpret_cast<float*>(sS + FA_BLOCK * FA_BLOCK);  // lse·log2e
-    float* sD = sL + FA_BLOCK;  // delta
+    bf16* stage0 = sS + FA_BLOCK * FA_BLOCK;
+    const bool two = stages == 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -430,14 +439,37 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
     load_tile<D, NT>(sK, k + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
     load_tile<D, NT>(sV, v + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
-    cp_async_commit();
 
     // This thread's two key rows (C fragment rows of the Sᵀ tile).
     const int jr0 = j0 + wk * 16 + g, jr1 = jr0 + 8;
     const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
-    // Query blocks that can see these keys: from the diagonal up to the window's end.
+    // Query blocks that can see these keys: from the diagonal up to the window's end. The work
+    // items are (group member gi, query block qb) minus the blocks of other samples; the first,
+    // (0, kb), is never skipped (a block shares its own segments).
     int qb_hi = nb - 1;
     if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
+    auto next_item = [&](int& gi, int& qb) -> bool {
+        do {
+            if (++qb > qb_hi) {
+                qb = kb;
+                if (++gi >= G) return false;
+            }
+        } while (seg_skip(bl, qb, kb));
+        return true;
+    };
+    // Q, dO, lse, delta of item (gi, qb) into a stage buffer, asynchronously (zeros past T).
+    auto load_item = [&](bf16* st, int gi, int qb) {
+        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
+        load_tile<D, NT>(st, q + (long long)b * T * qld + (long long)h * d, qld, i0, T, d, tid);
+        load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * qld + (long long)h * d, qld,
+                         i0, T, d, tid);
+        if (tid < 2 * FA_BLOCK) {
+            const int r = tid & (FA_BLOCK - 1), i = i0 + r;
+            const float* src = (tid < FA_BLOCK ? lse : delta) + ((long long)b * H + h) * T;
+            float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
+            cp_async4(dst, i < T ? src + i : src, i < T);
+        }
+    };
 
     float dKa[D / 16][4], dVa[D / 16][4];
 #pragma unroll
@@ -445,146 +477,149 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
 
-    for (int gi = 0; gi < G; ++gi) {
-        const int h = hk * G + gi;
-        const bf16* qg = q + (long long)b * T * qld + (long long)h * d;
-        const bf16* og = dout + (long long)b * T * qld + (long long)h * d;
-        const float* lg = lse + ((long long)b * H + h) * T;
-        const float* dg = delta + ((long long)b * H + h) * T;
-        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
-        for (int qb = kb; qb <= qb_hi; ++qb) {
-            if (seg_skip(bl, qb, kb)) continue;  // same decision in every thread
-            const int i0 = qb * FA_BLOCK;
-            load_tile<D, NT>(sQ, qg, qld, i0, T, d, tid);
-            load_tile<D, NT>(sO, og, qld, i0, T, d, tid);
+    int gi = 0, qb = kb, stage = 0;
+    load_item(stage0, gi, qb);
+    cp_async_commit();
+    while (true) {
+        cp_async_wait_all();
+        __syncthreads();  // this item's inputs visible; every warp is done with the last item
+        int ngi = gi, nqb = qb;
+        const bool more = next_item(ngi, nqb);
+        if (more && two) {
+            load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
             cp_async_commit();
-            if (tid < FA_BLOCK) {
-                const int i = i0 + tid;
-                sL[tid] = i < T ? lg[i] * FA_LOG2E : 0.0f;
-                sD[tid] = i < T ? dg[i] : 0.0f;
-            }
-            cp_async_wait_all();
-            __syncthreads();
-
-            float st[4][4], dpt[4][4];
-#pragma unroll
-            for (int n = 0; n < 4; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                u32 ka[4], va[4];
-                ldsm_x4(ka, sK + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-                ldsm_x4(va, sV + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int np = 0; np < 2; ++np) {
-                    const int row = wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
-                    const int col = kk * 16 + ((lane >> 3) & 1) * 8;
-                    u32 qf[4], of[4];
-                    ldsm_x4(qf, sQ + swz<D>(row, col));
-                    mma16816(st[2 * np], ka, qf[0], qf[1]);
-                    mma16816(st[2 * np + 1], ka, qf[2], qf[3]);
-                    ldsm_x4(of, sO + swz<D>(row, col));
-                    mma16816(dpt[2 * np], va, of[0], of[1]);
-                    mma16816(dpt[2 * np + 1], va, of[2], of[3]);
-                }
-            }
-
-            const bool full = tile_full(bl, qb, kb, T, window);
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int il = wn * 32 + n * 8 + 2 * t + e;  // query within the block
-                    const int i = i0 + il;
-                    bool v0 = true, v1 = true;
-                    if (!full) {
-                        const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
-                        const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
-                        const u32 si = (in0 || in1) ? sg[i] : 0u;
-                        v0 = in0 && si == sj0;
-                        v1 = in1 && si == sj1;
-                    }
-                    const float li = sL[il], di = sD[il];
-                    const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
-                    const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
-                    dpt[n][e] = p0 * (dpt[n][e] - di);
-                    dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
-                    st[n][e] = p0;
-                    st[n][2 + e] = p1;
-                }
-            }
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {
-                const int col = wn * 32 + n * 8 + 2 * t;
-                const int row = wk * 16 + g;
-                *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row, col)) = pack_bf16x2(st[n][0], st[n][1]);
-                *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(st[n][2], st[n][3]);
-                *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = pack_bf16x2(dpt[n][0], dpt[n][1]);
-                *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(dpt[n][2], dpt[n][3]);
-            }
-            __syncthreads();
-
-            // dV += Pᵀ·dO and dK += dSᵀ·Q over the block's 64 queries.
-#pragma unroll
-            for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
-                u32 pa[4], sa[4];
-                ldsm_x4(pa, sP + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-                ldsm_x4(sa, sS + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-                for (int dp = 0; dp < HD / 16; ++dp) {
-                    const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                    const int col = wn * HD + dp * 16 + (lane >> 4) * 8;
-                    u32 of[4], qf[4];
-                    ldsm_x4_t(of, sO + swz<D>(row, col));
-                    mma16816(dVa[2 * dp], pa, of[0], of[1]);
-                    mma16816(dVa[2 * dp + 1], pa, of[2], of[3]);
-                    ldsm_x4_t(qf, sQ + swz<D>(row, col));
-                    mma16816(dKa[2 * dp], sa, qf[0], qf[1]);
-                    mma16816(dKa[2 * dp + 1], sa, qf[2], qf[3]);
-                }
-            }
-
-            // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys -> atomics.
-            float dqa[HD / 8][4];
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
-                u32 da[4];
-                ldsm_x4_t(da, sS + swz<FA_BLOCK>(kk * 16 + (lane & 7) + (lane >> 4) * 8,
-                                                 wk * 16 + ((lane >> 3) & 1) * 8));
-#pragma unroll
-                for (int dp = 0; dp < HD / 16; ++dp) {
-                    u32 kf[4];
-                    ldsm_x4_t(kf, sK + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                              wn * HD + dp * 16 + (lane >> 4) * 8));
-                    mma16816(dqa[2 * dp], da, kf[0], kf[1]);
-                    mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
-                }
-            }
-            const int qi0 = i0 + wk * 16 + g, qi1 = qi0 + 8;
-#pragma unroll
-            for (int n = 0; n < HD / 8; ++n) {
-                const int c = wn * HD + n * 8 + 2 * t;
-                if (c < d) {
-                    if (qi0 < T) {
-                        float* p = dqg + (long long)qi0 * qld + c;
-                        atomicAdd(p, dqa[n][0]);
-                        atomicAdd(p + 1, dqa[n][1]);
-                    }
-                    if (qi1 < T) {
-                        float* p = dqg + (long long)qi1 * qld + c;
-                        atomicAdd(p, dqa[n][2]);
-                        atomicAdd(p + 1, dqa[n][3]);
-                    }
-                }
-            }
-            __syncthreads();  // the next query block overwrites sQ, sO, sP, sS, sL, sD
         }
+        const bf16* sQ = stage0 + stage * STAGE;
+        const bf16* sO = sQ + FA_BLOCK * D;  // dO
+        const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
+        const float* sD = sL + FA_BLOCK;  // delta
+        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
+
+        float st[4][4], dpt[4][4];
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 ka[4], va[4];
+            ldsm_x4(ka, sK + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            ldsm_x4(va, sV + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                const int row = wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
+                const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+                u32 qf[4], of[4];
+                ldsm_x4(qf, sQ + swz<D>(row, col));
+                mma16816(st[2 * np], ka, qf[0], qf[1]);
+                mma16816(st[2 * np + 1], ka, qf[2], qf[3]);
+                ldsm_x4(of, sO + swz<D>(row, col));
+                mma16816(dpt[2 * np], va, of[0], of[1]);
+                mma16816(dpt[2 * np + 1], va, of[2], of[3]);
+            }
+        }
+
+        const bool full = tile_full(bl, qb, kb, T, window);
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int il = wn * 32 + n * 8 + 2 * t + e;  // query within the block
+                const int i = i0 + il;
+                bool v0 = true, v1 = true;
+                if (!full) {
+                    const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
+                    const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
+                    const u32 si = (in0 || in1) ? sg[i] : 0u;
+                    v0 = in0 && si == sj0;
+                    v1 = in1 && si == sj1;
+                }
+                const float li = sL[il] * FA_LOG2E, di = sD[il];
+                const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
+                const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
+                dpt[n][e] = p0 * (dpt[n][e] - di);
+                dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
+                st[n][e] = p0;
+                st[n][2 + e] = p1;
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+            const int col = wn * 32 + n * 8 + 2 * t;
+            const int row = wk * 16 + g;
+            *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row, col)) = pack_bf16x2(st[n][0], st[n][1]);
+            *reinterpret_cast<u32*>(sP + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(st[n][2], st[n][3]);
+            *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = pack_bf16x2(dpt[n][0], dpt[n][1]);
+            *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(dpt[n][2], dpt[n][3]);
+        }
+        __syncthreads();
+
+        // dV += Pᵀ·dO and dK += dSᵀ·Q over the block's 64 queries.
+#pragma unroll
+        for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+            u32 pa[4], sa[4];
+            ldsm_x4(pa, sP + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            ldsm_x4(sa, sS + swz<FA_BLOCK>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; ++dp) {
+                const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int col = wn * HD + dp * 16 + (lane >> 4) * 8;
+                u32 of[4], qf[4];
+                ldsm_x4_t(of, sO + swz<D>(row, col));
+                mma16816(dVa[2 * dp], pa, of[0], of[1]);
+                mma16816(dVa[2 * dp + 1], pa, of[2], of[3]);
+                ldsm_x4_t(qf, sQ + swz<D>(row, col));
+                mma16816(dKa[2 * dp], sa, qf[0], qf[1]);
+                mma16816(dKa[2 * dp + 1], sa, qf[2], qf[3]);
+            }
+        }
+
+        // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys -> atomics.
+        float dqa[HD / 8][4];
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+            u32 da[4];
+            ldsm_x4_t(da, sS + swz<FA_BLOCK>(kk * 16 + (lane & 7) + (lane >> 4) * 8,
+                                             wk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+            for (int dp = 0; dp < HD / 16; ++dp) {
+                u32 kf[4];
+                ldsm_x4_t(kf, sK + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                          wn * HD + dp * 16 + (lane >> 4) * 8));
+                mma16816(dqa[2 * dp], da, kf[0], kf[1]);
+                mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
+            }
+        }
+        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
+        const int qi0 = i0 + wk * 16 + g, qi1 = qi0 + 8;
+#pragma unroll
+        for (int n = 0; n < HD / 8; ++n) {
+            const int c = wn * HD + n * 8 + 2 * t;
+            if (c < d) {
+                if (qi0 < T) {
+                    float* p = dqg + (long long)qi0 * qld + c;
+                    atomicAdd(p, dqa[n][0]);
+                    atomicAdd(p + 1, dqa[n][1]);
+                }
+                if (qi1 < T) {
+                    float* p = dqg + (long long)qi1 * qld + c;
+                    atomicAdd(p, dqa[n][2]);
+                    atomicAdd(p + 1, dqa[n][3]);
+                }
+            }
+        }
+        if (!more) break;
+        if (!two) {
+            __syncthreads();  // every warp is done with the only stage buffer
+            load_item(stage0, ngi, nqb);
+            cp_async_commit();
+        }
+        gi = ngi;
+        qb = nqb;
+        if (two) stage ^= 1;
     }
-    // A key block no query sees (every query block skipped) still had to wait for K/V.
-    cp_async_wait_all();
 
     bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
     bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
@@ -613,15 +648,15 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         const bf16 *__restrict__ dout, const float *__restrict__ lse,                          \
         const float *__restrict__ delta, float *__restrict__ dq_acc, bf16 *__restrict__ dk,    \
         bf16 *__restrict__ dv, const u32 *__restrict__ seg, const u32 *__restrict__ blk, int T, \
-        int H, int Hkv, int d, int window, float scale_log2, float scale
+        int H, int Hkv, int d, int window, float scale_log2, float scale, int stages
 
-extern "C" __global__ void __launch_bounds__(256) flash_bwd_d64(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d64(FA_BWD_ARGS) {
     flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                  scale_log2, scale);
+                  scale_log2, scale, stages);
 }
-extern "C" __global__ void __launch_bounds__(256) flash_bwd_d128(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS) {
     flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                   scale_log2, scale);
+                   scale_log2, scale, stages);
 }
 
 // Backward, step 3: dq = bf16(dq_acc · scale). n % 8 == 0, both 16-byte aligned.

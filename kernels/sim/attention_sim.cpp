@@ -124,6 +124,12 @@ inline void cp_async16(void* dst, const void* src, bool valid) {
     else
         memset(dst, 0, 16);
 }
+inline void cp_async4(void* dst, const void* src, bool valid) {
+    if (valid)
+        memcpy(dst, src, 4);
+    else
+        memset(dst, 0, 4);
+}
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
 
@@ -213,6 +219,7 @@ void launch(Dim3 grid, unsigned threads, F kernel) {
 // ---- reference (double) and the checks --------------------------------------------------------
 struct Shape {
     int B, T, H, Hkv, d, window;
+    int stages;  // backward input stages (1 or 2)
     std::vector<std::vector<int>> rows;  // sample lengths per row; the rest is padding
 };
 
@@ -279,9 +286,9 @@ static int run(const Shape& s, std::mt19937& rng) {
     launch({8, 1, 1}, 256, [&] { flash_bwd_prep(o.data(), dob.data(), delta.data(), dq_acc.data(), B * T, T, H, d); });
     auto bwd = [&] {
         if (d <= 64)
-            flash_bwd_d64(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale);
+            flash_bwd_d64(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale, s.stages);
         else
-            flash_bwd_d128(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale);
+            flash_bwd_d128(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale, s.stages);
     };
     launch({(unsigned)nb, (unsigned)Hkv, (unsigned)B}, 256, bwd);
     launch({4, 1, 1}, 256, [&] { flash_dq_convert(dq_acc.data(), dq.data(), (long long)nq, scale); });
@@ -338,7 +345,8 @@ static int run(const Shape& s, std::mt19937& rng) {
         const double r = rel_l2(got, want, nans);
         const bool ok = nans == 0 && r <= tol;
         bad += !ok;
-        printf("%-4s %-4s B%d T%d H%d/%d d%d w%d: rel_l2 %.3e nan %d\n", ok ? "ok" : "FAIL", name, B, T, H, Hkv, d, s.window, r, nans);
+        printf("%-4s %-4s B%d T%d H%d/%d d%d w%d stages %d: rel_l2 %.3e nan %d\n", ok ? "ok" : "FAIL", name, B, T, H, Hkv, d, s.window, s.stages, r, nans);
+        fflush(stdout);
     };
     report("o", fl(o), o_r, 1e-2);
     report("lse", lse, lse_r, 1e-4);
@@ -351,12 +359,14 @@ static int run(const Shape& s, std::mt19937& rng) {
 int main() {
     std::mt19937 rng(1234);
     const std::vector<Shape> shapes = {
-        {2, 150, 8, 2, 128, 0, {{150}, {60, 1, 49, 30}}},
-        {1, 130, 4, 2, 64, 40, {{64, 64, 2}}},
-        {1, 192, 2, 1, 64, 0, {{64, 64, 64}}},
-        {2, 77, 4, 2, 16, 0, {{30, 30}, {77}}},
-        {1, 100, 2, 2, 96, 50, {{50, 45}}},
-        {1, 9, 2, 1, 32, 3, {{4, 5}}},
+        {2, 150, 8, 2, 128, 0, 2, {{150}, {60, 1, 49, 30}}},
+        {1, 150, 4, 1, 128, 0, 1, {{150}}},
+        {1, 130, 4, 2, 64, 40, 2, {{64, 64, 2}}},
+        {1, 192, 2, 1, 64, 0, 1, {{64, 64, 64}}},
+        {1, 192, 2, 1, 64, 0, 2, {{64, 64, 64}}},
+        {2, 77, 4, 2, 16, 0, 1, {{30, 30}, {77}}},
+        {1, 100, 2, 2, 96, 50, 2, {{50, 45}}},
+        {1, 9, 2, 1, 32, 3, 1, {{4, 5}}},
     };
     int bad = 0;
     for (const auto& s : shapes) bad += run(s, rng);

@@ -211,6 +211,9 @@ impl Kernels {
         }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+            as usize;
         let compiler = nvrtc::compiler_id()?;
         let mut report = LoadReport {
             target: arch.nvrtc_target(),
@@ -250,7 +253,7 @@ impl Kernels {
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
-            flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name))?,
+            flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin)?,
         };
         Ok((
             Self {

@@ -29,35 +29,47 @@ pub(super) struct FlashFunctions {
     /// Indexed by [`FlashShape::tile`]: 0 → d ≤ 64, 1 → d ≤ 128.
     fwd: [CudaFunction; 2],
     bwd: [CudaFunction; 2],
+    /// Input stages of each backward kernel: 2 (the next query block loads during the current
+    /// one) where the GPU grants the shared memory, else 1.
+    bwd_stages: [usize; 2],
     bwd_prep: CudaFunction,
     dq_convert: CudaFunction,
 }
 
-/// Dynamic shared memory of the backward kernel with tiles `width` wide: K, V, Q, dO tiles
-/// [64][width] and Pᵀ, dSᵀ [64][64] in bf16, lse and delta of a query block in fp32.
-fn bwd_smem_bytes(width: usize) -> usize {
-    (4 * FLASH_BLOCK * width + 2 * FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * FLASH_BLOCK * 4
+/// Dynamic shared memory of the backward kernel with tiles `width` wide: K, V tiles [64][width]
+/// and Pᵀ, dSᵀ [64][64] in bf16, then per stage Q, dO tiles [64][width] bf16 and lse, delta of
+/// a query block in fp32.
+fn bwd_smem_bytes(width: usize, stages: usize) -> usize {
+    let stage = 2 * FLASH_BLOCK * width * 2 + 2 * FLASH_BLOCK * 4;
+    (2 * FLASH_BLOCK * width + 2 * FLASH_BLOCK * FLASH_BLOCK) * 2 + stages * stage
 }
 
 const WIDTHS: [usize; 2] = [64, 128];
 
 impl FlashFunctions {
+    /// `smem_optin`: the device's largest dynamic shared memory per block (bytes) after opt-in.
     pub(super) fn load(
         get: impl Fn(&str) -> Result<CudaFunction, KernelError>,
+        smem_optin: usize,
     ) -> Result<Self, KernelError> {
         let bwd = [get("flash_bwd_d64")?, get("flash_bwd_d128")?];
+        let mut bwd_stages = [1; 2];
         // More than the 48 KiB of static shared memory: every sm_80+ GPU allows ≥ 99 KiB per
-        // block once the kernel opts in.
-        for (f, width) in bwd.iter().zip(WIDTHS) {
+        // block once the kernel opts in (sm_80 163 KiB, sm_90 227 KiB: two stages at d 128).
+        for (i, (f, width)) in bwd.iter().zip(WIDTHS).enumerate() {
+            if bwd_smem_bytes(width, 2) <= smem_optin {
+                bwd_stages[i] = 2;
+            }
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bwd_smem_bytes(width) as i32,
+                bwd_smem_bytes(width, bwd_stages[i]) as i32,
             )?;
         }
         Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
             bwd,
+            bwd_stages,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
         })
@@ -317,6 +329,8 @@ impl Kernels {
         // 2. dK, dV per key block; dQ into the accumulator.
         let scale = s.scale();
         let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let stages = self.f.flash.bwd_stages[s.tile()];
+        let stages_i = stages as i32;
         let mut a = stream.launch_builder(&self.f.flash.bwd[s.tile()]);
         a.arg(q)
             .arg(k)
@@ -332,11 +346,12 @@ impl Kernels {
             .arg(&d_i)
             .arg(&w_i)
             .arg(&scale_log2)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&stages_i);
         let config = LaunchConfig {
             grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
             block_dim: (BWD_THREADS, 1, 1),
-            shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()]) as u32,
+            shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()], stages) as u32,
         };
         launch(a, config)?;
 
@@ -381,7 +396,11 @@ mod tests {
         assert_eq!(s.tile(), 1);
         assert!(s.check("t").is_ok());
         assert!(FlashShape { kv_heads: 3, ..s }.check("t").is_err());
-        // The backward's shared memory fits the 99 KiB opt-in limit of sm_86/sm_89.
-        assert!(bwd_smem_bytes(128) <= 99 * 1024);
+        // One stage fits the 99 KiB opt-in limit of sm_86/sm_89 at d 128; two fit sm_80's
+        // 163 KiB (and sm_90's 227 KiB).
+        assert_eq!(bwd_smem_bytes(128, 1), 82432);
+        assert!(bwd_smem_bytes(128, 1) <= 99 * 1024);
+        assert!(bwd_smem_bytes(64, 2) <= 99 * 1024);
+        assert!(bwd_smem_bytes(128, 2) <= 163 * 1024);
     }
 }
