@@ -89,6 +89,16 @@ __device__ __forceinline__ float ex2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+
+// *p += x for 4 consecutive floats in one 16-byte reduction (sm_90+; 16-byte aligned p).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FA_RED_V4 1
+__device__ __forceinline__ void red_add_v4(float* p, float4 x) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y),
+                 "f"(x.z), "f"(x.w)
+                 : "memory");
+}
+#endif
 #endif  // FA_SIM
 
 // Element (row, col) of a row-major shared tile W elements wide (W a multiple of 64), with the
@@ -489,7 +499,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
             cp_async_commit();
         }
-        const bf16* sQ = stage0 + stage * STAGE;
+        bf16* sQ = stage0 + stage * STAGE;
         const bf16* sO = sQ + FA_BLOCK * D;  // dO
         const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
         const float* sD = sL + FA_BLOCK;  // delta
@@ -574,7 +584,11 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             }
         }
 
-        // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys -> atomics.
+        // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys. The partial tile goes
+        // through shared memory (the stage's Q and dO tiles, free once every warp is past the
+        // products above: [64][D] fp32, 32-byte chunks XOR-swizzled by row like the bf16
+        // tiles), so the atomics run over whole rows: 32 consecutive floats per warp
+        // instruction (4 full sectors), or 128 with sm_90's 16-byte red.v4.
         float dqa[HD / 8][4];
 #pragma unroll
         for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
@@ -592,24 +606,33 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
             }
         }
-        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
-        const int qi0 = i0 + wk * 16 + g, qi1 = qi0 + 8;
+        __syncthreads();  // every warp is done reading sQ and sO
+        float* sQd = reinterpret_cast<float*>(sQ);
 #pragma unroll
         for (int n = 0; n < HD / 8; ++n) {
-            const int c = wn * HD + n * 8 + 2 * t;
-            if (c < d) {
-                if (qi0 < T) {
-                    float* p = dqg + (long long)qi0 * qld + c;
-                    atomicAdd(p, dqa[n][0]);
-                    atomicAdd(p + 1, dqa[n][1]);
-                }
-                if (qi1 < T) {
-                    float* p = dqg + (long long)qi1 * qld + c;
-                    atomicAdd(p, dqa[n][2]);
-                    atomicAdd(p + 1, dqa[n][3]);
-                }
-            }
+            const int c = wn * HD + n * 8 + 2 * t, row = wk * 16 + g;
+            *reinterpret_cast<float2*>(sQd + swz<D>(row, c)) = make_float2(dqa[n][0], dqa[n][1]);
+            *reinterpret_cast<float2*>(sQd + swz<D>(row + 8, c)) = make_float2(dqa[n][2], dqa[n][3]);
         }
+        __syncthreads();
+        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
+#ifdef FA_RED_V4
+#pragma unroll
+        for (int it = 0; it < FA_BLOCK * D / (4 * NT); ++it) {
+            const int e = (it * NT + tid) * 4, row = e / D, c = e % D;
+            if (i0 + row < T && c < d)
+                red_add_v4(dqg + (long long)(i0 + row) * qld + c,
+                           *reinterpret_cast<const float4*>(sQd + swz<D>(row, c)));
+        }
+#else
+        // Not fully unrolled: hoisting all D/4 shared loads ahead of the atomics would spill.
+#pragma unroll 4
+        for (int it = 0; it < FA_BLOCK * D / NT; ++it) {
+            const int e = it * NT + tid, row = e / D, c = e % D;
+            if (i0 + row < T && c < d)
+                atomicAdd(dqg + (long long)(i0 + row) * qld + c, sQd[swz<D>(row, c)]);
+        }
+#endif
         if (!more) break;
         if (!two) {
             __syncthreads();  // every warp is done with the only stage buffer

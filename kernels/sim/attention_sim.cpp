@@ -45,6 +45,10 @@ Dim3 blockDim, gridDim;
 struct float4 {
     float x, y, z, w;
 };
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float a, float b) { return {a, b}; }
 struct uint2 {
     u32 x, y;
 };
@@ -186,6 +190,13 @@ inline void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     tw->bar.arrive_and_wait();
 }
 inline float ex2(float x) { return exp2f(x); }
+// Built with -DFA_RED_V4 the simulator takes sm_90's 16-byte reduction path.
+inline void red_add_v4(float* p, float4 x) {
+    atomicAdd(p, x.x);
+    atomicAdd(p + 1, x.y);
+    atomicAdd(p + 2, x.z);
+    atomicAdd(p + 3, x.w);
+}
 
 // The kernels under test (the build rewrites `extern __shared__` to `extern`).
 #include "attention_sim_src.cu"

@@ -269,10 +269,11 @@ pub fn bench(g: &mut Gpu) -> Res<()> {
             let tf = |flop: f64, ms: f32| flop / (ms as f64 * 1e-3) / 1e12;
             println!(
                 "bench-attn {name:<12} B2 T2048 H{heads}/{kv_heads} d{head_dim} samples/row {samples}: \
-                 fwd {fwd_ms:>7.3} ms {:>6.1} TFLOP/s   bwd {bwd_ms:>7.3} ms {:>6.1} TFLOP/s   \
-                 fwd+bwd {:>7.3} ms",
+                 fwd {fwd_ms:>7.3} ms {:>6.1} TFLOP/s   bwd {bwd_ms:>7.3} ms {:>6.1} TFLOP/s \
+                 ({} stages)   fwd+bwd {:>7.3} ms",
                 tf(fwd_flop, fwd_ms),
                 tf(bwd_flop, bwd_ms),
+                g.k.flash_bwd_stages(&s),
                 fwd_ms + bwd_ms
             );
         }

@@ -206,6 +206,12 @@ impl Kernels {
         )
     }
 
+    /// Input stages the backward uses for this shape on this GPU (2: the next query block's
+    /// inputs load during the current one).
+    pub fn flash_bwd_stages(&self, s: &FlashShape) -> usize {
+        self.f.flash.bwd_stages[s.tile()]
+    }
+
     /// `o = softmax(q·kᵀ/√d + mask)·v` and `lse[b, h, i]` = logsumexp of the masked, scaled
     /// scores of query i (natural log), which the backward needs. `blk` from
     /// [`Kernels::flash_seg_blocks`] for the same `segment_ids`.
