@@ -90,8 +90,10 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
-// *p += x for 4 consecutive floats in one 16-byte reduction (sm_90+; 16-byte aligned p).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// *p += x for 4 consecutive floats in one 16-byte reduction (sm_90+, PTX ISA 8.1 = CUDA 12.1+;
+// 16-byte aligned p).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
 #define FA_RED_V4 1
 __device__ __forceinline__ void red_add_v4(float* p, float4 x) {
     asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(x.x), "f"(x.y),
