@@ -873,3 +873,108 @@ fn sentencepiece_vocabularies_carry_their_scores_into_the_gguf() {
     std::fs::write(&tok_path, tok.to_string()).unwrap();
     export("unigram", expected(&uni_score, -1000.0));
 }
+
+/// candle-transformers runs our GGUF files: its quantized llama (llama.cpp's layout: permuted
+/// q/k rows, interleaved RoPE, GGUF metadata) on the f32/f16/q8_0 files gives the same last-token
+/// logits, within each type's rounding, as its safetensors llama (Hugging Face layout) on the
+/// merged_16bit save the GGUF came from.
+#[test]
+fn candle_transformers_runs_our_gguf_like_the_merged_safetensors() {
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::{llama, quantized_llama};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter, out) = (
+        tmp.path().join("base"),
+        tmp.path().join("adapter"),
+        tmp.path().join("out"),
+    );
+    let spec = spec("llama", DType::F32);
+    write_base(&base, &spec);
+    write_adapter(&adapter, &spec, 8, 0.05);
+    let r = ferrotune(&[
+        "export",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--save_method",
+        "merged_16bit",
+        "--save_gguf",
+        "--quantization",
+        "f32",
+        "f16",
+        "q8_0",
+        "--save_path",
+        out.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+
+    let device = Device::Cpu;
+    let config: llama::LlamaConfig =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    let config = config.into_config(false);
+    let files: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&files, candle_core::DType::F32, &device)
+            .unwrap()
+    };
+    let hf = llama::Llama::load(vb, &config).unwrap();
+    let prompts: [&[u32]; 2] = [
+        &[1, 17, 42, 99, 250, 7, 3, 64, 128, 5, 311, 2],
+        &[1, 200, 13],
+    ];
+    let reference: Vec<Vec<f32>> = prompts
+        .iter()
+        .map(|ids| {
+            let mut cache =
+                llama::Cache::new(false, candle_core::DType::F32, &config, &device).unwrap();
+            let input = Tensor::new(*ids, &device).unwrap().unsqueeze(0).unwrap();
+            hf.forward(&input, 0, &mut cache)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+
+    // Measured: F32 1e-6, F16 1.5e-3, Q8_0 3.2e-2 (candle's CPU matmul also quantizes the
+    // activations to Q8_0, as ggml does). A wrong permutation or layout is off by ~100 %.
+    for (preset, budget) in [("F32", 1e-4), ("F16", 5e-3), ("Q8_0", 6e-2)] {
+        let path = out.join(format!("base.{preset}.gguf"));
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+        let mut model = quantized_llama::ModelWeights::from_gguf(content, &mut file, &device)
+            .unwrap_or_else(|e| panic!("candle cannot load {}: {e}", path.display()));
+        for (ids, want) in prompts.iter().zip(&reference) {
+            model.clear_kv_cache();
+            let input = Tensor::new(*ids, &device).unwrap().unsqueeze(0).unwrap();
+            let got: Vec<f32> = model
+                .forward(&input, 0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(got.len(), want.len());
+            let err: f64 = got
+                .iter()
+                .zip(want)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt();
+            assert!(
+                err / norm < budget,
+                "{preset}, {} tokens: relative L2 error of the logits {} (budget {budget})",
+                ids.len(),
+                err / norm
+            );
+        }
+    }
+}
