@@ -344,6 +344,12 @@ mod tests {
         let p = write(d.path(), "c.jsonl", "{\"a\": 1}\n[1]\n");
         let e = err(load_file(&p));
         assert!(e.contains("c.jsonl: line 2: not a JSON object"), "{e}");
+        // Validated in parallel, still reported in file order with the file's line numbers.
+        let mut text = "\n{\"a\": 1}\n".repeat(500);
+        text.push_str("{bad\n[2]\n");
+        let p = write(d.path(), "d.jsonl", &text);
+        let e = err(load_file(&p));
+        assert!(e.contains("d.jsonl: line 1001: invalid JSON"), "{e}");
     }
 
     #[test]
