@@ -51,20 +51,31 @@ impl<'a> MergedModel<'a> {
         Ok(w)
     }
 
-    /// The merged tensor rounded to `dtype` (in place, no second copy), failing on values that
-    /// are not finite there.
+    /// The merged tensor rounded to `dtype` (in place, no second copy, on all cores), failing
+    /// on the first value that is not finite there.
     pub fn merged_in(&self, name: &str, dtype: StoreDtype) -> Result<Vec<f32>> {
+        const CHUNK: usize = 1 << 14;
         let mut w = self.merged_f32(name)?;
-        for (i, v) in w.iter_mut().enumerate() {
-            let before = *v;
-            *v = dtype.round(before);
-            if !v.is_finite() {
-                bail!(
-                    "{name}: value {i} is {} after merging the adapter ({before} in f32); the adapter is diverged or the value overflows {} — check the training loss, or export a model stored in bfloat16/float32",
-                    v,
-                    dtype.name()
-                );
-            }
+        let first_bad = w
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .filter_map(|(c, chunk)| {
+                let mut bad = None;
+                for (i, v) in chunk.iter_mut().enumerate() {
+                    let before = *v;
+                    *v = dtype.round(before);
+                    if bad.is_none() && !v.is_finite() {
+                        bad = Some((c * CHUNK + i, before, *v));
+                    }
+                }
+                bad
+            })
+            .min_by_key(|(i, _, _)| *i);
+        if let Some((i, before, v)) = first_bad {
+            bail!(
+                "{name}: value {i} is {v} after merging the adapter ({before} in f32); the adapter is diverged or the value overflows {} — check the training loss, or export a model stored in bfloat16/float32",
+                dtype.name()
+            );
         }
         Ok(w)
     }

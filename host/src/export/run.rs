@@ -159,14 +159,19 @@ pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
     }
     if !presets.is_empty() {
         let plan = GgufPlan::new(&req.base_dir, &merged, &req.name)?;
+        let targets: Vec<(Preset, PathBuf)> = presets
+            .iter()
+            .map(|p| {
+                let file = format!("{}.{}.gguf", req.name, p.file_tag());
+                (*p, req.save_path.join(file))
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let all = plan.write_presets(&merged, &targets)?;
         let mut first = None;
-        for preset in presets {
-            let dest = req
-                .save_path
-                .join(format!("{}.{}.gguf", req.name, preset.file_tag()));
-            let stats = plan.write(&merged, preset, &dest)?;
+        for stats in all {
             eprintln!(
-                "wrote {} ({:.1} MiB, {:.1} s, {:.1} M values/s)",
+                "wrote {} ({:.1} MiB, quantized in {:.1} s, {:.1} M values/s)",
                 stats.path.display(),
                 stats.bytes as f64 / (1 << 20) as f64,
                 stats.seconds,
@@ -175,6 +180,11 @@ pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
             first.get_or_insert_with(|| stats.path.clone());
             written.push(stats.path);
         }
+        eprintln!(
+            "GGUF: {} preset(s) from one merge in {:.1} s",
+            targets.len(),
+            started.elapsed().as_secs_f64()
+        );
         if let Some(first) = first {
             written.push(write_modelfile(&req.save_path, &first)?);
         }

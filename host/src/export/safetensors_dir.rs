@@ -6,9 +6,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use std::os::unix::fs::FileExt;
 
 use crate::gguf::convert::TensorSource;
+
+/// Values per parallel work item when converting between f32 and a storage dtype: large enough
+/// that scheduling costs nothing next to the conversion.
+const PAR_MIN: usize = 1 << 14;
 
 /// Storage dtypes the export path reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,17 +40,19 @@ impl StoreDtype {
         }
     }
 
-    /// Encodes f32 values in this dtype (round to nearest even).
+    /// Encodes f32 values in this dtype (round to nearest even), on all cores.
     pub fn encode(self, values: &[f32]) -> Vec<u8> {
         use crate::gguf::quant::{f32_to_bf16_bits, f32_to_f16_bits};
-        let mut out = Vec::with_capacity(values.len() * self.size());
-        for &v in values {
-            match self {
-                StoreDtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
-                StoreDtype::F16 => out.extend_from_slice(&f32_to_f16_bits(v).to_le_bytes()),
-                StoreDtype::BF16 => out.extend_from_slice(&f32_to_bf16_bits(v).to_le_bytes()),
-            }
-        }
+        let size = self.size();
+        let mut out = vec![0u8; values.len() * size];
+        out.par_chunks_exact_mut(size)
+            .zip(values.par_iter())
+            .with_min_len(PAR_MIN)
+            .for_each(|(o, &v)| match self {
+                StoreDtype::F32 => o.copy_from_slice(&v.to_le_bytes()),
+                StoreDtype::F16 => o.copy_from_slice(&f32_to_f16_bits(v).to_le_bytes()),
+                StoreDtype::BF16 => o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes()),
+            });
         out
     }
 
@@ -61,19 +68,23 @@ impl StoreDtype {
         }
     }
 
+    /// Decodes stored bytes to f32, on all cores.
     pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
         use crate::gguf::quant::{bf16_bits_to_f32, f16_bits_to_f32};
         match self {
             StoreDtype::F32 => bytes
-                .chunks_exact(4)
+                .par_chunks_exact(4)
+                .with_min_len(PAR_MIN)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
             StoreDtype::F16 => bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
+                .with_min_len(PAR_MIN)
                 .map(|b| f16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
             StoreDtype::BF16 => bytes
-                .chunks_exact(2)
+                .par_chunks_exact(2)
+                .with_min_len(PAR_MIN)
                 .map(|b| bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]])))
                 .collect(),
         }

@@ -138,20 +138,39 @@ impl GgufPlan {
         preset: Preset,
         dest: &Path,
     ) -> Result<WriteStats> {
-        let started = Instant::now();
-        let infos = self.tensor_types(preset);
-        let mut metadata =
-            arch::model_metadata(&self.cfg, self.arch, preset, &self.name, self.params);
-        metadata.extend(self.tokenizer.iter().cloned());
-        let mut writer = GgufWriter::create(dest, &metadata, infos.clone())?;
+        let mut stats = self.write_presets(source, &[(preset, dest.to_path_buf())])?;
+        Ok(stats.remove(0))
+    }
+
+    /// Writes one file per `(preset, dest)` in a single pass over the tensors: each tensor is
+    /// read (for an export: merged) and permuted once, then quantized and written for every
+    /// preset, so N presets cost one merge. Memory holds one tensor plus one encoding at a time.
+    /// Each file's `seconds` is the time spent quantizing and writing it; the shared reading
+    /// time is logged once.
+    pub fn write_presets(
+        &self,
+        source: &dyn TensorSource,
+        targets: &[(Preset, PathBuf)],
+    ) -> Result<Vec<WriteStats>> {
+        let mut writers = Vec::with_capacity(targets.len());
+        for (preset, dest) in targets {
+            let infos = self.tensor_types(*preset);
+            let mut metadata =
+                arch::model_metadata(&self.cfg, self.arch, *preset, &self.name, self.params);
+            metadata.extend(self.tokenizer.iter().cloned());
+            let writer = GgufWriter::create(dest, &metadata, infos.clone())?;
+            writers.push((writer, infos, 0u64, 0f64));
+        }
+        let tags: Vec<&str> = targets.iter().map(|(p, _)| p.file_tag()).collect();
         let bar = crate::export::progress::bar(
-            infos.len() as u64,
-            &format!("GGUF {}", preset.file_tag()),
+            self.entries.len() as u64,
+            &format!("GGUF {}", tags.join("+")),
         );
         let mut values = 0u64;
-        let mut bytes = 0u64;
-        for (entry, info) in self.entries.iter().zip(&infos) {
+        let mut read_seconds = 0f64;
+        for (i, entry) in self.entries.iter().enumerate() {
             bar.set_message(entry.gguf.clone());
+            let started = Instant::now();
             let mut data = match &entry.hf {
                 Some(hf) => source
                     .read_f32(hf)
@@ -162,29 +181,46 @@ impl GgufPlan {
                 data = names::permute_qk(&data, entry.shape[0], heads)
                     .with_context(|| format!("permuting {}", entry.gguf))?;
             }
-            let encoded = quant::quantize_rows(info.ty, &data, info.row_len())
-                .with_context(|| format!("quantizing {} as {}", entry.gguf, info.ty))?;
-            writer.write_tensor(&entry.gguf, &encoded)?;
+            read_seconds += started.elapsed().as_secs_f64();
+            for (writer, infos, bytes, seconds) in &mut writers {
+                let started = Instant::now();
+                let info = &infos[i];
+                let encoded = quant::quantize_rows(info.ty, &data, info.row_len())
+                    .with_context(|| format!("quantizing {} as {}", entry.gguf, info.ty))?;
+                writer.write_tensor(&entry.gguf, &encoded)?;
+                *bytes += encoded.len() as u64;
+                *seconds += started.elapsed().as_secs_f64();
+            }
             values += data.len() as u64;
-            bytes += encoded.len() as u64;
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let path = writer.finish()?;
-        let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
-            file = %path.display(),
-            preset = preset.file_tag(),
-            gib = bytes as f64 / (1u64 << 30) as f64,
-            seconds,
-            mvalues_per_s = values as f64 / 1e6 / seconds.max(1e-9),
-            "GGUF written"
+            tensors = self.entries.len(),
+            seconds = read_seconds,
+            presets = tags.join(" "),
+            "GGUF tensors read (merged) once for every preset"
         );
-        Ok(WriteStats {
-            path,
-            bytes,
-            values,
-            seconds,
-        })
+        let mut stats = Vec::with_capacity(writers.len());
+        for ((writer, _, bytes, seconds), (preset, _)) in writers.into_iter().zip(targets) {
+            let started = Instant::now();
+            let path = writer.finish()?;
+            let seconds = seconds + started.elapsed().as_secs_f64();
+            tracing::info!(
+                file = %path.display(),
+                preset = preset.file_tag(),
+                gib = bytes as f64 / (1u64 << 30) as f64,
+                seconds,
+                mvalues_per_s = values as f64 / 1e6 / seconds.max(1e-9),
+                "GGUF written"
+            );
+            stats.push(WriteStats {
+                path,
+                bytes,
+                values,
+                seconds,
+            });
+        }
+        Ok(stats)
     }
 }
