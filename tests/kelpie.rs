@@ -38,8 +38,18 @@ fn sync_flags_are_checked_before_anything_runs() {
         "add --sync mirror",
     );
     assert_usage_error(
-        &["--dry_run", "--sync", "policy.wasm", "--sync_config", "{}"],
-        "sync plugin runtime",
+        &[
+            "--dry_run",
+            "--sync",
+            "/no/such/policy.wasm",
+            "--sync_config",
+            r#"{"storage": "file:///tmp/x"}"#,
+        ],
+        "--sync /no/such/policy.wasm: cannot read it",
+    );
+    assert_usage_error(
+        &["--dry_run", "--sync", "mirror", "--sync_config", "{}"],
+        "the storage URL is missing",
     );
     assert_usage_error(
         &[

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use ferrotune::storage::s3::S3Store;
 use ferrotune::storage::{ObjectStore, StorageError};
-use ferrotune::sync::policy::{Mirror, RunOutcome};
+use ferrotune::sync::policy::Mirror;
 use ferrotune::sync::worker::Backoff;
-use ferrotune::sync::{SyncHooks, SyncOptions, Syncer};
+use ferrotune::sync::{SyncHooks, SyncOptions, SyncStart, Syncer};
 use support::s3_server::{S3Server, SECRET};
 
 fn write(path: &Path, bytes: &[u8]) {
@@ -190,13 +190,18 @@ fn fast_options() -> SyncOptions {
     }
 }
 
-fn mirror_syncer(store: Arc<dyn ObjectStore>, keep_last: Option<usize>) -> Syncer {
-    let policy = Mirror {
-        checkpoints_prefix: "checkpoints".into(),
-        outputs_prefix: "outputs".into(),
-        keep_last,
-    };
+fn mirror_syncer(store: Arc<dyn ObjectStore>) -> Syncer {
+    let policy = Mirror::new("checkpoints", "outputs");
     Syncer::new(store, Box::new(policy), fast_options())
+}
+
+fn start(output_dir: &Path, save_path: &Path, resume: bool, limit: Option<usize>) -> SyncStart {
+    SyncStart {
+        output_dir: output_dir.to_path_buf(),
+        save_path: save_path.to_path_buf(),
+        resume,
+        save_total_limit: limit,
+    }
 }
 
 #[test]
@@ -210,8 +215,9 @@ fn sync_mirrors_a_run_to_s3_and_a_fresh_node_resumes_from_it() {
     let save_path = tmp.path().join("node1/outputs");
 
     // A run with --save_total_limit 2 on node 1.
-    let sync = mirror_syncer(Arc::clone(&store), Some(2));
-    assert_eq!(sync.before_start(&output_dir, true).unwrap(), None);
+    let sync = mirror_syncer(Arc::clone(&store));
+    let run = start(&output_dir, &save_path, true, Some(2));
+    assert_eq!(sync.before_start(&run).unwrap(), None);
     for step in [10, 20, 30] {
         let dir = save_checkpoint(&output_dir, step);
         sync.on_checkpoint_saved(&dir).unwrap();
@@ -221,8 +227,7 @@ fn sync_mirrors_a_run_to_s3_and_a_fresh_node_resumes_from_it() {
     }
     write(&save_path.join("adapter_model.safetensors"), &pattern(5000));
     write(&save_path.join("adapter_config.json"), b"{}");
-    sync.on_run_finished(RunOutcome::Completed, &save_path)
-        .unwrap();
+    sync.on_run_finished(&save_path).unwrap();
 
     let remote = keys(&*store, "");
     assert!(
@@ -248,8 +253,9 @@ fn sync_mirrors_a_run_to_s3_and_a_fresh_node_resumes_from_it() {
 
     // Node 2 starts on an empty disk and resumes from the newest valid checkpoint.
     let node2 = tmp.path().join("node2/checkpoints");
-    let sync2 = mirror_syncer(Arc::clone(&store), Some(2));
-    assert_eq!(sync2.before_start(&node2, true).unwrap(), Some(30));
+    let sync2 = mirror_syncer(Arc::clone(&store));
+    let run2 = start(&node2, &tmp.path().join("node2/outputs"), true, Some(2));
+    assert_eq!(sync2.before_start(&run2).unwrap(), Some(30));
     for name in [
         "adapter_model.safetensors",
         "trainer_state.json",
@@ -261,9 +267,7 @@ fn sync_mirrors_a_run_to_s3_and_a_fresh_node_resumes_from_it() {
             "{name}"
         );
     }
-    sync2
-        .on_run_finished(RunOutcome::Cancelled, &tmp.path().join("none"))
-        .unwrap();
+    sync2.abandon();
 }
 
 #[test]
@@ -275,13 +279,14 @@ fn a_failed_run_uploads_checkpoints_but_not_final_artefacts() {
     let tmp = tempfile::tempdir().unwrap();
     let output_dir = tmp.path().join("ck");
     let save_path = tmp.path().join("out");
-    let sync = mirror_syncer(Arc::clone(&store), None);
-    sync.before_start(&output_dir, false).unwrap();
+    let sync = mirror_syncer(Arc::clone(&store));
+    sync.before_start(&start(&output_dir, &save_path, false, None))
+        .unwrap();
     sync.on_checkpoint_saved(&save_checkpoint(&output_dir, 5))
         .unwrap();
     write(&save_path.join("partial.bin"), b"half");
-    sync.on_run_finished(RunOutcome::Failed, &save_path)
-        .unwrap();
+    // The job fails: the syncer is dropped without `on_run_finished`.
+    drop(sync);
     let remote = keys(&*store, "");
     assert_eq!(remote.len(), 3, "{remote:?}");
     assert!(
@@ -298,15 +303,17 @@ fn sync_rides_out_a_storage_outage() {
     server.create_bucket("runs");
     let tmp = tempfile::tempdir().unwrap();
     let output_dir = tmp.path().join("ck");
-    // The first five storage calls fail as during an outage; sync must retry through it.
     let real: Arc<dyn ObjectStore> =
         Arc::new(S3Store::connect("runs", "", server.settings()).unwrap());
-    let flaky: Arc<dyn ObjectStore> =
-        Arc::new(support::flaky::FlakyStore::new(Arc::clone(&real), 5));
-    let sync = mirror_syncer(Arc::clone(&flaky), None);
+    let flaky = Arc::new(support::flaky::FlakyStore::new(Arc::clone(&real), 0));
+    let sync = mirror_syncer(flaky.clone());
+    let absent = tmp.path().join("absent");
+    sync.before_start(&start(&output_dir, &absent, false, None))
+        .unwrap();
+    // The next five storage calls fail as during an outage; sync must retry through it.
+    flaky.fail_next(5);
     sync.on_checkpoint_saved(&save_checkpoint(&output_dir, 1))
         .unwrap();
-    sync.on_run_finished(RunOutcome::Completed, &tmp.path().join("absent"))
-        .unwrap();
+    sync.on_run_finished(&absent).unwrap();
     assert_eq!(keys(&*real, "checkpoints/checkpoint-1/").len(), 3);
 }

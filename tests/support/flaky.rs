@@ -1,5 +1,5 @@
-//! A store that fails its first N uploads as an outage would (transient errors), then passes
-//! calls through: sync must retry until storage recovers.
+//! A store whose first N calls (or next N, see `fail_next`) fail as in an outage (transient
+//! errors), then passes calls through: sync must retry until storage recovers.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +18,11 @@ impl FlakyStore {
             inner,
             failures_left: AtomicUsize::new(failures),
         }
+    }
+
+    /// Makes the next `n` calls fail.
+    pub fn fail_next(&self, n: usize) {
+        self.failures_left.store(n, Ordering::SeqCst);
     }
 
     fn outage(&self) -> Result<(), StorageError> {

@@ -13,6 +13,12 @@ pub struct S3Server {
 
 impl S3Server {
     pub fn start() -> S3Server {
+        Self::start_with_env(&[])
+    }
+
+    /// With extra environment for moto, e.g. `INITIAL_NO_AUTH_ACTION_COUNT=0`, which makes it
+    /// check access keys against its (empty) IAM: every request's credentials are rejected.
+    pub fn start_with_env(env: &[(&str, &str)]) -> S3Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("pick a free port")
@@ -21,6 +27,7 @@ impl S3Server {
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             // Lets multipart tests use small parts (real S3 needs 5 MiB).
             .env("S3_UPLOAD_PART_MIN_SIZE", "1024")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -12,6 +12,7 @@ use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
 pub enum Done {
     Uploaded { key: String, size: u64 },
     Deleted { key: String },
+    DeletedCheckpoint { step: u64 },
     Rotated { deleted_checkpoints: Vec<u64> },
     Downloaded { step: u64 },
     NothingNewer,
@@ -29,6 +30,13 @@ pub fn execute(store: &dyn ObjectStore, action: &Action) -> Result<Done, Storage
         Action::Delete { key } => {
             store.delete(key)?;
             Ok(Done::Deleted { key: key.clone() })
+        }
+        Action::DeleteCheckpoint { prefix, step } => {
+            let remote = remote_checkpoints(store, prefix)?;
+            if let Some(objects) = remote.get(step) {
+                delete_checkpoint(store, objects)?;
+            }
+            Ok(Done::DeletedCheckpoint { step: *step })
         }
         Action::KeepLast { prefix, count } => keep_last(store, prefix, *count),
         Action::DownloadLatestValid { prefix, into } => download_latest_valid(store, prefix, into),
@@ -81,17 +89,23 @@ fn keep_last(store: &dyn ObjectStore, prefix: &str, count: usize) -> Result<Done
     };
     let mut deleted = Vec::new();
     for (step, objects) in remote.range(..oldest_kept) {
-        // Manifest first: a half-deleted checkpoint must never look valid.
-        let mut objects = objects.clone();
-        objects.sort_by_key(|o| !o.key.ends_with(&format!("/{MANIFEST}")));
-        for object in objects {
-            store.delete(&object.key)?;
-        }
+        delete_checkpoint(store, objects)?;
         deleted.push(*step);
     }
     Ok(Done::Rotated {
         deleted_checkpoints: deleted,
     })
+}
+
+/// Deletes one remote checkpoint's objects, the manifest first: a half-deleted checkpoint must
+/// never look valid.
+fn delete_checkpoint(store: &dyn ObjectStore, objects: &[ObjectInfo]) -> Result<(), StorageError> {
+    let mut objects = objects.to_vec();
+    objects.sort_by_key(|o| !o.key.ends_with(&format!("/{MANIFEST}")));
+    for object in objects {
+        store.delete(&object.key)?;
+    }
+    Ok(())
 }
 
 fn download_latest_valid(
@@ -267,6 +281,25 @@ mod tests {
             [
                 "ck/checkpoint-2/manifest.json",
                 "ck/checkpoint-2/w",
+                "ck/checkpoint-3/manifest.json",
+                "ck/checkpoint-3/w",
+                "ck/checkpoint-4/w"
+            ]
+        );
+        let delete = |step| Action::DeleteCheckpoint {
+            prefix: "ck".into(),
+            step,
+        };
+        assert_eq!(
+            execute(&store, &delete(2)).unwrap(),
+            Done::DeletedCheckpoint { step: 2 }
+        );
+        // A checkpoint that is not there is already deleted.
+        execute(&store, &delete(99)).unwrap();
+        let keys: Vec<_> = store.list("").unwrap().into_iter().map(|o| o.key).collect();
+        assert_eq!(
+            keys,
+            [
                 "ck/checkpoint-3/manifest.json",
                 "ck/checkpoint-3/w",
                 "ck/checkpoint-4/w"

@@ -17,6 +17,9 @@ use crate::storage::ObjectStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchKind {
     Checkpoint(u64),
+    /// Actions for other events (a local deletion, the start of a run): their failures are
+    /// reported, but no checkpoint or artefact depends on them.
+    Housekeeping,
     Final,
 }
 
@@ -184,15 +187,22 @@ fn run(store: &dyn ObjectStore, shared: &(Mutex<State>, Condvar), backoff: Backo
                 }
             }
             BatchKind::Final => state.final_done = Some(ok),
+            BatchKind::Housekeeping => {}
         }
         wake.notify_all();
     }
 }
 
-/// Whether `batch` is a checkpoint upload whose local directory is gone.
-fn rotated_away(batch: &Batch) -> bool {
-    matches!(batch.kind, BatchKind::Checkpoint(_))
-        && batch.dir.as_ref().is_some_and(|dir| !dir.exists())
+/// Whether `batch` is a checkpoint upload that the trainer's rotation is deleting or deleted:
+/// its directory is gone, or the file `action` uploads is (the trainer never removes single
+/// files of a complete checkpoint, and `remove_dir_all` removes the files before the directory).
+fn rotated_away(batch: &Batch, action: &Action) -> bool {
+    if !matches!(batch.kind, BatchKind::Checkpoint(_)) {
+        return false;
+    }
+    let dir_gone = batch.dir.as_ref().is_some_and(|dir| !dir.exists());
+    let file_gone = matches!(action, Action::Upload { local, .. } if !local.exists());
+    dir_gone || file_gone
 }
 
 /// Runs one batch's actions in order; returns whether all succeeded.
@@ -211,7 +221,7 @@ fn run_batch(
                     log_done(store, &done);
                     break;
                 }
-                Err(_) if rotated_away(batch) => {
+                Err(_) if rotated_away(batch, action) => {
                     // The trainer rotated this checkpoint away while it went up (the error may
                     // surface as a local NotFound or as the S3 body stream failing): a newer one
                     // exists locally and carries the state.
@@ -268,6 +278,36 @@ fn log_done(store: &dyn ObjectStore, done: &Done) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_whose_files_vanish_mid_rotation_is_skipped_not_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(crate::storage::file::FileStore::new(tmp.path().join("remote")).unwrap());
+        // The directory is still there (remove_dir_all is half done), the file is gone.
+        let dir = tmp.path().join("checkpoint-3");
+        std::fs::create_dir_all(&dir).unwrap();
+        let backoff = Backoff {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(1),
+        };
+        let upload = |kind| Batch {
+            kind,
+            dir: Some(dir.clone()),
+            actions: vec![Action::Upload {
+                local: dir.join("optimizer.safetensors"),
+                key: "ck/checkpoint-3/optimizer.safetensors".into(),
+            }],
+        };
+        let worker = Worker::start(Arc::clone(&store), backoff);
+        worker.submit(upload(BatchKind::Checkpoint(3)));
+        worker.finish(Duration::from_secs(10)).unwrap();
+        // The same missing file outside a checkpoint batch is a real failure.
+        let worker = Worker::start(store, backoff);
+        worker.submit(upload(BatchKind::Final));
+        let err = worker.finish(Duration::from_secs(10)).unwrap_err();
+        assert!(err.contains("optimizer.safetensors"), "{err}");
+    }
 
     #[test]
     fn backoff_grows_to_the_cap_and_never_exceeds_it() {

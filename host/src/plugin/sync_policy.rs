@@ -1,0 +1,244 @@
+//! `--sync PATH.wasm`: a sync policy as a plugin of the `sync` world. One sandboxed instance per
+//! job (no files, no network, memory cap, a deadline per call), configured once with the
+//! policy's part of `--sync_config`, then asked `on-event` for each event. It implements the same
+//! [`SyncPolicy`] trait as the built-in `mirror`, so its actions go through the same checks and
+//! the same native executor; it only ever returns data.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::Store;
+
+use super::formatter::trap_error;
+use super::runtime::PluginRuntime;
+use super::sandbox::{self, PluginState};
+use super::wasm_err;
+use super::world::{self, Kind, World};
+use crate::cli::UsageError;
+use crate::sync::policy::{Action, ArtefactKind, Event, LocalFile, RunOutcome, SyncPolicy};
+
+/// Host bindings of the `sync` world, `ferrotune:plugin@0.1.0`.
+mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "ferrotune:plugin/sync",
+    });
+}
+
+use v0_1_0::exports::ferrotune::plugin::sync_policy as wit;
+use v0_1_0::ferrotune::plugin::types as wit_types;
+
+impl wit_types::Host for PluginState {}
+
+/// `log` lines go to the host log, tagged with the plugin's name.
+impl v0_1_0::ferrotune::plugin::log::Host for PluginState {
+    fn log(&mut self, level: wit_types::LogLevel, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+/// A configured `.wasm` sync policy.
+pub struct WasmSyncPolicy {
+    name: Arc<str>,
+    store: Store<PluginState>,
+    bindings: v0_1_0::Sync,
+    timeout: Duration,
+    /// `--output_dir` from `run-starting`: where `download-latest-valid` lands.
+    output_dir: PathBuf,
+}
+
+impl WasmSyncPolicy {
+    /// Loads `path`, checks it is a sync policy this host can run, and configures it with
+    /// `config` (JSON text). Errors name the flag to fix.
+    pub fn load(runtime: &PluginRuntime, path: &Path, config: &str) -> Result<Self> {
+        let wasm = std::fs::read(path).map_err(|e| {
+            UsageError::new(format!(
+                "--sync {}: cannot read it ({e}); pass mirror or a sync policy .wasm component",
+                path.display()
+            ))
+        })?;
+        let name: Arc<str> = path
+            .file_name()
+            .map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            )
+            .into();
+        let component = runtime.component(&name, &wasm)?;
+        let found: World = world::detect(runtime.engine(), &component, &name)?;
+        if found.kind != Kind::Sync {
+            bail!(UsageError::new(format!(
+                "--sync {}: this is a {} plugin, not a sync policy",
+                path.display(),
+                found.kind
+            )));
+        }
+        let mut linker: Linker<PluginState> = Linker::new(runtime.engine());
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
+        v0_1_0::Sync::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+        let timeout = runtime.limits().timeout;
+        let mut store = sandbox::new_store(runtime, name.clone());
+        let bindings = v0_1_0::Sync::instantiate(&mut store, &component, &linker)
+            .map_err(|e| trap_error(&store, e, timeout))
+            .with_context(|| {
+                format!(
+                    "sync plugin {name}: cannot instantiate it (a sync policy may import only \
+                     WASI without files or network, and ferrotune:plugin/log)"
+                )
+            })?;
+        let mut policy = WasmSyncPolicy {
+            name,
+            store,
+            bindings,
+            timeout,
+            output_dir: PathBuf::new(),
+        };
+        sandbox::arm_deadline(&mut policy.store, timeout);
+        let info = policy
+            .bindings
+            .ferrotune_plugin_sync_policy()
+            .call_describe(&mut policy.store)
+            .map_err(|e| trap_error(&policy.store, e, timeout))?;
+        sandbox::arm_deadline(&mut policy.store, timeout);
+        policy
+            .bindings
+            .ferrotune_plugin_sync_policy()
+            .call_configure(&mut policy.store, config)
+            .map_err(|e| trap_error(&policy.store, e, timeout))?
+            .map_err(|e| {
+                UsageError::new(format!(
+                    "--sync_config: sync plugin {} rejected it: {}",
+                    policy.name,
+                    plugin_error(e)
+                ))
+            })?;
+        tracing::info!(
+            plugin = %policy.name,
+            world = %found,
+            name = info.name,
+            version = info.version,
+            "sync policy plugin loaded"
+        );
+        Ok(policy)
+    }
+}
+
+impl SyncPolicy for WasmSyncPolicy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn on_event(&mut self, event: &Event) -> Result<Vec<Action>, String> {
+        if let Event::RunStarting(start) = event {
+            self.output_dir = start.output_dir.clone();
+        }
+        let wit_event = to_wit(event);
+        sandbox::arm_deadline(&mut self.store, self.timeout);
+        let answer = self
+            .bindings
+            .ferrotune_plugin_sync_policy()
+            .call_on_event(&mut self.store, &wit_event)
+            .map_err(|e| format!("{:#}", trap_error(&self.store, e, self.timeout)))?;
+        let actions = answer.map_err(|e| format!("{}: {}", event.name(), plugin_error(e)))?;
+        Ok(actions
+            .into_iter()
+            .map(|a| from_wit(a, &self.output_dir))
+            .collect())
+    }
+}
+
+fn plugin_error(e: wit_types::PluginError) -> String {
+    match e {
+        wit_types::PluginError::InvalidConfig(m) => format!("invalid config: {m}"),
+        wit_types::PluginError::NotFound(m) => format!("not found: {m}"),
+        wit_types::PluginError::Denied(m) => format!("denied: {m}"),
+        wit_types::PluginError::Other(m) => m,
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn files_to_wit(files: &[LocalFile]) -> Vec<wit_types::FileInfo> {
+    files
+        .iter()
+        .map(|f| wit_types::FileInfo {
+            path: f.path.clone(),
+            size: f.size,
+            sha256: f.sha256.clone(),
+        })
+        .collect()
+}
+
+fn to_wit(event: &Event) -> wit::Event {
+    match event {
+        Event::RunStarting(s) => wit::Event::RunStarting(wit::RunStart {
+            output_dir: path_text(&s.output_dir),
+            save_path: path_text(&s.save_path),
+            resume: s.resume,
+            local_step: s.local_step,
+            save_total_limit: s
+                .save_total_limit
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+        }),
+        Event::CheckpointSaved(c) => wit::Event::CheckpointSaved(wit::Checkpoint {
+            step: c.step,
+            dir: path_text(&c.dir),
+            files: files_to_wit(&c.files),
+        }),
+        Event::CheckpointDeleted(step) => wit::Event::CheckpointDeleted(*step),
+        Event::RunFinished { outcome, artefacts } => wit::Event::RunFinished(wit::RunEnd {
+            outcome: match outcome {
+                RunOutcome::Completed => wit::RunOutcome::Completed,
+                RunOutcome::Failed => wit::RunOutcome::Failed,
+            },
+            artefacts: artefacts
+                .iter()
+                .map(|a| wit_types::Artefact {
+                    kind: match a.kind {
+                        ArtefactKind::Adapter => wit_types::ArtefactKind::Adapter,
+                        ArtefactKind::MergedModel => wit_types::ArtefactKind::MergedModel,
+                        ArtefactKind::Gguf => wit_types::ArtefactKind::Gguf,
+                        ArtefactKind::Other => wit_types::ArtefactKind::Other,
+                    },
+                    path: path_text(&a.dir),
+                    files: files_to_wit(&a.files),
+                    quantization: a.quantization.clone(),
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn from_wit(action: wit::Action, output_dir: &Path) -> Action {
+    match action {
+        wit::Action::Upload(u) => Action::Upload {
+            local: PathBuf::from(u.local_path),
+            key: u.key,
+        },
+        wit::Action::Delete(key) => Action::Delete { key },
+        wit::Action::DeleteCheckpoint(c) => Action::DeleteCheckpoint {
+            prefix: c.prefix,
+            step: c.step,
+        },
+        wit::Action::KeepLast(k) => Action::KeepLast {
+            prefix: k.prefix,
+            count: k.count as usize,
+        },
+        wit::Action::DownloadLatestValid(prefix) => Action::DownloadLatestValid {
+            prefix,
+            into: output_dir.to_path_buf(),
+        },
+    }
+}
