@@ -26,6 +26,11 @@ const PLUGINS: [(&str, &str); 5] = [
     ("ferrotune-plugin-evil", "evil.wasm"),
 ];
 
+/// Sync policies, never embedded: the example `sync-sparse` is what tests pass as a user's
+/// `.wasm`. Built by their own cargo invocation: the SDK carries one world's bindings per
+/// feature, and one invocation would unify the features of every plugin in it.
+const SYNC_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-sync-sparse", "sync-sparse.wasm")];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
@@ -44,9 +49,35 @@ fn main() {
     let wasm_target_dir = target_dir(&out_dir, &root).join("plugin-wasm");
     check_wasm_target();
 
+    for group in [&PLUGINS[..], &SYNC_PLUGINS[..]] {
+        build_plugins(&root, &wasm_target_dir, group);
+    }
+
+    let built = wasm_target_dir.join(WASM_TARGET).join("release");
+    for (package, name) in PLUGINS.iter().chain(&SYNC_PLUGINS) {
+        let file = built.join(format!("{}.wasm", package.replace('-', "_")));
+        std::fs::copy(&file, out_dir.join(name))
+            .unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
+    }
+    println!(
+        "cargo::rustc-env=FERROTUNE_PLUGIN_TARGET_DIR={}",
+        wasm_target_dir.display()
+    );
+    println!(
+        "cargo::rustc-env=FERROTUNE_EVIL_PLUGIN={}",
+        out_dir.join("evil.wasm").display()
+    );
+    println!(
+        "cargo::rustc-env=FERROTUNE_SYNC_SPARSE_PLUGIN={}",
+        out_dir.join("sync-sparse.wasm").display()
+    );
+}
+
+/// One `cargo build` of `plugins` for wasm32-wasip2 into `wasm_target_dir`.
+fn build_plugins(root: &Path, wasm_target_dir: &Path, plugins: &[(&str, &str)]) {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
+    cmd.current_dir(root)
         .args([
             "build",
             "--release",
@@ -54,8 +85,8 @@ fn main() {
             WASM_TARGET,
             "--target-dir",
         ])
-        .arg(&wasm_target_dir);
-    for (package, _) in PLUGINS {
+        .arg(wasm_target_dir);
+    for (package, _) in plugins {
         cmd.args(["-p", package]);
     }
     // Flags meant for the host build (or a clippy/coverage wrapper) must not reach wasm code.
@@ -82,21 +113,6 @@ fn main() {
              if the target is missing, run `rustup target add {WASM_TARGET}`"
         );
     }
-
-    let built = wasm_target_dir.join(WASM_TARGET).join("release");
-    for (package, name) in PLUGINS {
-        let file = built.join(format!("{}.wasm", package.replace('-', "_")));
-        std::fs::copy(&file, out_dir.join(name))
-            .unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
-    }
-    println!(
-        "cargo::rustc-env=FERROTUNE_PLUGIN_TARGET_DIR={}",
-        wasm_target_dir.display()
-    );
-    println!(
-        "cargo::rustc-env=FERROTUNE_EVIL_PLUGIN={}",
-        out_dir.join("evil.wasm").display()
-    );
 }
 
 /// The outer build's target directory: the ancestor of OUT_DIR that holds cargo's CACHEDIR.TAG.

@@ -35,6 +35,8 @@ mod formatter;
 pub mod log;
 pub mod row;
 mod sample;
+#[cfg(feature = "sync")]
+pub mod sync;
 pub mod testing;
 
 pub use formatter::Formatter;

@@ -293,7 +293,7 @@ fn from_v0_1_0(sample: v0_1_0::ferrotune::plugin::types::Sample) -> Sample {
 
 /// Turns a failed call into one line: why it stopped (deadline, memory limit, trap) plus the
 /// last lines the plugin wrote to stderr (a panic message, typically).
-fn trap_error(
+pub(super) fn trap_error(
     store: &Store<PluginState>,
     err: wasmtime::Error,
     timeout: std::time::Duration,

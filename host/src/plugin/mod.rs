@@ -15,6 +15,7 @@ mod output;
 mod runtime;
 pub(crate) mod sandbox;
 pub mod scaffold;
+pub mod sync_policy;
 pub mod wasm_profile;
 pub mod world;
 

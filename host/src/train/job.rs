@@ -55,7 +55,7 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     }
     // --sync: fetch the newest valid remote checkpoint before choosing one to resume from.
     let sync = crate::sync::from_job(job)?;
-    sync.before_start(out, job.checkpoint.resume)?;
+    sync.before_start(&crate::sync::SyncStart::of(job))?;
     let resume_from = resume_source(job)?;
 
     let device = crate::engine::select::resolve(job.model.device)?;
@@ -112,10 +112,7 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     }
     finish_state(&trainer, &mut state)?;
     let saved = final_exports(&trainer, backend.as_ref(), &state, &model_dir)?;
-    sync.on_run_finished(
-        crate::sync::policy::RunOutcome::Completed,
-        &job.saving.save_path,
-    )?;
+    sync.on_run_finished(&job.saving.save_path)?;
     Ok(JobReport {
         state,
         resumed_from: resume_from,
