@@ -31,6 +31,10 @@ const PLUGINS: [(&str, &str); 5] = [
 /// feature, and one invocation would unify the features of every plugin in it.
 const SYNC_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-sync-sparse", "sync-sparse.wasm")];
 
+/// Storage backends, never embedded: the example `http-store` (WebDAV) is what tests pass as a
+/// user's `--sync_to PLUGIN.wasm`. Their own invocation, for the same reason.
+const STORAGE_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-http-store", "http-store.wasm")];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
@@ -49,12 +53,12 @@ fn main() {
     let wasm_target_dir = target_dir(&out_dir, &root).join("plugin-wasm");
     check_wasm_target();
 
-    for group in [&PLUGINS[..], &SYNC_PLUGINS[..]] {
+    for group in [&PLUGINS[..], &SYNC_PLUGINS[..], &STORAGE_PLUGINS[..]] {
         build_plugins(&root, &wasm_target_dir, group);
     }
 
     let built = wasm_target_dir.join(WASM_TARGET).join("release");
-    for (package, name) in PLUGINS.iter().chain(&SYNC_PLUGINS) {
+    for (package, name) in PLUGINS.iter().chain(&SYNC_PLUGINS).chain(&STORAGE_PLUGINS) {
         let file = built.join(format!("{}.wasm", package.replace('-', "_")));
         std::fs::copy(&file, out_dir.join(name))
             .unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));
@@ -70,6 +74,10 @@ fn main() {
     println!(
         "cargo::rustc-env=FERROTUNE_SYNC_SPARSE_PLUGIN={}",
         out_dir.join("sync-sparse.wasm").display()
+    );
+    println!(
+        "cargo::rustc-env=FERROTUNE_HTTP_STORE_PLUGIN={}",
+        out_dir.join("http-store.wasm").display()
     );
 }
 

@@ -67,6 +67,7 @@ pub fn resolve(
     }
     crate::sync::SyncSettings::from_flags(
         job.plugins.sync.as_deref(),
+        job.plugins.sync_to.as_deref(),
         job.plugins.sync_config.as_deref(),
     )?;
     if let Some(file) = &job.data.raw_text_file {

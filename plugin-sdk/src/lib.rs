@@ -31,14 +31,18 @@
 // expands inside the plugin crate, resolves the same items.
 extern crate self as ferrotune_plugin_sdk;
 
+#[cfg(feature = "formatter")]
 mod formatter;
 pub mod log;
 pub mod row;
 mod sample;
+#[cfg(feature = "storage")]
+pub mod storage;
 #[cfg(feature = "sync")]
 pub mod sync;
 pub mod testing;
 
+#[cfg(feature = "formatter")]
 pub use formatter::Formatter;
 pub use log::LogLevel;
 pub use row::JsonRow;
@@ -50,6 +54,7 @@ pub use serde_json;
 pub const WORLD_VERSION: &str = "0.1.0";
 
 /// Generated bindings for the `formatter` world. Not part of the SDK's API.
+#[cfg(feature = "formatter")]
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -63,7 +68,25 @@ pub mod bindings {
     pub use wit_bindgen as __wit_bindgen;
 }
 
+/// Generated bindings for the `storage` world (its `wasi:http` imports included). Not part of
+/// the SDK's API; plugins use [`storage`].
+#[cfg(feature = "storage")]
+#[doc(hidden)]
+pub mod storage_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "ferrotune:plugin/storage",
+        pub_export_macro: true,
+        export_macro_name: "__export_storage_world",
+        default_bindings_module: "ferrotune_plugin_sdk::storage_bindings",
+        runtime_path: "ferrotune_plugin_sdk::storage_bindings::__wit_bindgen::rt",
+        generate_all,
+    });
+    pub use wit_bindgen as __wit_bindgen;
+}
+
 /// What the export macro calls; generic so that the ABI glue is written (and tested) once.
+#[cfg(feature = "formatter")]
 #[doc(hidden)]
 pub mod __private {
     pub use crate::formatter::{configure, describe, format_batch};
@@ -75,6 +98,7 @@ pub mod __private {
 /// config) and `format-batch` (one `result<sample, string>` per row, same order). The
 /// configured formatter lives in a per-instance slot; a batch before `configure` gives one
 /// error per row instead of trapping.
+#[cfg(feature = "formatter")]
 #[macro_export]
 macro_rules! export_formatter {
     ($formatter:ty) => {

@@ -13,9 +13,23 @@ pub enum LogLevel {
 
 /// Writes one log line. Prefer the macros ([`crate::info!`], [`crate::warn!`], ...).
 pub fn write(level: LogLevel, message: &str) {
+    #[cfg(all(target_arch = "wasm32", feature = "formatter"))]
+    use crate::bindings::ferrotune::plugin as wit;
+    #[cfg(all(
+        target_arch = "wasm32",
+        feature = "storage",
+        not(feature = "formatter")
+    ))]
+    use crate::storage_bindings::ferrotune::plugin as wit;
+    #[cfg(all(
+        target_arch = "wasm32",
+        feature = "sync",
+        not(any(feature = "formatter", feature = "storage"))
+    ))]
+    use crate::sync::bindings::ferrotune::plugin as wit;
     #[cfg(target_arch = "wasm32")]
     {
-        use crate::bindings::ferrotune::plugin::types::LogLevel as Wit;
+        use wit::types::LogLevel as Wit;
         let level = match level {
             LogLevel::Trace => Wit::Trace,
             LogLevel::Debug => Wit::Debug,
@@ -23,7 +37,7 @@ pub fn write(level: LogLevel, message: &str) {
             LogLevel::Warn => Wit::Warn,
             LogLevel::Error => Wit::Error,
         };
-        crate::bindings::ferrotune::plugin::log::log(level, message);
+        wit::log::log(level, message);
     }
     #[cfg(not(target_arch = "wasm32"))]
     crate::testing::record_log(level, message);

@@ -3,8 +3,11 @@
 
 use std::cell::RefCell;
 
+#[cfg(feature = "formatter")]
 use crate::formatter::{configure, format_row};
-use crate::{Formatter, LogLevel, Sample};
+use crate::LogLevel;
+#[cfg(feature = "formatter")]
+use crate::{Formatter, Sample};
 
 thread_local! {
     static LOGS: RefCell<Vec<(LogLevel, String)>> = const { RefCell::new(Vec::new()) };
@@ -18,10 +21,12 @@ pub(crate) fn record_log(level: LogLevel, message: &str) {
 }
 
 /// A configured formatter, as the host would have it after `configure`.
+#[cfg(feature = "formatter")]
 pub struct Harness<F: Formatter> {
     formatter: F,
 }
 
+#[cfg(feature = "formatter")]
 impl<F: Formatter> Harness<F> {
     /// Configures the formatter with `config` (`serde_json::Value::Null` for no config).
     pub fn new(config: serde_json::Value) -> Result<Self, String> {

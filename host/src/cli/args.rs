@@ -432,8 +432,13 @@ pub struct PluginArgs {
     /// Sync plugin (built-in name or PATH.wasm) that mirrors checkpoints/outputs to storage.
     #[arg(long)]
     pub sync: Option<String>,
-    /// Sync configuration: inline JSON or @file.json.
+    /// Storage for --sync: s3://BUCKET/PREFIX, file:///DIR or a storage plugin PATH.wasm
+    /// (configured by --sync_config key storage_config); alone it means --sync mirror.
     #[arg(long)]
+    pub sync_to: Option<String>,
+    /// Sync configuration: inline JSON or @file.json (storage_config secrets are never printed).
+    #[arg(long)]
+    #[serde(serialize_with = "redact_sync_config")]
     pub sync_config: Option<String>,
     /// Memory limit per plugin instance, MiB.
     #[arg(long, default_value_t = 512, value_parser = positive_usize)]
@@ -452,6 +457,17 @@ pub struct RunArgs {
     /// Print the resolved configuration as JSON (secrets redacted) and exit.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// `--sync_config` in `--dry_run` output: storage plugin secrets replaced by a marker.
+fn redact_sync_config<S: serde::Serializer>(
+    value: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(text) => s.serialize_str(&crate::plugin::storage_config::redact_sync_config(text)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Secrets appear in `--dry_run` output and logs only as a marker that they are set.

@@ -11,6 +11,8 @@ use bytes::Bytes;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
+use super::storage_config::Secrets;
+
 /// Lines of stderr kept for error reports.
 const TAIL_LINES: usize = 8;
 /// A line longer than this is logged in pieces (a plugin cannot make the host buffer unbounded).
@@ -28,6 +30,8 @@ pub struct PluginOutput {
     plugin: Arc<str>,
     stream: Stream,
     state: Arc<Mutex<LineState>>,
+    /// Secret values masked in every line (a storage plugin's credentials).
+    secrets: Secrets,
 }
 
 #[derive(Default)]
@@ -42,7 +46,14 @@ impl PluginOutput {
             plugin,
             stream,
             state: Arc::default(),
+            secrets: Secrets::default(),
         }
+    }
+
+    /// Masks `secrets` in every line this stream logs or keeps.
+    pub fn masking(mut self, secrets: Secrets) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     fn write_bytes(&self, bytes: &[u8]) {
@@ -59,9 +70,9 @@ impl PluginOutput {
     }
 
     fn emit(&self, state: &mut LineState, line: &[u8]) {
-        let line = String::from_utf8_lossy(line)
-            .trim_end_matches('\r')
-            .to_string();
+        let line = self
+            .secrets
+            .mask(String::from_utf8_lossy(line).trim_end_matches('\r'));
         match self.stream {
             Stream::Stdout => tracing::info!(plugin = %self.plugin, "{line}"),
             Stream::Stderr => {

@@ -12,6 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::output::{PluginOutput, Stream};
 use super::runtime::{PluginRuntime, EPOCH_TICK};
+use super::storage_config::Secrets;
 
 /// Everything a plugin instance's Store holds.
 pub struct PluginState {
@@ -33,27 +34,37 @@ impl WasiView for PluginState {
 
 /// A fresh Store for one instance of `plugin`.
 pub fn new_store(runtime: &PluginRuntime, plugin: Arc<str>) -> Store<PluginState> {
-    let stderr = PluginOutput::new(plugin.clone(), Stream::Stderr);
+    let state = new_state_masking(runtime, plugin, Secrets::default());
+    let mut store = Store::new(runtime.engine(), state);
+    store.limiter(|state| &mut state.limiter);
+    store.epoch_deadline_trap();
+    store.set_epoch_deadline(deadline_ticks(runtime.limits().timeout));
+    store
+}
+
+/// The sandbox's Store data for one instance of `plugin`, with `secrets` masked in its
+/// stdout/stderr lines (for plugins whose world needs a richer Store, e.g. storage).
+pub fn new_state_masking(
+    runtime: &PluginRuntime,
+    plugin: Arc<str>,
+    secrets: Secrets,
+) -> PluginState {
+    let stderr = PluginOutput::new(plugin.clone(), Stream::Stderr).masking(secrets.clone());
     let wasi = WasiCtxBuilder::new()
-        .stdout(PluginOutput::new(plugin.clone(), Stream::Stdout))
+        .stdout(PluginOutput::new(plugin.clone(), Stream::Stdout).masking(secrets))
         .stderr(stderr.clone())
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }))
         .build();
-    let state = PluginState {
+    PluginState {
         limiter: MemoryLimiter::new(runtime.limits().memory_mb),
         plugin,
         wasi,
         table: ResourceTable::new(),
         stderr,
-    };
-    let mut store = Store::new(runtime.engine(), state);
-    store.limiter(|state| &mut state.limiter);
-    store.epoch_deadline_trap();
-    store.set_epoch_deadline(deadline_ticks(runtime.limits().timeout));
-    store
+    }
 }
 
 /// Arms the per-call deadline; call before every guest call.
@@ -62,7 +73,7 @@ pub fn arm_deadline(store: &mut Store<PluginState>, timeout: Duration) {
 }
 
 /// Epoch ticks covering `timeout`, plus one because the current tick is already partly over.
-fn deadline_ticks(timeout: Duration) -> u64 {
+pub fn deadline_ticks(timeout: Duration) -> u64 {
     let tick = EPOCH_TICK.as_nanos();
     (timeout.as_nanos().div_ceil(tick) as u64).saturating_add(1)
 }

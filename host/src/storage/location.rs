@@ -1,5 +1,6 @@
-//! Parsing storage URLs: `file:///abs/dir` and `s3://bucket[/prefix]`, with `{job_id}` replaced
-//! by `KELPIE_JOB_ID` so that concurrent jobs never share a prefix.
+//! Parsing storage URLs: `file:///abs/dir`, `s3://bucket[/prefix]`, or the path of a storage
+//! plugin (`PATH.wasm`), with `{job_id}` replaced by `KELPIE_JOB_ID` so that concurrent jobs
+//! never share a prefix.
 
 use std::path::PathBuf;
 
@@ -8,8 +9,18 @@ use super::StorageError;
 /// A parsed storage URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StorageUrl {
-    File { root: PathBuf },
-    S3 { bucket: String, prefix: String },
+    File {
+        root: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        prefix: String,
+    },
+    /// A storage backend as a `.wasm` component (the `storage` world), configured by
+    /// `--sync_config` key `storage_config`.
+    Plugin {
+        path: PathBuf,
+    },
 }
 
 impl StorageUrl {
@@ -50,13 +61,19 @@ impl StorageUrl {
                 prefix: prefix.to_string(),
             });
         }
+        if url.ends_with(".wasm") && !url.contains("://") {
+            return Ok(StorageUrl::Plugin {
+                path: PathBuf::from(url),
+            });
+        }
         Err(StorageError::Config(format!(
-            "storage URL {url:?}: unsupported scheme; use file:///DIR or s3://BUCKET/PREFIX"
+            "storage URL {url:?}: unsupported scheme; use file:///DIR, s3://BUCKET/PREFIX or a \
+             storage plugin PATH.wasm"
         )))
     }
 }
 
-fn expand_job_id(url: &str, job_id: Option<&str>) -> Result<String, StorageError> {
+pub(crate) fn expand_job_id(url: &str, job_id: Option<&str>) -> Result<String, StorageError> {
     if !url.contains("{job_id}") {
         return Ok(url.to_string());
     }
@@ -108,6 +125,12 @@ mod tests {
             }
         );
         assert_eq!(
+            parse("plugins/{job_id}/dav.wasm").unwrap(),
+            StorageUrl::Plugin {
+                path: "plugins/job-42/dav.wasm".into()
+            }
+        );
+        assert_eq!(
             parse("s3://my-bucket").unwrap(),
             StorageUrl::S3 {
                 bucket: "my-bucket".into(),
@@ -123,6 +146,7 @@ mod tests {
             ("s3://Bad_Bucket/x", "not a bucket name"),
             ("s3://bucket/a/../b", "bad prefix"),
             ("gs://bucket/x", "unsupported scheme"),
+            ("gs://bucket/x.wasm", "unsupported scheme"),
         ] {
             let err = parse(url).unwrap_err().to_string();
             assert!(err.contains(needle), "{url}: {err}");

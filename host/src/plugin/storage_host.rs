@@ -1,0 +1,613 @@
+//! `--sync_to PLUGIN.wasm`: a storage backend as a plugin of the `storage` world, adapted to the
+//! host's [`ObjectStore`] trait so that sync (and everything else) cannot tell it from `file://`
+//! or `s3://`.
+//!
+//! - Bodies stream through host file resources: an upload is a `body-reader` over the local
+//!   file (read in chunks of at most [`MAX_CHUNK`]), a download a `body-writer` into a
+//!   temporary sibling that is fsynced and renamed into place only when `get` succeeded and
+//!   the byte count matches. A 5 GB shard never sits in plugin memory.
+//! - Network only through `wasi:http`, limited to `storage_config.allow_hosts` ([`NetGrant`]).
+//!   No files, env or sockets otherwise (the usual sandbox).
+//! - Secrets from `storage_config.secrets` reach the plugin's `configure` and nothing else: the
+//!   host logs the redacted config, and masks secret values in the plugin's log lines,
+//!   stdout/stderr and error messages.
+//! - One instance per store, behind a mutex (sync calls come from one worker thread). A call's
+//!   deadline (`--plugin_timeout_s`) is extended while it makes progress (chunks read or
+//!   written), so a long transfer is fine and a stalled one traps. A trap discards the instance;
+//!   the next call starts a fresh one.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::net_grant::NetGrant;
+use super::runtime::PluginRuntime;
+use super::sandbox::{self, PluginState};
+use super::storage_config::{Secrets, StoragePluginConfig};
+use super::wasm_err;
+use super::world::{self, Kind};
+use crate::storage::transfer::Partial;
+use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
+
+/// Largest chunk one `body-reader.read` returns.
+pub const MAX_CHUNK: u32 = 4 << 20;
+
+/// Host bindings of the `storage` world, `ferrotune:plugin@0.1.0`. WASI and `wasi:http` come
+/// from wasmtime-wasi(-http); the host-file resources are the types below.
+mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "ferrotune:plugin/storage",
+        require_store_data_send: true,
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "ferrotune:plugin/host-files.body-reader": super::BodyReader,
+            "ferrotune:plugin/host-files.body-writer": super::BodyWriter,
+        },
+    });
+}
+
+use v0_1_0::exports::ferrotune::plugin::storage_backend as wit;
+use v0_1_0::ferrotune::plugin::{host_files, log as wit_log, types as wit_types};
+
+/// An upload body: the local file, read front to back.
+pub struct BodyReader {
+    file: File,
+    size: u64,
+    read: u64,
+}
+
+/// A download target: a temporary sibling of the destination.
+pub struct BodyWriter {
+    partial: Partial,
+    written: u64,
+}
+
+/// A storage plugin instance's Store data: the usual sandbox plus `wasi:http` and progress.
+pub struct StorageState {
+    inner: PluginState,
+    http: WasiHttpCtx,
+    grant: NetGrant,
+    secrets: Secrets,
+    /// Bytes moved through host files; the deadline callback extends a call while it grows.
+    progress: u64,
+    progress_seen: u64,
+}
+
+impl WasiView for StorageState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.inner.ctx()
+    }
+}
+
+impl WasiHttpView for StorageState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let WasiCtxView { table, .. } = self.inner.ctx();
+        WasiHttpCtxView {
+            hooks: &mut self.grant,
+            table,
+            ctx: &mut self.http,
+        }
+    }
+}
+
+impl StorageState {
+    fn table(&mut self) -> &mut ResourceTable {
+        self.inner.ctx().table
+    }
+}
+
+impl wit_types::Host for StorageState {}
+
+/// `log` lines go to the host log under the plugin's name, secrets masked.
+impl wit_log::Host for StorageState {
+    fn log(&mut self, level: wit_types::LogLevel, message: String) {
+        let plugin = &*self.inner.plugin;
+        let message = self.secrets.mask(&message);
+        match level {
+            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+fn local_error(what: &str, e: std::io::Error) -> wit_types::PluginError {
+    wit_types::PluginError::Other(format!("host: {what}: {e}"))
+}
+
+impl host_files::Host for StorageState {}
+
+impl host_files::HostBodyReader for StorageState {
+    fn size(&mut self, reader: Resource<BodyReader>) -> u64 {
+        self.table().get(&reader).map_or(0, |r| r.size)
+    }
+
+    fn read(
+        &mut self,
+        reader: Resource<BodyReader>,
+        max: u32,
+    ) -> Result<Vec<u8>, wit_types::PluginError> {
+        let reader = self
+            .table()
+            .get_mut(&reader)
+            .map_err(|e| local_error("body-reader", std::io::Error::other(e)))?;
+        let want = max.min(MAX_CHUNK) as u64;
+        let want = want.min(reader.size - reader.read) as usize;
+        let mut chunk = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match reader.file.read(&mut chunk[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(local_error("reading the upload", e)),
+            }
+        }
+        chunk.truncate(filled);
+        reader.read += filled as u64;
+        self.progress += filled as u64;
+        Ok(chunk)
+    }
+
+    fn drop(&mut self, reader: Resource<BodyReader>) -> wasmtime::Result<()> {
+        // The host owns these resources and deletes them after the call; a guest drop of a
+        // borrowed handle never reaches here, but an owned one would.
+        let _ = self.table().delete(reader);
+        Ok(())
+    }
+}
+
+impl host_files::HostBodyWriter for StorageState {
+    fn write(
+        &mut self,
+        writer: Resource<BodyWriter>,
+        bytes: Vec<u8>,
+    ) -> Result<(), wit_types::PluginError> {
+        let writer = self
+            .table()
+            .get_mut(&writer)
+            .map_err(|e| local_error("body-writer", std::io::Error::other(e)))?;
+        writer
+            .partial
+            .file()
+            .write_all(&bytes)
+            .map_err(|e| local_error("writing the download", e))?;
+        writer.written += bytes.len() as u64;
+        self.progress += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn written(&mut self, writer: Resource<BodyWriter>) -> u64 {
+        self.table().get(&writer).map_or(0, |w| w.written)
+    }
+
+    fn drop(&mut self, writer: Resource<BodyWriter>) -> wasmtime::Result<()> {
+        let _ = self.table().delete(writer);
+        Ok(())
+    }
+}
+
+/// One live instance.
+struct Instance {
+    store: Store<StorageState>,
+    bindings: v0_1_0::Storage,
+    /// A call trapped: the instance's state is unknown, so it is never called again.
+    trapped: bool,
+}
+
+/// A storage plugin behind [`ObjectStore`].
+pub struct PluginStore {
+    /// What the user passed (`--sync_to`), for messages.
+    url: String,
+    name: Arc<str>,
+    runtime: PluginRuntime,
+    pre: v0_1_0::StoragePre<StorageState>,
+    config: StoragePluginConfig,
+    /// `None` after a trap: the next call instantiates afresh.
+    instance: Mutex<Option<Instance>>,
+}
+
+impl PluginStore {
+    /// Loads the storage plugin at `path`, checks its world, and configures one instance with
+    /// `config` (its `configure` errors are settings errors naming `--sync_config`).
+    pub fn open(
+        runtime: &PluginRuntime,
+        path: &Path,
+        config: StoragePluginConfig,
+    ) -> Result<Self, StorageError> {
+        let url = path.display().to_string();
+        let wasm = std::fs::read(path).map_err(|e| {
+            StorageError::Config(format!(
+                "storage plugin {url}: cannot read it ({e}); pass a storage .wasm component"
+            ))
+        })?;
+        let name: Arc<str> = path
+            .file_name()
+            .map_or_else(|| url.clone(), |n| n.to_string_lossy().into_owned())
+            .into();
+        let setup = |e: anyhow::Error| StorageError::Config(format!("{e:#}"));
+        let component = runtime.component(&name, &wasm).map_err(setup)?;
+        let found = world::detect(runtime.engine(), &component, &name).map_err(setup)?;
+        if found.kind != Kind::Storage {
+            return Err(StorageError::Config(format!(
+                "--sync_to {url}: this is a {} plugin, not a storage backend",
+                found.kind
+            )));
+        }
+        let linker = storage_linker(runtime).map_err(setup)?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(wasm_err)
+            .and_then(|pre| v0_1_0::StoragePre::new(pre).map_err(wasm_err))
+            .with_context(|| {
+                format!(
+                    "storage plugin {name} needs an import ferrotune does not give storage \
+                     plugins (WASI without files or sockets, wasi:http, ferrotune:plugin/log \
+                     and host-files)"
+                )
+            })
+            .map_err(setup)?;
+        tracing::info!(
+            plugin = %name,
+            world = %found,
+            allow_hosts = ?config.allow_hosts,
+            config = config.redacted_json(),
+            "storage plugin loading"
+        );
+        let store = PluginStore {
+            url,
+            name,
+            runtime: runtime.clone(),
+            pre,
+            config,
+            instance: Mutex::new(None),
+        };
+        let mut slot = store.instance.lock().unwrap();
+        let instance = store.instantiate()?;
+        *slot = Some(instance);
+        drop(slot);
+        Ok(store)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.runtime.limits().timeout
+    }
+
+    /// A fresh, configured instance.
+    fn instantiate(&self) -> Result<Instance, StorageError> {
+        let timeout = self.timeout();
+        let secrets = self.config.secrets().clone();
+        let state = StorageState {
+            inner: sandbox::new_state_masking(&self.runtime, self.name.clone(), secrets.clone()),
+            http: WasiHttpCtx::new(),
+            grant: NetGrant::new(self.name.clone(), self.config.allow_hosts.clone(), timeout),
+            secrets,
+            progress: 0,
+            progress_seen: 0,
+        };
+        let mut store = Store::new(self.runtime.engine(), state);
+        store.limiter(|state| &mut state.inner.limiter);
+        let ticks = sandbox::deadline_ticks(timeout);
+        // A call may run as long as it keeps moving bytes; one that stalls for the whole
+        // deadline traps.
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            if state.progress != state.progress_seen {
+                state.progress_seen = state.progress;
+                Ok(UpdateDeadline::Continue(ticks))
+            } else {
+                Err(wasmtime::Error::from(Trap::Interrupt))
+            }
+        });
+        store.set_epoch_deadline(ticks);
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.trap(&mut store, e))?;
+        let mut instance = Instance {
+            store,
+            bindings,
+            trapped: false,
+        };
+        let info = self.call(&mut instance, |b, s| {
+            b.ferrotune_plugin_storage_backend().call_describe(s)
+        })?;
+        let configured = self.call(&mut instance, |b, s| {
+            b.ferrotune_plugin_storage_backend()
+                .call_configure(s, self.config.plugin_json())
+        })?;
+        configured.map_err(|e| match self.plugin_error(&mut instance, e) {
+            StorageError::Config(m) => {
+                StorageError::Config(format!("--sync_config storage_config: {m}"))
+            }
+            other => other,
+        })?;
+        tracing::info!(
+            plugin = %self.name,
+            name = info.name,
+            version = info.version,
+            "storage plugin ready"
+        );
+        Ok(instance)
+    }
+
+    /// Runs one guest call with a fresh deadline; a trap becomes an error.
+    fn call<R>(
+        &self,
+        instance: &mut Instance,
+        f: impl FnOnce(&v0_1_0::Storage, &mut Store<StorageState>) -> wasmtime::Result<R>,
+    ) -> Result<R, StorageError> {
+        let state = instance.store.data_mut();
+        state.progress_seen = state.progress;
+        instance
+            .store
+            .set_epoch_deadline(sandbox::deadline_ticks(self.timeout()));
+        f(&instance.bindings, &mut instance.store).map_err(|e| {
+            instance.trapped = true;
+            self.trap(&mut instance.store, e)
+        })
+    }
+
+    /// Describes a trap in one line (deadline, memory, panic + the plugin's last stderr).
+    fn trap(&self, store: &mut Store<StorageState>, err: wasmtime::Error) -> StorageError {
+        let state = store.data();
+        let timeout = self.timeout().as_secs_f64();
+        let tail = state.inner.stderr.take_tail();
+        let stderr = if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its stderr ended with: {}", tail.join(" | "))
+        };
+        let message = |why: String| {
+            state
+                .secrets
+                .mask(&format!("storage plugin {} {why}{stderr}", self.name))
+        };
+        if state.inner.limiter.exceeded {
+            StorageError::Config(message(format!(
+                "exceeded its memory limit of {} MiB (--plugin_memory_mb)",
+                state.inner.limiter.limit_mb()
+            )))
+        } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            // A stalled transfer: the network may come back.
+            StorageError::Transient(message(format!(
+                "made no progress for {timeout}s (--plugin_timeout_s)"
+            )))
+        } else if let Some(trap) = err.downcast_ref::<Trap>() {
+            StorageError::Config(message(format!("trapped ({trap})")))
+        } else {
+            StorageError::Config(message(format!("failed ({})", err.root_cause())))
+        }
+    }
+
+    /// A `plugin-error` as a [`StorageError`], secrets masked; a refused request is reported
+    /// in the host's words.
+    fn plugin_error(&self, instance: &mut Instance, e: wit_types::PluginError) -> StorageError {
+        let state = instance.store.data();
+        let denied = state.grant.take_denied();
+        if let Some(authority) = denied.first() {
+            let allowed = state.grant.allowed();
+            return StorageError::Config(format!(
+                "storage plugin {} tried to reach {authority}, which is not in \
+                 --sync_config storage_config.allow_hosts ({}); the host refused it. Add \
+                 \"{authority}\" to allow_hosts if the plugin should reach it",
+                self.name,
+                if allowed.is_empty() {
+                    "empty: no network".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            ));
+        }
+        let mask = |m: String| state.secrets.mask(&format!("{}: {m}", self.url));
+        match e {
+            wit_types::PluginError::InvalidConfig(m) => StorageError::Config(mask(m)),
+            wit_types::PluginError::NotFound(m) => StorageError::NotFound(mask(m)),
+            wit_types::PluginError::Denied(m) => StorageError::Config(mask(m)),
+            wit_types::PluginError::Other(m) => StorageError::Transient(mask(m)),
+        }
+    }
+
+    /// Runs `op` on the live instance (instantiating one if a trap discarded the last), then
+    /// clears refusals the call did not report.
+    fn with_instance<R>(
+        &self,
+        op: impl FnOnce(&Self, &mut Instance) -> Result<R, StorageError>,
+    ) -> Result<R, StorageError> {
+        let mut slot = self.instance.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(self.instantiate()?);
+        }
+        let instance = slot.as_mut().expect("instantiated above");
+        let result = op(self, instance);
+        if instance.trapped {
+            *slot = None;
+        } else {
+            instance.store.data().grant.take_denied();
+        }
+        result
+    }
+
+    fn checked(&self, info: wit::ObjectInfo, key: &str) -> Result<ObjectInfo, StorageError> {
+        if info.key != key {
+            return Err(StorageError::Integrity(format!(
+                "{}/{key}: the plugin reported key {:?}",
+                self.url, info.key
+            )));
+        }
+        Ok(from_wit(info))
+    }
+}
+
+fn from_wit(info: wit::ObjectInfo) -> ObjectInfo {
+    ObjectInfo {
+        key: info.key,
+        size: info.size,
+        etag: info.etag,
+        modified_ms: info.modified_ms,
+    }
+}
+
+/// WASI (no files, sockets or env: the sandbox's context), `wasi:http` through [`NetGrant`],
+/// and the world's own imports.
+fn storage_linker(runtime: &PluginRuntime) -> anyhow::Result<Linker<StorageState>> {
+    let mut linker = Linker::new(runtime.engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(wasm_err)?;
+    wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    wit_log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    host_files::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    Ok(linker)
+}
+
+impl ObjectStore for PluginStore {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn put_file(&self, key: &str, src: &Path) -> Result<ObjectInfo, StorageError> {
+        key::check(key)?;
+        let file = File::open(src).map_err(|e| StorageError::local("cannot read", src, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| StorageError::local("cannot read", src, e))?
+            .len();
+        self.with_instance(|this, instance| {
+            let reader = instance
+                .store
+                .data_mut()
+                .table()
+                .push(BodyReader {
+                    file,
+                    size,
+                    read: 0,
+                })
+                .map_err(|e| StorageError::Config(format!("host resource table: {e}")))?;
+            let handle = Resource::<BodyReader>::new_borrow(reader.rep());
+            let result = this.call(instance, |b, s| {
+                b.ferrotune_plugin_storage_backend()
+                    .call_put(s, key, handle)
+            });
+            let read = instance
+                .store
+                .data_mut()
+                .table()
+                .delete(reader)
+                .map_or(0, |r| r.read);
+            let info = match result? {
+                Ok(info) => this.checked(info, key)?,
+                Err(e) => return Err(this.plugin_error(instance, e)),
+            };
+            if read != size || info.size != size {
+                return Err(StorageError::Integrity(format!(
+                    "{}/{key}: uploaded {} of {size} bytes, the store holds {} ({})",
+                    this.url,
+                    read,
+                    info.size,
+                    src.display()
+                )));
+            }
+            Ok(info)
+        })
+    }
+
+    fn get_file(&self, key: &str, dest: &Path) -> Result<ObjectInfo, StorageError> {
+        key::check(key)?;
+        let partial = Partial::new(dest)?;
+        self.with_instance(|this, instance| {
+            let writer = instance
+                .store
+                .data_mut()
+                .table()
+                .push(BodyWriter {
+                    partial,
+                    written: 0,
+                })
+                .map_err(|e| StorageError::Config(format!("host resource table: {e}")))?;
+            let handle = Resource::<BodyWriter>::new_borrow(writer.rep());
+            let result = this.call(instance, |b, s| {
+                b.ferrotune_plugin_storage_backend()
+                    .call_get(s, key, handle)
+            });
+            let body = instance.store.data_mut().table().delete(writer).ok();
+            let info = match result? {
+                Ok(info) => this.checked(info, key)?,
+                Err(e) => return Err(this.plugin_error(instance, e)),
+            };
+            let body = body.ok_or_else(|| {
+                StorageError::Integrity(format!("{}/{key}: download target vanished", this.url))
+            })?;
+            if body.written != info.size {
+                return Err(StorageError::Integrity(format!(
+                    "{}/{key}: got {} of {} bytes",
+                    this.url, body.written, info.size
+                )));
+            }
+            body.partial.commit()?;
+            Ok(info)
+        })
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        key::check_prefix(prefix)?;
+        let mut objects = self.with_instance(|this, instance| {
+            match this.call(instance, |b, s| {
+                b.ferrotune_plugin_storage_backend().call_list(s, prefix)
+            })? {
+                Ok(objects) => Ok(objects),
+                Err(e) => Err(this.plugin_error(instance, e)),
+            }
+        })?;
+        // A plugin may list more than asked (whole directories); keys must still be valid.
+        objects.retain(|o| o.key.starts_with(prefix));
+        let mut out = Vec::with_capacity(objects.len());
+        for object in objects {
+            key::check(&object.key).map_err(|e| {
+                StorageError::Integrity(format!("{}: the plugin listed a bad key: {e}", self.url))
+            })?;
+            out.push(from_wit(object));
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out.dedup_by(|a, b| a.key == b.key);
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StorageError> {
+        key::check(key)?;
+        self.with_instance(|this, instance| {
+            match this.call(instance, |b, s| {
+                b.ferrotune_plugin_storage_backend().call_delete(s, key)
+            })? {
+                Ok(()) => Ok(()),
+                Err(wit_types::PluginError::NotFound(_)) => Ok(()),
+                Err(e) => Err(this.plugin_error(instance, e)),
+            }
+        })
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        key::check(key)?;
+        self.with_instance(|this, instance| {
+            match this.call(instance, |b, s| {
+                b.ferrotune_plugin_storage_backend().call_head(s, key)
+            })? {
+                Ok(Some(info)) => this.checked(info, key).map(Some),
+                Ok(None) | Err(wit_types::PluginError::NotFound(_)) => Ok(None),
+                Err(e) => Err(this.plugin_error(instance, e)),
+            }
+        })
+    }
+}
