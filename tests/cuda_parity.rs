@@ -1,7 +1,10 @@
 //! Whole-step parity of the cuda engine (DESIGN §2 ladder, step 2): on a small random Llama
 //! (GQA, llama3 rope scaling, packed rows, ignored targets) the GPU's loss and every LoRA
 //! gradient match the cpu engine's, with and without gradient checkpointing, and so do the
-//! parameters after 3 AdamW steps.
+//! parameters after 3 AdamW steps. The same check runs per feature: Qwen2 q/k/v biases (frozen
+//! and trained, `--bias all|lora_only`), Qwen3's q/k norm, NF4 base weights (`--load_in_4bit`,
+//! against the cpu engine on the NF4-dequantised weights), LoRA dropout (both engines draw the
+//! same masks) and the GPU's 8-bit AdamW (its state loads into the host optimizer and back).
 //!
 //! Needs a GPU: without one (CI) it prints SKIPPED and passes, unless FERROTUNE_REQUIRE_GPU=1.
 //! With FERROTUNE_PARITY_OUT=DIR it also writes the bundle `tests/python/hf_parity.py` compares
@@ -174,11 +177,17 @@ fn cpu_grads(cpu: &CpuBackend) -> Vec<(String, HostTensor)> {
 }
 
 fn cpu_backend(dir: &Path, opts: EngineOptions) -> CpuBackend {
+    cpu_backend_with(dir, opts, Optim::AdamwTorch)
+}
+
+fn cpu_backend_with(dir: &Path, opts: EngineOptions, optim: Optim) -> CpuBackend {
     let cfg = ModelConfig::from_dir(dir).unwrap();
     let shapes = trainable_shapes(&cfg, &opts).unwrap();
-    let opt = Box::new(ferrotune::optim::AdamW::new(ferrotune::optim::param_specs(
-        &shapes, 0.01,
-    )));
+    let specs = ferrotune::optim::param_specs(&shapes, 0.01);
+    let opt: Box<dyn ferrotune::optim::Optimizer> = match optim {
+        Optim::Adamw8bit => Box::new(ferrotune::optim::AdamW8bit::new(specs)),
+        _ => Box::new(ferrotune::optim::AdamW::new(specs)),
+    };
     CpuBackend::new(Model::load(dir).unwrap(), opts, opt).unwrap()
 }
 
@@ -354,4 +363,345 @@ fn write_hf_bundle(out: &Path, model: &Path, cfg: &ModelConfig) {
 fn bytemuck_f32(v: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte is a valid u8.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+/// One feature's parity run: what each engine loads and how it trains.
+struct Case {
+    label: String,
+    /// The model the GPU loads, and the one the cpu loads (the NF4-dequantised copy for 4-bit;
+    /// else the same).
+    gpu_dir: std::path::PathBuf,
+    cpu_dir: std::path::PathBuf,
+    opts: EngineOptions,
+    optim: Optim,
+    load_in_4bit: bool,
+}
+
+/// 3 steps on both engines: loss every step, every gradient at the first, parameters after the
+/// last; then the optimizer state through the other engine, and eval loss.
+fn run_case(c: &Case) {
+    let cfg = ModelConfig::from_dir(&c.gpu_dir).unwrap();
+    let mut cpu = cpu_backend_with(&c.cpu_dir, c.opts.clone(), c.optim);
+    let mut gpu = CudaBackend::load(
+        0,
+        &c.gpu_dir,
+        cfg.clone(),
+        c.opts.clone(),
+        c.optim,
+        0.01,
+        c.load_in_4bit,
+    )
+    .unwrap();
+    let label = &c.label;
+    // Same tensors, same initialisation (trainable biases start from the checkpoint's).
+    compare(
+        &format!("{label} initial"),
+        &gpu.export_trainable().unwrap(),
+        &cpu.export_trainable().unwrap(),
+        1e-7,
+    );
+    let init = random_trainable(&trainable_shapes(&cfg, &c.opts).unwrap(), 9);
+    cpu.import_trainable(&init).unwrap();
+    gpu.import_trainable(&init).unwrap();
+    for step in 0..3u64 {
+        let batch = packed_batch(cfg.vocab_size as u32, 100 + step);
+        let scale = 1.0 / batch.trainable_tokens() as f32;
+        let cs = cpu.forward_backward(&batch, scale).unwrap();
+        let gs = gpu.forward_backward(&batch, scale).unwrap();
+        let rel = (gs.loss_sum - cs.loss_sum).abs() / cs.loss_sum;
+        eprintln!(
+            "{label} step {step}: loss cpu {:.6} cuda {:.6} (rel {rel:.2e})",
+            cs.loss_sum, gs.loss_sum
+        );
+        assert!(
+            rel < 5e-3,
+            "{label}: loss differs: cpu {} cuda {}",
+            cs.loss_sum,
+            gs.loss_sum
+        );
+        if step == 0 {
+            compare(
+                &format!("{label} gradients"),
+                &gpu.gradients().unwrap(),
+                &cpu_grads(&cpu),
+                4e-2,
+            );
+        }
+        let (nc, ng) = (cpu.grad_norm().unwrap(), gpu.grad_norm().unwrap());
+        assert!(
+            (nc - ng).abs() / nc < 3e-2,
+            "{label}: grad norm cpu {nc} cuda {ng}"
+        );
+        cpu.optimizer_step(1e-3, 1.0).unwrap();
+        gpu.optimizer_step(1e-3, 1.0).unwrap();
+    }
+    compare(
+        &format!("{label} params after 3 {:?} steps", c.optim),
+        &gpu.export_trainable().unwrap(),
+        &cpu.export_trainable().unwrap(),
+        1e-2,
+    );
+    // The optimizer state (and the dropout pass counter) moves between the engines both ways,
+    // in the host optimizer's format.
+    let (gt, gs) = gpu.export_optimizer().unwrap();
+    let (ct, cs) = cpu.export_optimizer().unwrap();
+    let names = |t: &[(String, HostTensor)]| -> Vec<(String, Vec<usize>)> {
+        t.iter()
+            .map(|(n, t)| (n.clone(), t.shape.clone()))
+            .collect()
+    };
+    assert_eq!(names(&gt), names(&ct), "{label}: optimizer state tensors");
+    assert_eq!(gs["engine"]["forward_passes"], 3);
+    cpu.import_optimizer(&gt, &gs).unwrap();
+    gpu.import_optimizer(&ct, &cs).unwrap();
+    let batch = packed_batch(cfg.vocab_size as u32, 7);
+    let (ce, ge) = (
+        cpu.eval_loss(&batch).unwrap(),
+        gpu.eval_loss(&batch).unwrap(),
+    );
+    assert!(
+        (ge.loss_sum - ce.loss_sum).abs() / ce.loss_sum < 5e-3,
+        "{label}: eval loss cpu {} cuda {}",
+        ce.loss_sum,
+        ge.loss_sum
+    );
+    assert_eq!(gpu.grad_norm().unwrap(), 0.0);
+}
+
+fn case(label: &str, dir: &Path, opts: EngineOptions) -> Case {
+    Case {
+        label: label.into(),
+        gpu_dir: dir.to_path_buf(),
+        cpu_dir: dir.to_path_buf(),
+        opts,
+        optim: Optim::AdamwTorch,
+        load_in_4bit: false,
+    }
+}
+
+fn model(root: &Path, name: &str, spec: TinySpec) -> std::path::PathBuf {
+    let dir = root.join(name);
+    write_random_model(&dir, &spec, 5).unwrap();
+    dir
+}
+
+#[test]
+fn projection_biases_frozen_and_trained_match_the_cpu_engine() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let qwen2 = model(
+        tmp.path(),
+        "qwen2",
+        TinySpec {
+            model_type: "qwen2".into(),
+            rope_scaling: None,
+            ..spec()
+        },
+    );
+    // Llama with attention_bias: q/k/v/o biases; o_proj is not targeted, so under lora_only
+    // its bias stays frozen while q/k/v's train as `base_layer.bias`.
+    let llama = model(
+        tmp.path(),
+        "llama-bias",
+        TinySpec {
+            attention_bias: true,
+            ..spec()
+        },
+    );
+    let no_o = || {
+        PROJECTIONS
+            .iter()
+            .filter(|p| **p != "o_proj")
+            .map(|s| s.to_string())
+            .collect()
+    };
+    for c in [
+        case("qwen2 frozen bias", &qwen2, options(false)),
+        case(
+            "qwen2 --bias all (ckpt)",
+            &qwen2,
+            EngineOptions {
+                bias: Bias::All,
+                ..options(true)
+            },
+        ),
+        case(
+            "llama attention_bias --bias lora_only",
+            &llama,
+            EngineOptions {
+                bias: Bias::LoraOnly,
+                target_modules: no_o(),
+                ..options(false)
+            },
+        ),
+    ] {
+        run_case(&c);
+    }
+}
+
+#[test]
+fn qwen3_qk_norm_matches_the_cpu_engine() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // head_dim 32 ≠ hidden/heads (16), as Qwen3 configs state it explicitly.
+    let qwen3 = model(
+        tmp.path(),
+        "qwen3",
+        TinySpec {
+            model_type: "qwen3".into(),
+            head_dim: Some(32),
+            rope_scaling: None,
+            ..spec()
+        },
+    );
+    run_case(&case("qwen3 qk-norm", &qwen3, options(false)));
+    run_case(&case("qwen3 qk-norm (ckpt)", &qwen3, options(true)));
+}
+
+#[test]
+fn lora_dropout_draws_the_cpu_engines_masks() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path(), "llama", spec());
+    for ckpt in [false, true] {
+        let opts = EngineOptions {
+            lora_dropout: 0.25,
+            ..options(ckpt)
+        };
+        run_case(&case(&format!("dropout 0.25 ckpt={ckpt}"), &dir, opts));
+    }
+    // Offloaded layer inputs recompute with the same masks too.
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let opts = EngineOptions {
+        lora_dropout: 0.25,
+        ..options(true)
+    };
+    let mut cpu = cpu_backend(&dir, opts.clone());
+    let mut gpu = cuda_backend(&dir, opts.clone());
+    gpu.set_offload(true).unwrap();
+    let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
+    cpu.import_trainable(&init).unwrap();
+    gpu.import_trainable(&init).unwrap();
+    let batch = packed_batch(cfg.vocab_size as u32, 3);
+    let scale = 1.0 / batch.trainable_tokens() as f32;
+    cpu.forward_backward(&batch, scale).unwrap();
+    gpu.forward_backward(&batch, scale).unwrap();
+    compare(
+        "dropout 0.25 unsloth gradients",
+        &gpu.gradients().unwrap(),
+        &cpu_grads(&cpu),
+        4e-2,
+    );
+    // Without dropout the adapters' gradients are clearly different: the masks did something.
+    let mut plain = cuda_backend(&dir, options(true));
+    plain.import_trainable(&init).unwrap();
+    plain.forward_backward(&batch, scale).unwrap();
+    let (with, without) = (gpu.gradients().unwrap(), plain.gradients().unwrap());
+    let a = with
+        .iter()
+        .position(|(n, _)| n.ends_with("q_proj.lora_A.weight"))
+        .unwrap();
+    let e = rel_l2(values(&with[a].1), values(&without[a].1));
+    assert!(
+        e > 0.05,
+        "dropout changed lora_A's gradient by only {e:.3e}"
+    );
+}
+
+#[test]
+fn adamw_8bit_on_the_gpu_matches_the_host_optimizer() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path(), "llama", spec());
+    // r 32: most adapters reach bitsandbytes' 4096-value minimum for 8-bit states, the k/v B
+    // matrices (1024 values) keep fp32 states: both kinds, interleaved in the arena.
+    let opts = EngineOptions {
+        r: 32,
+        lora_alpha: 32.0,
+        ..options(false)
+    };
+    let mut c = case("adamw_8bit", &dir, opts);
+    c.optim = Optim::Adamw8bit;
+    run_case(&c);
+}
+
+#[test]
+fn qlora_nf4_base_weights_match_the_cpu_engine_on_dequantised_weights() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path(), "llama", spec());
+    // The cpu engine has no 4-bit path: its reference is the model with every projection
+    // replaced by NF4 round trip of bitsandbytes semantics (blocks of 64, double-quantised
+    // absmax), computed by the kernels' bit-exact reference.
+    let deq = tmp.path().join("llama-nf4-dequantised");
+    write_nf4_dequantised(&dir, &deq);
+    for ckpt in [false, true] {
+        let mut c = case(&format!("nf4 ckpt={ckpt}"), &dir, options(ckpt));
+        c.cpu_dir = deq.clone();
+        c.load_in_4bit = true;
+        run_case(&c);
+    }
+}
+
+/// Copies model `src` to `dst` with each projection weight replaced by its NF4 round trip.
+fn write_nf4_dequantised(src: &Path, dst: &Path) {
+    use ferrotune_kernels::quant::signed_map;
+    use ferrotune_kernels::reference::nf4;
+    std::fs::create_dir_all(dst).unwrap();
+    for f in std::fs::read_dir(src).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "safetensors") {
+            continue;
+        }
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::BF16);
+        let data = view.data().to_vec();
+        let is_proj = name.starts_with("model.layers.")
+            && name.ends_with("_proj.weight")
+            && PROJECTIONS.iter().any(|p| name.contains(p));
+        let data = if is_proj {
+            let w: Vec<f32> = data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect();
+            let (packed, absmax) = nf4::nf4_quantize(&w);
+            let offset =
+                (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let (q, a2) = nf4::quantize_blockwise_8bit(&absmax, offset, signed_map());
+            let absmax = nf4::dequantize_absmax(&q, &a2, signed_map(), offset);
+            nf4::nf4_dequantize(&packed, &absmax)
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect()
+        } else {
+            data
+        };
+        out.push((name.to_string(), view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = out
+        .iter()
+        .map(|(n, shape, data)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, shape.clone(), data)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }

@@ -87,15 +87,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         }
         #[cfg(feature = "cuda")]
         Resolved::Cuda(_) => {
-            if args.load_in_4bit {
-                bail!("--load_in_4bit is not built in the cuda engine yet");
-            }
-            let mut b = crate::engine::cuda::CudaBackend::new(
+            let mut b = crate::engine::cuda::CudaBackend::load(
+                0,
                 &args.model_name,
                 cfg.clone(),
                 opts,
                 crate::cli::choices::Optim::AdamwTorch,
                 0.0,
+                args.load_in_4bit,
             )?;
             b.set_offload(args.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
             Box::new(b)
@@ -137,6 +136,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "seq": seq,
         "gradient_checkpointing": args.use_gradient_checkpointing.to_string(),
         "r": args.r,
+        "load_in_4bit": args.load_in_4bit,
         "step_s_median": round(med, 4),
         "tokens_per_s": round((bs * seq) as f64 / med, 1),
         "peak_gib": mem.as_ref().map(|m| round(m.peak_bytes as f64 / (1u64 << 30) as f64, 2)),

@@ -194,9 +194,10 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
         "issue \"Export and publish\"",
     );
     need(
-        job.model.load_in_4bit,
-        "--load_in_4bit",
-        "issue \"CUDA engine\"",
+        job.model.load_in_4bit
+            && (job.model.device == crate::cli::choices::Device::Cpu || !cfg!(feature = "cuda")),
+        "--load_in_4bit on the cpu engine",
+        "QLoRA runs on the cuda engine; use --device cuda (or auto) on a GPU build",
     );
     need(
         job.lora.loftq_config.is_some(),

@@ -6,7 +6,8 @@
 # gpu-bin/ferrotune.xz (xz -6, ~10 MB) and unpack it first with python3's lzma (see docs/gpu.md).
 # Runs the correctness ladder (cpu parity, HF+PEFT parity; PARITY=0 skips it) and, with
 # BENCH="SHAPE ...", the anchor benchmark (ANCHOR_MODES="hf unsloth ...") and `ferrotune bench`
-# (CKPT_MODES, default "false true unsloth") on the same weights in the same call.
+# (CKPT_MODES, default "false true unsloth") on the same weights in the same call; QUANT="16 4"
+# also runs each mode with --load_in_4bit (default "16": 16-bit only).
 # Logs go to $OUT (or /tmp).
 set -uo pipefail
 out=${OUT:-/tmp}
@@ -21,8 +22,11 @@ for shape in ${BENCH:-}; do
   if [ -n "${ANCHOR_MODES:-}" ]; then bash .bench/run_anchor.sh $shape 2 2048 $ANCHOR_MODES; fi
   d=/tmp/model-$shape
   [ -f $d/config.json ] || python3 .bench/make_model.py $shape $d 2>&1 | tail -1
-  for ck in ${CKPT_MODES:-false true unsloth}; do
-    timeout 240 ./gpu-bin/ferrotune bench --model_name $d --per_device_train_batch_size 2 --max_seq_length 2048 \
-      --use_gradient_checkpointing $ck --device cuda 2>&1 | tee -a $out/bench-$shape.log | grep -E "RESULT|error|panicked"
+  for q in ${QUANT:-16}; do
+    q4=""; [ "$q" = 4 ] && q4="--load_in_4bit"
+    for ck in ${CKPT_MODES:-false true unsloth}; do
+      timeout 240 ./gpu-bin/ferrotune bench --model_name $d --per_device_train_batch_size 2 --max_seq_length 2048 \
+        --use_gradient_checkpointing $ck --device cuda $q4 2>&1 | tee -a $out/bench-$shape.log | grep -E "RESULT|error|panicked"
+    done
   done
 done

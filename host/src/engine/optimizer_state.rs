@@ -8,8 +8,8 @@
 //!
 //! `optimizer` is what [`crate::optim::Optimizer::export_state`] writes (the cuda engine writes
 //! the same for its on-device AdamW). `engine.forward_passes` counts training forward passes: the
-//! seed of the LoRA-dropout masks. An engine that draws no dropout masks (the cuda engine refuses
-//! `--lora_dropout > 0`) leaves it out.
+//! seed of the LoRA-dropout masks, which both engines draw identically (`engine::cpu::dropout`).
+//! Checkpoints of engines that drew no masks (older cuda builds) leave it out.
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};

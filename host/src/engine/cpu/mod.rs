@@ -7,7 +7,7 @@
 //! activations.
 
 mod attention;
-mod dropout;
+pub(crate) mod dropout;
 mod layer;
 mod linear;
 mod loss;
@@ -103,6 +103,10 @@ impl CpuBackend {
     /// Builds the backend for a job: LoRA settings from its flags, the optimizer `--optim` names.
     pub fn from_job(model: Model, job: &JobConfig) -> Result<Self> {
         let options = EngineOptions::from_job(job);
+        if job.model.load_in_4bit {
+            // `--device auto` fell back to the cpu: say so instead of training 16-bit quietly.
+            bail!("--load_in_4bit: the cpu engine has no 4-bit path (QLoRA runs on the cuda engine); drop the flag or run on a GPU");
+        }
         if let Some(dtype) = job.model.dtype.as_deref().filter(|d| *d != "float32") {
             // Said once so that the flag is not silently ignored: the reference engine's
             // numbers are f32 by design (the GPU engine is where --dtype picks the storage).

@@ -69,7 +69,8 @@ impl Operand {
 }
 
 /// The output `D` (row-major `[M, N]`, row stride `ld`) and, when `beta != 0`, the matrix `C`
-/// that is added (`D = alpha·op(A)·op(B) + beta·C`); `c` defaults to `D` itself.
+/// that is added (`D = alpha·op(A)·op(B) + beta·C`); `c` defaults to `D` itself. With `bias`
+/// (bf16 `[N]`, bf16 `D` only) cuBLASLt's bias epilogue adds it to every row of `D`.
 #[derive(Debug, Clone, Copy)]
 pub struct Output {
     pub ptr: u64,
@@ -77,6 +78,7 @@ pub struct Output {
     pub ty: OutType,
     pub stride: usize,
     pub c: Option<u64>,
+    pub bias: Option<u64>,
 }
 
 impl Output {
@@ -87,6 +89,7 @@ impl Output {
             ty,
             stride: 0,
             c: None,
+            bias: None,
         }
     }
 
@@ -99,6 +102,15 @@ impl Output {
     /// Reads `C` from another buffer of the same layout (`D = A·B + C` without a copy).
     pub fn plus(self, c: u64) -> Self {
         Output { c: Some(c), ..self }
+    }
+
+    /// Adds the bf16 vector at `bias` (`[N]`, one value per output column) to every row, in
+    /// the GEMM's epilogue (projection biases: no extra pass over `D`).
+    pub fn bias(self, bias: u64) -> Self {
+        Output {
+            bias: Some(bias),
+            ..self
+        }
     }
 }
 
@@ -125,6 +137,8 @@ struct Key {
     a: (usize, bool, usize),
     b: (usize, bool, usize),
     d: (usize, usize, OutType),
+    /// Bias epilogue on (the pointer itself is set per call).
+    bias: bool,
     /// Guaranteed byte alignment of A, B, C, D (every matrix of a batch).
     align: [u32; 4],
 }
@@ -191,6 +205,11 @@ impl Gemm {
         })
     }
 
+    /// The stream every GEMM is enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// Enqueues one GEMM on the stream.
     ///
     /// # Safety
@@ -208,6 +227,7 @@ impl Gemm {
             a: (p.a.ld, p.a.t, p.a.stride),
             b: (p.b.ld, p.b.t, p.b.stride),
             d: (p.d.ld, p.d.stride, p.d.ty),
+            bias: p.d.bias.is_some(),
             align: Self::alignments(p),
         };
         if !self.plans.contains_key(&key) {
@@ -217,6 +237,16 @@ impl Gemm {
             self.plans.insert(key, plan);
         }
         let plan = &self.plans[&key];
+        if let Some(bias) = p.d.bias {
+            // The plan is shared by every bias of this shape: point it at this one.
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                (&bias) as *const u64 as *const c_void,
+                size_of::<u64>(),
+            )
+            .map_err(|e| anyhow::anyhow!("bias pointer: {e}"))?;
+        }
         let (ws, _sync) = self.workspace.device_ptr(&self.stream);
         let c = p.d.c.unwrap_or(p.d.ptr);
         // Column-major: A' = B, B' = A (see the module comment).
@@ -318,6 +348,28 @@ impl Gemm {
                 size_of::<i32>(),
             )
             .map_err(|e| err("transb", e))?;
+            if let Some(bias) = p.d.bias {
+                anyhow::ensure!(
+                    p.d.ty == OutType::Bf16 && p.batch == 1,
+                    "the bias epilogue is used with one bf16 output only"
+                );
+                let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                    (&epilogue) as *const sys::cublasLtEpilogue_t as *const c_void,
+                    size_of::<sys::cublasLtEpilogue_t>(),
+                )
+                .map_err(|e| err("epilogue", e))?;
+                // The heuristic may look at the pointer's alignment.
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&bias) as *const u64 as *const c_void,
+                    size_of::<u64>(),
+                )
+                .map_err(|e| err("bias pointer", e))?;
+            }
             let pref = lt::create_matmul_pref().map_err(|e| err("preference", e))?;
             let ws = WORKSPACE_BYTES;
             let set = lt::set_matmul_pref_attribute(

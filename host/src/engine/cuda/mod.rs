@@ -15,8 +15,11 @@
 
 mod attention;
 mod buffers;
+mod extras;
 mod gemm;
 mod linear;
+mod nf4;
+mod raw;
 mod trainable;
 mod weights;
 
@@ -30,11 +33,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use self::buffers::{Buffers, LayerActs, Sizes};
+use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
-use self::linear::{Linear, Lora};
+use self::linear::{Dropout, Linear, Lora};
+use self::nf4::{Nf4Quantizer, Nf4Weight};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
-use crate::cli::choices::{Bias, GradientCheckpointing};
+use crate::cli::choices::GradientCheckpointing;
+use crate::engine::cpu::dropout::{site_seed, Site};
 use crate::engine::cpu::{kaiming_uniform, rope::Rope, trainable_shapes, EngineOptions};
 use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, PassStats, IGNORE};
 use crate::job::{JobConfig, PROJECTIONS};
@@ -88,10 +94,27 @@ pub fn probe() -> std::result::Result<String, String> {
 struct LayerWeights {
     norm1: CudaSlice<bf16>,
     norm2: CudaSlice<bf16>,
-    /// In [`PROJECTIONS`] order, bf16 `[out, in]`.
-    proj: Vec<CudaSlice<bf16>>,
+    /// In [`PROJECTIONS`] order, `[out, in]`.
+    proj: Vec<ProjWeight>,
+    /// Per projection: its bias, if the architecture has one.
+    bias: Vec<Option<BiasWeight>>,
+    /// Qwen3's per-head q/k RMSNorm weights `[head_dim]`.
+    qk_norm: Option<(CudaSlice<bf16>, CudaSlice<bf16>)>,
     /// `(A, B)` slot indices in the trainable arena per projection.
     lora: Vec<Option<(usize, usize)>>,
+}
+
+/// A frozen projection weight: bf16, or NF4 (`--load_in_4bit`) dequantised before each use.
+enum ProjWeight {
+    Bf16(CudaSlice<bf16>),
+    Nf4(Nf4Weight),
+}
+
+/// A projection bias: frozen (bf16 on the device) or trained (slot in the trainable arena,
+/// `--bias all|lora_only`).
+enum BiasWeight {
+    Frozen(CudaSlice<bf16>),
+    Trainable(usize),
 }
 
 /// The cuda training backend.
@@ -117,6 +140,16 @@ pub struct CudaBackend {
     free_at_start: usize,
     peak_used: usize,
     device_name: String,
+    /// `--load_in_4bit`: the quantisation maps and the bf16 buffer every NF4 weight is
+    /// dequantised into right before a GEMM reads it (sized for the largest projection).
+    nf4: Option<(Nf4Quantizer, CudaSlice<bf16>)>,
+    /// Dropout scratch, bias-gradient ones, Qwen3 q/k pre-norm activations (per batch shape).
+    extras: Option<Extras>,
+    /// Training passes so far: with the seed, the LoRA dropout masks' only state (exported with
+    /// the optimizer state, as the cpu engine does, so a resumed run draws the same masks).
+    passes: u64,
+    /// `Some(pass)` while a training pass with LoRA dropout runs.
+    dropout_pass: Option<u64>,
 }
 
 impl CudaBackend {
@@ -124,15 +157,14 @@ impl CudaBackend {
     pub fn from_job(dir: &std::path::Path, job: &JobConfig) -> Result<Self> {
         let options = EngineOptions::from_job(job);
         let cfg = ModelConfig::from_dir(dir)?;
-        if job.model.load_in_4bit {
-            bail!("--load_in_4bit is not built in the cuda engine yet (NF4 kernels exist; the loader does not use them): drop the flag");
-        }
-        let mut backend = Self::new(
+        let mut backend = Self::load(
+            0,
             dir,
             cfg,
             options,
             job.training.optim,
             job.training.weight_decay,
+            job.model.load_in_4bit,
         )?;
         backend
             .set_offload(job.lora.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
@@ -160,9 +192,24 @@ impl CudaBackend {
         optim: crate::cli::choices::Optim,
         weight_decay: f64,
     ) -> Result<Self> {
+        Self::load(0, dir, cfg, options, optim, weight_decay, false)
+    }
+
+    /// [`CudaBackend::new`] on GPU `ordinal`; with `load_in_4bit` (QLoRA) the projection
+    /// weights are NF4-quantised on the GPU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        ordinal: usize,
+        dir: &std::path::Path,
+        cfg: ModelConfig,
+        options: EngineOptions,
+        optim: crate::cli::choices::Optim,
+        weight_decay: f64,
+        load_in_4bit: bool,
+    ) -> Result<Self> {
         check_supported(&cfg, &options)?;
         let device_name = probe().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?;
-        let ctx = CudaContext::new(0)?;
+        let ctx = CudaContext::new(ordinal)?;
         // One stream orders everything; per-buffer event tracking would only add overhead.
         // SAFETY: no other stream touches these buffers.
         unsafe { ctx.disable_event_tracking() };
@@ -193,9 +240,15 @@ impl CudaBackend {
         let mut rng = ChaCha8Rng::seed_from_u64(options.init_seed);
         let mut init = Vec::with_capacity(shapes.len());
         for (name, shape) in &shapes {
-            // The cpu engine's initialisation, drawn in the same order: A kaiming-uniform, B zero.
+            // The cpu engine's initialisation, drawn in the same order: A kaiming-uniform, B zero,
+            // a trainable bias starts from the checkpoint's.
             if name.ends_with("lora_A.weight") {
                 init.push(kaiming_uniform(&mut rng, shape[0], shape[1]));
+            } else if let Some(module) = name.strip_suffix(".bias") {
+                let hf = module
+                    .trim_start_matches("base_model.model.")
+                    .trim_end_matches(".base_layer");
+                init.push(files.read_f32(&format!("{hf}.bias"), shape)?);
             } else {
                 init.push(vec![0.0; shape.iter().product()]);
             }
@@ -203,10 +256,17 @@ impl CudaBackend {
         let train = Trainable::new(&stream, &shapes, &init, optim, weight_decay)?;
         let slot = |name: &str| train.slots.iter().position(|s| s.name == name);
 
+        let mut quantizer = if load_in_4bit {
+            Some(Nf4Quantizer::new(&stream)?)
+        } else {
+            None
+        };
+        let d = cfg.head_dim;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut proj = Vec::with_capacity(7);
+            let mut bias = Vec::with_capacity(7);
             let mut lora = Vec::with_capacity(7);
             for name in PROJECTIONS {
                 let group = if matches!(name, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
@@ -215,17 +275,41 @@ impl CudaBackend {
                     "mlp"
                 };
                 let (inp, out) = cfg.projection_shape(name).expect("known projection");
-                proj.push(files.upload(
-                    &stream,
-                    &format!("{p}.{group}.{name}.weight"),
-                    &[out, inp],
-                )?);
-                let peft = format!("base_model.model.{p}.{group}.{name}");
+                let hf = format!("{p}.{group}.{name}");
+                let w = files.upload(&stream, &format!("{hf}.weight"), &[out, inp])?;
+                proj.push(match quantizer.as_mut() {
+                    // One projection at a time: its bf16 copy is gone before the next arrives.
+                    Some(q) => ProjWeight::Nf4(q.quantize(&stream, &kernels, w, &hf)?),
+                    None => ProjWeight::Bf16(w),
+                });
+                let peft = format!("base_model.model.{hf}");
+                bias.push(if cfg.projection_has_bias(name) {
+                    match slot(&format!("{peft}.base_layer.bias"))
+                        .or_else(|| slot(&format!("{peft}.bias")))
+                    {
+                        Some(i) => Some(BiasWeight::Trainable(i)),
+                        None => Some(BiasWeight::Frozen(files.upload(
+                            &stream,
+                            &format!("{hf}.bias"),
+                            &[out],
+                        )?)),
+                    }
+                } else {
+                    None
+                });
                 lora.push(
                     slot(&format!("{peft}.lora_A.weight"))
                         .zip(slot(&format!("{peft}.lora_B.weight"))),
                 );
             }
+            let qk_norm = if cfg.qk_norm {
+                Some((
+                    files.upload(&stream, &format!("{p}.self_attn.q_norm.weight"), &[d])?,
+                    files.upload(&stream, &format!("{p}.self_attn.k_norm.weight"), &[d])?,
+                ))
+            } else {
+                None
+            };
             layers.push(LayerWeights {
                 norm1: files.upload(&stream, &format!("{p}.input_layernorm.weight"), &[h])?,
                 norm2: files.upload(
@@ -234,13 +318,35 @@ impl CudaBackend {
                     &[h],
                 )?,
                 proj,
+                bias,
+                qk_norm,
                 lora,
             });
         }
+        let nf4 = match quantizer {
+            Some(q) => {
+                let largest = PROJECTIONS
+                    .iter()
+                    .map(|n| {
+                        let (i, o) = cfg.projection_shape(n).expect("known projection");
+                        i * o
+                    })
+                    .max()
+                    .unwrap_or(0);
+                Some((q, stream.alloc_zeros::<bf16>(largest)?))
+            }
+            None => None,
+        };
+        let trained_biases: usize = train
+            .slots
+            .iter()
+            .filter(|s| s.name.ends_with(".bias"))
+            .map(|s| s.numel())
+            .sum();
         let inv_freq = stream.clone_htod(Rope::new(&cfg).inv_freq())?;
         stream.synchronize()?;
         let mut backend = CudaBackend {
-            frozen_numel: files.numel()?,
+            frozen_numel: files.numel()? - trained_biases,
             ctx,
             stream,
             kernels,
@@ -258,6 +364,10 @@ impl CudaBackend {
             free_at_start,
             peak_used: 0,
             device_name,
+            nf4,
+            extras: None,
+            passes: 0,
+            dropout_pass: None,
         };
         backend.sample_memory()?;
         Ok(backend)
@@ -335,6 +445,7 @@ impl CudaBackend {
         let sizes = Sizes::new(&self.cfg, batch.batch_size, batch.seq_len, self.options.r);
         if self.bufs.as_ref().map(|b| b.sizes) != Some(sizes) {
             self.bufs = None;
+            self.extras = None;
             let dims = self.dims(batch.batch_size, batch.seq_len);
             let keep_all = !self.options.gradient_checkpointing;
             self.bufs = Some(Buffers::new(
@@ -346,6 +457,22 @@ impl CudaBackend {
                 self.offload,
                 &dims,
             )?);
+            let needs = Needs {
+                dropout: self.options.lora_dropout > 0.0,
+                bias_grads: self.layers.iter().any(|w| {
+                    w.bias
+                        .iter()
+                        .any(|b| matches!(b, Some(BiasWeight::Trainable(_))))
+                }),
+                qk_norm: self.cfg.qk_norm,
+            };
+            let slots = if keep_all {
+                self.cfg.num_hidden_layers
+            } else {
+                1
+            };
+            let heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+            self.extras = Some(Extras::new(&self.stream, &sizes, heads, slots, needs)?);
         }
         let b = self.bufs.as_mut().expect("just allocated");
         let s = &self.stream;
@@ -368,18 +495,62 @@ impl CudaBackend {
             .cfg
             .projection_shape(PROJECTIONS[j])
             .expect("known projection");
-        let w = self.layers[l].proj[j].device_ptr(&self.stream).0;
-        let lora = self.layers[l].lora[j].map(|(ia, ib)| {
-            let (a, grad_a) = self.train.ptrs(&self.stream, ia);
-            let (b, grad_b) = self.train.ptrs(&self.stream, ib);
+        let s = &self.stream;
+        let layer = &self.layers[l];
+        let (w, nf4) = match (&layer.proj[j], &self.nf4) {
+            (ProjWeight::Bf16(w), _) => (w.device_ptr(s).0, None),
+            (ProjWeight::Nf4(q), Some((quant, buf))) => {
+                (buf.device_ptr(s).0, Some(q.ptrs(s, &quant.maps)))
+            }
+            (ProjWeight::Nf4(_), None) => unreachable!("NF4 weights are loaded with their buffer"),
+        };
+        let extras = self.extras.as_ref().expect("prepared with the buffers");
+        let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(s).0;
+        let bias = layer.bias[j].as_ref().map(|b| match b {
+            BiasWeight::Frozen(v) => linear::Bias {
+                value: ptr16(v),
+                grad: None,
+            },
+            BiasWeight::Trainable(i) => {
+                let (value, grad) = self.train.ptrs(s, *i);
+                let ones = extras
+                    .ones
+                    .as_ref()
+                    .expect("allocated for trainable biases");
+                linear::Bias {
+                    value,
+                    grad: Some((grad, ptr16(ones))),
+                }
+            }
+        });
+        let dropout = self.dropout_pass.map(|pass| {
+            let (threshold, scale) = ferrotune_kernels::reference::dropout::dropout_params(
+                self.options.lora_dropout as f32,
+            );
+            let site = Site {
+                pass,
+                layer: l,
+                module: j,
+            };
+            Dropout {
+                seed: site_seed(self.options.dropout_seed, site),
+                threshold,
+                scale,
+                scratch: ptr16(extras.dropout.as_ref().expect("allocated for dropout")),
+            }
+        });
+        let lora = layer.lora[j].map(|(ia, ib)| {
+            let (a, grad_a) = self.train.ptrs(s, ia);
+            let (b, grad_b) = self.train.ptrs(s, ib);
             Lora {
                 a,
                 b,
                 grad_a,
                 grad_b,
-                low: acts.low(&self.stream, j, tokens, self.options.r),
+                low: acts.low(s, j, tokens, self.options.r),
                 r: self.options.r,
                 scale: self.options.lora_scale() as f32,
+                dropout,
             }
         });
         Linear {
@@ -387,6 +558,8 @@ impl CudaBackend {
             inp,
             out,
             w,
+            nf4,
+            bias,
             lora,
         }
     }
@@ -435,14 +608,47 @@ impl CudaBackend {
             lin(DOWN),
         );
         let (n1, qp, kp, vp) = (ptr16(&b.norm), ptr16(&a.q), ptr16(&a.k), ptr16(&a.v));
-        q.forward(&mut self.gemm, n1, qp, None)?;
-        k.forward(&mut self.gemm, n1, kp, None)?;
-        v.forward(&mut self.gemm, n1, vp, None)?;
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
+        let kern = &self.kernels;
+        // Qwen3: q/k land pre-norm in the extras, and their per-head RMSNorm writes a.q/a.k.
+        let qk = match (&w.qk_norm, self.extras.as_mut()) {
+            (Some(norms), Some(e)) => Some((norms, &mut e.qk[slot])),
+            _ => None,
+        };
+        let (qo, ko) = match &qk {
+            Some((_, x)) => (ptr16(&x.q_raw), ptr16(&x.k_raw)),
+            None => (qp, kp),
+        };
+        q.forward(&mut self.gemm, kern, n1, qo, None)?;
+        k.forward(&mut self.gemm, kern, n1, ko, None)?;
+        v.forward(&mut self.gemm, kern, n1, vp, None)?;
+        if let Some(((qn, kn), x)) = qk {
+            // Rows of head_dim: [N, H·d] is [N·H, d].
+            kern.rmsnorm_fwd(
+                &s,
+                &x.q_raw.slice(..),
+                &qn.slice(..),
+                &mut a.q.slice_mut(..),
+                &mut x.rstd_q.slice_mut(..),
+                n * nh,
+                d,
+                eps,
+            )?;
+            kern.rmsnorm_fwd(
+                &s,
+                &x.k_raw.slice(..),
+                &kn.slice(..),
+                &mut a.k.slice_mut(..),
+                &mut x.rstd_k.slice_mut(..),
+                n * nkv,
+                d,
+                eps,
+            )?;
+        }
         self.kernels.rope_apply(
             &s,
             &mut a.q.slice_mut(..),
@@ -459,14 +665,19 @@ impl CudaBackend {
         attention::forward(
             &s,
             &self.kernels,
-            &mut self.gemm,
             &dims,
-            (qp, kp, vp),
-            ptr16(&a.attn),
+            (&a.q, &a.k, &a.v),
+            (&mut a.attn, &mut a.lse),
             &b.segments,
             &mut b.attn,
         )?;
-        o.forward(&mut self.gemm, ptr16(&a.attn), ptr16(&a.h), Some(ptr16(x)))?;
+        o.forward(
+            &mut self.gemm,
+            &self.kernels,
+            ptr16(&a.attn),
+            ptr16(&a.h),
+            Some(ptr16(x)),
+        )?;
         self.kernels.rmsnorm_fwd(
             &s,
             &a.h.slice(..),
@@ -477,8 +688,20 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        gate.forward(&mut self.gemm, ptr16(&b.norm), ptr16(&a.gate), None)?;
-        up.forward(&mut self.gemm, ptr16(&b.norm), ptr16(&a.up), None)?;
+        gate.forward(
+            &mut self.gemm,
+            &self.kernels,
+            ptr16(&b.norm),
+            ptr16(&a.gate),
+            None,
+        )?;
+        up.forward(
+            &mut self.gemm,
+            &self.kernels,
+            ptr16(&b.norm),
+            ptr16(&a.up),
+            None,
+        )?;
         let i = sz.inter;
         self.kernels.swiglu_fwd(
             &s,
@@ -488,7 +711,13 @@ impl CudaBackend {
             n,
             i,
         )?;
-        down.forward(&mut self.gemm, ptr16(&b.act), ptr16(y), Some(ptr16(&a.h)))?;
+        down.forward(
+            &mut self.gemm,
+            &self.kernels,
+            ptr16(&b.act),
+            ptr16(y),
+            Some(ptr16(&a.h)),
+        )?;
         Ok(())
     }
 
@@ -515,11 +744,12 @@ impl CudaBackend {
         );
         let dims = self.dims(sz.batch, sz.seq);
         let g = &mut self.gemm;
+        let kr = &self.kernels;
         let t = p16(&b.t);
 
         // MLP half: d_act = dOut·Wd (+LoRA); SwiGLU backward in place (gate/up become their
         // gradients, act is recomputed for dA of the down projection).
-        down.backward(g, p16(&b.dres), Some((p16(&b.d_act), false)), t)?;
+        down.backward(g, kr, p16(&b.dres), Some((p16(&b.d_act), false)), t)?;
         self.kernels.swiglu_bwd(
             &s,
             (&b.d_act.slice(..), i),
@@ -529,7 +759,7 @@ impl CudaBackend {
             n,
             i,
         )?;
-        down.grad_a(g, p16(&b.act), t)?;
+        down.grad_a(g, kr, p16(&b.act), t)?;
         // n2 again (not kept by the forward); rstd2 is rewritten with the same values.
         self.kernels.rmsnorm_fwd(
             &s,
@@ -541,10 +771,10 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        gate.backward(g, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
-        gate.grad_a(g, p16(&b.norm), t)?;
-        up.backward(g, p16(&a.up), Some((p16(&b.dn), true)), t)?;
-        up.grad_a(g, p16(&b.norm), t)?;
+        gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
+        gate.grad_a(g, kr, p16(&b.norm), t)?;
+        up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
+        up.grad_a(g, kr, p16(&b.norm), t)?;
         self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
@@ -558,16 +788,16 @@ impl CudaBackend {
         )?;
 
         // Attention half.
-        o.backward(g, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
-        o.grad_a(g, p16(&a.attn), t)?;
+        o.backward(g, kr, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
+        o.grad_a(g, kr, p16(&a.attn), t)?;
         attention::backward(
             &s,
             &self.kernels,
-            g,
             &dims,
-            (p16(&a.q), p16(&a.k), p16(&a.v)),
-            p16(&b.d_attn),
-            (p16(&b.dq), p16(&b.dk), p16(&b.dv)),
+            (&a.q, &a.k, &a.v),
+            (&a.attn, &a.lse),
+            &b.d_attn,
+            (&mut b.dq, &mut b.dk, &mut b.dv),
             &b.segments,
             &mut b.attn,
         )?;
@@ -588,6 +818,38 @@ impl CudaBackend {
             d,
             true,
         )?;
+        // Qwen3: through the per-head q/k RMSNorm to the projections' outputs.
+        let (dqp, dkp) = match (&w.qk_norm, self.extras.as_mut()) {
+            (Some((qn, kn)), Some(e)) => {
+                let x = &e.qk[slot];
+                let dq_raw = e.dq_raw.as_mut().expect("allocated with qk norm");
+                let dk_raw = e.dk_raw.as_mut().expect("allocated with qk norm");
+                kr.rmsnorm_bwd(
+                    &s,
+                    &x.q_raw.slice(..),
+                    &qn.slice(..),
+                    &x.rstd_q.slice(..),
+                    &b.dq.slice(..),
+                    &mut dq_raw.slice_mut(..),
+                    n * nh,
+                    d,
+                    false,
+                )?;
+                kr.rmsnorm_bwd(
+                    &s,
+                    &x.k_raw.slice(..),
+                    &kn.slice(..),
+                    &x.rstd_k.slice(..),
+                    &b.dk.slice(..),
+                    &mut dk_raw.slice_mut(..),
+                    n * nkv,
+                    d,
+                    false,
+                )?;
+                (p16(&*dq_raw), p16(&*dk_raw))
+            }
+            _ => (p16(&b.dq), p16(&b.dk)),
+        };
         let need_dx = l > 0;
         let dn = p16(&b.dn);
         // n1 again, for the q/k/v adapters' dA.
@@ -601,13 +863,9 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        for (lin, dy, acc) in [
-            (&q, p16(&b.dq), false),
-            (&k, p16(&b.dk), true),
-            (&v, p16(&b.dv), true),
-        ] {
-            lin.backward(g, dy, need_dx.then_some((dn, acc)), t)?;
-            lin.grad_a(g, p16(&b.norm), t)?;
+        for (lin, dy, acc) in [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)] {
+            lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
+            lin.grad_a(g, kr, p16(&b.norm), t)?;
         }
         if need_dx {
             let x = &b.xs[xi];
@@ -743,9 +1001,15 @@ impl CudaBackend {
     fn pass(&mut self, batch: &Batch, loss_scale: Option<f32>) -> Result<PassStats> {
         self.check_batch(batch)?;
         self.prepare(batch)?;
+        let train = loss_scale.is_some();
+        self.dropout_pass = (train && self.options.lora_dropout > 0.0).then_some(self.passes);
         let mut bufs = self.bufs.take().expect("prepared");
         let result = self.pass_in(&mut bufs, loss_scale);
         self.bufs = Some(bufs);
+        self.dropout_pass = None;
+        if train && result.is_ok() {
+            self.passes += 1;
+        }
         let loss_sum = result?;
         self.sample_memory()?;
         Ok(PassStats {
@@ -840,20 +1104,16 @@ fn input_and_output<T>(v: &mut [T], i: usize, j: usize) -> (&T, &mut T) {
 
 /// What this version of the cuda engine computes; the rest fails here, loudly, before loading.
 fn check_supported(cfg: &ModelConfig, o: &EngineOptions) -> Result<()> {
-    let not_yet = |what: &str| -> Result<()> {
-        bail!("{what} is not built in the cuda engine yet; run with --device cpu")
-    };
-    if cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias {
-        not_yet(&format!("{} projection biases", cfg.model_type))?;
-    }
-    if cfg.qk_norm {
-        not_yet("Qwen3's q/k norm")?;
-    }
-    if o.lora_dropout > 0.0 {
-        not_yet("--lora_dropout > 0")?;
-    }
-    if o.bias != Bias::None && (cfg.qkv_bias || cfg.o_bias || cfg.mlp_bias) {
-        not_yet("trainable biases (--bias)")?;
+    ensure!(
+        (0.0..1.0).contains(&o.lora_dropout),
+        "--lora_dropout must be in [0, 1)"
+    );
+    for m in &o.target_modules {
+        ensure!(
+            PROJECTIONS.contains(&m.as_str()),
+            "--target_modules: {m:?} is not one of {}",
+            PROJECTIONS.join(", ")
+        );
     }
     ensure!(o.r > 0, "--r must be positive");
     let h = cfg.hidden_size;
@@ -897,8 +1157,10 @@ impl Backend for CudaBackend {
 
     fn export_optimizer(&self) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
         let (tensors, scalars) = self.train.export_optimizer(&self.stream)?;
-        // The engine-neutral format; no forward-pass count: this engine draws no dropout masks.
-        let counters = optimizer_state::EngineCounters::default();
+        // The engine-neutral format: the state moves between engines.
+        let counters = optimizer_state::EngineCounters {
+            forward_passes: Some(self.passes),
+        };
         Ok((tensors, optimizer_state::pack(scalars, counters)))
     }
 
@@ -907,8 +1169,11 @@ impl Backend for CudaBackend {
         tensors: &[(String, HostTensor)],
         scalars: &serde_json::Value,
     ) -> Result<()> {
-        let (opt, _counters) = optimizer_state::unpack(scalars)?;
-        self.train.import_optimizer(&self.stream, tensors, opt)
+        let (opt, counters) = optimizer_state::unpack(scalars)?;
+        self.train.import_optimizer(&self.stream, tensors, opt)?;
+        // Absent in checkpoints of cuda builds before LoRA dropout (they ran without it).
+        self.passes = optimizer_state::resumed_passes(counters, self.options.lora_dropout);
+        Ok(())
     }
 
     fn memory_stats(&self) -> Option<MemoryStats> {
@@ -922,6 +1187,7 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::choices::Bias;
 
     fn cfg(model_type: &str, extra: &str) -> ModelConfig {
         ModelConfig::from_json_str(&format!(
@@ -946,24 +1212,46 @@ mod tests {
     }
 
     #[test]
-    fn what_is_not_built_fails_before_touching_a_gpu() {
-        assert!(check_supported(&cfg("llama", ""), &opts()).is_ok());
-        assert!(check_supported(&cfg("mistral", r#","sliding_window":16"#), &opts()).is_ok());
-        for (c, what) in [
-            (cfg("qwen2", ""), "projection biases"),
-            (cfg("qwen3", ""), "q/k norm"),
-        ] {
-            let err = check_supported(&c, &opts()).unwrap_err().to_string();
-            assert!(err.contains(what) && err.contains("--device cpu"), "{err}");
-        }
+    fn every_architecture_and_option_is_accepted_and_bad_values_fail_before_touching_a_gpu() {
         let dropout = EngineOptions {
             lora_dropout: 0.1,
+            bias: Bias::All,
             ..opts()
         };
-        let err = check_supported(&cfg("llama", ""), &dropout)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--lora_dropout"), "{err}");
+        for c in [
+            cfg("llama", ""),
+            cfg("mistral", r#","sliding_window":16"#),
+            cfg("qwen2", ""),
+            cfg("qwen3", r#","head_dim":16"#),
+            cfg("llama", r#","attention_bias":true,"mlp_bias":true"#),
+        ] {
+            check_supported(&c, &opts()).unwrap();
+            check_supported(&c, &dropout).unwrap();
+        }
+        for (bad, what) in [
+            (
+                EngineOptions {
+                    lora_dropout: 1.0,
+                    ..opts()
+                },
+                "--lora_dropout",
+            ),
+            (
+                EngineOptions {
+                    target_modules: vec!["lm_head".into()],
+                    ..opts()
+                },
+                "--target_modules",
+            ),
+            (EngineOptions { r: 0, ..opts() }, "--r"),
+        ] {
+            let err = check_supported(&cfg("llama", ""), &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(what), "{err}");
+        }
+        let odd = cfg("llama", r#","head_dim":12"#);
+        assert!(check_supported(&odd, &opts()).is_err());
     }
 
     #[test]

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use ferrotune_kernels::device::{bf16, Kernels, REDUCE_PARTS};
+use ferrotune_kernels::device::{bf16, Adam8bitStates, Kernels, QuantMaps, REDUCE_PARTS};
+use ferrotune_kernels::quant::Q8_BLOCK;
 use ferrotune_kernels::reference::adamw::AdamStep;
 
 use crate::engine::{HostData, HostTensor};
@@ -43,9 +44,89 @@ pub enum Update {
         v: CudaSlice<f32>,
         steps: u64,
     },
-    /// Any other `--optim` runs the host optimizer on a copy of the gradients (8-bit AdamW and
-    /// SGD; the tensors are small, but each step pays a device↔host round trip).
+    /// bitsandbytes AdamW8bit (`adamw_8bit`, `paged_adamw_8bit`) on the GPU.
+    Adam8bit(Box<Adam8bit>),
+    /// SGD runs the host optimizer on a copy of the gradients (the tensors are small, but each
+    /// step pays a device↔host round trip).
     Host(Box<dyn Optimizer>),
+}
+
+/// bitsandbytes AdamW8bit state over the arena: tensors of at least `min_8bit_size` (4096)
+/// values keep their moments as 8-bit blockwise codes at their arena offsets (tensors start at
+/// multiples of 256, so the `adamw_8bit` kernel's blocks are per-tensor, as bitsandbytes');
+/// smaller ones (biases, tiny adapters) keep fp32 moments, updated in bitsandbytes' order by
+/// `adamw_fp32`. The exported state is the host `AdamW8bit`'s, tensor for tensor.
+pub struct Adam8bit {
+    /// Per slot: 8-bit (else fp32 moments at `small[i]` in `m_small`/`v_small`).
+    blockwise: Vec<bool>,
+    small: Vec<usize>,
+    m_codes: CudaSlice<u8>,
+    m_absmax: CudaSlice<f32>,
+    v_codes: CudaSlice<u8>,
+    v_absmax: CudaSlice<f32>,
+    m_small: CudaSlice<f32>,
+    v_small: CudaSlice<f32>,
+    maps: QuantMaps,
+    steps: u64,
+}
+
+impl Adam8bit {
+    fn new(
+        stream: &Arc<CudaStream>,
+        slots: &[Slot],
+        specs: &[optim::ParamSpec],
+        len: usize,
+    ) -> Result<Self> {
+        // Which tensors bitsandbytes keeps in 8 bits: the host optimizer decides, one rule.
+        let host = optim::AdamW8bit::new(specs.to_vec());
+        let blockwise: Vec<bool> = (0..slots.len()).map(|i| host.is_blockwise(i)).collect();
+        let mut small = Vec::with_capacity(slots.len());
+        let mut small_len = 0;
+        for (s, &q) in slots.iter().zip(&blockwise) {
+            small.push(small_len);
+            if !q {
+                small_len += s.numel();
+            }
+        }
+        let blocks = len.div_ceil(Q8_BLOCK);
+        Ok(Adam8bit {
+            blockwise,
+            small,
+            m_codes: stream.alloc_zeros(len)?,
+            m_absmax: stream.alloc_zeros(blocks)?,
+            v_codes: stream.alloc_zeros(len)?,
+            v_absmax: stream.alloc_zeros(blocks)?,
+            m_small: stream.alloc_zeros(small_len.max(1))?,
+            v_small: stream.alloc_zeros(small_len.max(1))?,
+            maps: QuantMaps::upload(stream)?,
+            steps: 0,
+        })
+    }
+}
+
+/// Runs of consecutive slots that share `key` (same weight decay, same state kind), as
+/// `(first slot, last slot, arena start, arena end)`: one optimizer launch each.
+fn runs<K: PartialEq>(
+    slots: &[Slot],
+    len: usize,
+    key: impl Fn(usize) -> K,
+) -> Vec<(usize, usize, usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < slots.len() {
+        let mut j = i;
+        while j + 1 < slots.len() && key(j + 1) == key(i) {
+            j += 1;
+        }
+        let end = if j + 1 < slots.len() {
+            slots[j + 1].offset
+        } else {
+            len
+        };
+        out.push((i, j, slots[i].offset, end));
+        i = j + 1;
+    }
+    out
 }
 
 pub struct Trainable {
@@ -99,8 +180,10 @@ impl Trainable {
                 v: stream.alloc_zeros(len)?,
                 steps: 0,
             },
+            // Paged states only matter when the optimizer state is large; LoRA's is not, so
+            // both names run the same on-device 8-bit optimizer (bitwise the host's update).
             Optim::Adamw8bit | Optim::PagedAdamw8bit => {
-                Update::Host(Box::new(optim::AdamW8bit::new(specs.clone())))
+                Update::Adam8bit(Box::new(Adam8bit::new(stream, &slots, &specs, len)?))
             }
             Optim::Sgd => Update::Host(Box::new(optim::Sgd::new(specs.clone()))),
         };
@@ -177,6 +260,52 @@ impl Trainable {
                         Some(&mut self.shadow.slice_mut(start..end)),
                     )?;
                     i = j + 1;
+                }
+            }
+            Update::Adam8bit(q) => {
+                q.steps += 1;
+                stream.memcpy_htod(&[grad_scale as f32], &mut self.scale)?;
+                let blockwise = q.blockwise.clone();
+                let slots = &self.slots;
+                for (i, j, start, end) in runs(slots, self.len, |k| {
+                    (slots[k].weight_decay.to_bits(), blockwise[k])
+                }) {
+                    let wd = slots[i].weight_decay;
+                    let s = AdamStep::bitsandbytes(q.steps, lr, wd, ADAM_BETAS, ADAM_EPSILON);
+                    if blockwise[i] {
+                        let (b0, b1) = (start / Q8_BLOCK, end.div_ceil(Q8_BLOCK));
+                        let mut states = Adam8bitStates {
+                            m_codes: q.m_codes.slice_mut(start..end),
+                            m_absmax: q.m_absmax.slice_mut(b0..b1),
+                            v_codes: q.v_codes.slice_mut(start..end),
+                            v_absmax: q.v_absmax.slice_mut(b0..b1),
+                        };
+                        kernels.adamw_8bit(
+                            stream,
+                            &mut self.params.slice_mut(start..end),
+                            &self.grads.slice(start..end),
+                            &mut states,
+                            &q.maps,
+                            &s,
+                            Some(&self.scale.slice(..)),
+                            Some(&mut self.shadow.slice_mut(start..end)),
+                        )?;
+                    } else {
+                        // fp32 moments are packed per tensor: one launch per tensor.
+                        for (slot, &so) in slots[i..=j].iter().zip(&q.small[i..=j]) {
+                            let (off, n) = (slot.offset, slot.numel());
+                            kernels.adamw_fp32(
+                                stream,
+                                &mut self.params.slice_mut(off..off + n),
+                                &self.grads.slice(off..off + n),
+                                &mut q.m_small.slice_mut(so..so + n),
+                                &mut q.v_small.slice_mut(so..so + n),
+                                &s,
+                                Some(&self.scale.slice(..)),
+                                Some(&mut self.shadow.slice_mut(off..off + n)),
+                            )?;
+                        }
+                    }
                 }
             }
             Update::Host(opt) => {
@@ -268,6 +397,7 @@ impl Trainable {
     ) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
         match &self.update {
             Update::Host(opt) => Ok(opt.export_state()),
+            Update::Adam8bit(q) => Ok(self.export_8bit(stream, q)?),
             Update::AdamW { m, v, steps } => {
                 // The host AdamW's format (`optim::adamw`), so checkpoints move between backends.
                 let (m, v) = (stream.clone_dtoh(m)?, stream.clone_dtoh(v)?);
@@ -297,8 +427,10 @@ impl Trainable {
         scalars: &serde_json::Value,
     ) -> Result<()> {
         let slots = self.slots.clone();
+        let len = self.len;
         match &mut self.update {
             Update::Host(opt) => opt.import_state(tensors, scalars),
+            Update::Adam8bit(q) => import_8bit(stream, &slots, len, q, tensors, scalars),
             Update::AdamW { m, v, steps } => {
                 let kind = scalars.get("optimizer").and_then(|v| v.as_str());
                 ensure!(
@@ -346,5 +478,207 @@ impl Trainable {
                 Ok(())
             }
         }
+    }
+}
+
+impl Trainable {
+    /// The host `AdamW8bit`'s state format (`optim/adamw_8bit.rs`): `state1`/`absmax1`/
+    /// `state2`/`absmax2` for 8-bit tensors, `exp_avg`/`exp_avg_sq` for the others.
+    fn export_8bit(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &Adam8bit,
+    ) -> Result<(Vec<(String, HostTensor)>, serde_json::Value)> {
+        let (mc, vc) = (
+            stream.clone_dtoh(&q.m_codes)?,
+            stream.clone_dtoh(&q.v_codes)?,
+        );
+        let (ma, va) = (
+            stream.clone_dtoh(&q.m_absmax)?,
+            stream.clone_dtoh(&q.v_absmax)?,
+        );
+        let (ms, vs) = (
+            stream.clone_dtoh(&q.m_small)?,
+            stream.clone_dtoh(&q.v_small)?,
+        );
+        let mut tensors = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let n = s.numel();
+            if q.blockwise[i] {
+                let (o, b0, nb) = (s.offset, s.offset / Q8_BLOCK, n.div_ceil(Q8_BLOCK));
+                let codes = |c: &[u8]| HostTensor {
+                    shape: vec![n],
+                    data: HostData::U8(c[o..o + n].to_vec()),
+                };
+                let absmax = |a: &[f32]| HostTensor {
+                    shape: vec![nb],
+                    data: HostData::F32(a[b0..b0 + nb].to_vec()),
+                };
+                tensors.push((format!("{}.state1", s.name), codes(&mc)));
+                tensors.push((format!("{}.absmax1", s.name), absmax(&ma)));
+                tensors.push((format!("{}.state2", s.name), codes(&vc)));
+                tensors.push((format!("{}.absmax2", s.name), absmax(&va)));
+            } else {
+                let so = q.small[i];
+                for (arena, suffix) in [(&ms, "exp_avg"), (&vs, "exp_avg_sq")] {
+                    tensors.push((
+                        format!("{}.{suffix}", s.name),
+                        HostTensor {
+                            shape: s.shape.clone(),
+                            data: HostData::F32(arena[so..so + n].to_vec()),
+                        },
+                    ));
+                }
+            }
+        }
+        let scalars = serde_json::json!({
+            "optimizer": ADAM_8BIT_KIND,
+            "betas": [ADAM_BETAS.0, ADAM_BETAS.1],
+            "eps": ADAM_EPSILON,
+            "params": self.slots.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+            "weight_decay": self.slots.iter().map(|s| s.weight_decay).collect::<Vec<_>>(),
+            "steps": vec![q.steps; self.slots.len()],
+            "block_size": Q8_BLOCK,
+            "min_8bit_size": MIN_8BIT_SIZE,
+        });
+        Ok((tensors, scalars))
+    }
+}
+
+/// The host `AdamW8bit`'s kind and small-tensor threshold (its state format's scalars).
+const ADAM_8BIT_KIND: &str = "adamw_8bit";
+const MIN_8BIT_SIZE: usize = 4096;
+
+fn import_8bit(
+    stream: &Arc<CudaStream>,
+    slots: &[Slot],
+    len: usize,
+    q: &mut Adam8bit,
+    tensors: &[(String, HostTensor)],
+    scalars: &serde_json::Value,
+) -> Result<()> {
+    let steps = common_steps(scalars, ADAM_8BIT_KIND, slots.len())?;
+    let find = |key: &str| -> Result<&HostData> {
+        tensors
+            .iter()
+            .find(|(n, _)| n == key)
+            .map(|(_, t)| &t.data)
+            .with_context(|| format!("optimizer state has no tensor {key}"))
+    };
+    let blocks = len.div_ceil(Q8_BLOCK);
+    // Padding codes decode to zero whatever the block's absmax: code 0 of the unsigned map and
+    // the signed map's zero code, exactly what a zero moment quantises to.
+    let zero_m =
+        ferrotune_kernels::quant::nearest_code(ferrotune_kernels::quant::signed_map(), 0.0);
+    let (mut mc, mut vc) = (vec![zero_m; len], vec![0u8; len]);
+    let (mut ma, mut va) = (vec![0f32; blocks], vec![0f32; blocks]);
+    let small_len = q.m_small.len();
+    let (mut ms, mut vs) = (vec![0f32; small_len], vec![0f32; small_len]);
+    for (i, s) in slots.iter().enumerate() {
+        let n = s.numel();
+        if q.blockwise[i] {
+            let (o, b0, nb) = (s.offset, s.offset / Q8_BLOCK, n.div_ceil(Q8_BLOCK));
+            for (codes, suffix) in [(&mut mc, "state1"), (&mut vc, "state2")] {
+                let key = format!("{}.{suffix}", s.name);
+                let HostData::U8(c) = find(&key)? else {
+                    bail!("{key}: expected u8 codes")
+                };
+                ensure!(c.len() == n, "{key}: {} codes, expected {n}", c.len());
+                codes[o..o + n].copy_from_slice(c);
+            }
+            for (absmax, suffix) in [(&mut ma, "absmax1"), (&mut va, "absmax2")] {
+                let key = format!("{}.{suffix}", s.name);
+                let HostData::F32(a) = find(&key)? else {
+                    bail!("{key}: expected f32 values")
+                };
+                ensure!(a.len() == nb, "{key}: {} values, expected {nb}", a.len());
+                absmax[b0..b0 + nb].copy_from_slice(a);
+            }
+        } else {
+            let so = q.small[i];
+            for (arena, suffix) in [(&mut ms, "exp_avg"), (&mut vs, "exp_avg_sq")] {
+                let key = format!("{}.{suffix}", s.name);
+                let HostData::F32(v) = find(&key)? else {
+                    bail!("{key}: expected f32 values")
+                };
+                ensure!(v.len() == n, "{key}: {} values, expected {n}", v.len());
+                arena[so..so + n].copy_from_slice(v);
+            }
+        }
+    }
+    stream.memcpy_htod(&mc, &mut q.m_codes)?;
+    stream.memcpy_htod(&vc, &mut q.v_codes)?;
+    stream.memcpy_htod(&ma, &mut q.m_absmax)?;
+    stream.memcpy_htod(&va, &mut q.v_absmax)?;
+    stream.memcpy_htod(&ms, &mut q.m_small)?;
+    stream.memcpy_htod(&vs, &mut q.v_small)?;
+    q.steps = steps;
+    Ok(())
+}
+
+/// Checks the optimizer kind and returns the one step count all tensors share.
+fn common_steps(scalars: &serde_json::Value, kind: &str, count: usize) -> Result<u64> {
+    let found = scalars.get("optimizer").and_then(|v| v.as_str());
+    ensure!(
+        found == Some(kind),
+        "optimizer state was written by {found:?}, but this run uses {kind:?}; resume with the same --optim"
+    );
+    let counts: Vec<u64> = scalars
+        .get("steps")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).collect())
+        .unwrap_or_default();
+    ensure!(
+        counts.len() == count,
+        "optimizer state has {} step counts, expected {count}",
+        counts.len()
+    );
+    ensure!(
+        counts.iter().all(|&c| c == counts[0]),
+        "optimizer state has per-tensor step counts that differ; the cuda engine steps all tensors together"
+    );
+    Ok(counts[0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(name: &str, numel: usize, offset: usize, wd: f64) -> Slot {
+        Slot {
+            name: name.into(),
+            shape: vec![numel],
+            offset,
+            weight_decay: wd,
+        }
+    }
+
+    #[test]
+    fn optimizer_launches_cover_runs_of_equal_decay_and_state_kind_up_to_the_next_tensor() {
+        // bias (small, no decay) | A, B (8-bit, decay) | B of k (small, decay) | bias
+        let slots = [
+            slot("q.bias", 100, 0, 0.0),
+            slot("q.A", 5000, 256, 0.01),
+            slot("q.B", 4096, 5376, 0.01),
+            slot("k.B", 1024, 9472, 0.01),
+            slot("k.bias", 32, 10496, 0.0),
+        ];
+        let blockwise = [false, true, true, false, false];
+        let r = runs(&slots, 10752, |k| {
+            (slots[k].weight_decay.to_bits(), blockwise[k])
+        });
+        assert_eq!(
+            r,
+            vec![
+                (0, 0, 0, 256),
+                (1, 2, 256, 9472),
+                (3, 3, 9472, 10496),
+                (4, 4, 10496, 10752),
+            ]
+        );
+        // Every run of 8-bit tensors starts and ends on a quantisation block.
+        assert!(r
+            .iter()
+            .all(|&(_, _, s, e)| s.is_multiple_of(Q8_BLOCK) && e.is_multiple_of(Q8_BLOCK)));
     }
 }

@@ -41,6 +41,16 @@ impl WeightFiles {
                 )
             })?;
             for name in st.names() {
+                if name.ends_with(".quant_state.bitsandbytes__nf4")
+                    || name.ends_with(".quant_state.bitsandbytes__fp4")
+                {
+                    bail!(
+                        "{}: a pre-quantised bitsandbytes 4-bit checkpoint ({name}); ferrotune \
+                         loads bf16/f16/f32 weights and quantises them itself: pass the original \
+                         (unquantised) model with --load_in_4bit",
+                        file.display()
+                    );
+                }
                 if index.insert(name.to_string(), maps.len()).is_some() {
                     bail!(
                         "tensor {name:?} appears in more than one shard ({})",
@@ -107,6 +117,41 @@ impl WeightFiles {
             ),
         };
         Ok(out)
+    }
+
+    /// Tensor `name` as f32 on the host (small tensors the engine trains, e.g. biases).
+    pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let &i = self.index.get(name).with_context(|| {
+            format!("weight {name:?} is missing from the model's safetensors files")
+        })?;
+        let (file, map) = &self.maps[i];
+        let st = SafeTensors::deserialize(map)?;
+        let view = st.tensor(name)?;
+        if view.shape() != shape {
+            bail!(
+                "weight {name:?} has shape {:?} but config.json implies {shape:?}",
+                view.shape()
+            );
+        }
+        let data = view.data();
+        Ok(match view.dtype() {
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            other => bail!(
+                "{}: tensor {name:?} is {other:?}; the cuda engine loads bf16, f16 or f32 weights",
+                file.display()
+            ),
+        })
     }
 
     /// Total scalars in the files (for the parameter count in logs).

@@ -1,0 +1,42 @@
+//! Device buffers addressed by raw pointer, seen as cudarc slices.
+//!
+//! The layer code passes activations between cuBLASLt calls as raw device addresses (views into
+//! preallocated buffers, no borrow of the owner), while the kernel launchers take cudarc views.
+//! [`Borrowed`] bridges the two without owning anything: it never frees the memory.
+
+use std::mem::ManuallyDrop;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+
+/// `len` values of `T` at a device address owned elsewhere.
+pub struct Borrowed<T> {
+    slice: ManuallyDrop<CudaSlice<T>>,
+}
+
+impl<T> Borrowed<T> {
+    /// # Safety
+    /// `ptr` must address `len` values of `T` in device memory of the stream's context that
+    /// outlive this value, and nothing may write them concurrently with a kernel reading them.
+    pub unsafe fn new(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Self {
+        Borrowed {
+            slice: ManuallyDrop::new(stream.upgrade_device_ptr(ptr, len)),
+        }
+    }
+
+    pub fn view(&self) -> CudaView<'_, T> {
+        self.slice.slice(..)
+    }
+
+    pub fn view_mut(&mut self) -> CudaViewMut<'_, T> {
+        self.slice.slice_mut(..)
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; `leak` gives the pointer up without freeing it.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        let _ = slice.leak();
+    }
+}
