@@ -71,13 +71,14 @@ def main():
     check(qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == "nf4"
           and qc["bnb_4bit_use_double_quant"], f"quantization_config {qc}")
 
-    m4 = AutoModelForCausalLM.from_pretrained(out4, device_map="cuda")
+    m4 = AutoModelForCausalLM.from_pretrained(out4, dtype=torch.bfloat16, device_map="cuda")
     m16 = AutoModelForCausalLM.from_pretrained(out16, dtype=torch.bfloat16, device_map="cuda")
     m16q = AutoModelForCausalLM.from_pretrained(out16, dtype=torch.bfloat16, device_map="cuda")
     linear4 = {n: m for n, m in m4.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     check(len(linear4) == 7 * config.num_hidden_layers, f"{len(linear4)} Linear4bit modules")
-    check(not isinstance(m4.lm_head, bnb.nn.Linear4bit), "lm_head stays 16-bit")
-    check(m4.model.embed_tokens.weight.dtype == torch.bfloat16, "embeddings stay bfloat16")
+    check(type(m4.lm_head) is torch.nn.Linear and m4.lm_head.weight.dtype == torch.bfloat16,
+          "lm_head stays a bfloat16 nn.Linear")
+    check(type(m4.model.embed_tokens) is torch.nn.Embedding, "embeddings stay an nn.Embedding")
 
     worst_codes, worst_weight = 1.0, 0.0
     for name, mod in linear4.items():
