@@ -41,8 +41,12 @@ pub const BUILTIN_POLICIES: [&str; 1] = ["mirror"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct SyncSettings {
     pub policy: PolicySpec,
-    /// Storage URL: `s3://bucket/prefix` or `file:///dir`; `{job_id}` becomes `KELPIE_JOB_ID`.
+    /// Storage URL: `s3://bucket/prefix`, `file:///dir` or a storage plugin `PATH.wasm`
+    /// (`--sync_to`, or `--sync_config` key `storage`); `{job_id}` becomes `KELPIE_JOB_ID`.
     pub storage: String,
+    /// A storage plugin's config (`--sync_config` key `storage_config`: `allow_hosts`,
+    /// `secrets`, the plugin's own keys). Holds secrets: never log it.
+    pub storage_config: Option<serde_json::Value>,
     /// How long the end of the run waits for pending uploads before failing, seconds.
     pub final_timeout_s: f64,
 }
@@ -64,6 +68,7 @@ pub enum PolicySpec {
 #[derive(Debug, Deserialize)]
 struct HostKeys {
     storage: Option<String>,
+    storage_config: Option<serde_json::Value>,
     #[serde(default = "default_final_timeout_s")]
     final_timeout_s: f64,
 }
@@ -78,7 +83,7 @@ struct MirrorKeys {
     outputs_prefix: String,
 }
 
-const HOST_KEYS: [&str; 2] = ["storage", "final_timeout_s"];
+const HOST_KEYS: [&str; 3] = ["storage", "storage_config", "final_timeout_s"];
 
 fn default_checkpoints_prefix() -> String {
     "checkpoints".into()
@@ -91,12 +96,15 @@ fn default_final_timeout_s() -> f64 {
 }
 
 impl SyncSettings {
-    /// Validates `--sync` / `--sync_config` together; `None` when sync is off. A `.wasm`
-    /// policy's own keys are checked by the policy when the job loads it.
+    /// Validates `--sync` / `--sync_to` / `--sync_config` together; `None` when sync is off.
+    /// `--sync_to` alone means `--sync mirror`. A `.wasm` policy's own keys are checked by the
+    /// policy when the job loads it.
     pub fn from_flags(
         sync: Option<&str>,
+        sync_to: Option<&str>,
         sync_config: Option<&str>,
     ) -> Result<Option<Self>, UsageError> {
+        let sync = sync.or(sync_to.map(|_| "mirror"));
         let Some(policy) = sync else {
             if sync_config.is_some() {
                 return Err(UsageError::new(
@@ -111,13 +119,16 @@ impl SyncSettings {
                 "--sync {policy:?}: unknown policy; use --sync mirror or --sync PATH.wasm"
             )));
         }
-        let text = sync_config.ok_or_else(|| {
-            UsageError::new(
-                "--sync needs --sync_config with the storage URL, e.g. \
-                 --sync_config '{\"storage\": \"s3://bucket/jobs/{job_id}\"}'",
-            )
-        })?;
-        let value = crate::job::json_or_file("--sync_config", text)?;
+        let value = match (sync_config, sync_to) {
+            (Some(text), _) => crate::job::json_or_file("--sync_config", text)?,
+            (None, Some(_)) => serde_json::Value::Object(Default::default()),
+            (None, None) => {
+                return Err(UsageError::new(
+                    "--sync needs --sync_config with the storage URL (or --sync_to URL), e.g. \
+                     --sync_config '{\"storage\": \"s3://bucket/jobs/{job_id}\"}'",
+                ))
+            }
+        };
         let serde_json::Value::Object(mut keys) = value else {
             return Err(UsageError::new(
                 "--sync_config must be a JSON object, e.g. {\"storage\": \"s3://bucket/prefix\"}",
@@ -129,14 +140,25 @@ impl SyncSettings {
             .collect();
         let host: HostKeys = serde_json::from_value(host_part.into())
             .map_err(|e| UsageError::new(format!("--sync_config: {e}")))?;
-        let storage = host.storage.ok_or_else(|| {
+        let storage = match (sync_to, host.storage) {
+            (Some(to), Some(storage)) if to != storage => {
+                return Err(UsageError::new(format!(
+                    "--sync_to {to:?} and --sync_config storage {storage:?} name different \
+                     storages; keep one"
+                )))
+            }
+            (Some(to), _) => Some(to.to_string()),
+            (None, storage) => storage,
+        };
+        let storage = storage.ok_or_else(|| {
             UsageError::new(
                 "--sync_config: the storage URL is missing; add \"storage\": \"s3://bucket/prefix\" \
                  (or file:///dir)",
             )
         })?;
-        crate::storage::StorageUrl::parse(&storage)
+        let url = crate::storage::StorageUrl::parse(&storage)
             .map_err(|e| UsageError::new(format!("--sync_config storage: {e}")))?;
+        check_storage_plugin(&url, host.storage_config.as_ref())?;
         if !(host.final_timeout_s.is_finite() && host.final_timeout_s >= 0.0) {
             return Err(UsageError::new(
                 "--sync_config final_timeout_s must be a number of seconds >= 0",
@@ -180,6 +202,7 @@ impl SyncSettings {
         Ok(Some(SyncSettings {
             policy,
             storage,
+            storage_config: host.storage_config,
             final_timeout_s: host.final_timeout_s,
         }))
     }
@@ -199,6 +222,32 @@ impl SyncSettings {
             }
         })
     }
+}
+
+/// A storage plugin must be readable and its `storage_config` valid; a native storage takes no
+/// `storage_config` (it would be ignored).
+fn check_storage_plugin(
+    url: &crate::storage::StorageUrl,
+    storage_config: Option<&serde_json::Value>,
+) -> Result<(), UsageError> {
+    let crate::storage::StorageUrl::Plugin { path } = url else {
+        if storage_config.is_some() {
+            return Err(UsageError::new(
+                "--sync_config storage_config is only for storage plugins (--sync_to PATH.wasm); \
+                 remove it",
+            ));
+        }
+        return Ok(());
+    };
+    std::fs::metadata(path).map_err(|e| {
+        UsageError::new(format!(
+            "--sync_to {}: cannot read it ({e}); pass a storage URL or a storage plugin .wasm",
+            path.display()
+        ))
+    })?;
+    crate::plugin::storage_config::StoragePluginConfig::parse(storage_config)
+        .map_err(|e| UsageError::new(e.to_string()))?;
+    Ok(())
 }
 
 /// What sync needs to know as the job starts.
@@ -243,6 +292,7 @@ pub trait SyncHooks {
 pub fn from_job(job: &crate::job::JobConfig) -> anyhow::Result<Box<dyn SyncHooks>> {
     let settings = SyncSettings::from_flags(
         job.plugins.sync.as_deref(),
+        job.plugins.sync_to.as_deref(),
         job.plugins.sync_config.as_deref(),
     )?;
     Ok(match settings {
@@ -313,7 +363,8 @@ impl Syncer {
     /// Opens the storage and the policy `settings` name.
     pub fn open(settings: &SyncSettings, limits: PluginLimits) -> anyhow::Result<Self> {
         let store: Arc<dyn ObjectStore> = Arc::from(
-            crate::storage::open(&settings.storage).map_err(|e| anyhow::anyhow!("sync: {e}"))?,
+            crate::storage::open_with(&settings.storage, settings.storage_config.as_ref(), limits)
+                .map_err(|e| anyhow::anyhow!("sync: {e}"))?,
         );
         let policy = settings.build_policy(limits)?;
         let options = SyncOptions {
