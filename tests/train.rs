@@ -316,17 +316,21 @@ fn fake_hub(root: &Path, token: &str) -> (std::process::Child, String) {
 }
 
 #[test]
-fn an_uncached_model_id_is_downloaded_into_the_hf_cache() {
+fn uncached_models_and_datasets_are_downloaded_into_the_hf_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, data) = fixture(tmp.path());
     let served = tmp.path().join("hub/org/tiny");
     tiny_model(&served, 2);
+    let rows = tmp.path().join("hub/datasets/org/rows");
+    std::fs::create_dir_all(rows.join("data")).unwrap();
+    std::fs::copy(&data, rows.join("data/train.jsonl")).unwrap();
+    std::fs::write(rows.join("README.md"), "---\nlicense: mit\n---\n").unwrap();
     let (mut server, endpoint) = fake_hub(&tmp.path().join("hub"), "secret");
     let cache = tmp.path().join("cache");
-    let format = |id: &str, token: &str| {
+    let format_on = |id: &str, dataset: &Path, token: &str| {
         bin()
             .args(["format", "--model_name", id, "--dataset"])
-            .arg(&data)
+            .arg(dataset)
             .args(["--limit", "1"])
             .env("HF_ENDPOINT", &endpoint)
             .env("HF_HUB_CACHE", &cache)
@@ -335,6 +339,7 @@ fn an_uncached_model_id_is_downloaded_into_the_hf_cache() {
             .output()
             .unwrap()
     };
+    let format = |id: &str, token: &str| format_on(id, &data, token);
     let requests = || std::fs::read_to_string(tmp.path().join("hub/requests.log")).unwrap();
 
     let first = format("org/tiny", "secret");
@@ -358,6 +363,37 @@ fn an_uncached_model_id_is_downloaded_into_the_hf_cache() {
     let asked = requests();
     assert!(format("org/tiny", "secret").status.success());
     assert_eq!(requests(), asked);
+
+    // A dataset id: its data files (not the README) land in datasets--org--rows.
+    let by_id = format_on("org/tiny", Path::new("org/rows"), "secret");
+    assert!(
+        by_id.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_id.stderr)
+    );
+    // The same sample (the header line names the dataset).
+    let body = |out: &[u8]| {
+        String::from_utf8_lossy(out)
+            .split_once('\n')
+            .unwrap()
+            .1
+            .to_string()
+    };
+    assert_eq!(body(&by_id.stdout), body(&first.stdout));
+    let repo = cache.join("datasets--org--rows");
+    let rev = std::fs::read_to_string(repo.join("refs/main")).unwrap();
+    let snapshot = repo.join("snapshots").join(rev.trim());
+    assert_eq!(
+        std::fs::read(snapshot.join("data/train.jsonl")).unwrap(),
+        std::fs::read(&data).unwrap()
+    );
+    assert!(!snapshot.join("README.md").exists());
+    let missing = format_on("org/tiny", Path::new("org/none"), "secret");
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("datasets--org--none") && err.contains("HTTP 404"),
+        "{err}"
+    );
 
     for (id, token, says) in [
         ("org/missing", "secret", "HTTP 404"),

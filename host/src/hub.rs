@@ -1,16 +1,19 @@
-//! Downloads a model from the Hugging Face Hub into the standard local cache, so an
-//! `--model_name org/name` that is not cached yet works as it does with transformers.
+//! Downloads a model or dataset from the Hugging Face Hub into the standard local cache, so an
+//! `--model_name org/name` or `--dataset org/name` that is not cached yet works as it does with
+//! transformers and datasets.
 //!
-//! What it talks to: `GET {HF_ENDPOINT}/api/models/{id}` (the revision sha and the file list) and
-//! `GET {HF_ENDPOINT}/{id}/resolve/{sha}/{file}` (each file; redirects to a CDN are followed).
+//! What it talks to: `GET {HF_ENDPOINT}/api/{models|datasets}/{id}` (the revision sha and the
+//! file list) and `GET {HF_ENDPOINT}/[datasets/]{id}/resolve/{sha}/{file}` (each file; redirects
+//! to a CDN are followed).
 //! The caller passes `HF_ENDPOINT` (default `https://huggingface.co`) and `HF_TOKEN` (or the token
 //! of `huggingface-cli login`, [`token_from_env`]), sent as a bearer token; `HF_HUB_OFFLINE=1`
 //! turns downloads off (`crate::model::resolve`).
 //!
-//! Where it writes: `HUB/models--org--name/snapshots/<sha>/<file>` and `refs/main` = `<sha>`,
+//! Where it writes: `HUB/{models|datasets}--org--name/snapshots/<sha>/<file>` and `refs/main`,
 //! huggingface_hub's layout, so transformers finds the files too (as plain files, not links into
 //! `blobs/`, which huggingface_hub also reads). Every file is written to a temporary name and
-//! renamed into place, `config.json` last and `refs/main` after it: a download cut short never
+//! renamed into place, `refs/main` last (and for a model `config.json` just before it, as the
+//! model lookup takes a snapshot with a config.json as complete): a download cut short never
 //! looks like a complete snapshot, and a second run fetches only what is missing.
 
 use std::io::Write;
@@ -44,8 +47,8 @@ impl Hub {
     pub fn new(endpoint: &str, token: Option<String>) -> Self {
         let config = ureq::Agent::config_builder()
             .timeout_connect(Some(Duration::from_secs(15)))
-            // Per read, not for the whole body: shards are gigabytes.
-            .timeout_recv_body(Some(Duration::from_secs(60)))
+            // Until the answer's headers; no limit on the body (shards are gigabytes).
+            .timeout_recv_response(Some(Duration::from_secs(60)))
             .http_status_as_error(false)
             .user_agent(concat!("ferrotune/", env!("CARGO_PKG_VERSION")))
             .build();
@@ -60,14 +63,17 @@ impl Hub {
         &self.endpoint
     }
 
+    /// The Hub the environment names, or `None` when downloads are off (`HF_HUB_OFFLINE`).
+    pub fn from_env() -> Option<Self> {
+        endpoint_from_env().map(|endpoint| Hub::new(&endpoint, token_from_env()))
+    }
+
     /// Downloads what training needs from model repo `id` (`org/name`) into `hub_cache` and
     /// returns the snapshot directory.
     pub fn download_model(&self, id: &str, hub_cache: &Path) -> Result<PathBuf> {
-        let info = self.model_info(id)?;
-        let repo = hub_cache.join(format!("models--{}", id.replace('/', "--")));
-        let snapshot = repo.join("snapshots").join(&info.sha);
-        std::fs::create_dir_all(&snapshot)
-            .with_context(|| format!("{}: cannot create", snapshot.display()))?;
+        let repo = Repo::new(Kind::Model, id, hub_cache);
+        let info = self.info(&repo)?;
+        let snapshot = repo.snapshot(&info.sha)?;
         let has = |f: &str| info.files.iter().any(|s| s == f);
         if !has("config.json") {
             bail!(
@@ -77,7 +83,7 @@ impl Hub {
         }
         let mut weights = Vec::new();
         if has(WEIGHTS_INDEX) {
-            let index = self.fetch(id, &info.sha, WEIGHTS_INDEX, &snapshot)?;
+            let index = self.fetch(&repo, &info.sha, WEIGHTS_INDEX, &snapshot)?;
             weights.extend(shards_of(&index)?);
         } else if has(WEIGHTS) {
             weights.push(WEIGHTS.to_string());
@@ -89,21 +95,45 @@ impl Hub {
             );
         }
         for file in &weights {
-            self.fetch(id, &info.sha, file, &snapshot)?;
+            self.fetch(&repo, &info.sha, file, &snapshot)?;
         }
         // config.json last: the cache lookup takes a snapshot with a config.json as complete.
         for file in MODEL_FILES.iter().filter(|f| has(f)) {
-            self.fetch(id, &info.sha, file, &snapshot)?;
+            self.fetch(&repo, &info.sha, file, &snapshot)?;
         }
-        let refs = repo.join("refs");
-        std::fs::create_dir_all(&refs)
-            .with_context(|| format!("{}: cannot create", refs.display()))?;
-        crate::checkpoint::atomic::replace_file(&refs.join("main"), info.sha.as_bytes())?;
+        repo.point_main_at(&info.sha)?;
         Ok(snapshot)
     }
 
-    fn model_info(&self, id: &str) -> Result<RepoInfo> {
-        let url = format!("{}/api/models/{id}", self.endpoint);
+    /// Downloads the data files of dataset repo `id` (those `wanted` accepts: the formats the
+    /// pipeline reads) into `hub_cache` and returns the snapshot directory.
+    pub fn download_dataset(
+        &self,
+        id: &str,
+        hub_cache: &Path,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<PathBuf> {
+        let repo = Repo::new(Kind::Dataset, id, hub_cache);
+        let info = self.info(&repo)?;
+        let files: Vec<&String> = info.files.iter().filter(|f| wanted(f)).collect();
+        if files.is_empty() {
+            bail!(
+                "dataset {id} on {} has no data file ferrotune reads (of {} files)",
+                self.endpoint,
+                info.files.len()
+            );
+        }
+        let snapshot = repo.snapshot(&info.sha)?;
+        for file in files {
+            self.fetch(&repo, &info.sha, file, &snapshot)?;
+        }
+        repo.point_main_at(&info.sha)?;
+        Ok(snapshot)
+    }
+
+    fn info(&self, repo: &Repo) -> Result<RepoInfo> {
+        let id = &repo.id;
+        let url = format!("{}/api/{}/{id}", self.endpoint, repo.kind.plural());
         let mut response = self.get(&url)?;
         check_status(response.status().as_u16(), id, &url)?;
         let text = response
@@ -126,9 +156,17 @@ impl Hub {
         Ok(RepoInfo { sha, files })
     }
 
-    /// Downloads `file` of `id` at `sha` into `snapshot` (kept when already there) and returns
+    /// Downloads `file` of `repo` at `sha` into `snapshot` (kept when already there) and returns
     /// its path.
-    fn fetch(&self, id: &str, sha: &str, file: &str, snapshot: &Path) -> Result<PathBuf> {
+    fn fetch(&self, repo: &Repo, sha: &str, file: &str, snapshot: &Path) -> Result<PathBuf> {
+        let id = &repo.id;
+        // Names come from the server: never let one point outside the snapshot.
+        let inside = Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside || file.is_empty() {
+            bail!("{id}: the Hub lists {file:?}, which is not a plain relative file name");
+        }
         let dest = snapshot.join(file);
         if dest.is_file() {
             return Ok(dest);
@@ -136,7 +174,11 @@ impl Hub {
         let dir = dest.parent().unwrap_or(snapshot);
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let url = format!("{}/{id}/resolve/{sha}/{file}", self.endpoint);
+        let url = format!(
+            "{}/{}{id}/resolve/{sha}/{file}",
+            self.endpoint,
+            repo.kind.url_prefix()
+        );
         let mut response = self.get(&url)?;
         check_status(response.status().as_u16(), id, &url)?;
         let mut tmp = tempfile::Builder::new()
@@ -168,6 +210,81 @@ impl Hub {
 struct RepoInfo {
     sha: String,
     files: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Model,
+    Dataset,
+}
+
+impl Kind {
+    /// In API paths and cache folder names.
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Model => "models",
+            Kind::Dataset => "datasets",
+        }
+    }
+
+    /// Before the id in file URLs.
+    fn url_prefix(self) -> &'static str {
+        match self {
+            Kind::Model => "",
+            Kind::Dataset => "datasets/",
+        }
+    }
+}
+
+/// One repository and its folder in the hub cache.
+struct Repo {
+    kind: Kind,
+    id: String,
+    dir: PathBuf,
+}
+
+impl Repo {
+    fn new(kind: Kind, id: &str, hub_cache: &Path) -> Self {
+        let dir = hub_cache.join(format!("{}--{}", kind.plural(), id.replace('/', "--")));
+        Repo {
+            kind,
+            id: id.to_string(),
+            dir,
+        }
+    }
+
+    fn snapshot(&self, sha: &str) -> Result<PathBuf> {
+        let snapshot = self.dir.join("snapshots").join(sha);
+        std::fs::create_dir_all(&snapshot)
+            .with_context(|| format!("{}: cannot create", snapshot.display()))?;
+        Ok(snapshot)
+    }
+
+    /// `refs/main` = `sha`, written last: it is what makes the snapshot the current one.
+    fn point_main_at(&self, sha: &str) -> Result<()> {
+        let refs = self.dir.join("refs");
+        std::fs::create_dir_all(&refs)
+            .with_context(|| format!("{}: cannot create", refs.display()))?;
+        crate::checkpoint::atomic::replace_file(&refs.join("main"), sha.as_bytes())
+    }
+}
+
+/// Whether a boolean environment variable is on (`1`, `true`, `yes`, `on`, any case), as
+/// huggingface_hub reads its flags.
+pub fn env_flag(key: &str) -> bool {
+    std::env::var(key)
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// Where to download from: `HF_ENDPOINT` (default `https://huggingface.co`), or `None` when
+/// `HF_HUB_OFFLINE` turns downloads off.
+pub fn endpoint_from_env() -> Option<String> {
+    (!env_flag("HF_HUB_OFFLINE")).then(|| {
+        std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".into())
+    })
 }
 
 fn check_status(status: u16, id: &str, url: &str) -> Result<()> {

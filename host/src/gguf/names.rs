@@ -12,6 +12,28 @@ pub enum Mapped {
     Skip,
 }
 
+/// Tensors outside the blocks: (Hugging Face name, GGUF name).
+const GLOBAL_TENSORS: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Modules of block N: (Hugging Face `model.layers.N.<module>`, GGUF `blk.N.<module>`).
+const LAYER_MODULES: [(&str, &str); 11] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("input_layernorm", "attn_norm"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
 /// Maps a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight`) to its GGUF name
 /// (`blk.3.attn_q.weight`). Unknown names are an error: silently dropping a weight would write a
 /// model that loads but is wrong.
@@ -19,14 +41,8 @@ pub fn gguf_name(hf: &str) -> Result<Mapped> {
     if hf.ends_with("rotary_emb.inv_freq") {
         return Ok(Mapped::Skip);
     }
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Ok(Mapped::Tensor(name.to_string()));
+    if let Some((_, gguf)) = GLOBAL_TENSORS.iter().find(|(h, _)| *h == hf) {
+        return Ok(Mapped::Tensor(gguf.to_string()));
     }
     let Some(rest) = hf.strip_prefix("model.layers.") else {
         bail!("tensor {hf}: not a llama-family weight; no GGUF name for it");
@@ -41,21 +57,29 @@ pub fn gguf_name(hf: &str) -> Result<Mapped> {
         Some((m, s @ ("weight" | "bias"))) => (m, s),
         _ => bail!("tensor {hf}: expected a .weight or .bias"),
     };
-    let gguf = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "self_attn.q_norm" => "attn_q_norm",
-        "self_attn.k_norm" => "attn_k_norm",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        other => bail!("tensor {hf}: module {other} has no GGUF name in the llama family"),
+    let Some((_, gguf)) = LAYER_MODULES.iter().find(|(h, _)| *h == module) else {
+        bail!("tensor {hf}: module {module} has no GGUF name in the llama family");
     };
     Ok(Mapped::Tensor(format!("blk.{layer}.{gguf}.{suffix}")))
+}
+
+/// The reverse of [`gguf_name`]: a GGUF base model's tensor under its Hugging Face name.
+pub fn hf_name(gguf: &str) -> Result<String> {
+    if let Some((hf, _)) = GLOBAL_TENSORS.iter().find(|(_, g)| *g == gguf) {
+        return Ok(hf.to_string());
+    }
+    let parsed = gguf.strip_prefix("blk.").and_then(|rest| {
+        let (layer, local) = rest.split_once('.')?;
+        let (module, suffix) = local.rsplit_once('.')?;
+        Some((layer.parse::<usize>().ok()?, module, suffix))
+    });
+    let Some((layer, module, suffix @ ("weight" | "bias"))) = parsed else {
+        bail!("tensor {gguf}: not a llama-family tensor name");
+    };
+    let Some((hf, _)) = LAYER_MODULES.iter().find(|(_, g)| *g == module) else {
+        bail!("tensor {gguf}: module {module} is not part of a llama-family block");
+    };
+    Ok(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
 /// The layer of a `blk.N.…` name.

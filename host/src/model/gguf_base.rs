@@ -209,7 +209,7 @@ fn number(file: &GgufFile, key: &str) -> Result<Option<f64>> {
 fn weights(file: &GgufFile, permute: Option<(usize, usize)>) -> Result<Vec<u8>> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for entry in &file.tensors {
-        let hf = hf_name(&entry.name)?;
+        let hf = crate::gguf::names::hf_name(&entry.name)?;
         let mut data = file
             .read_tensor_f32(entry)
             .with_context(|| format!("tensor {} ({})", entry.name, entry.ty))?;
@@ -239,42 +239,6 @@ fn weights(file: &GgufFile, permute: Option<(usize, usize)>) -> Result<Vec<u8>> 
         "pt".to_string(),
     )]));
     safetensors::serialize(views, metadata).context("writing model.safetensors")
-}
-
-/// llama.cpp's tensor name → the Hugging Face name (`crate::gguf::names::gguf_name` reversed).
-fn hf_name(gguf: &str) -> Result<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(name) = fixed {
-        return Ok(name.to_string());
-    }
-    let parsed = gguf.strip_prefix("blk.").and_then(|rest| {
-        let (layer, local) = rest.split_once('.')?;
-        let (module, suffix) = local.rsplit_once('.')?;
-        Some((layer.parse::<usize>().ok()?, module, suffix))
-    });
-    let Some((layer, module, suffix @ ("weight" | "bias"))) = parsed else {
-        bail!("tensor {gguf}: not a llama-family tensor name");
-    };
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_norm" => "input_layernorm",
-        "post_attention_norm" | "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        other => bail!("tensor {gguf}: module {other} is not part of a llama-family block"),
-    };
-    Ok(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
 /// `tokenizer.ggml.*` of a byte-level BPE vocabulary.

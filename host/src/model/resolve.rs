@@ -32,11 +32,6 @@ impl CacheEnv {
     /// Reads `HF_HUB_CACHE`, `HF_HOME`, `UNSLOTH_USE_MODELSCOPE`, `MODELSCOPE_CACHE`, `HOME`,
     /// `HF_ENDPOINT`, `HF_HUB_OFFLINE` and the token ([`crate::hub::token_from_env`]).
     pub fn from_process() -> Self {
-        let flag = |key: &str| {
-            std::env::var(key).is_ok_and(|v| {
-                matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
-            })
-        };
         let path = |key: &str| {
             std::env::var_os(key)
                 .filter(|v| !v.is_empty())
@@ -45,15 +40,10 @@ impl CacheEnv {
         CacheEnv {
             hf_hub_cache: path("HF_HUB_CACHE"),
             hf_home: path("HF_HOME"),
-            use_modelscope: flag("UNSLOTH_USE_MODELSCOPE"),
+            use_modelscope: crate::hub::env_flag("UNSLOTH_USE_MODELSCOPE"),
             modelscope_cache: path("MODELSCOPE_CACHE"),
             home: path("HOME"),
-            hub_endpoint: (!flag("HF_HUB_OFFLINE")).then(|| {
-                std::env::var("HF_ENDPOINT")
-                    .ok()
-                    .filter(|e| !e.is_empty())
-                    .unwrap_or_else(|| "https://huggingface.co".into())
-            }),
+            hub_endpoint: crate::hub::endpoint_from_env(),
             hf_token: crate::hub::token_from_env(),
             xdg_cache_home: path("XDG_CACHE_HOME"),
         }

@@ -67,17 +67,21 @@ pub enum Split {
 }
 
 /// Reads the dataset `spec` (a `--dataset`/`--eval_dataset` value): a file, a directory, or a
-/// hub dataset id found in the local cache. `flag` names the flag in errors.
+/// hub dataset id found in the local cache, else downloaded into it (unless `HF_HUB_OFFLINE`).
+/// `flag` names the flag in errors.
 pub fn load(spec: &str, split: Split, flag: &str) -> Result<SourceData> {
-    load_with_caches(spec, split, flag, &hf_cache::hub_cache_dirs())
+    let hub = crate::hub::Hub::from_env();
+    load_with_caches(spec, split, flag, &hf_cache::hub_cache_dirs(), hub.as_ref())
 }
 
-/// [`load`] with explicit hub cache directories to search.
+/// [`load`] with explicit hub cache directories to search and Hub to download from (`None`:
+/// no downloads).
 pub fn load_with_caches(
     spec: &str,
     split: Split,
     flag: &str,
     cache_dirs: &[PathBuf],
+    hub: Option<&crate::hub::Hub>,
 ) -> Result<SourceData> {
     let path = Path::new(spec);
     if path.is_file() {
@@ -106,6 +110,27 @@ pub fn load_with_caches(
                 .to_string()
         })
         .collect();
+    let download = match (hub, cache_dirs.first()) {
+        (None, _) => "downloads are off (HF_HUB_OFFLINE)".to_string(),
+        (Some(_), None) => "there is no cache to download into".to_string(),
+        (Some(hub), Some(cache)) => {
+            tracing::info!(
+                "{flag} {spec}: not cached; downloading from {}",
+                hub.endpoint()
+            );
+            // The formats the pipeline reads; README.md and other text stays behind.
+            let wanted =
+                |file: &str| FileKind::of(Path::new(file)).is_some_and(|k| k != FileKind::Text);
+            match hub.download_dataset(spec, cache, wanted) {
+                Ok(snapshot) => {
+                    return read_dir(&snapshot, split).with_context(|| {
+                        format!("{flag} {spec} (downloaded to {})", snapshot.display())
+                    })
+                }
+                Err(e) => format!("downloading from {} failed: {e:#}", hub.endpoint()),
+            }
+        }
+    };
     let arrow_note = match hf_cache::in_datasets_library_cache(spec) {
         Some(dir) => format!(
             " ({} holds the `datasets` library's Arrow cache of it, which ferrotune does not read)",
@@ -115,8 +140,9 @@ pub fn load_with_caches(
     };
     bail!(
         "{flag} {spec}: not a local file or directory, and not in the Hugging Face hub cache \
-         (looked in {}){arrow_note}; fetch it with `huggingface-cli download --repo-type dataset \
-         {spec}` (set HF_HUB_CACHE or HF_HOME if your cache is elsewhere) or pass a local file",
+         (looked in {}){arrow_note}, and {download}; fetch it with `huggingface-cli download \
+         --repo-type dataset {spec}` (set HF_HUB_CACHE or HF_HOME if your cache is elsewhere) or \
+         pass a local file",
         if looked.is_empty() {
             "no cache dir: HOME, HF_HOME and HF_HUB_CACHE are unset".to_string()
         } else {
@@ -517,8 +543,14 @@ mod tests {
             .unwrap();
         write(&repo, "snapshots/rev2/README.md", "---\nlicense: cc\n---\n");
         let caches = vec![cache.path().join("elsewhere"), cache.path().to_path_buf()];
-        let data =
-            load_with_caches("yahma/alpaca-cleaned", Split::Train, "--dataset", &caches).unwrap();
+        let data = load_with_caches(
+            "yahma/alpaca-cleaned",
+            Split::Train,
+            "--dataset",
+            &caches,
+            None,
+        )
+        .unwrap();
         assert_eq!(rows(data), vec!["{\"instruction\":\"i\"}"]);
 
         let e = err(load_with_caches(
@@ -526,6 +558,7 @@ mod tests {
             Split::Train,
             "--dataset",
             &caches,
+            None,
         ));
         assert!(e.contains("not in the Hugging Face hub cache"), "{e}");
         assert!(
@@ -539,7 +572,8 @@ mod tests {
             "{e}"
         );
         assert!(
-            e.contains("huggingface-cli download --repo-type dataset org/missing"),
+            e.contains("huggingface-cli download --repo-type dataset org/missing")
+                && e.contains("downloads are off"),
             "{e}"
         );
     }

@@ -7,7 +7,7 @@ use crate::engine::cpu::{CpuBackend, EngineOptions};
 use crate::engine::{Backend, Batch, IGNORE};
 use crate::export::safetensors_dir::SafetensorsDir;
 use crate::gguf::convert::GgufPlan;
-use crate::gguf::names::{gguf_name, permute_qk, unpermute_qk, Mapped};
+use crate::gguf::names::{gguf_name, hf_name, permute_qk, unpermute_qk, Mapped};
 use crate::gguf::preset::Preset;
 use crate::job::PROJECTIONS;
 use crate::model::tiny::{write_tiny_chat_model, TinySpec};
