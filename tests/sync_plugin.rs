@@ -17,21 +17,18 @@ use support::tiny_job::{
 
 const SPARSE: &str = env!("FERROTUNE_SYNC_SPARSE_PLUGIN");
 
-fn sync_args(storage: &str) -> Vec<String> {
-    let config = serde_json::json!({
-        "storage": storage,
-        "upload_every_steps": 4,
-        "keep_last": 2,
-    });
-    [
-        "--resume",
-        "--sync",
-        SPARSE,
-        "--sync_config",
-        &config.to_string(),
-    ]
-    .map(String::from)
-    .to_vec()
+/// The storage as `--sync_config` key `storage` or as `--sync_to`: the host takes it either
+/// way, and the plugin's `configure` sees only its own keys.
+fn sync_args(storage: &str, as_sync_to: bool) -> Vec<String> {
+    let mut config = serde_json::json!({"upload_every_steps": 4, "keep_last": 2});
+    let mut args = vec!["--resume".to_string(), "--sync".into(), SPARSE.into()];
+    if as_sync_to {
+        args.extend(["--sync_to".to_string(), storage.to_string()]);
+    } else {
+        config["storage"] = storage.into();
+    }
+    args.extend(["--sync_config".to_string(), config.to_string()]);
+    args
 }
 
 fn run(args: &[String], env: &[(&str, String)]) -> String {
@@ -77,7 +74,7 @@ fn a_wasm_policy_syncs_every_kth_checkpoint_and_a_fresh_node_resumes() {
     };
     let (out1, save1) = (tmp.path().join("n1/ck"), tmp.path().join("n1/final"));
     let mut args = job_args(&model, &data, &out1, &save1, steps);
-    args.extend(sync_args(&storage));
+    args.extend(sync_args(&storage, false));
     let log = run(&args, &[]);
     assert!(log.contains("sync policy plugin loaded"), "{log}");
     assert!(
@@ -107,7 +104,7 @@ fn a_wasm_policy_syncs_every_kth_checkpoint_and_a_fresh_node_resumes() {
             ..steps
         },
     );
-    args.extend(sync_args(&storage));
+    args.extend(sync_args(&storage, false));
     let log = run(&args, &[]);
     assert!(
         log.contains("resumed from") && log.contains("checkpoint-10"),
@@ -133,7 +130,7 @@ fn a_wasm_policy_syncs_to_s3() {
         save_total_limit: 2,
     };
     let mut args = job_args(&model, &data, &out, &save, steps);
-    args.extend(sync_args("s3://runs/jobs/sparse"));
+    args.extend(sync_args("s3://runs/jobs/sparse", true));
     let env = [
         ("AWS_ACCESS_KEY_ID", "test-access-key".to_string()),
         ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),

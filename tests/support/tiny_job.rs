@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ferrotune::data::tiny_tokenizer;
-use ferrotune::model::tiny::{write_random_model, TinySpec};
+use ferrotune::model::tiny::{write_tiny_chat_model, TinySpec};
 use ferrotune::storage::ObjectStore;
 
 /// The binary with logs at info (sync at debug, so tests can see each upload).
@@ -33,18 +32,9 @@ pub fn bin() -> Command {
 pub fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
     let model = dir.join("model");
     let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
-    let tokenizer = tiny_tokenizer::train_tiny_tokenizer(&texts, 320).unwrap();
-    tiny_tokenizer::write_tokenizer_files(&model, &tokenizer, 512).unwrap();
-    let spec = TinySpec {
-        vocab_size: tokenizer.get_vocab_size(true),
-        bos_token_id: tokenizer.token_to_id(tiny_tokenizer::BOS).unwrap(),
-        eos_token_id: tokenizer.token_to_id(tiny_tokenizer::EOS).unwrap(),
-        ..TinySpec::default()
-    };
-    write_random_model(&model, &spec, 1).unwrap();
+    write_tiny_chat_model(&model, &texts, 320, 512, TinySpec::default(), 1).unwrap();
     let data = dir.join("train.jsonl");
-    let rows: Vec<&str> = ferrotune::demo::DATASET.lines().take(40).collect();
-    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    std::fs::write(&data, texts[..40].join("\n") + "\n").unwrap();
     (model, data)
 }
 
