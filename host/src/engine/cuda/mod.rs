@@ -5,7 +5,7 @@
 //! - Every product through cuBLASLt ([`gemm`]), bf16 operands with fp32 accumulation, LoRA
 //!   low-rank first ([`linear`]); frozen weights never get a gradient.
 //! - Own kernels (`ferrotune-kernels`, compiled with NVRTC at start and cached on disk) for
-//!   RMSNorm, RoPE, SwiGLU, the masked attention softmax, chunked cross-entropy, AdamW, grad norm.
+//!   RMSNorm, RoPE, SwiGLU, fused flash-style attention, chunked cross-entropy, AdamW, grad norm.
 //! - Activations preallocated per batch shape ([`buffers`]); the backward updates one residual
 //!   gradient buffer in place; `--use_gradient_checkpointing` recomputes each layer from its
 //!   input.
@@ -1123,6 +1123,7 @@ fn check_supported(cfg: &ModelConfig, o: &EngineOptions) -> Result<()> {
             && cfg.head_dim.is_multiple_of(8),
         "the cuda engine needs hidden_size, intermediate_size and head_dim to be multiples of 8"
     );
+    attention::check_supported(cfg.head_dim)?;
     Ok(())
 }
 
