@@ -23,6 +23,8 @@ rc=$?
 grep -E "^(device|ptxas attention)" "$out/flash_parity.log"
 grep -E "^(ok|FAIL) " "$out/flash_parity.log"
 grep -E "checks, [0-9]+ failed|^bench-attn|panicked|Error|error" "$out/flash_parity.log"
+# Failures again at the end, so a tail of this output shows them next to the summary.
+grep -E "^FAIL " "$out/flash_parity.log" | sed 's/^/again: /'
 echo "parity exit $rc"
 
 exit $status
