@@ -297,8 +297,18 @@ fn resuming_on_other_data_names_what_changed() {
     assert!(!out.join("checkpoint-6").exists());
 }
 
+/// The fake hub's process, killed when dropped (also when an assertion fails first).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Runs tests/python/fake_hub.py over `root`; returns it and its endpoint.
-fn fake_hub(root: &Path, token: &str) -> (std::process::Child, String) {
+fn fake_hub(root: &Path, token: &str) -> (Server, String) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fake_hub.py");
     let mut child = Command::new("python3")
         .arg(script)
@@ -312,7 +322,7 @@ fn fake_hub(root: &Path, token: &str) -> (std::process::Child, String) {
         .read_line(&mut line)
         .unwrap();
     let port = line.trim().strip_prefix("PORT ").expect("PORT line");
-    (child, format!("http://127.0.0.1:{port}"))
+    (Server(child), format!("http://127.0.0.1:{port}"))
 }
 
 #[test]
@@ -325,7 +335,7 @@ fn uncached_models_and_datasets_are_downloaded_into_the_hf_cache() {
     std::fs::create_dir_all(rows.join("data")).unwrap();
     std::fs::copy(&data, rows.join("data/train.jsonl")).unwrap();
     std::fs::write(rows.join("README.md"), "---\nlicense: mit\n---\n").unwrap();
-    let (mut server, endpoint) = fake_hub(&tmp.path().join("hub"), "secret");
+    let (server, endpoint) = fake_hub(&tmp.path().join("hub"), "secret");
     let cache = tmp.path().join("cache");
     let format_on = |id: &str, dataset: &Path, token: &str| {
         bin()
@@ -405,8 +415,7 @@ fn uncached_models_and_datasets_are_downloaded_into_the_hf_cache() {
         let looked = format!("models--{}", id.replace('/', "--"));
         assert!(err.contains(&looked) && err.contains(says), "{err}");
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     let offline = format("org/gone", "secret");
     let err = String::from_utf8_lossy(&offline.stderr);
     assert!(err.contains("cannot reach"), "{err}");
