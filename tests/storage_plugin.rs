@@ -453,6 +453,27 @@ fn storage_flags_are_checked_before_anything_runs() {
     }
 }
 
+#[test]
+fn plugin_inspect_describes_a_storage_plugin() {
+    let out = tiny_job::bin()
+        .args(["plugin", "inspect", PLUGIN])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "kind:        storage",
+        "name:        http-store",
+        "\"base_url\"",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing: {text}");
+    }
+}
+
 /// Opening a store never needs the server: the plugin is loaded and configured only.
 #[test]
 fn the_plugin_rejects_a_bad_base_url_when_opened() {

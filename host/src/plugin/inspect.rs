@@ -34,11 +34,17 @@ pub fn inspect(runtime: &PluginRuntime, file: &Path) -> Result<String> {
         found.kind,
         found.version
     )?;
-    if found.kind != Kind::Formatter {
-        writeln!(out, "(this ferrotune runs formatter plugins only so far)")?;
-        return Ok(out);
-    }
-    let (_, info) = describe_component(runtime, &name, &wasm)?;
+    let info = match found.kind {
+        Kind::Formatter => describe_component(runtime, &name, &wasm)?.1,
+        Kind::Storage => super::storage_host::describe_component(runtime, &name, &wasm)?,
+        _ => {
+            writeln!(
+                out,
+                "(plugin inspect describes formatter and storage plugins)"
+            )?;
+            return Ok(out);
+        }
+    };
     writeln!(out, "name:        {}", info.name)?;
     writeln!(out, "version:     {}", info.version)?;
     writeln!(out, "description: {}", info.description)?;

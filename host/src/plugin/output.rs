@@ -168,4 +168,15 @@ mod tests {
         }
         assert_eq!(out.take_tail().len(), TAIL_LINES);
     }
+
+    #[test]
+    fn masks_secrets_in_every_line() {
+        let secrets = Secrets::new(vec!["hunter2-pw".into()]);
+        let out = PluginOutput::new("t".into(), Stream::Stderr).masking(secrets);
+        out.write_bytes(b"login with hunter2-pw failed\nhunter2-");
+        out.write_bytes(b"pw again");
+        let tail = out.take_tail().join("\n");
+        assert!(!tail.contains("hunter2-pw"), "{tail}");
+        assert_eq!(tail.matches("<redacted>").count(), 2, "{tail}");
+    }
 }

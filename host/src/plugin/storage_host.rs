@@ -33,7 +33,7 @@ use super::runtime::PluginRuntime;
 use super::sandbox::{self, PluginState};
 use super::storage_config::{Secrets, StoragePluginConfig};
 use super::wasm_err;
-use super::world::{self, Kind};
+use super::world::{self, Kind, World};
 use crate::storage::transfer::Partial;
 use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
 
@@ -238,28 +238,8 @@ impl PluginStore {
             .file_name()
             .map_or_else(|| url.clone(), |n| n.to_string_lossy().into_owned())
             .into();
-        let setup = |e: anyhow::Error| StorageError::Config(format!("{e:#}"));
-        let component = runtime.component(&name, &wasm).map_err(setup)?;
-        let found = world::detect(runtime.engine(), &component, &name).map_err(setup)?;
-        if found.kind != Kind::Storage {
-            return Err(StorageError::Config(format!(
-                "--sync_to {url}: this is a {} plugin, not a storage backend",
-                found.kind
-            )));
-        }
-        let linker = storage_linker(runtime).map_err(setup)?;
-        let pre = linker
-            .instantiate_pre(&component)
-            .map_err(wasm_err)
-            .and_then(|pre| v0_1_0::StoragePre::new(pre).map_err(wasm_err))
-            .with_context(|| {
-                format!(
-                    "storage plugin {name} needs an import ferrotune does not give storage \
-                     plugins (WASI without files or sockets, wasi:http, ferrotune:plugin/log \
-                     and host-files)"
-                )
-            })
-            .map_err(setup)?;
+        let (pre, found) = prepare(runtime, &name, &wasm)
+            .map_err(|e| StorageError::Config(format!("--sync_to {url}: {e:#}")))?;
         tracing::info!(
             plugin = %name,
             world = %found,
@@ -459,6 +439,65 @@ fn from_wit(info: wit::ObjectInfo) -> ObjectInfo {
         etag: info.etag,
         modified_ms: info.modified_ms,
     }
+}
+
+/// Compiles (or loads from the cache) a storage component, checks its world and pre-links it.
+fn prepare(
+    runtime: &PluginRuntime,
+    name: &str,
+    wasm: &[u8],
+) -> anyhow::Result<(v0_1_0::StoragePre<StorageState>, World)> {
+    let component = runtime.component(name, wasm)?;
+    let found = world::detect(runtime.engine(), &component, name)?;
+    if found.kind != Kind::Storage {
+        anyhow::bail!("this is a {} plugin, not a storage backend", found.kind);
+    }
+    let linker = storage_linker(runtime)?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(wasm_err)
+        .and_then(|pre| v0_1_0::StoragePre::new(pre).map_err(wasm_err))
+        .with_context(|| {
+            format!(
+                "storage plugin {name} needs an import ferrotune does not give storage plugins \
+                 (WASI without files or sockets, wasi:http, ferrotune:plugin/log and host-files)"
+            )
+        })?;
+    Ok((pre, found))
+}
+
+/// What a storage component says about itself (`ferrotune plugin inspect`), without
+/// configuring it or granting it any network.
+pub fn describe_component(
+    runtime: &PluginRuntime,
+    name: &str,
+    wasm: &[u8],
+) -> anyhow::Result<super::formatter::PluginInfo> {
+    let (pre, _) = prepare(runtime, name, wasm)?;
+    let name: Arc<str> = name.into();
+    let state = StorageState {
+        inner: sandbox::new_state_masking(runtime, name.clone(), Secrets::default()),
+        http: WasiHttpCtx::new(),
+        grant: NetGrant::new(name, Vec::new(), runtime.limits().timeout),
+        secrets: Secrets::default(),
+        progress: 0,
+        progress_seen: 0,
+    };
+    let mut store = Store::new(runtime.engine(), state);
+    store.limiter(|state| &mut state.inner.limiter);
+    store.epoch_deadline_trap();
+    store.set_epoch_deadline(sandbox::deadline_ticks(runtime.limits().timeout));
+    let bindings = pre.instantiate(&mut store).map_err(wasm_err)?;
+    let info = bindings
+        .ferrotune_plugin_storage_backend()
+        .call_describe(&mut store)
+        .map_err(wasm_err)?;
+    Ok(super::formatter::PluginInfo {
+        name: info.name,
+        version: info.version,
+        description: info.description,
+        config_schema: info.config_schema,
+    })
 }
 
 /// WASI (no files, sockets or env: the sandbox's context), `wasi:http` through [`NetGrant`],
