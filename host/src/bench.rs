@@ -68,6 +68,26 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The cuda engine on GPU `ordinal` as the bench configures it.
+#[cfg(feature = "cuda")]
+fn cuda_backend(
+    args: &BenchArgs,
+    cfg: &ModelConfig,
+    ordinal: usize,
+) -> Result<crate::engine::cuda::CudaBackend> {
+    let mut b = crate::engine::cuda::CudaBackend::load(
+        ordinal,
+        &args.model_name,
+        cfg.clone(),
+        options(args),
+        crate::cli::choices::Optim::AdamwTorch,
+        0.0,
+        args.load_in_4bit,
+    )?;
+    b.set_offload(args.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
+    Ok(b)
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -77,6 +97,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let opts = options(args);
     let mut backend: Box<dyn Backend> = match select::resolve(args.device)? {
         Resolved::Cpu => {
+            if args.num_gpus > 1 {
+                bail!("--num_gpus {} needs the cuda engine", args.num_gpus);
+            }
             if args.load_in_4bit {
                 bail!("--load_in_4bit needs the cuda engine");
             }
@@ -86,19 +109,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Box::new(CpuBackend::new(Model::load(&args.model_name)?, opts, opt)?)
         }
         #[cfg(feature = "cuda")]
-        Resolved::Cuda(_) => {
-            let mut b = crate::engine::cuda::CudaBackend::load(
-                0,
-                &args.model_name,
-                cfg.clone(),
-                opts,
-                crate::cli::choices::Optim::AdamwTorch,
-                0.0,
-                args.load_in_4bit,
-            )?;
-            b.set_offload(args.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
-            Box::new(b)
+        Resolved::Cuda(_) if args.num_gpus > 1 => {
+            let (args, cfg) = (args.clone(), cfg.clone());
+            Box::new(crate::engine::cuda::replica::data_parallel(
+                args.num_gpus,
+                move |rank| cuda_backend(&args, &cfg, rank),
+            )?)
         }
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(_) => Box::new(cuda_backend(args, &cfg, 0)?),
         #[cfg(not(feature = "cuda"))]
         Resolved::Cuda(_) => unreachable!("select::resolve never picks cuda without the feature"),
     };
@@ -109,10 +128,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut losses = Vec::new();
     let mut first_step_s = None;
     for step in 0..args.warmup_steps + args.steps {
-        let batch = random_batch(&mut rng, cfg.vocab_size, bs, seq);
-        let tokens = batch.trainable_tokens();
+        // One micro-batch per GPU: the step's window.
+        let window: Vec<Batch> = (0..args.num_gpus)
+            .map(|_| random_batch(&mut rng, cfg.vocab_size, bs, seq))
+            .collect();
+        let tokens: usize = window.iter().map(Batch::trainable_tokens).sum();
+        let window: Vec<&Batch> = window.iter().collect();
         let t0 = Instant::now();
-        let stats = backend.forward_backward(&batch, 1.0 / tokens as f32)?;
+        let stats = backend
+            .forward_backward_window(&window, 1.0 / tokens as f32, &|| false)?
+            .expect("never stopped");
         let norm = backend.grad_norm()?;
         let clip = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
         backend.optimizer_step(1e-4, clip)?;
@@ -138,7 +163,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "r": args.r,
         "load_in_4bit": args.load_in_4bit,
         "step_s_median": round(med, 4),
-        "tokens_per_s": round((bs * seq) as f64 / med, 1),
+        "num_gpus": args.num_gpus,
+        "tokens_per_s": round((args.num_gpus * bs * seq) as f64 / med, 1),
         "peak_gib": mem.as_ref().map(|m| round(m.peak_bytes as f64 / (1u64 << 30) as f64, 2)),
         "load_s": round(load_s, 2),
         "first_step_done_s": first_step_s.map(|s| round(s, 2)),

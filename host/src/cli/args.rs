@@ -67,7 +67,7 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Args, Clone)]
 #[command(rename_all = "snake_case")]
 pub struct BenchArgs {
     /// Model directory (config.json + safetensors), e.g. the anchor benchmark's /tmp/model-llama3-1b.
@@ -100,6 +100,9 @@ pub struct BenchArgs {
     /// NF4 base weights (QLoRA).
     #[arg(long)]
     pub load_in_4bit: bool,
+    /// GPUs, data parallel (each gets --per_device_train_batch_size rows per step).
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    pub num_gpus: usize,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +239,10 @@ pub struct ModelArgs {
     /// Where to run: auto picks cuda when a usable GPU exists, else cpu.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// GPUs to train on, data parallel through NCCL (default: every visible GPU). Effective
+    /// batch = per_device_train_batch_size × gradient_accumulation_steps × num_gpus.
+    #[arg(long, value_parser = positive_usize)]
+    pub num_gpus: Option<usize>,
 }
 
 #[derive(Debug, Args, Clone, Serialize)]

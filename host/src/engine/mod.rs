@@ -6,6 +6,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod optimizer_state;
+pub mod parallel;
 pub mod select;
 
 use anyhow::Result;
@@ -80,6 +81,33 @@ pub trait Backend {
     /// accumulated gradients. The trainer passes `1 / trainable tokens of the whole accumulation
     /// window`, so gradient accumulation is exact, not a mean of per-micro-batch means.
     fn forward_backward(&mut self, batch: &Batch, loss_scale: f32) -> Result<PassStats>;
+
+    /// Forward and backward over a whole accumulation window. One device runs the micro-batches
+    /// in order and checks `stop` before each; a data-parallel backend spreads them over its
+    /// ranks and sums the gradients. `None`: `stop` said so before the window was done (the
+    /// caller abandons the step; the gradients are not applied).
+    fn forward_backward_window(
+        &mut self,
+        window: &[&Batch],
+        loss_scale: f32,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<PassStats>> {
+        let mut total = PassStats::default();
+        for batch in window {
+            if stop() {
+                return Ok(None);
+            }
+            let pass = self.forward_backward(batch, loss_scale)?;
+            total.loss_sum += pass.loss_sum;
+            total.tokens += pass.tokens;
+        }
+        Ok(Some(total))
+    }
+
+    /// Devices an accumulation window is spread over (1 unless data-parallel).
+    fn world_size(&self) -> usize {
+        1
+    }
 
     /// Forward only (evaluation); gradients are untouched.
     fn eval_loss(&mut self, batch: &Batch) -> Result<PassStats>;

@@ -32,6 +32,41 @@ pub fn resolve(requested: Device) -> Result<Resolved> {
     }
 }
 
+/// `--num_gpus` against what was found: how many devices the job spreads over.
+pub fn world_size(device: &Resolved, requested: Option<usize>) -> Result<usize> {
+    let usage = |m: String| -> anyhow::Error { crate::cli::UsageError::new(m).into() };
+    match device {
+        Resolved::Cpu => match requested {
+            None | Some(1) => Ok(1),
+            Some(n) => Err(usage(format!(
+                "--num_gpus {n}: the job runs on the cpu; drop --num_gpus or train on a machine \
+                 with GPUs (--device cuda)"
+            ))),
+        },
+        Resolved::Cuda(_) => {
+            let visible = visible_gpus()?;
+            match requested {
+                Some(n) if n > visible => Err(usage(format!(
+                    "--num_gpus {n}: only {visible} GPU(s) visible; pass --num_gpus {visible} \
+                     or fewer (CUDA_VISIBLE_DEVICES selects which)"
+                ))),
+                Some(n) => Ok(n),
+                None => Ok(visible),
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn visible_gpus() -> Result<usize> {
+    super::cuda::replica::device_count()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn visible_gpus() -> Result<usize> {
+    unreachable!("select::resolve gives cuda only in cuda builds")
+}
+
 #[cfg(feature = "cuda")]
 fn gpu() -> std::result::Result<String, String> {
     super::cuda::probe()
@@ -61,5 +96,16 @@ mod tests {
                 assert_eq!(resolve(Device::Cuda).unwrap(), Resolved::Cuda(name));
             }
         }
+    }
+
+    #[test]
+    fn num_gpus_on_the_cpu_is_one_or_a_clear_error() {
+        assert_eq!(world_size(&Resolved::Cpu, None).unwrap(), 1);
+        assert_eq!(world_size(&Resolved::Cpu, Some(1)).unwrap(), 1);
+        let err = world_size(&Resolved::Cpu, Some(2)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--num_gpus 2: ") && err.contains("cpu"),
+            "{err}"
+        );
     }
 }

@@ -59,12 +59,13 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     let resume_from = resume_source(job)?;
 
     let device = crate::engine::select::resolve(job.model.device)?;
+    let world = crate::engine::select::world_size(&device, job.model.num_gpus)?;
     let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
     let data = prepare_data(job, &model_dir)?;
     let train = data.train_batcher(job)?;
     let eval = data.eval_batcher(job)?;
-    let plan = Plan::new(job, train.batches_per_epoch()).map_err(UsageError::new)?;
-    let mut backend = build_backend(&device, &model_dir, job)?;
+    let plan = Plan::new(job, train.batches_per_epoch(), world).map_err(UsageError::new)?;
+    let mut backend = build_backend(&device, &model_dir, job, world)?;
     tracing::info!(
         backend = backend.name(),
         steps = plan.total_steps,
@@ -165,12 +166,27 @@ fn prepare_data(job: &JobConfig, model_dir: &Path) -> Result<PreparedData> {
     crate::data::prepare(job, model_dir, &rows)
 }
 
-fn build_backend(device: &Resolved, model_dir: &Path, job: &JobConfig) -> Result<Box<dyn Backend>> {
+fn build_backend(
+    device: &Resolved,
+    model_dir: &Path,
+    job: &JobConfig,
+    world: usize,
+) -> Result<Box<dyn Backend>> {
     match device {
         Resolved::Cpu => {
+            debug_assert_eq!(world, 1, "select::world_size gives 1 on the cpu");
             let model = crate::model::Model::load(model_dir)?;
             Ok(Box::new(crate::engine::cpu::CpuBackend::from_job(
                 model, job,
+            )?))
+        }
+        #[cfg(feature = "cuda")]
+        Resolved::Cuda(name) if world > 1 => {
+            tracing::info!("training on {world} GPUs, data parallel ({name} first)");
+            let (dir, job) = (model_dir.to_path_buf(), job.clone());
+            Ok(Box::new(crate::engine::cuda::replica::data_parallel(
+                world,
+                move |rank| crate::engine::cuda::CudaBackend::from_job_on(rank, &dir, &job),
             )?))
         }
         #[cfg(feature = "cuda")]
@@ -196,7 +212,7 @@ pub fn restore(
     let resume = ResumeState::from_json(&loaded.training_state)
         .with_context(|| format!("{}", dir.display()))?;
     resume
-        .check_same_run(job, fingerprint)
+        .check_same_run(job, fingerprint, backend.world_size())
         .with_context(|| format!("resuming from {}", dir.display()))?;
     let wanted: Vec<(String, Vec<usize>)> = backend
         .export_trainable()?

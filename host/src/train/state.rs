@@ -78,11 +78,19 @@ pub struct ResumeState {
     pub seed: u64,
     pub per_device_train_batch_size: usize,
     pub gradient_accumulation_steps: usize,
+    /// Data-parallel ranks of the run that saved it (absent before multi-GPU: 1). A resume
+    /// may change the rank count as long as `GA × ranks` (the micro-batches per step) stays.
+    #[serde(default = "one")]
+    pub world_size: usize,
     pub data_fingerprint: String,
     /// The flags the data was made from (`crate::data::identity`), to name what changed when
     /// the fingerprint does not match (absent in older checkpoints).
     #[serde(default)]
     pub data_settings: BTreeMap<String, String>,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl ResumeState {
@@ -98,6 +106,7 @@ impl ResumeState {
             seed: job.training.seed,
             per_device_train_batch_size: job.training.per_device_train_batch_size,
             gradient_accumulation_steps: job.training.gradient_accumulation_steps,
+            world_size: plan.world_size,
             data_fingerprint: fingerprint.to_string(),
             data_settings: identity::data_settings(job),
         }
@@ -116,7 +125,12 @@ impl ResumeState {
     }
 
     /// Refuses to continue a run whose data stream would differ from the saved one.
-    pub fn check_same_run(&self, job: &JobConfig, fingerprint: &str) -> Result<()> {
+    pub fn check_same_run(
+        &self,
+        job: &JobConfig,
+        fingerprint: &str,
+        world_size: usize,
+    ) -> Result<()> {
         let t = &job.training;
         let mut diffs = Vec::new();
         if self.seed != t.seed {
@@ -128,11 +142,25 @@ impl ResumeState {
                 t.per_device_train_batch_size, self.per_device_train_batch_size
             ));
         }
-        if self.gradient_accumulation_steps != t.gradient_accumulation_steps {
-            diffs.push(format!(
-                "--gradient_accumulation_steps {} (checkpoint: {})",
-                t.gradient_accumulation_steps, self.gradient_accumulation_steps
-            ));
+        // Micro-batches per optimizer step: the same with 2 GPUs × GA 2 as with 1 GPU × GA 4.
+        let window = |ga: usize, world: usize| ga.max(1) * world.max(1);
+        if window(self.gradient_accumulation_steps, self.world_size)
+            != window(t.gradient_accumulation_steps, world_size)
+        {
+            diffs.push(if self.world_size == world_size {
+                format!(
+                    "--gradient_accumulation_steps {} (checkpoint: {})",
+                    t.gradient_accumulation_steps, self.gradient_accumulation_steps
+                )
+            } else {
+                format!(
+                    "--gradient_accumulation_steps {} × {world_size} GPUs (checkpoint: {} × {} \
+                     GPUs; keep the product the same)",
+                    t.gradient_accumulation_steps,
+                    self.gradient_accumulation_steps,
+                    self.world_size
+                )
+            });
         }
         if self.data_fingerprint != fingerprint {
             let now = identity::data_settings(job);

@@ -185,7 +185,7 @@ fn batcher<'a>(data: &'a [TokenizedSample], job: &JobConfig) -> Batcher<'a> {
 fn train(
     job: &JobConfig,
     data: &[TokenizedSample],
-    backend: &mut Bigram,
+    backend: &mut dyn Backend,
     state: &mut RunState,
     stop: StopFlag,
 ) -> Outcome {
@@ -195,7 +195,7 @@ fn train(
 fn train_until(
     job: &JobConfig,
     data: &[TokenizedSample],
-    backend: &mut Bigram,
+    backend: &mut dyn Backend,
     state: &mut RunState,
     stop: StopFlag,
     pause_after: Option<u64>,
@@ -203,7 +203,7 @@ fn train_until(
     let b = batcher(data, job);
     let trainer = Trainer {
         job,
-        plan: Plan::new(job, b.batches_per_epoch()).unwrap(),
+        plan: Plan::new(job, b.batches_per_epoch(), backend.world_size()).unwrap(),
         train: &b,
         eval: None,
         stop,
@@ -408,4 +408,175 @@ fn clipping_follows_torch() {
     assert_eq!(clip_scale(0.5, 1.0), 1.0);
     assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
     assert_eq!(clip_scale(100.0, 0.0), 1.0);
+}
+
+/// A data-parallel group of `world` bigram replicas summing gradients in host memory, driven by
+/// the same [`DataParallel`](crate::engine::parallel::DataParallel) as the GPUs.
+fn bigram_group(job: &JobConfig, world: usize) -> crate::engine::parallel::DataParallel {
+    use crate::engine::parallel::host_sum::HostSum;
+    use crate::engine::parallel::{DataParallel, Replica, ReplicaFactory};
+
+    struct BigramReplica {
+        rank: usize,
+        model: Bigram,
+        sum: std::sync::Arc<HostSum>,
+    }
+    impl Replica for BigramReplica {
+        fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
+            let mut total = PassStats::default();
+            for b in batches {
+                let p = self.model.pass(b, Some(loss_scale));
+                total.loss_sum += p.loss_sum;
+                total.tokens += p.tokens;
+            }
+            self.sum.all_reduce(self.rank, &mut [&mut self.model.grad]);
+            Ok(total)
+        }
+        fn backend(&mut self) -> &mut dyn Backend {
+            &mut self.model
+        }
+    }
+
+    let sum = HostSum::new(world);
+    let job = job.clone();
+    let factory: ReplicaFactory = std::sync::Arc::new(move |rank| {
+        Ok(Box::new(BigramReplica {
+            rank,
+            model: Bigram::new(&job),
+            sum: sum.clone(),
+        }) as Box<dyn Replica>)
+    });
+    DataParallel::spawn("bigram", world, factory).unwrap()
+}
+
+fn close_losses(a: &[(u64, f64)], b: &[(u64, f64)]) {
+    assert_eq!(a.len(), b.len(), "{a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.0, y.0);
+        // Only the summation order of the gradients differs (fp32).
+        assert!(
+            (x.1 - y.1).abs() <= 1e-5 * x.1.abs(),
+            "step {}: {} vs {}",
+            x.0,
+            x.1,
+            y.1
+        );
+    }
+}
+
+/// 2 ranks × GA 2 trains like 1 device × GA 4 (the same windows, the same summed gradients),
+/// and 4 ranks × GA 1 too; a window shorter than the rank count (end of an epoch) still works.
+#[test]
+fn data_parallel_matches_one_device_with_the_same_effective_batch() {
+    let data = samples(30);
+    let args = |ga: &'static str| {
+        vec![
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            ga,
+            "--max_steps",
+            "8",
+            "--save_strategy",
+            "no",
+            "--learning_rate",
+            "0.05",
+            "--logging_steps",
+            "1",
+        ]
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let j1 = job(dir.path(), &args("4"));
+    let mut single = Bigram::new(&j1);
+    let mut s1 = RunState::fresh();
+    train(&j1, &data, &mut single, &mut s1, StopFlag::never());
+    for (world, ga) in [(2, "2"), (4, "1")] {
+        let j = job(dir.path(), &args(ga));
+        let mut group = bigram_group(&j, world);
+        let mut s = RunState::fresh();
+        train(&j, &data, &mut group, &mut s, StopFlag::never());
+        close_losses(&s1.logged_losses(), &s.logged_losses());
+        assert_eq!(s1.position, s.position, "{world} ranks");
+        let w = match &group.export_trainable().unwrap()[0].1.data {
+            HostData::F32(w) => w.clone(),
+            _ => unreachable!(),
+        };
+        let diff = w
+            .iter()
+            .zip(&single.w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{world} ranks: weights differ by {diff}");
+    }
+}
+
+/// A 2-rank run paused with a checkpoint continues on 1 device with GA doubled (and back),
+/// following the uninterrupted curve; a resume that changes GA × ranks is refused.
+#[test]
+fn data_parallel_checkpoints_resume_on_another_rank_count() {
+    let data = samples(30);
+    let args = |ga: &'static str| {
+        vec![
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            ga,
+            "--max_steps",
+            "9",
+            "--save_steps",
+            "3",
+            "--learning_rate",
+            "0.05",
+            "--logging_steps",
+            "1",
+        ]
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let j = job(straight_dir.path(), &args("4"));
+    let mut straight = Bigram::new(&j);
+    let mut s1 = RunState::fresh();
+    train(&j, &data, &mut straight, &mut s1, StopFlag::never());
+
+    let dir = tempfile::tempdir().unwrap();
+    let j2 = job(dir.path(), &args("2"));
+    let mut group = bigram_group(&j2, 2);
+    let mut s = RunState::fresh();
+    let paused = train_until(&j2, &data, &mut group, &mut s, StopFlag::never(), Some(4));
+    assert_eq!(paused, Outcome::Paused);
+    drop(group);
+
+    // 2 ranks × GA 2 → 1 device × GA 4 for steps 5..=6.
+    let ckpt = crate::checkpoint::newest_valid(dir.path())
+        .unwrap()
+        .unwrap();
+    assert!(ckpt.ends_with("checkpoint-4"), "{}", ckpt.display());
+    let j1 = job(dir.path(), &args("4"));
+    let mut one = Bigram::new(&j1);
+    let mut s = super::job::restore(&mut one, &ckpt, &j1, "test-data").unwrap();
+    assert_eq!(
+        train_until(&j1, &data, &mut one, &mut s, StopFlag::never(), Some(6)),
+        Outcome::Paused
+    );
+    drop(one);
+
+    // … and back to 2 ranks for the rest.
+    let ckpt = crate::checkpoint::newest_valid(dir.path())
+        .unwrap()
+        .unwrap();
+    assert!(ckpt.ends_with("checkpoint-6"), "{}", ckpt.display());
+    let mut group = bigram_group(&j2, 2);
+    let mut s = super::job::restore(&mut group, &ckpt, &j2, "test-data").unwrap();
+    assert_eq!(
+        train(&j2, &data, &mut group, &mut s, StopFlag::never()),
+        Outcome::Completed
+    );
+    close_losses(&s1.logged_losses(), &s.logged_losses());
+
+    // 2 ranks × GA 4 is another effective batch: refused, naming what to keep.
+    let mut wrong = bigram_group(&j1, 2);
+    let err = super::job::restore(&mut wrong, &ckpt, &j1, "test-data").unwrap_err();
+    assert!(
+        format!("{err:#}").contains("keep the product the same"),
+        "{err:#}"
+    );
 }

@@ -153,19 +153,20 @@ impl Trainer<'_> {
     ) -> Result<Option<StepStats>> {
         // The loss is a mean over every trainable token of the window, not a mean of
         // per-micro-batch means, so accumulation equals one big batch.
+        // With data parallelism the backend spreads the window over its ranks; the scale is
+        // still 1 / (trainable tokens of the whole window), so summed gradients are exact.
         let trainable: usize = window.iter().map(|b| b.batch.trainable_tokens()).sum();
         let loss_scale = 1.0 / trainable.max(1) as f32;
-        let mut loss_sum = 0.0;
-        let mut tokens = 0u64;
-        for b in window {
-            if self.stop.requested().is_some() {
-                return Ok(None);
-            }
-            let pass = backend.forward_backward(&b.batch, loss_scale)?;
-            loss_sum += pass.loss_sum;
-            tokens += (b.batch.batch_size * b.batch.seq_len) as u64;
-        }
-        let loss = loss_sum / trainable.max(1) as f64;
+        let batches: Vec<&crate::engine::Batch> = window.iter().map(|b| &b.batch).collect();
+        let stop = || self.stop.requested().is_some();
+        let Some(pass) = backend.forward_backward_window(&batches, loss_scale, &stop)? else {
+            return Ok(None);
+        };
+        let tokens: u64 = window
+            .iter()
+            .map(|b| (b.batch.batch_size * b.batch.seq_len) as u64)
+            .sum();
+        let loss = pass.loss_sum / trainable.max(1) as f64;
         if !loss.is_finite() {
             bail!(
                 "the training loss became {loss} at step {}; lower --learning_rate or check the data",

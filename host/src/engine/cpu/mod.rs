@@ -271,6 +271,12 @@ impl CpuBackend {
             .collect()
     }
 
+    /// The gradient accumulators in parameter order (data-parallel tests sum them over ranks).
+    #[cfg(test)]
+    pub fn gradients_mut(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+        self.params.iter_mut().map(|p| &mut p.grad)
+    }
+
     fn check_batch(&self, batch: &Batch) -> Result<()> {
         let n = batch.batch_size * batch.seq_len;
         ensure!(n > 0, "empty batch");

@@ -20,6 +20,8 @@ mod gemm;
 mod linear;
 mod nf4;
 mod raw;
+mod reducer;
+pub mod replica;
 mod trainable;
 mod weights;
 
@@ -140,6 +142,11 @@ pub struct CudaBackend {
     free_at_start: usize,
     peak_used: usize,
     device_name: String,
+    /// Data parallelism: the NCCL gradient sum (see [`reducer`]).
+    reducer: Option<reducer::GradReducer>,
+    /// Whether the running pass is its window's last on this rank (its backward then hands
+    /// finished layers' gradients to the reducer).
+    reduce_in_pass: bool,
     /// `--load_in_4bit`: the quantisation maps and the bf16 buffer every NF4 weight is
     /// dequantised into right before a GEMM reads it (sized for the largest projection).
     nf4: Option<(Nf4Quantizer, CudaSlice<bf16>)>,
@@ -155,10 +162,15 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// Loads the model in `dir` onto GPU 0 for `job`.
     pub fn from_job(dir: &std::path::Path, job: &JobConfig) -> Result<Self> {
+        Self::from_job_on(0, dir, job)
+    }
+
+    /// [`CudaBackend::from_job`] on GPU `ordinal` (a data-parallel rank).
+    pub fn from_job_on(ordinal: usize, dir: &std::path::Path, job: &JobConfig) -> Result<Self> {
         let options = EngineOptions::from_job(job);
         let cfg = ModelConfig::from_dir(dir)?;
         let mut backend = Self::load(
-            0,
+            ordinal,
             dir,
             cfg,
             options,
@@ -192,11 +204,23 @@ impl CudaBackend {
         optim: crate::cli::choices::Optim,
         weight_decay: f64,
     ) -> Result<Self> {
-        Self::load(0, dir, cfg, options, optim, weight_decay, false)
+        Self::new_on(0, dir, cfg, options, optim, weight_decay)
     }
 
-    /// [`CudaBackend::new`] on GPU `ordinal`; with `load_in_4bit` (QLoRA) the projection
-    /// weights are NF4-quantised on the GPU.
+    /// [`CudaBackend::new`] on GPU `ordinal`.
+    pub fn new_on(
+        ordinal: usize,
+        dir: &std::path::Path,
+        cfg: ModelConfig,
+        options: EngineOptions,
+        optim: crate::cli::choices::Optim,
+        weight_decay: f64,
+    ) -> Result<Self> {
+        Self::load(ordinal, dir, cfg, options, optim, weight_decay, false)
+    }
+
+    /// [`CudaBackend::new_on`], with the projection weights NF4-quantised on the GPU when
+    /// `load_in_4bit` (QLoRA).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ordinal: usize,
@@ -208,8 +232,9 @@ impl CudaBackend {
         load_in_4bit: bool,
     ) -> Result<Self> {
         check_supported(&cfg, &options)?;
-        let device_name = probe().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?;
-        let ctx = CudaContext::new(ordinal)?;
+        probe().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?;
+        let ctx = CudaContext::new(ordinal).with_context(|| format!("opening GPU {ordinal}"))?;
+        let device_name = device_description(&ctx);
         // One stream orders everything; per-buffer event tracking would only add overhead.
         // SAFETY: no other stream touches these buffers.
         unsafe { ctx.disable_event_tracking() };
@@ -364,6 +389,8 @@ impl CudaBackend {
             free_at_start,
             peak_used: 0,
             device_name,
+            reducer: None,
+            reduce_in_pass: false,
             nf4,
             extras: None,
             passes: 0,
@@ -1064,6 +1091,11 @@ impl CudaBackend {
                     0
                 };
                 self.layer_backward_in(b, l, slot)?;
+                if self.reduce_in_pass {
+                    if let Some(r) = self.reducer.as_mut() {
+                        r.layer_done(l, &self.stream, &mut self.train.grads)?;
+                    }
+                }
             }
         }
         Ok(loss)
@@ -1087,6 +1119,59 @@ impl CudaBackend {
         off.side.wait(&self.stream.record_event(None)?)?;
         off.side.memcpy_htod(&off.host[l], &mut b.xs[i])?;
         Ok(off.side.record_event(None)?)
+    }
+}
+
+impl CudaBackend {
+    /// Joins a data-parallel group as `rank` of `world` (every rank calls this with the same
+    /// NCCL `id`; it blocks until all have).
+    pub fn connect(&mut self, rank: usize, world: usize, id: cudarc::nccl::safe::Id) -> Result<()> {
+        let buckets = reducer::Buckets::new(
+            &self.train.slots,
+            self.cfg.num_hidden_layers,
+            self.train.len,
+        );
+        self.reducer = Some(reducer::GradReducer::connect(
+            &self.stream,
+            rank,
+            world,
+            id,
+            buckets,
+        )?);
+        Ok(())
+    }
+
+    /// This rank's share of a window, then the gradient sum over all ranks: the last
+    /// micro-batch's backward hands each finished bucket to NCCL while it goes on.
+    pub fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
+        ensure!(self.reducer.is_some(), "shard_pass needs connect first");
+        let mut total = PassStats::default();
+        for (i, batch) in batches.iter().enumerate() {
+            self.reduce_in_pass = i + 1 == batches.len();
+            let pass = self.pass(batch, Some(loss_scale));
+            self.reduce_in_pass = false;
+            let pass = pass?;
+            total.loss_sum += pass.loss_sum;
+            total.tokens += pass.tokens;
+        }
+        let r = self.reducer.as_mut().expect("checked above");
+        if batches.is_empty() {
+            r.reduce_all(&self.stream, &mut self.train.grads)?;
+        } else {
+            r.pass_done(&self.stream, &mut self.train.grads)?;
+        }
+        Ok(total)
+    }
+}
+
+/// "NVIDIA H200 (sm_90)" for the GPU behind `ctx`.
+fn device_description(ctx: &CudaContext) -> String {
+    let name = ctx
+        .name()
+        .unwrap_or_else(|_| format!("GPU {}", ctx.ordinal()));
+    match ctx.compute_capability() {
+        Ok((major, minor)) => format!("{name} (sm_{major}{minor})"),
+        Err(_) => name,
     }
 }
 
