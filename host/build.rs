@@ -35,6 +35,10 @@ const SYNC_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-sync-sparse", "sync-
 /// user's `--sync_to PLUGIN.wasm`. Their own invocation, for the same reason.
 const STORAGE_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-http-store", "http-store.wasm")];
 
+/// Publish steps, embedded (`src/plugin/publish_host.rs`): `hf-publish` pushes to the Hub. Their
+/// own invocation, for the same reason.
+const PUBLISH_PLUGINS: [(&str, &str); 1] = [("ferrotune-plugin-hf-publish", "hf-publish.wasm")];
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
@@ -53,12 +57,22 @@ fn main() {
     let wasm_target_dir = target_dir(&out_dir, &root).join("plugin-wasm");
     check_wasm_target();
 
-    for group in [&PLUGINS[..], &SYNC_PLUGINS[..], &STORAGE_PLUGINS[..]] {
+    for group in [
+        &PLUGINS[..],
+        &SYNC_PLUGINS[..],
+        &STORAGE_PLUGINS[..],
+        &PUBLISH_PLUGINS[..],
+    ] {
         build_plugins(&root, &wasm_target_dir, group);
     }
 
     let built = wasm_target_dir.join(WASM_TARGET).join("release");
-    for (package, name) in PLUGINS.iter().chain(&SYNC_PLUGINS).chain(&STORAGE_PLUGINS) {
+    for (package, name) in PLUGINS
+        .iter()
+        .chain(&SYNC_PLUGINS)
+        .chain(&STORAGE_PLUGINS)
+        .chain(&PUBLISH_PLUGINS)
+    {
         let file = built.join(format!("{}.wasm", package.replace('-', "_")));
         std::fs::copy(&file, out_dir.join(name))
             .unwrap_or_else(|e| panic!("copy {}: {e}", file.display()));

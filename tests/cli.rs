@@ -395,11 +395,25 @@ fn unknown_config_keys_are_rejected() {
 }
 
 #[test]
+fn push_flags_without_their_save_fail_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = out_dir.to_str().unwrap();
+    for (flag, needs) in [("--push_gguf", "--save_gguf"), ("--push_model", "--save_model")] {
+        let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
+        assert_eq!(run.status.code(), Some(2));
+        let err = stderr(&run);
+        assert!(err.contains(flag) && err.contains(needs), "{err}");
+        assert!(!out_dir.exists());
+    }
+}
+
+#[test]
 fn features_not_built_fail_loudly_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
     let out = out_dir.to_str().unwrap();
-    for flag in ["--push_gguf", "--push_model", "--use_dora"] {
+    for flag in ["--use_dora"] {
         let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
         assert_eq!(run.status.code(), Some(2));
         assert!(

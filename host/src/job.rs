@@ -184,16 +184,6 @@ pub fn unbuilt_features(job: &JobConfig) -> Vec<String> {
         }
     };
     need(
-        job.saving.push_model,
-        "--push_model",
-        "issue \"Export and publish\"",
-    );
-    need(
-        job.saving.push_gguf,
-        "--push_gguf",
-        "issue \"Export and publish\"",
-    );
-    need(
         job.model.load_in_4bit
             && (job.model.device == crate::cli::choices::Device::Cpu || !cfg!(feature = "cuda")),
         "--load_in_4bit on the cpu engine",

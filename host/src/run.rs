@@ -64,9 +64,13 @@ fn train(job: JobConfig) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let push_token = crate::export::push::check_job(&job)?;
     let report = crate::train::run_job(&job)?;
     for file in &report.saved {
         println!("{}", file.display());
+    }
+    if let (Some(token), true) = (push_token, report.completed) {
+        crate::export::push::push_job(&job, token, &report.saved)?;
     }
     Ok(())
 }

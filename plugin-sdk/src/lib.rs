@@ -38,6 +38,8 @@ pub mod row;
 mod sample;
 #[cfg(feature = "storage")]
 pub mod storage;
+#[cfg(feature = "publish")]
+pub mod publish;
 #[cfg(feature = "sync")]
 pub mod sync;
 pub mod testing;
@@ -80,6 +82,23 @@ pub mod storage_bindings {
         export_macro_name: "__export_storage_world",
         default_bindings_module: "ferrotune_plugin_sdk::storage_bindings",
         runtime_path: "ferrotune_plugin_sdk::storage_bindings::__wit_bindgen::rt",
+        generate_all,
+    });
+    pub use wit_bindgen as __wit_bindgen;
+}
+
+/// Generated bindings for the `publish` world (its `wasi:http` imports included). Not part of
+/// the SDK's API; plugins use [`publish`].
+#[cfg(feature = "publish")]
+#[doc(hidden)]
+pub mod publish_bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "ferrotune:plugin/publish",
+        pub_export_macro: true,
+        export_macro_name: "__export_publish_world",
+        default_bindings_module: "ferrotune_plugin_sdk::publish_bindings",
+        runtime_path: "ferrotune_plugin_sdk::publish_bindings::__wit_bindgen::rt",
         generate_all,
     });
     pub use wit_bindgen as __wit_bindgen;

@@ -144,6 +144,18 @@ pub struct ExportArgs {
     /// Largest merged-model shard in MB (default 5000, transformers' 5GB).
     #[arg(long, value_parser = positive_u64)]
     pub max_shard_size_mb: Option<u64>,
+    /// Push the saved model (--save_method) to the Hugging Face Hub at --hub_path.
+    #[arg(long)]
+    pub push_model: bool,
+    /// Push the GGUF files (--save_gguf) to the Hugging Face Hub at --hub_path.
+    #[arg(long)]
+    pub push_gguf: bool,
+    /// Hub repository (owner/name) for pushes; HF_ENDPOINT overrides the Hub's URL.
+    #[arg(long, default_value = "hf/model")]
+    pub hub_path: String,
+    /// Hub token for pushes (default: HF_TOKEN; never logged).
+    #[arg(long)]
+    pub hub_token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,9 +6,13 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
+use super::push::{self, PushFlags};
 use super::run::{model_name_of, run_exports, ExportRequest};
 use crate::cli::args::ExportArgs;
+use crate::cli::choices::SaveMethod;
 use crate::cli::UsageError;
+use crate::plugin::publish_host::ArtefactKind;
+use crate::plugin::PluginLimits;
 
 pub fn run(args: ExportArgs) -> Result<()> {
     let (flag, adapter_dir) = match (&args.adapter, &args.checkpoint) {
@@ -31,6 +35,17 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if args.save_method.is_none() && !args.save_gguf {
         return Err(UsageError::new("ferrotune export: nothing to do; pass --save_method merged_16bit|merged_4bit|lora and/or --save_gguf").into());
     }
+    let push = PushFlags {
+        push_model: args.push_model,
+        push_gguf: args.push_gguf,
+        hub_path: args.hub_path.clone(),
+        hub_token: args.hub_token.clone(),
+    };
+    let push_token = if push.any() {
+        Some(push.check(args.save_method.is_some(), args.save_gguf)?)
+    } else {
+        None
+    };
     let base_name = match &args.base {
         Some(base) => base.clone(),
         None => base_from_adapter(&adapter_dir)?,
@@ -52,8 +67,27 @@ pub fn run(args: ExportArgs) -> Result<()> {
             .max_shard_size_mb
             .map_or(DEFAULT_MAX_SHARD_BYTES, |mb| mb * 1_000_000),
     };
-    for file in run_exports(&request)? {
+    let written = run_exports(&request)?;
+    for file in &written {
         println!("{}", file.display());
+    }
+    if let Some(token) = push_token {
+        let kind = if args.save_method == Some(SaveMethod::Lora) {
+            ArtefactKind::Adapter
+        } else {
+            ArtefactKind::MergedModel
+        };
+        // Re-running the same command pushes again (the export is deterministic).
+        let retry = "the same ferrotune export command again";
+        push::push(
+            &push,
+            token,
+            PluginLimits::default(),
+            &args.save_path,
+            &written,
+            kind,
+            retry,
+        )?;
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ mod runtime;
 pub(crate) mod sandbox;
 pub mod scaffold;
 pub mod storage_config;
+pub mod publish_host;
 pub mod storage_host;
 pub mod sync_policy;
 pub mod wasm_profile;

@@ -16,6 +16,8 @@ pub struct NetGrant {
     plugin: Arc<str>,
     allow: Arc<[String]>,
     timeout: Duration,
+    /// Also allow any authority reached with this scheme (see [`NetGrant::any_host_over`]).
+    any_over: Option<&'static str>,
     /// Authorities refused since the last [`NetGrant::take_denied`].
     denied: Arc<Mutex<Vec<String>>>,
 }
@@ -27,8 +29,17 @@ impl NetGrant {
             plugin,
             allow: allow.into(),
             timeout,
+            any_over: None,
             denied: Arc::default(),
         }
+    }
+
+    /// Also allows every host reached over `scheme` ("https"): for a publish plugin, whose Hub
+    /// hands out upload URLs on storage hosts it names only at run time. Each such request is
+    /// logged at info level.
+    pub fn any_host_over(mut self, scheme: &'static str) -> Self {
+        self.any_over = Some(scheme);
+        self
     }
 
     /// The allowed authorities, for messages.
@@ -75,7 +86,20 @@ impl WasiHttpHooks for NetGrant {
             > + Send,
     > {
         let authority = Self::authority_of(request.uri());
-        let allowed = authority.as_deref().is_some_and(|a| self.allows(a));
+        let listed = authority.as_deref().is_some_and(|a| self.allows(a));
+        let by_scheme = !listed
+            && authority.is_some()
+            && self.any_over.is_some()
+            && request.uri().scheme_str() == self.any_over;
+        if by_scheme {
+            tracing::info!(
+                plugin = %self.plugin,
+                "plugin upload to {} (allowed: any {} host)",
+                authority.as_deref().unwrap_or_default(),
+                self.any_over.unwrap_or_default()
+            );
+        }
+        let allowed = listed || by_scheme;
         if !allowed {
             let authority = authority.unwrap_or_else(|| request.uri().to_string());
             tracing::warn!(
@@ -136,5 +160,12 @@ mod tests {
         assert!(grant.allows("h:443"));
         assert!(!grant.allows("h:80"));
         assert!(!grant.allows("evil:443"));
+        assert!(grant.any_over.is_none());
+        assert_eq!(
+            NetGrant::new("p".into(), vec![], Duration::from_secs(1))
+                .any_host_over("https")
+                .any_over,
+            Some("https")
+        );
     }
 }

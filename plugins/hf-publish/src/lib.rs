@@ -8,3 +8,6 @@
 //! fake Hub (`tests/python/fake_hub_upload.py`).
 
 pub mod hub;
+
+/// The `publish`-world export (`hf-hub`), embedded in ferrotune as a built-in plugin.
+pub mod plugin;

@@ -1,0 +1,511 @@
+//! Hosts a plugin of the `publish` world: the built-in `hf-hub` (crate `hf-publish`), embedded
+//! in the binary, which pushes the run's artefacts to a Hugging Face-compatible Hub.
+//!
+//! - Files: the plugin reads only the files of the artefacts it was handed, through
+//!   `open-artefact.open` (a `body-reader` over the local file, chunks of at most
+//!   [`MAX_CHUNK`]); any other path is `denied`. No file system otherwise.
+//! - Network: `wasi:http` only ([`NetGrant`]): the endpoint's `host:port`, plus any host over the
+//!   endpoint's scheme, because the Hub's LFS batch answer names presigned storage URLs (S3,
+//!   CloudFront, …) the host cannot know in advance. Each such request is logged; the plugin
+//!   sends the token only to the endpoint's origin.
+//! - The token is a secret: it reaches the plugin's `configure` only; the plugin's log lines,
+//!   stdout/stderr and error messages are masked.
+//! - `host-export.request-export` returns an artefact this run already produced (the host
+//!   exports before it publishes); anything else is `not-found` naming the flag that makes it.
+//! - A call may run as long as it keeps reading file bytes; `--plugin_timeout_s` (at least
+//!   [`MIN_IDLE`]) without progress traps it.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::{WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::net_grant::NetGrant;
+use super::runtime::{PluginLimits, PluginRuntime};
+use super::sandbox::{self, PluginState};
+use super::storage_config::Secrets;
+use super::wasm_err;
+
+/// Largest chunk one `body-reader.read` returns.
+pub const MAX_CHUNK: u32 = 4 << 20;
+/// Shortest no-progress deadline: a Hub may take a while to answer a commit of large files.
+pub const MIN_IDLE: Duration = Duration::from_secs(300);
+/// The public Hub; `HF_ENDPOINT` overrides it.
+pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
+
+/// The `hf-hub` publish plugin, built from `plugins/hf-publish` by `build.rs`.
+const HF_PUBLISH_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hf-publish.wasm"));
+const PLUGIN_NAME: &str = "hf-hub";
+
+mod v0_1_0 {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "ferrotune:plugin/publish",
+        require_store_data_send: true,
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+            "ferrotune:plugin/host-files.body-reader": super::BodyReader,
+            "ferrotune:plugin/host-files.body-writer": super::BodyWriter,
+        },
+    });
+}
+
+use v0_1_0::ferrotune::plugin::{
+    host_export, host_files, log as wit_log, open_artefact, types as wit_types,
+};
+
+/// A file of an artefact, read front to back.
+pub struct BodyReader {
+    file: File,
+    size: u64,
+}
+
+/// Never created: nothing in the publish world hands a plugin a writable file.
+pub struct BodyWriter;
+
+/// What is pushed: a directory of files of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtefactKind {
+    Adapter,
+    MergedModel,
+    Gguf,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushArtefact {
+    pub kind: ArtefactKind,
+    pub dir: PathBuf,
+    /// File names relative to `dir` (also their paths in the repository).
+    pub files: Vec<String>,
+    pub quantization: Option<String>,
+}
+
+/// One push: where, as whom, what.
+pub struct PushRequest {
+    /// Base URL of the Hub (`HF_ENDPOINT`, default [`DEFAULT_ENDPOINT`]).
+    pub endpoint: String,
+    /// Secret: reaches the plugin's configure only.
+    pub token: String,
+    /// `owner/name`.
+    pub repo_id: String,
+    pub message: String,
+    pub artefacts: Vec<PushArtefact>,
+}
+
+/// The endpoint from `HF_ENDPOINT`, else the public Hub.
+pub fn endpoint_from_env() -> String {
+    std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+}
+
+/// A publish instance's Store data.
+pub struct PublishState {
+    inner: PluginState,
+    http: WasiHttpCtx,
+    grant: NetGrant,
+    secrets: Secrets,
+    /// `dir/file` paths the plugin may open, with the artefacts as the plugin sees them.
+    artefacts: Vec<wit_types::Artefact>,
+    progress: u64,
+    progress_seen: u64,
+}
+
+impl WasiView for PublishState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        self.inner.ctx()
+    }
+}
+
+impl WasiHttpView for PublishState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let WasiCtxView { table, .. } = self.inner.ctx();
+        WasiHttpCtxView {
+            hooks: &mut self.grant,
+            table,
+            ctx: &mut self.http,
+        }
+    }
+}
+
+impl PublishState {
+    fn table(&mut self) -> &mut ResourceTable {
+        self.inner.ctx().table
+    }
+
+    fn may_open(&self, path: &str) -> bool {
+        self.artefacts.iter().any(|a| {
+            a.files
+                .iter()
+                .any(|f| path == format!("{}/{}", a.path.trim_end_matches('/'), f.path))
+        })
+    }
+}
+
+impl wit_types::Host for PublishState {}
+
+impl wit_log::Host for PublishState {
+    fn log(&mut self, level: wit_types::LogLevel, message: String) {
+        let plugin = &*self.inner.plugin;
+        let message = self.secrets.mask(&message);
+        match level {
+            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl host_files::Host for PublishState {}
+
+impl host_files::HostBodyReader for PublishState {
+    fn size(&mut self, reader: Resource<BodyReader>) -> u64 {
+        self.table().get(&reader).map_or(0, |r| r.size)
+    }
+
+    fn read(
+        &mut self,
+        reader: Resource<BodyReader>,
+        max: u32,
+    ) -> Result<Vec<u8>, wit_types::PluginError> {
+        let reader = self
+            .table()
+            .get_mut(&reader)
+            .map_err(|e| wit_types::PluginError::Other(format!("host: body-reader: {e}")))?;
+        let mut chunk = Vec::with_capacity(max.min(MAX_CHUNK) as usize);
+        (&mut reader.file)
+            .take(max.min(MAX_CHUNK) as u64)
+            .read_to_end(&mut chunk)
+            .map_err(|e| wit_types::PluginError::Other(format!("host: reading a file: {e}")))?;
+        self.progress += chunk.len() as u64;
+        Ok(chunk)
+    }
+
+    fn drop(&mut self, reader: Resource<BodyReader>) -> wasmtime::Result<()> {
+        let _ = self.table().delete(reader);
+        Ok(())
+    }
+}
+
+impl host_files::HostBodyWriter for PublishState {
+    fn write(
+        &mut self,
+        _writer: Resource<BodyWriter>,
+        _bytes: Vec<u8>,
+    ) -> Result<(), wit_types::PluginError> {
+        Err(wit_types::PluginError::Denied(
+            "a publish plugin has no writable files".into(),
+        ))
+    }
+
+    fn written(&mut self, _writer: Resource<BodyWriter>) -> u64 {
+        0
+    }
+
+    fn drop(&mut self, writer: Resource<BodyWriter>) -> wasmtime::Result<()> {
+        let _ = self.table().delete(writer);
+        Ok(())
+    }
+}
+
+impl open_artefact::Host for PublishState {
+    fn open(&mut self, path: String) -> Result<Resource<BodyReader>, wit_types::PluginError> {
+        if !self.may_open(&path) {
+            return Err(wit_types::PluginError::Denied(format!(
+                "{path} is not a file of the artefacts handed to the plugin"
+            )));
+        }
+        let file = File::open(&path)
+            .map_err(|e| wit_types::PluginError::NotFound(format!("{path}: {e}")))?;
+        let size = file
+            .metadata()
+            .map_err(|e| wit_types::PluginError::Other(format!("{path}: {e}")))?
+            .len();
+        self.table()
+            .push(BodyReader { file, size })
+            .map_err(|e| wit_types::PluginError::Other(format!("host resource table: {e}")))
+    }
+}
+
+impl host_export::Host for PublishState {
+    fn request_export(
+        &mut self,
+        kind: host_export::ExportKind,
+        quantization: Option<String>,
+    ) -> Result<wit_types::Artefact, wit_types::PluginError> {
+        use host_export::ExportKind as K;
+        use wit_types::ArtefactKind as A;
+        let (want, flag) = match kind {
+            K::LoraAdapter => (A::Adapter, "--save_method lora"),
+            K::Merged16bit => (A::MergedModel, "--save_method merged_16bit"),
+            K::Merged4bit => (A::MergedModel, "--save_method merged_4bit"),
+            K::Gguf => (A::Gguf, "--save_gguf --quantization"),
+        };
+        self.artefacts
+            .iter()
+            .find(|a| a.kind == want && (quantization.is_none() || a.quantization == quantization))
+            .cloned()
+            .ok_or_else(|| {
+                wit_types::PluginError::NotFound(format!(
+                    "this run did not produce that artefact; the host exports before publishing \
+                     (ask for it with {flag})"
+                ))
+            })
+    }
+}
+
+fn wit_artefact(a: &PushArtefact) -> Result<wit_types::Artefact> {
+    let path = a.dir.to_str().with_context(|| {
+        format!(
+            "{}: the path is not UTF-8, which the Hub cannot name",
+            a.dir.display()
+        )
+    })?;
+    let mut files = Vec::new();
+    for name in &a.files {
+        let size = std::fs::metadata(a.dir.join(name))
+            .with_context(|| format!("cannot push {}", a.dir.join(name).display()))?
+            .len();
+        files.push(wit_types::FileInfo {
+            path: name.clone(),
+            size,
+            sha256: None,
+        });
+    }
+    Ok(wit_types::Artefact {
+        kind: match a.kind {
+            ArtefactKind::Adapter => wit_types::ArtefactKind::Adapter,
+            ArtefactKind::MergedModel => wit_types::ArtefactKind::MergedModel,
+            ArtefactKind::Gguf => wit_types::ArtefactKind::Gguf,
+        },
+        path: path.to_string(),
+        files,
+        quantization: a.quantization.clone(),
+    })
+}
+
+/// Checks `owner/name` as the Hub spells repository ids (the plugin checks again).
+pub fn check_repo_id(repo_id: &str) -> Result<(), String> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 96
+            && !p.starts_with(['.', '-'])
+            && !p.ends_with('.')
+            && !p.contains("..")
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let parts: Vec<&str> = repo_id.split('/').collect();
+    if parts.len() != 2 || !parts.iter().all(|p| ok_part(p)) {
+        return Err(format!(
+            "{repo_id:?} is not a Hub repository id: use OWNER/NAME with letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port` of an http(s) URL and its scheme.
+fn endpoint_authority(endpoint: &str) -> Result<(String, &'static str)> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .with_context(|| format!("HF_ENDPOINT {endpoint:?} is not a URL"))?;
+    let scheme = match uri.scheme_str() {
+        Some("https") => "https",
+        Some("http") => "http",
+        _ => bail!("HF_ENDPOINT {endpoint:?}: use an http:// or https:// URL"),
+    };
+    let host = uri
+        .host()
+        .with_context(|| format!("HF_ENDPOINT {endpoint:?} has no host"))?
+        .to_ascii_lowercase();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    Ok((format!("{host}:{port}"), scheme))
+}
+
+/// Pushes `req.artefacts` with the built-in `hf-hub` plugin; returns the commit URL(s).
+pub fn push(limits: PluginLimits, req: &PushRequest) -> Result<Vec<String>> {
+    let idle = limits.timeout.max(MIN_IDLE);
+    let runtime = PluginRuntime::new(PluginLimits {
+        memory_mb: limits.memory_mb,
+        timeout: idle,
+    })?;
+    let (authority, scheme) = endpoint_authority(&req.endpoint)?;
+    let artefacts = req
+        .artefacts
+        .iter()
+        .map(wit_artefact)
+        .collect::<Result<Vec<_>>>()?;
+    let name: Arc<str> = PLUGIN_NAME.into();
+    let secrets = Secrets::new(vec![req.token.clone()]);
+    let component = runtime.component(PLUGIN_NAME, HF_PUBLISH_WASM)?;
+    let linker = publish_linker(&runtime)?;
+    let pre = linker
+        .instantiate_pre(&component)
+        .map_err(wasm_err)
+        .and_then(|pre| v0_1_0::PublishPre::new(pre).map_err(wasm_err))
+        .context("the built-in hf-hub plugin does not match this host's publish world")?;
+    tracing::info!(
+        plugin = PLUGIN_NAME,
+        endpoint = %req.endpoint,
+        repo = %req.repo_id,
+        "pushing to the Hub (network: {authority}, and any {scheme} host for LFS uploads)"
+    );
+    let state = PublishState {
+        inner: sandbox::new_state_masking(&runtime, name.clone(), secrets.clone()),
+        http: WasiHttpCtx::new(),
+        grant: NetGrant::new(name, vec![authority], idle).any_host_over(scheme),
+        secrets: secrets.clone(),
+        artefacts: artefacts.clone(),
+        progress: 0,
+        progress_seen: 0,
+    };
+    let mut store = Store::new(runtime.engine(), state);
+    store.limiter(|state| &mut state.inner.limiter);
+    let ticks = sandbox::deadline_ticks(idle);
+    store.epoch_deadline_callback(move |mut ctx| {
+        let state = ctx.data_mut();
+        if state.progress != state.progress_seen {
+            state.progress_seen = state.progress;
+            Ok(UpdateDeadline::Continue(ticks))
+        } else {
+            Err(wasmtime::Error::from(Trap::Interrupt))
+        }
+    });
+    store.set_epoch_deadline(ticks);
+    let trap = |store: &mut Store<PublishState>, e: wasmtime::Error| {
+        let state = store.data();
+        let tail = state.inner.stderr.take_tail();
+        let why = if err_is_interrupt(&e) {
+            format!("made no progress for {}s", idle.as_secs())
+        } else {
+            format!("failed ({})", e.root_cause())
+        };
+        anyhow::anyhow!(state.secrets.mask(&format!(
+            "publish plugin {PLUGIN_NAME} {why}{}",
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!("; its stderr ended with: {}", tail.join(" | "))
+            }
+        )))
+    };
+    let bindings = pre
+        .instantiate(&mut store)
+        .map_err(|e| trap(&mut store, e))?;
+    let steps = bindings.ferrotune_plugin_publish_steps();
+    let config = serde_json::json!({
+        "endpoint": req.endpoint,
+        "token": req.token,
+        "repo_id": req.repo_id,
+        "message": req.message,
+    })
+    .to_string();
+    let configured = steps
+        .call_configure(&mut store, &config)
+        .map_err(|e| trap(&mut store, e))?;
+    if let Err(e) = configured {
+        bail!("{}", plugin_error(&store, e));
+    }
+    let pushed = steps
+        .call_publish(&mut store, &artefacts)
+        .map_err(|e| trap(&mut store, e))?;
+    match pushed {
+        Ok(urls) => Ok(urls),
+        Err(e) => bail!("{}", plugin_error(&store, e)),
+    }
+}
+
+fn err_is_interrupt(e: &wasmtime::Error) -> bool {
+    e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
+}
+
+/// A plugin error in one line, secrets masked; a refused request in the host's words.
+fn plugin_error(store: &Store<PublishState>, e: wit_types::PluginError) -> String {
+    let state = store.data();
+    if let Some(authority) = state.grant.take_denied().first() {
+        return format!(
+            "the push tried to reach {authority}, which is neither the Hub endpoint ({}) nor \
+             a host over the endpoint's scheme; the host refused it",
+            state.grant.allowed().join(", ")
+        );
+    }
+    let m = match e {
+        wit_types::PluginError::InvalidConfig(m)
+        | wit_types::PluginError::NotFound(m)
+        | wit_types::PluginError::Denied(m)
+        | wit_types::PluginError::Other(m) => m,
+    };
+    state.secrets.mask(&m)
+}
+
+/// WASI (the sandbox's context: no files, sockets or env), `wasi:http` through [`NetGrant`],
+/// and the world's own imports.
+fn publish_linker(runtime: &PluginRuntime) -> Result<Linker<PublishState>> {
+    let mut linker = Linker::new(runtime.engine());
+    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(wasm_err)?;
+    wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    wit_log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    host_files::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    host_export::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    open_artefact::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    Ok(linker)
+}
+
+/// Lists the files of `dir` named in `files` as an artefact (helper for callers that hold the
+/// list of paths an export wrote).
+pub fn artefact_of(kind: ArtefactKind, dir: &Path, files: &[PathBuf]) -> PushArtefact {
+    PushArtefact {
+        kind,
+        dir: dir.to_path_buf(),
+        files: files
+            .iter()
+            .filter_map(|f| f.strip_prefix(dir).ok())
+            .map(|f| f.to_string_lossy().replace('\\', "/"))
+            .collect(),
+        quantization: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_give_authority_and_scheme() {
+        assert_eq!(
+            endpoint_authority("https://huggingface.co").unwrap(),
+            ("huggingface.co:443".to_string(), "https")
+        );
+        assert_eq!(
+            endpoint_authority("http://127.0.0.1:8123/").unwrap(),
+            ("127.0.0.1:8123".to_string(), "http")
+        );
+        assert!(endpoint_authority("ftp://x").is_err());
+    }
+
+    #[test]
+    fn artefacts_list_files_relative_to_their_dir() {
+        let dir = Path::new("/out");
+        let a = artefact_of(
+            ArtefactKind::Gguf,
+            dir,
+            &[dir.join("m.Q8_0.gguf"), PathBuf::from("/elsewhere/x")],
+        );
+        assert_eq!(a.files, vec!["m.Q8_0.gguf".to_string()]);
+    }
+}
