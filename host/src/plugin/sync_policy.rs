@@ -242,3 +242,86 @@ fn from_wit(action: wit::Action, output_dir: &Path) -> Action {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::PluginLimits;
+    use crate::sync::policy::{RunStart, SavedCheckpoint};
+
+    /// The example policy `plugins/sync-sparse`, built by build.rs.
+    fn sparse(config: &str) -> Result<WasmSyncPolicy> {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime =
+            PluginRuntime::with_cache_dir(PluginLimits::default(), Some(cache.path().into()))
+                .unwrap();
+        let path = Path::new(env!("FERROTUNE_SYNC_SPARSE_PLUGIN"));
+        WasmSyncPolicy::load(&runtime, path, config)
+    }
+
+    fn file(path: &str) -> LocalFile {
+        LocalFile {
+            path: path.into(),
+            size: 3,
+            sha256: Some("ab".into()),
+        }
+    }
+
+    #[test]
+    fn events_and_actions_cross_the_boundary_intact() {
+        let mut policy = sparse(r#"{"upload_every_steps": 2, "keep_last": 3}"#).unwrap();
+        assert_eq!(policy.name(), "sync-sparse.wasm");
+        let start = Event::RunStarting(RunStart {
+            output_dir: "/o".into(),
+            save_path: "/s".into(),
+            resume: true,
+            local_step: Some(4),
+            save_total_limit: Some(2),
+        });
+        // The plugin names a prefix; the host fills in where downloads land.
+        assert_eq!(
+            policy.on_event(&start).unwrap(),
+            [Action::DownloadLatestValid {
+                prefix: "checkpoints".into(),
+                into: "/o".into()
+            }]
+        );
+        let saved = Event::CheckpointSaved(SavedCheckpoint {
+            step: 6,
+            dir: "/o/checkpoint-6".into(),
+            files: vec![file("a.bin"), file("manifest.json")],
+        });
+        assert_eq!(
+            policy.on_event(&saved).unwrap(),
+            [
+                Action::Upload {
+                    local: "/o/checkpoint-6/a.bin".into(),
+                    key: "checkpoints/checkpoint-6/a.bin".into()
+                },
+                Action::Upload {
+                    local: "/o/checkpoint-6/manifest.json".into(),
+                    key: "checkpoints/checkpoint-6/manifest.json".into()
+                },
+                Action::KeepLast {
+                    prefix: "checkpoints".into(),
+                    count: 3
+                },
+            ]
+        );
+        assert!(policy
+            .on_event(&Event::CheckpointDeleted(4))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_rejected_config_is_a_usage_error_naming_plugin_and_key() {
+        let err = sparse(r#"{"upload_every_steps": 0}"#).err().unwrap();
+        assert!(err.downcast_ref::<UsageError>().is_some(), "{err:#}");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("sync-sparse.wasm") && text.contains("upload_every_steps"),
+            "{text}"
+        );
+    }
+}
