@@ -413,14 +413,13 @@ fn features_not_built_fail_loudly_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
     let out = out_dir.to_str().unwrap();
-    for flag in ["--use_dora"] {
-        let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
-        assert_eq!(run.status.code(), Some(2));
-        assert!(
-            stderr(&run).contains(&format!("{flag} (not built yet")),
-            "{}",
-            stderr(&run)
-        );
-        assert!(!out_dir.exists());
-    }
+    let flag = "--use_dora";
+    let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
+    assert_eq!(run.status.code(), Some(2));
+    assert!(
+        stderr(&run).contains(&format!("{flag} (not built yet")),
+        "{}",
+        stderr(&run)
+    );
+    assert!(!out_dir.exists());
 }
