@@ -470,6 +470,61 @@ fn sigint_with_sync_dies_by_sigint_leaving_nothing_partial_and_no_final_upload()
     check_remote(&store, tmp.path());
 }
 
+#[test]
+fn sigterm_with_sync_stores_the_last_step_before_dying_by_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, data) = fixture(tmp.path());
+    let storage = Storage::start();
+    // No periodic checkpoint comes before the SIGTERM: the one saved on the way out is the
+    // only one, and it must reach storage within the grace period.
+    let steps = Steps {
+        max_steps: 100_000,
+        save_steps: 50_000,
+        save_total_limit: 2,
+    };
+    let (ck, save) = (tmp.path().join("ck"), tmp.path().join("final"));
+    let mut args = job_args(&model, &data, &ck, &save, steps);
+    args.extend(mirror_args(&format!("s3://{BUCKET}/job")));
+    let mut trainer = Trainer::spawn(&args, &storage.env(), &[]);
+    assert!(
+        trainer.wait_for(Duration::from_secs(60), |l| step_line(l) >= Some(3)),
+        "{}",
+        trainer.tail()
+    );
+    let sent = Command::new("kill")
+        .args(["-TERM", &trainer.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = trainer.finish(Duration::from_secs(60));
+    assert_eq!(status.signal(), Some(15), "{status:?}\n{}", trainer.tail());
+    let log = trainer.log.join("\n");
+    assert!(
+        log.contains("uploads done before stopping"),
+        "{}",
+        trainer.tail()
+    );
+    let local: Vec<u64> = std::fs::read_dir(&ck)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            name.strip_prefix("checkpoint-")?.parse().ok()
+        })
+        .collect();
+    assert_eq!(local.len(), 1, "{local:?}");
+    let store = storage.store("job");
+    assert_eq!(
+        remote_checkpoints(&store, "checkpoints"),
+        [(local[0], true)]
+    );
+    assert_eq!(check_remote(&store, tmp.path()), 0);
+    assert!(
+        !save.exists(),
+        "final artefacts written by a terminated run"
+    );
+    assert!(store.list("outputs/").unwrap().is_empty());
+}
+
 /// Runs a 2-step job syncing to `url` with `env`; returns (exit code, stderr).
 fn failing_run(url: &str, env: &[(&'static str, String)], resume: bool) -> (Option<i32>, String) {
     let tmp = tempfile::tempdir().unwrap();

@@ -186,6 +186,7 @@ fn fast_options() -> SyncOptions {
             cap: Duration::from_millis(200),
         },
         final_timeout: Duration::from_secs(60),
+        sigterm_grace: Duration::from_secs(10),
         start_attempts: 3,
     }
 }

@@ -29,6 +29,7 @@ use serde::Deserialize;
 
 use crate::cli::UsageError;
 use crate::plugin::{PluginLimits, PluginRuntime};
+use crate::signals::StopSignal;
 use crate::storage::ObjectStore;
 use execute::Done;
 use policy::{Action, Event, Mirror, RunOutcome, RunStart, SyncPolicy};
@@ -49,6 +50,8 @@ pub struct SyncSettings {
     pub storage_config: Option<serde_json::Value>,
     /// How long the end of the run waits for pending uploads before failing, seconds.
     pub final_timeout_s: f64,
+    /// How long a run stopped by SIGTERM waits for pending uploads before dying, seconds.
+    pub sigterm_grace_s: f64,
 }
 
 /// Which policy decides.
@@ -71,6 +74,8 @@ struct HostKeys {
     storage_config: Option<serde_json::Value>,
     #[serde(default = "default_final_timeout_s")]
     final_timeout_s: f64,
+    #[serde(default = "default_sigterm_grace_s")]
+    sigterm_grace_s: f64,
 }
 
 /// `mirror`'s own keys.
@@ -83,7 +88,12 @@ struct MirrorKeys {
     outputs_prefix: String,
 }
 
-const HOST_KEYS: [&str; 3] = ["storage", "storage_config", "final_timeout_s"];
+const HOST_KEYS: [&str; 4] = [
+    "storage",
+    "storage_config",
+    "final_timeout_s",
+    "sigterm_grace_s",
+];
 
 fn default_checkpoints_prefix() -> String {
     "checkpoints".into()
@@ -93,6 +103,10 @@ fn default_outputs_prefix() -> String {
 }
 fn default_final_timeout_s() -> f64 {
     900.0
+}
+/// Node shutdowns (SIGTERM, then SIGKILL) typically allow 30 s; leave some for the rest.
+fn default_sigterm_grace_s() -> f64 {
+    20.0
 }
 
 impl SyncSettings {
@@ -159,10 +173,15 @@ impl SyncSettings {
         let url = crate::storage::StorageUrl::parse(&storage)
             .map_err(|e| UsageError::new(format!("--sync_config storage: {e}")))?;
         check_storage_plugin(&url, host.storage_config.as_ref())?;
-        if !(host.final_timeout_s.is_finite() && host.final_timeout_s >= 0.0) {
-            return Err(UsageError::new(
-                "--sync_config final_timeout_s must be a number of seconds >= 0",
-            ));
+        for (name, secs) in [
+            ("final_timeout_s", host.final_timeout_s),
+            ("sigterm_grace_s", host.sigterm_grace_s),
+        ] {
+            if !(secs.is_finite() && secs >= 0.0) {
+                return Err(UsageError::new(format!(
+                    "--sync_config {name} must be a number of seconds >= 0"
+                )));
+            }
         }
         let policy = if wasm {
             let path = PathBuf::from(policy);
@@ -204,6 +223,7 @@ impl SyncSettings {
             storage,
             storage_config: host.storage_config,
             final_timeout_s: host.final_timeout_s,
+            sigterm_grace_s: host.sigterm_grace_s,
         }))
     }
 
@@ -285,6 +305,10 @@ pub trait SyncHooks {
     /// and waits for every pending upload; fails when the newest checkpoint or the final
     /// artefacts are not stored. Call once.
     fn on_run_finished(&self, save_path: &Path) -> anyhow::Result<()>;
+    /// A signal stopped the run and the process is about to die by it. SIGINT (cancel): pending
+    /// uploads are dropped at once. SIGTERM (the node is going away): they get the grace period
+    /// (`sigterm_grace_s`), so the checkpoint just saved can still reach storage.
+    fn on_stopped(&self, signal: StopSignal);
 }
 
 /// The job's sync: [`Syncer`] with `--sync`, else [`NoSync`]. Opening a store makes no request
@@ -314,6 +338,7 @@ impl SyncHooks for NoSync {
     fn on_run_finished(&self, _: &Path) -> anyhow::Result<()> {
         Ok(())
     }
+    fn on_stopped(&self, _: StopSignal) {}
 }
 
 /// Knobs tests turn; production uses [`SyncOptions::default`].
@@ -321,6 +346,8 @@ impl SyncHooks for NoSync {
 pub struct SyncOptions {
     pub backoff: Backoff,
     pub final_timeout: Duration,
+    /// How long a SIGTERM'd run waits for pending uploads.
+    pub sigterm_grace: Duration,
     /// Attempts of the blocking start-up download before giving up.
     pub start_attempts: u32,
 }
@@ -333,6 +360,7 @@ impl Default for SyncOptions {
                 cap: Duration::from_secs(60),
             },
             final_timeout: Duration::from_secs(900),
+            sigterm_grace: Duration::from_secs(20),
             start_attempts: 5,
         }
     }
@@ -369,6 +397,7 @@ impl Syncer {
         let policy = settings.build_policy(limits)?;
         let options = SyncOptions {
             final_timeout: Duration::from_secs_f64(settings.final_timeout_s),
+            sigterm_grace: Duration::from_secs_f64(settings.sigterm_grace_s),
             ..SyncOptions::default()
         };
         Ok(Self::new(store, policy, options))
@@ -593,5 +622,26 @@ impl SyncHooks for Syncer {
             "sync complete"
         );
         Ok(())
+    }
+
+    fn on_stopped(&self, signal: StopSignal) {
+        match signal {
+            StopSignal::Interrupt => self.abandon(),
+            StopSignal::Terminate => {
+                let Some(worker) = self.worker.lock().unwrap().take() else {
+                    return;
+                };
+                let grace = self.options.sigterm_grace;
+                match worker.finish(grace) {
+                    Ok(()) => {
+                        tracing::info!(storage = self.store.url(), "uploads done before stopping")
+                    }
+                    Err(e) => tracing::warn!(
+                        storage = self.store.url(),
+                        "stopping with uploads incomplete after {grace:?}: {e}"
+                    ),
+                }
+            }
+        }
     }
 }

@@ -100,7 +100,10 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     let outcome = trainer.run(backend.as_mut(), &mut state, &mut reporter)?;
     reporter.finish()?;
     match outcome {
-        Outcome::Stopped(signal) => crate::signals::die_by(signal),
+        Outcome::Stopped(signal) => {
+            sync.on_stopped(signal);
+            crate::signals::die_by(signal)
+        }
         Outcome::Paused => {
             return Ok(JobReport {
                 state,

@@ -238,6 +238,8 @@ impl Trainer<'_> {
             let dir =
                 checkpoint::save(&self.job.saving.output_dir, &self.snapshot(backend, state)?)?;
             tracing::info!("saved {} before stopping", dir.display());
+            // The node is going away: sync gets a grace period to store it (job::run_job_with).
+            self.sync.on_checkpoint_saved(&dir)?;
         }
         Ok(Outcome::Stopped(signal))
     }
