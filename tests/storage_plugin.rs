@@ -344,6 +344,10 @@ fn a_training_run_syncs_through_the_plugin_and_a_fresh_node_resumes() {
         text.contains("storage plugin"),
         "no plugin log line: {text}"
     );
+    assert!(
+        text.contains("<redacted>"),
+        "the config is not logged redacted: {text}"
+    );
     let remote = server.root.join("jobs/run-1");
     // Checkpoints and the final save are on the server, complete and verifiable.
     let on_server = FileStore::new(remote.clone()).unwrap();

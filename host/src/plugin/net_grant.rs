@@ -1,8 +1,9 @@
 //! The network grant of a plugin that imports `wasi:http`: outgoing requests may reach only the
 //! `host:port` authorities the job allows; any other is refused before a connection is made
 //! (the guest sees `http-request-denied`) and recorded, so the host can report it in its own
-//! words whatever the plugin makes of the error. Timeouts the plugin leaves unset default to
-//! the per-call deadline, so a silent server cannot hang a call forever.
+//! words whatever the plugin makes of the error. Connect and between-bytes timeouts the
+//! plugin leaves unset default to the per-call deadline, so a silent server cannot hang a call
+//! forever.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -120,14 +121,12 @@ impl WasiHttpHooks for NetGrant {
             path = request.uri().path(),
             "plugin http request"
         );
+        // Connecting and each wait between response bytes default to the per-call deadline.
+        // Not the first byte: it comes only after the whole request body is sent, which for a
+        // large upload takes as long as it takes (wasmtime's default, 10 min, applies).
         let mut options = options.unwrap_or_default();
-        for slot in [
-            &mut options.connect_timeout,
-            &mut options.first_byte_timeout,
-            &mut options.between_bytes_timeout,
-        ] {
-            slot.get_or_insert(self.timeout);
-        }
+        options.connect_timeout.get_or_insert(self.timeout);
+        options.between_bytes_timeout.get_or_insert(self.timeout);
         Box::new(async move {
             let (response, io) =
                 wasmtime_wasi_http::default_send_request(request, Some(options)).await?;

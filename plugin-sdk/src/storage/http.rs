@@ -129,7 +129,8 @@ pub enum Body<'a> {
     File(&'a BodyReader),
 }
 
-/// Timeouts of one request (the host may impose shorter ones).
+/// Timeouts of one request. `first_byte_ms` is extended by 1 ms per KB of request body (the
+/// response starts only after the upload).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub connect_ms: u64,
@@ -245,11 +246,17 @@ impl Request {
             ),
         };
 
+        // The response's first byte comes after the whole body went out: allow the upload at
+        // least 1 MB/s on top of the configured wait.
+        let first_byte_ms = self
+            .timeouts
+            .first_byte_ms
+            .saturating_add(length.unwrap_or(0) / 1_000);
         let options = RequestOptions::new();
         let ns = |ms: u64| ms.saturating_mul(1_000_000);
         // The host may refuse options it does not support; the defaults then apply.
         let _ = options.set_connect_timeout(Some(ns(self.timeouts.connect_ms)));
-        let _ = options.set_first_byte_timeout(Some(ns(self.timeouts.first_byte_ms)));
+        let _ = options.set_first_byte_timeout(Some(ns(first_byte_ms)));
         let _ = options.set_between_bytes_timeout(Some(ns(self.timeouts.between_bytes_ms)));
 
         // Send first, then stream the body: the host forwards it as it is written.
