@@ -399,7 +399,10 @@ fn push_flags_without_their_save_fail_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
     let out = out_dir.to_str().unwrap();
-    for (flag, needs) in [("--push_gguf", "--save_gguf"), ("--push_model", "--save_model")] {
+    for (flag, needs) in [
+        ("--push_gguf", "--save_gguf"),
+        ("--push_model", "--save_model"),
+    ] {
         let run = ferrotune(&[flag, "--output_dir", out, "--save_path", out]);
         assert_eq!(run.status.code(), Some(2));
         let err = stderr(&run);

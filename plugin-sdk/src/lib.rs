@@ -34,12 +34,12 @@ extern crate self as ferrotune_plugin_sdk;
 #[cfg(feature = "formatter")]
 mod formatter;
 pub mod log;
+#[cfg(feature = "publish")]
+pub mod publish;
 pub mod row;
 mod sample;
 #[cfg(feature = "storage")]
 pub mod storage;
-#[cfg(feature = "publish")]
-pub mod publish;
 #[cfg(feature = "sync")]
 pub mod sync;
 pub mod testing;

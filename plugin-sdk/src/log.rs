@@ -17,6 +17,12 @@ pub fn write(level: LogLevel, message: &str) {
     use crate::bindings::ferrotune::plugin as wit;
     #[cfg(all(
         target_arch = "wasm32",
+        feature = "publish",
+        not(any(feature = "formatter", feature = "storage", feature = "sync"))
+    ))]
+    use crate::publish_bindings::ferrotune::plugin as wit;
+    #[cfg(all(
+        target_arch = "wasm32",
         feature = "storage",
         not(feature = "formatter")
     ))]
@@ -27,12 +33,6 @@ pub fn write(level: LogLevel, message: &str) {
         not(any(feature = "formatter", feature = "storage"))
     ))]
     use crate::sync::bindings::ferrotune::plugin as wit;
-    #[cfg(all(
-        target_arch = "wasm32",
-        feature = "publish",
-        not(any(feature = "formatter", feature = "storage", feature = "sync"))
-    ))]
-    use crate::publish_bindings::ferrotune::plugin as wit;
     #[cfg(target_arch = "wasm32")]
     {
         use wit::types::LogLevel as Wit;
