@@ -3,7 +3,7 @@
 //! basic auth) — object round trips, a training run syncing through it with
 //! `--sync_to PLUGIN.wasm`, the host's allow-list, wrong credentials, and secrets never printed.
 //!
-//! Needs `wsgidav` (`pip install wsgidav==4.3.3 cheroot`, see .ci/run): without it the tests
+//! Needs `wsgidav` (`pip install wsgidav==4.3.3 cheroot==11.1.2`, see .ci/run): without it the tests
 //! print SKIPPED, and fail under CI=true.
 
 mod support;
@@ -47,10 +47,12 @@ impl DavServer {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!(
                     "CI=true but `wsgidav` is not installed: .ci/run must \
-                     `pip install wsgidav==4.3.3 cheroot`"
+                     `pip install wsgidav==4.3.3 cheroot==11.1.2`"
                 );
             }
-            eprintln!("SKIPPED: wsgidav not installed (pip install wsgidav==4.3.3 cheroot)");
+            eprintln!(
+                "SKIPPED: wsgidav not installed (pip install wsgidav==4.3.3 cheroot==11.1.2)"
+            );
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
