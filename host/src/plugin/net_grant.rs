@@ -67,6 +67,13 @@ impl NetGrant {
     fn allows(&self, authority: &str) -> bool {
         self.allow.iter().any(|a| a == authority)
     }
+
+    /// Whether [`NetGrant::any_host_over`] lets `uri` through (a host, over that scheme).
+    fn allows_by_scheme(&self, uri: &http::Uri) -> bool {
+        self.any_over.is_some()
+            && uri.scheme_str() == self.any_over
+            && Self::authority_of(uri).is_some()
+    }
 }
 
 impl WasiHttpHooks for NetGrant {
@@ -88,10 +95,7 @@ impl WasiHttpHooks for NetGrant {
     > {
         let authority = Self::authority_of(request.uri());
         let listed = authority.as_deref().is_some_and(|a| self.allows(a));
-        let by_scheme = !listed
-            && authority.is_some()
-            && self.any_over.is_some()
-            && request.uri().scheme_str() == self.any_over;
+        let by_scheme = !listed && self.allows_by_scheme(request.uri());
         if by_scheme {
             tracing::info!(
                 plugin = %self.plugin,
@@ -159,12 +163,12 @@ mod tests {
         assert!(grant.allows("h:443"));
         assert!(!grant.allows("h:80"));
         assert!(!grant.allows("evil:443"));
-        assert!(grant.any_over.is_none());
-        assert_eq!(
-            NetGrant::new("p".into(), vec![], Duration::from_secs(1))
-                .any_host_over("https")
-                .any_over,
-            Some("https")
-        );
+        let uri = |u: &str| u.parse::<http::Uri>().unwrap();
+        assert!(!grant.allows_by_scheme(&uri("https://storage.example/x")));
+        let publish = NetGrant::new("p".into(), vec!["hub:443".into()], Duration::from_secs(1))
+            .any_host_over("https");
+        assert!(publish.allows_by_scheme(&uri("https://s3.example/bucket?sig=1")));
+        assert!(!publish.allows_by_scheme(&uri("http://s3.example/bucket")));
+        assert!(!publish.allows_by_scheme(&uri("/relative")));
     }
 }
