@@ -645,3 +645,73 @@ impl SyncHooks for Syncer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::file::FileStore;
+    use manifest::write_test_checkpoint;
+
+    /// Records the events it hears, answers with nothing.
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl SyncPolicy for Recorder {
+        fn name(&self) -> &str {
+            "recorder"
+        }
+        fn on_event(&mut self, event: &Event) -> Result<Vec<Action>, String> {
+            let what = match event {
+                Event::RunStarting(s) => format!("start resume={}", s.resume),
+                Event::CheckpointSaved(c) => format!("saved {} ({} files)", c.step, c.files.len()),
+                Event::CheckpointDeleted(step) => format!("deleted {step}"),
+                Event::RunFinished { outcome, artefacts } => {
+                    format!("finished {outcome:?} ({} artefacts)", artefacts.len())
+                }
+            };
+            self.0.lock().unwrap().push(what);
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn the_policy_hears_every_moment_in_order_including_local_rotation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::new(tmp.path().join("remote")).unwrap());
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sync = Syncer::new(
+            store,
+            Box::new(Recorder(Arc::clone(&heard))),
+            SyncOptions::default(),
+        );
+        let (out, save) = (tmp.path().join("out"), tmp.path().join("save"));
+        let start = SyncStart {
+            output_dir: out.clone(),
+            save_path: save.clone(),
+            resume: false,
+            save_total_limit: Some(2),
+        };
+        sync.before_start(&start).unwrap();
+        for step in [1, 2, 3] {
+            let dir = write_test_checkpoint(&out, step, &[("w.bin", b"w")]);
+            if step == 3 {
+                // The trainer's rotation runs before it tells sync about the new checkpoint.
+                std::fs::remove_dir_all(out.join("checkpoint-1")).unwrap();
+            }
+            sync.on_checkpoint_saved(&dir).unwrap();
+        }
+        std::fs::create_dir_all(&save).unwrap();
+        std::fs::write(save.join("adapter_config.json"), b"{}").unwrap();
+        sync.on_run_finished(&save).unwrap();
+        assert_eq!(
+            *heard.lock().unwrap(),
+            [
+                "start resume=false",
+                "saved 1 (2 files)",
+                "saved 2 (2 files)",
+                "saved 3 (2 files)",
+                "deleted 1",
+                "finished Completed (1 artefacts)"
+            ]
+        );
+    }
+}
