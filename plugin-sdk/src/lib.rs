@@ -26,6 +26,11 @@
 //! }
 //! export_formatter!(Upper);
 //! ```
+//!
+//! Other plugin kinds have one cargo feature each (a plugin depends on the SDK with
+//! `default-features = false` and exactly one of them, since a component carries one world):
+//! `storage` (a whole object store, module `storage`), `sync` (a sync policy: events in, actions
+//! out, module `sync`, `export_sync_policy!`) and `publish`.
 
 // The generated bindings name this crate by its public path so that the export macro, which
 // expands inside the plugin crate, resolves the same items.
