@@ -448,7 +448,8 @@ pub struct PluginArgs {
     /// What to do with a row the formatter rejects: fail the job or skip the row (counted, logged).
     #[arg(long, value_enum, default_value_t = OnBadRow::Fail)]
     pub on_bad_row: OnBadRow,
-    /// Sync plugin (built-in name or PATH.wasm) that mirrors checkpoints/outputs to storage.
+    /// Sync policy deciding what goes to storage when: mirror (built in) or a sync policy
+    /// PATH.wasm; its own keys go in --sync_config.
     #[arg(long)]
     pub sync: Option<String>,
     /// Storage for --sync: s3://BUCKET/PREFIX, file:///DIR or a storage plugin PATH.wasm
