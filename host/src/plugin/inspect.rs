@@ -37,10 +37,11 @@ pub fn inspect(runtime: &PluginRuntime, file: &Path) -> Result<String> {
     let info = match found.kind {
         Kind::Formatter => describe_component(runtime, &name, &wasm)?.1,
         Kind::Storage => super::storage_host::describe_component(runtime, &name, &wasm)?,
+        Kind::Sync => super::sync_policy::describe_component(runtime, &name, &wasm)?,
         _ => {
             writeln!(
                 out,
-                "(plugin inspect describes formatter and storage plugins)"
+                "(plugin inspect describes formatter, storage and sync plugins)"
             )?;
             return Ok(out);
         }

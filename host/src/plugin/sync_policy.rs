@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::Store;
 
-use super::formatter::trap_error;
+use super::formatter::{trap_error, PluginInfo};
 use super::runtime::PluginRuntime;
 use super::sandbox::{self, PluginState};
 use super::wasm_err;
@@ -67,54 +67,18 @@ impl WasmSyncPolicy {
                 path.display()
             ))
         })?;
-        let name: Arc<str> = path
-            .file_name()
-            .map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into(),
-            )
-            .into();
-        let component = runtime.component(&name, &wasm)?;
-        let found: World = world::detect(runtime.engine(), &component, &name)?;
-        if found.kind != Kind::Sync {
-            bail!(UsageError::new(format!(
-                "--sync {}: this is a {} plugin, not a sync policy",
-                path.display(),
-                found.kind
-            )));
-        }
-        let mut linker: Linker<PluginState> = Linker::new(runtime.engine());
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
-        v0_1_0::Sync::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
-        let timeout = runtime.limits().timeout;
-        let mut store = sandbox::new_store(runtime, name.clone());
-        let bindings = v0_1_0::Sync::instantiate(&mut store, &component, &linker)
-            .map_err(|e| trap_error(&store, e, timeout))
-            .with_context(|| {
-                format!(
-                    "sync plugin {name}: cannot instantiate it (a sync policy may import only \
-                     WASI without files or network, and ferrotune:plugin/log)"
-                )
-            })?;
-        let mut policy = WasmSyncPolicy {
-            name,
-            store,
-            bindings,
-            timeout,
-            output_dir: PathBuf::new(),
-        };
-        sandbox::arm_deadline(&mut policy.store, timeout);
-        let info = policy
-            .bindings
-            .ferrotune_plugin_sync_policy()
-            .call_describe(&mut policy.store)
-            .map_err(|e| trap_error(&policy.store, e, timeout))?;
-        sandbox::arm_deadline(&mut policy.store, timeout);
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let (mut policy, found) = Self::instantiate(runtime, &name, &wasm)?;
+        let info = policy.describe()?;
+        sandbox::arm_deadline(&mut policy.store, policy.timeout);
         policy
             .bindings
             .ferrotune_plugin_sync_policy()
             .call_configure(&mut policy.store, config)
-            .map_err(|e| trap_error(&policy.store, e, timeout))?
+            .map_err(|e| trap_error(&policy.store, e, policy.timeout))?
             .map_err(|e| {
                 UsageError::new(format!(
                     "--sync_config: sync plugin {} rejected it: {}",
@@ -131,6 +95,62 @@ impl WasmSyncPolicy {
         );
         Ok(policy)
     }
+
+    /// A fresh, unconfigured instance in its own sandboxed Store.
+    fn instantiate(runtime: &PluginRuntime, name: &str, wasm: &[u8]) -> Result<(Self, World)> {
+        let component = runtime.component(name, wasm)?;
+        let found: World = world::detect(runtime.engine(), &component, name)?;
+        if found.kind != Kind::Sync {
+            bail!(UsageError::new(format!(
+                "--sync {name}: this is a {} plugin, not a sync policy",
+                found.kind
+            )));
+        }
+        let mut linker: Linker<PluginState> = Linker::new(runtime.engine());
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
+        v0_1_0::Sync::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+        let timeout = runtime.limits().timeout;
+        let name: Arc<str> = name.into();
+        let mut store = sandbox::new_store(runtime, name.clone());
+        let bindings = v0_1_0::Sync::instantiate(&mut store, &component, &linker)
+            .map_err(|e| trap_error(&store, e, timeout))
+            .with_context(|| {
+                format!(
+                    "sync plugin {name}: cannot instantiate it (a sync policy may import only \
+                     WASI without files or network, and ferrotune:plugin/log)"
+                )
+            })?;
+        let policy = WasmSyncPolicy {
+            name,
+            store,
+            bindings,
+            timeout,
+            output_dir: PathBuf::new(),
+        };
+        Ok((policy, found))
+    }
+
+    fn describe(&mut self) -> Result<PluginInfo> {
+        sandbox::arm_deadline(&mut self.store, self.timeout);
+        let info = self
+            .bindings
+            .ferrotune_plugin_sync_policy()
+            .call_describe(&mut self.store)
+            .map_err(|e| trap_error(&self.store, e, self.timeout))?;
+        Ok(PluginInfo {
+            name: info.name,
+            version: info.version,
+            description: info.description,
+            config_schema: info.config_schema,
+        })
+    }
+}
+
+/// Describes a sync policy without configuring it (for `ferrotune plugin inspect`).
+pub fn describe_component(runtime: &PluginRuntime, name: &str, wasm: &[u8]) -> Result<PluginInfo> {
+    WasmSyncPolicy::instantiate(runtime, name, wasm)?
+        .0
+        .describe()
 }
 
 impl SyncPolicy for WasmSyncPolicy {
@@ -312,6 +332,26 @@ mod tests {
             .on_event(&Event::CheckpointDeleted(4))
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn inspect_describes_a_sync_policy() {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime =
+            PluginRuntime::with_cache_dir(PluginLimits::default(), Some(cache.path().into()))
+                .unwrap();
+        let report = crate::plugin::inspect::inspect(
+            &runtime,
+            Path::new(env!("FERROTUNE_SYNC_SPARSE_PLUGIN")),
+        )
+        .unwrap();
+        for needle in [
+            "kind:        sync",
+            "name:        sync-sparse",
+            "upload_every_steps",
+        ] {
+            assert!(report.contains(needle), "{needle:?} not in:\n{report}");
+        }
     }
 
     #[test]
