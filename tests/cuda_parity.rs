@@ -445,10 +445,14 @@ fn run_case(c: &Case) {
     // in the host optimizer's format.
     let (gt, gs) = gpu.export_optimizer().unwrap();
     let (ct, cs) = cpu.export_optimizer().unwrap();
+    // Checkpoints store these by name, so only the set matters, not the order.
     let names = |t: &[(String, HostTensor)]| -> Vec<(String, Vec<usize>)> {
-        t.iter()
+        let mut v: Vec<_> = t
+            .iter()
             .map(|(n, t)| (n.clone(), t.shape.clone()))
-            .collect()
+            .collect();
+        v.sort();
+        v
     };
     assert_eq!(names(&gt), names(&ct), "{label}: optimizer state tensors");
     assert_eq!(gs["engine"]["forward_passes"], 3);
