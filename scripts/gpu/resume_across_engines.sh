@@ -19,7 +19,10 @@ data=$w/demo/data/alpaca_demo.jsonl
 [ -n "$model" ] && [ -f "$data" ] || { echo "demo wrote no model (see $out/xengine-demo.log)"; exit 1; }
 run() { # out_dir device max_steps optim extra...
   local o=$1 dev=$2 steps=$3 optim=$4; shift 4
-  ./gpu-bin/ferrotune --model_name "$model" --dataset "$data" --output_dir "$o" --device "$dev" \
+  # One GPU: --num_gpus defaults to every visible GPU, and the cpu run is one device, so on a
+  # multi-GPU machine the two would differ in GA × devices (refused on resume, rightly).
+  local gpus=""; [ "$dev" = cuda ] && gpus="--num_gpus 1"
+  ./gpu-bin/ferrotune $gpus --model_name "$model" --dataset "$data" --output_dir "$o" --device "$dev" \
     --max_steps "$steps" --save_steps 3 --logging_steps 1 --max_seq_length 256 --r 8 \
     --lora_alpha 16 --per_device_train_batch_size 2 --optim "$optim" "$@"
 }
