@@ -14,8 +14,8 @@ Usage: check_bnb4.py FERROTUNE_BINARY WORKDIR
      (>= 99.9 %; ties can round differently) and, dequantised, the same weight within 1 % of each
      block's absmax;
    - logits of the 4-bit model equal those of the 16-bit model whose linears hold bitsandbytes' own
-     NF4 round trip (same quantisation: relative RMS < 2 %), and stay within NF4 error of the
-     16-bit model's logits (relative RMS < 15 %).
+     NF4 round trip (same quantisation: relative RMS < 2 %), and are as far from the 16-bit
+     model's logits as that bitsandbytes round trip is (NF4's own error, within 0.01).
 Exit 0 when every check passes; otherwise print each failure and exit 1.
 """
 import json
@@ -102,9 +102,12 @@ def main():
     ids = torch.randint(0, config.vocab_size, (2, 64), device="cuda")
     with torch.no_grad():
         l4, l16, lq = (m(ids).logits.float() for m in (m4, m16, m16q))
-    same_q, vs16 = rel_rms(l4, lq), rel_rms(l4, l16)
+    same_q, vs16, bnb_vs16 = rel_rms(l4, lq), rel_rms(l4, l16), rel_rms(lq, l16)
     check(same_q < 0.02, f"logits vs bitsandbytes-quantised 16-bit model: relative RMS {same_q:.4f}")
-    check(vs16 < 0.15, f"logits vs merged_16bit model: relative RMS {vs16:.4f} (NF4 error)")
+    # NF4's own error on this random tiny model is bitsandbytes' behaviour, not ours (0.27 on the
+    # first H200 run, too large for a fixed bound): ours must be as far from 16-bit as theirs.
+    check(abs(vs16 - bnb_vs16) < 0.01,
+          f"logits vs merged_16bit model: relative RMS {vs16:.4f}, bitsandbytes' own NF4 {bnb_vs16:.4f}")
 
 
 if __name__ == "__main__":
