@@ -30,9 +30,15 @@ pub trait Replica {
         Ok(())
     }
 
-    /// Forward and backward over this rank's micro-batches (possibly none), then sums the
-    /// gradients over all ranks; every rank calls it once per window.
-    fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats>;
+    /// Forward and backward over this rank's micro-batches (possibly none) of a window of
+    /// `window_len` (this rank's are those at `rank, rank + world, …`, see [`shard`]), then sums
+    /// the gradients over all ranks; every rank calls it once per window.
+    fn shard_pass(
+        &mut self,
+        batches: &[Batch],
+        window_len: usize,
+        loss_scale: f32,
+    ) -> Result<PassStats>;
 
     /// The rank's single-device backend (evaluation, optimizer step, state in and out).
     fn backend(&mut self) -> &mut dyn Backend;
@@ -54,7 +60,7 @@ type NamedTensors = Vec<(String, HostTensor)>;
 
 enum Cmd {
     Connect,
-    Shard(Vec<Batch>, f32),
+    Shard(Vec<Batch>, usize, f32),
     Eval(Batch),
     GradNorm,
     Step(f64, f64),
@@ -185,7 +191,9 @@ fn serve(r: usize, factory: ReplicaFactory, cmds: Receiver<Cmd>, replies: Sender
     for cmd in cmds {
         let reply = match cmd {
             Cmd::Connect => replica.connect().map(|_| Reply::Done),
-            Cmd::Shard(batches, scale) => replica.shard_pass(&batches, scale).map(Reply::Pass),
+            Cmd::Shard(batches, window, scale) => {
+                replica.shard_pass(&batches, window, scale).map(Reply::Pass)
+            }
             Cmd::Eval(batch) => replica.backend().eval_loss(&batch).map(Reply::Pass),
             Cmd::GradNorm => replica.backend().grad_norm().map(Reply::Norm),
             Cmd::Step(lr, scale) => replica
@@ -243,7 +251,9 @@ impl Backend for DataParallel {
             .map(|idx| idx.into_iter().map(|i| window[i].clone()).collect())
             .collect();
         let mut shares = shares.into_iter();
-        let replies = self.all(|| Cmd::Shard(shares.next().unwrap_or_default(), loss_scale))?;
+        let window_len = window.len();
+        let replies =
+            self.all(|| Cmd::Shard(shares.next().unwrap_or_default(), window_len, loss_scale))?;
         let mut total = PassStats::default();
         for reply in replies {
             let Reply::Pass(p) = reply else {

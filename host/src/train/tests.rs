@@ -422,7 +422,12 @@ fn bigram_group(job: &JobConfig, world: usize) -> crate::engine::parallel::DataP
         sum: std::sync::Arc<HostSum>,
     }
     impl Replica for BigramReplica {
-        fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
+        fn shard_pass(
+            &mut self,
+            batches: &[Batch],
+            _window_len: usize,
+            loss_scale: f32,
+        ) -> Result<PassStats> {
             let mut total = PassStats::default();
             for b in batches {
                 let p = self.model.pass(b, Some(loss_scale));

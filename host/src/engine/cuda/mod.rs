@@ -1141,12 +1141,23 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// This rank's share of a window, then the gradient sum over all ranks: the last
-    /// micro-batch's backward hands each finished bucket to NCCL while it goes on.
-    pub fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
-        ensure!(self.reducer.is_some(), "shard_pass needs connect first");
+    /// This rank's share of a window of `window_len` micro-batches, then the gradient sum over
+    /// all ranks: the last micro-batch's backward hands each finished bucket to NCCL while it
+    /// goes on. Each micro-batch draws the dropout masks of its index in the whole window (what
+    /// one GPU accumulating the window would draw), so ranks never share masks.
+    pub fn shard_pass(
+        &mut self,
+        batches: &[Batch],
+        window_len: usize,
+        loss_scale: f32,
+    ) -> Result<PassStats> {
+        let Some((rank, world)) = self.reducer.as_ref().map(|r| r.rank_of()) else {
+            bail!("shard_pass needs connect first");
+        };
+        let first_pass = self.passes;
         let mut total = PassStats::default();
         for (i, batch) in batches.iter().enumerate() {
+            self.passes = first_pass + (rank + i * world) as u64;
             self.reduce_in_pass = i + 1 == batches.len();
             let pass = self.pass(batch, Some(loss_scale));
             self.reduce_in_pass = false;
@@ -1154,6 +1165,7 @@ impl CudaBackend {
             total.loss_sum += pass.loss_sum;
             total.tokens += pass.tokens;
         }
+        self.passes = first_pass + window_len as u64;
         let r = self.reducer.as_mut().expect("checked above");
         if batches.is_empty() {
             r.reduce_all(&self.stream, &mut self.train.grads)?;

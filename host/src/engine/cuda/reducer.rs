@@ -149,6 +149,11 @@ impl GradReducer {
         })
     }
 
+    /// This rank and the number of ranks.
+    pub fn rank_of(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.world_size())
+    }
+
     /// Called after layer `l`'s backward of a window's last micro-batch.
     pub fn layer_done(
         &mut self,

@@ -22,8 +22,13 @@ impl Replica for CudaReplica {
         self.backend.connect(self.rank, self.world, self.id)
     }
 
-    fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
-        self.backend.shard_pass(batches, loss_scale)
+    fn shard_pass(
+        &mut self,
+        batches: &[Batch],
+        window_len: usize,
+        loss_scale: f32,
+    ) -> Result<PassStats> {
+        self.backend.shard_pass(batches, window_len, loss_scale)
     }
 
     fn backend(&mut self) -> &mut dyn Backend {

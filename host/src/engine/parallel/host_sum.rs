@@ -56,7 +56,12 @@ pub struct CpuReplica {
 }
 
 impl Replica for CpuReplica {
-    fn shard_pass(&mut self, batches: &[Batch], loss_scale: f32) -> Result<PassStats> {
+    fn shard_pass(
+        &mut self,
+        batches: &[Batch],
+        _window_len: usize,
+        loss_scale: f32,
+    ) -> Result<PassStats> {
         let mut total = PassStats::default();
         for batch in batches {
             let pass = self.backend.forward_backward(batch, loss_scale)?;
