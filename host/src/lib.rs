@@ -11,6 +11,7 @@ pub mod export;
 pub mod gguf;
 pub mod hub;
 pub mod job;
+pub mod kelpie;
 pub mod logging;
 pub mod model;
 pub mod optim;

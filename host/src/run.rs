@@ -82,5 +82,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Format(args) => crate::plugin::command::format(*args),
         Command::Export(args) => crate::export::command::run(args),
         Command::Bench(args) => crate::bench::run(&args),
+        Command::Kelpie(command) => crate::kelpie::run(command),
     }
 }

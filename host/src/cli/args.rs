@@ -65,6 +65,10 @@ pub enum Command {
     Format(Box<FormatArgs>),
     /// Time training steps on random tokens (warm-up, then the median step): tokens/s, peak GPU memory.
     Bench(BenchArgs),
+    /// Kelpie (SaladCloud job queue): print a job JSON for training flags, submit it, check or
+    /// cancel a job.
+    #[command(subcommand)]
+    Kelpie(crate::kelpie::args::KelpieCommand),
 }
 
 #[derive(Debug, Args, Clone)]
