@@ -156,6 +156,21 @@ fn a_bad_training_flag_is_refused_before_a_job_is_made() {
         "{err}"
     );
 
+    // No training args at all: the missing part is named.
+    let out = ferrotune(
+        &[
+            "kelpie",
+            "job",
+            "--container_group_id",
+            "c",
+            "--bucket",
+            "b",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("TRAINING ARGS"), "{}", stderr(&out));
+
     let out = job_json(&[], &["--output_dir", "ckpt"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("absolute"), "{}", stderr(&out));

@@ -37,6 +37,10 @@ pub fn one_line(err: &clap::Error) -> String {
         ErrorKind::NoEquals | ErrorKind::WrongNumberOfValues | ErrorKind::TooManyValues => {
             format!("{arg} got the wrong number of values; see ferrotune --help")
         }
+        // Multi-line in clap (the names are on the lines after the first): keep them.
+        ErrorKind::MissingRequiredArgument => {
+            format!("missing {arg}; add it (see --help)")
+        }
         ErrorKind::ArgumentConflict => {
             let other = context(ContextKind::PriorArg).unwrap_or_default();
             format!("{arg} cannot be used with {other}; drop one of them")
