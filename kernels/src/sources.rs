@@ -24,9 +24,12 @@ impl KernelSource {
     /// The program text handed to NVRTC; `#line` keeps compiler messages pointing into the
     /// `.cu` file rather than into the concatenation.
     pub fn program(&self) -> String {
+        let common = source_override("common.cuh").unwrap_or_else(|| COMMON.to_string());
+        let body = source_override(&format!("{}.cu", self.name))
+            .unwrap_or_else(|| self.source.to_string());
         format!(
-            "#line 1 \"common.cuh\"\n{COMMON}\n#line 1 \"{}.cu\"\n{}",
-            self.name, self.source
+            "#line 1 \"common.cuh\"\n{common}\n#line 1 \"{}.cu\"\n{body}",
+            self.name
         )
     }
 
@@ -36,6 +39,17 @@ impl KernelSource {
             .find(|(name, _)| *name == function)
             .map_or(0, |(_, bytes)| *bytes)
     }
+}
+
+/// Kernel development only: when `$FERROTUNE_KERNEL_SOURCE_DIR` names a directory, a file
+/// there with a module's name (`attention.cu`, `common.cuh`) replaces the embedded text, so a
+/// kernel variant can be timed on a GPU machine without rebuilding the host. The disk cache
+/// key hashes the program text, so variants never collide with the embedded kernels.
+pub const SOURCE_DIR_ENV: &str = "FERROTUNE_KERNEL_SOURCE_DIR";
+
+fn source_override(file: &str) -> Option<String> {
+    let dir = std::env::var_os(SOURCE_DIR_ENV)?;
+    std::fs::read_to_string(std::path::Path::new(&dir).join(file)).ok()
 }
 
 pub const RMSNORM: KernelSource = KernelSource {
@@ -195,5 +209,26 @@ mod tests {
         assert_eq!(names.len(), ALL.len());
         assert!(RMSNORM.program().contains("bf16_to_f32"));
         assert!(RMSNORM.program().contains("#line 1 \"rmsnorm.cu\""));
+    }
+
+    #[test]
+    fn a_file_in_the_source_dir_replaces_only_its_own_module() {
+        // A module name no other test compiles, so the process-wide variable cannot leak.
+        const PROBE: KernelSource = KernelSource {
+            name: "override_probe",
+            source: "embedded body",
+            entries: &[],
+            extra_options: &[],
+            accepted_stack: &[],
+        };
+        let dir = std::env::temp_dir().join(format!("ft-kernel-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("override_probe.cu"), "variant body").unwrap();
+        std::env::set_var(SOURCE_DIR_ENV, &dir);
+        let program = PROBE.program();
+        std::env::remove_var(SOURCE_DIR_ENV);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(program.contains("variant body") && !program.contains("embedded body"));
+        assert!(program.contains("bf16_to_f32"), "common.cuh stays embedded");
     }
 }
