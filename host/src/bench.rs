@@ -152,6 +152,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     backend.export_trainable()?;
     let med = median(&mut times);
     let mem = backend.memory_stats();
+    const GIB: f64 = (1u64 << 30) as f64;
     let round = |x: f64, d: i32| (x * 10f64.powi(d)).round() / 10f64.powi(d);
     let out = serde_json::json!({
         "engine": backend.name(),
@@ -165,7 +166,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "step_s_median": round(med, 4),
         "num_gpus": args.num_gpus,
         "tokens_per_s": round((args.num_gpus * bs * seq) as f64 / med, 1),
-        "peak_gib": mem.as_ref().map(|m| round(m.peak_bytes as f64 / (1u64 << 30) as f64, 2)),
+        // Like-for-like with the anchor's torch.cuda.max_memory_allocated (see MemoryStats).
+        "peak_gib": mem.as_ref().and_then(|m| m.peak_allocated_bytes).map(|b| round(b as f64 / GIB, 2)),
+        // Stricter: the device's used memory (cuMemGetInfo) since before loading.
+        "device_peak_gib": mem.as_ref().map(|m| round(m.peak_bytes as f64 / GIB, 2)),
         "load_s": round(load_s, 2),
         "first_step_done_s": first_step_s.map(|s| round(s, 2)),
         "losses": losses.iter().take(3).chain(losses.iter().rev().take(2).rev()).map(|&l| round(l, 4)).collect::<Vec<_>>(),

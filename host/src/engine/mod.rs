@@ -69,6 +69,10 @@ pub struct MemoryStats {
     /// Most device memory in use by this backend at once, in bytes (allocations it made,
     /// library workspaces included; the CUDA context itself not).
     pub peak_bytes: u64,
+    /// Most bytes held by live allocations at once since loading finished (the memory pool's
+    /// high watermark): what `torch.cuda.max_memory_allocated` counts after
+    /// `reset_peak_memory_stats`, the figure the Python stacks report.
+    pub peak_allocated_bytes: Option<u64>,
 }
 
 /// A training backend owns the model's weights, the trainable LoRA (and bias) parameters, their

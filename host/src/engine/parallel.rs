@@ -337,6 +337,7 @@ impl Backend for DataParallel {
         peak.map(|m| MemoryStats {
             device: format!("{} × {}", self.ranks.len(), m.device),
             peak_bytes: m.peak_bytes,
+            peak_allocated_bytes: m.peak_allocated_bytes,
         })
     }
 }

@@ -19,6 +19,7 @@ mod extras;
 mod gemm;
 mod linear;
 mod nf4;
+mod pool;
 mod raw;
 mod reducer;
 pub mod replica;
@@ -397,6 +398,9 @@ impl CudaBackend {
             dropout_pass: None,
         };
         backend.sample_memory()?;
+        // Peak allocated bytes count from here, as the Python stacks' numbers count from after
+        // their model load (load-time staging, e.g. bf16 weights before NF4, is not training).
+        pool::reset_high(&backend.ctx)?;
         Ok(backend)
     }
 
@@ -1278,6 +1282,8 @@ impl Backend for CudaBackend {
         Some(MemoryStats {
             device: self.device_name.clone(),
             peak_bytes: self.peak_used as u64,
+            // Unknown only if the driver refuses the query; the report then omits it.
+            peak_allocated_bytes: pool::used_high(&self.ctx).ok(),
         })
     }
 }
