@@ -265,11 +265,20 @@ fn save_merged_16bit(
     }
     bar.finish_and_clear();
     let mut files = move_into_place(writer.finish()?, &req.save_path)?;
-    files.extend(copy_if_present(
-        &req.base_dir,
-        &req.save_path,
-        &["config.json"],
-    )?);
+    if base.prequantized().is_some() {
+        // The weights are dequantised: the base's quantization_config no longer describes them.
+        let mut config = read_config(&req.base_dir)?;
+        if let Some(c) = config.as_object_mut() {
+            c.remove("quantization_config");
+        }
+        files.push(write_config(&req.save_path, &config)?);
+    } else {
+        files.extend(copy_if_present(
+            &req.base_dir,
+            &req.save_path,
+            &["config.json"],
+        )?);
+    }
     if !req.save_path.join("config.json").is_file() {
         bail!(
             "{}: the base model has no config.json to save with the merged weights",
@@ -307,19 +316,18 @@ fn save_model_side_files(req: &ExportRequest) -> Result<Vec<PathBuf>> {
 /// bitsandbytes' serialised layout (double-quantised absmax), everything else in its own
 /// dtype, and `quantization_config` in config.json, so that transformers + bitsandbytes load
 /// it as a 4-bit model. Each weight is merged, rounded to its dtype (as a 16-bit merge would
-/// store it) and quantised in turn; memory holds one tensor.
+/// store it) and quantised in turn; memory holds one tensor. From a pre-quantised base, each
+/// NF4 weight is dequantised (bitsandbytes' semantics), merged and quantised again — the
+/// merged weight is new, so its codes are too; the modules the base kept 16-bit stay 16-bit
+/// (its `llm_int8_skip_modules` is kept).
 fn save_merged_4bit(
     req: &ExportRequest,
     base: &SafetensorsDir,
     merged: &MergedModel,
 ) -> Result<Vec<PathBuf>> {
-    let config_path = req.base_dir.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?,
-    )
-    .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-    if config.get("quantization_config").is_some() {
+    let mut config = read_config(&req.base_dir)?;
+    let prequantized = base.prequantized();
+    if prequantized.is_none() && config.get("quantization_config").is_some() {
         bail!(
             "{}: the base model is already quantized (config.json has quantization_config); merged_4bit needs a 16-bit base",
             req.base_dir.display()
@@ -341,7 +349,11 @@ fn save_merged_4bit(
     for meta in base.metas() {
         bar.set_message(meta.name.clone());
         let values = merged.merged_in(&meta.name, meta.dtype)?;
-        if bnb_nf4::is_decoder_linear(&meta.name, &meta.shape) {
+        let quantize = match prequantized {
+            Some(p) => p.is_nf4(&meta.name),
+            None => bnb_nf4::is_decoder_linear(&meta.name, &meta.shape),
+        };
+        if quantize {
             let q = Nf4Weight::quantize(&values, &meta.shape, meta.dtype)
                 .with_context(|| format!("{}: NF4 quantisation", meta.name))?;
             writer.write_group(&q.tensors(&meta.name))?;
@@ -365,21 +377,41 @@ fn save_merged_4bit(
         );
     }
     // bitsandbytes computes in the model's dtype (what a 16-bit load of this save would use).
-    let compute_dtype = ["torch_dtype", "dtype"]
-        .iter()
-        .find_map(|k| config[*k].as_str().map(str::to_string))
+    let compute_dtype = prequantized
+        .and_then(|p| p.config.compute_dtype.clone())
+        .or_else(|| {
+            ["torch_dtype", "dtype"]
+                .iter()
+                .find_map(|k| config[*k].as_str().map(str::to_string))
+        })
         .unwrap_or_else(|| {
             bnb_nf4::torch_dtype_name(linear_dtype.unwrap_or(StoreDtype::F32)).to_string()
         });
-    config["quantization_config"] = bnb_nf4::quantization_config(&compute_dtype);
+    let mut quantization = bnb_nf4::quantization_config(&compute_dtype);
+    if let Some(p) = prequantized {
+        quantization["llm_int8_skip_modules"] = p.config.skip_modules.clone();
+    }
+    config["quantization_config"] = quantization;
     let mut files = move_into_place(writer.finish()?, &req.save_path)?;
-    let dst = req.save_path.join("config.json");
-    std::fs::write(&dst, serde_json::to_string_pretty(&config)? + "\n")
-        .with_context(|| format!("cannot write {}", dst.display()))?;
-    files.push(dst);
+    files.push(write_config(&req.save_path, &config)?);
     files.extend(save_model_side_files(req)?);
     eprintln!("merged_4bit: {quantized} linear weights in NF4 (bitsandbytes layout, double-quantised absmax)");
     Ok(files)
+}
+
+fn read_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("config.json");
+    serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+fn write_config(dir: &Path, config: &serde_json::Value) -> Result<PathBuf> {
+    let dst = dir.join("config.json");
+    std::fs::write(&dst, serde_json::to_string_pretty(config)? + "\n")
+        .with_context(|| format!("cannot write {}", dst.display()))?;
+    Ok(dst)
 }
 
 /// The base's generation_config.json, or the one transformers derives from config.json.

@@ -1,6 +1,8 @@
 //! A Hugging Face model directory's safetensors weights, read one tensor at a time as f32 (bf16,
-//! f16 and f32 storage).
+//! f16 and f32 storage; the NF4 weights of a pre-quantised bitsandbytes checkpoint are listed
+//! with their 16-bit shape and dtype and dequantised when read, as `crate::model::bnb4` says).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,9 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::os::unix::fs::FileExt;
 
+use super::bnb_nf4::{Nf4Weight, QuantState, RawTensor, QUANT_STATE_KEY};
 use crate::gguf::convert::TensorSource;
+use crate::model::bnb4::Prequantized;
 
 /// Values per parallel work item when converting between f32 and a storage dtype: large enough
 /// that scheduling costs nothing next to the conversion.
@@ -24,6 +28,15 @@ pub enum StoreDtype {
 }
 
 impl StoreDtype {
+    /// The safetensors crate's dtype.
+    pub fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            StoreDtype::F32 => safetensors::Dtype::F32,
+            StoreDtype::F16 => safetensors::Dtype::F16,
+            StoreDtype::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+
     /// safetensors' dtype name in file headers.
     pub fn name(self) -> &'static str {
         match self {
@@ -109,38 +122,157 @@ pub struct SafetensorsDir {
     /// Tensors in file order, then data order.
     metas: Vec<TensorMeta>,
     by_name: HashMap<String, usize>,
+    /// A pre-quantised bitsandbytes base: which metas are NF4, and the stored entries they are
+    /// read from (codes and companions, by full name).
+    nf4: Option<(Prequantized, HashMap<String, RawEntry>)>,
+}
+
+/// A stored entry that is not a 16/32-bit float tensor (4-bit codes, u8 absmax, quant state).
+#[derive(Debug, Clone)]
+struct RawEntry {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    file: usize,
+    start: u64,
+    len: usize,
 }
 
 impl SafetensorsDir {
-    /// Opens the safetensors files of a model directory (index shards or `model.safetensors`).
+    /// Opens the safetensors files of a model directory (index shards or `model.safetensors`),
+    /// a pre-quantised bitsandbytes 4-bit one included.
     pub fn open_model_dir(dir: &Path) -> Result<Self> {
-        Self::open_files(crate::model::weights::safetensors_files(dir)?)
+        let (files, entries) = open_entries(crate::model::weights::safetensors_files(dir)?)?;
+        let prequantized = Prequantized::detect(dir, entries.iter().map(|(n, _)| n.as_str()))?;
+        let Some(prequantized) = prequantized else {
+            return Self::from_entries(files, entries);
+        };
+        let (mut floats, mut raw) = (Vec::new(), HashMap::new());
+        for (name, entry) in entries {
+            if prequantized.is_nf4(&name) || prequantized.is_companion(&name) {
+                let (dtype, shape, file, start, len) = match entry {
+                    Entry::Float(m) => (m.dtype.safetensors(), m.shape, m.file, m.start, m.len),
+                    Entry::Raw(r) => (r.dtype, r.shape, r.file, r.start, r.len),
+                };
+                raw.insert(
+                    name,
+                    RawEntry {
+                        dtype,
+                        shape,
+                        file,
+                        start,
+                        len,
+                    },
+                );
+            } else {
+                floats.push((name, entry));
+            }
+        }
+        // Each NF4 weight is listed where its codes are stored, with the quant state's shape
+        // and dtype: what a 16-bit save of the model holds there.
+        let mut ordered = Vec::with_capacity(floats.len() + prequantized.weights.len());
+        let mut dir_ = Self::from_entries(files, floats)?;
+        for name in &prequantized.weights {
+            let state_name = format!("{name}.{QUANT_STATE_KEY}");
+            let state = dir_.read_raw(&raw[&state_name], &state_name)?;
+            let state = QuantState::parse(name, &state)?;
+            let codes = raw
+                .get(name)
+                .with_context(|| format!("{name} is missing"))?;
+            ordered.push(TensorMeta {
+                name: name.clone(),
+                shape: state.shape,
+                dtype: state.dtype,
+                file: codes.file,
+                start: codes.start,
+                len: 0,
+            });
+        }
+        ordered.append(&mut dir_.metas);
+        ordered.sort_by_key(|m| (m.file, m.start));
+        dir_.by_name = ordered
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name.clone(), i))
+            .collect();
+        dir_.metas = ordered;
+        dir_.nf4 = Some((prequantized, raw));
+        Ok(dir_)
     }
 
     pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
-        let mut files = Vec::new();
-        let mut metas = Vec::new();
+        let (files, entries) = open_entries(paths)?;
+        Self::from_entries(files, entries)
+    }
+
+    /// Float entries only: anything else is refused, naming the tensor and its dtype.
+    fn from_entries(files: Vec<(PathBuf, File)>, entries: Vec<(String, Entry)>) -> Result<Self> {
+        let mut metas = Vec::with_capacity(entries.len());
         let mut by_name = HashMap::new();
-        for path in paths {
-            let file =
-                File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let mut entries = read_header(&file)
-                .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-            entries.sort_by_key(|e| e.start);
-            for mut meta in entries {
-                meta.file = files.len();
-                if by_name.insert(meta.name.clone(), metas.len()).is_some() {
-                    bail!("tensor {} appears in two safetensors files", meta.name);
-                }
-                metas.push(meta);
-            }
-            files.push((path, file));
+        for (name, entry) in entries {
+            let meta = match entry {
+                Entry::Float(m) => m,
+                Entry::Raw(r) => bail!(
+                    "{}: tensor {name} is {:?}; export reads F32, F16 and BF16 weights (and \
+                     bitsandbytes NF4 weights with their quant state)",
+                    files[r.file].0.display(),
+                    r.dtype
+                ),
+            };
+            by_name.insert(name, metas.len());
+            metas.push(meta);
         }
         Ok(SafetensorsDir {
             files,
             metas,
             by_name,
+            nf4: None,
         })
+    }
+
+    /// Whether tensor `name` is stored as NF4 (a pre-quantised base); [`Self::read_f32`]
+    /// dequantises it.
+    pub fn is_nf4(&self, name: &str) -> bool {
+        self.nf4.as_ref().is_some_and(|(p, _)| p.is_nf4(name))
+    }
+
+    /// The pre-quantised base's `quantization_config`, if it is one.
+    pub fn prequantized(&self) -> Option<&Prequantized> {
+        self.nf4.as_ref().map(|(p, _)| p)
+    }
+
+    /// NF4 weight `name` as stored (codes and absmax, checked against config.json).
+    pub fn read_nf4(&self, name: &str) -> Result<Nf4Weight> {
+        let (p, raw) = self
+            .nf4
+            .as_ref()
+            .with_context(|| format!("{name} is not a 4-bit weight"))?;
+        self.read_nf4_with(p, raw, name)
+    }
+
+    fn read_nf4_with(
+        &self,
+        p: &Prequantized,
+        raw: &HashMap<String, RawEntry>,
+        name: &str,
+    ) -> Result<Nf4Weight> {
+        p.read(name, None, |entry| {
+            let Some(r) = raw.get(entry) else {
+                return Ok(None);
+            };
+            Ok(Some(RawTensor {
+                dtype: r.dtype,
+                shape: r.shape.clone(),
+                bytes: Cow::Owned(self.read_raw(r, entry)?),
+            }))
+        })
+    }
+
+    fn read_raw(&self, r: &RawEntry, name: &str) -> Result<Vec<u8>> {
+        let (path, file) = &self.files[r.file];
+        let mut buf = vec![0u8; r.len];
+        file.read_exact_at(&mut buf, r.start)
+            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
+        Ok(buf)
     }
 
     pub fn metas(&self) -> &[TensorMeta] {
@@ -151,11 +283,14 @@ impl SafetensorsDir {
         self.by_name.get(name).map(|&i| &self.metas[i])
     }
 
-    /// The stored bytes of one tensor.
+    /// The stored bytes of one tensor (16/32-bit ones: an NF4 weight has no such bytes).
     pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
         let meta = self
             .meta(name)
             .with_context(|| format!("no tensor {name} in the weights"))?;
+        if self.is_nf4(name) {
+            bail!("{name} is stored 4-bit (NF4); read_f32 dequantises it");
+        }
         let (path, file) = &self.files[meta.file];
         let mut buf = vec![0u8; meta.len];
         file.read_exact_at(&mut buf, meta.start)
@@ -164,8 +299,43 @@ impl SafetensorsDir {
     }
 }
 
+/// One header entry: a 16/32-bit float tensor, or another dtype the bitsandbytes layout uses.
+enum Entry {
+    Float(TensorMeta),
+    Raw(RawEntry),
+}
+
+/// Every entry of every file, in file order then data order, names unique across files.
+#[allow(clippy::type_complexity)]
+fn open_entries(paths: Vec<PathBuf>) -> Result<(Vec<(PathBuf, File)>, Vec<(String, Entry)>)> {
+    let mut files = Vec::new();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut entries = read_header(&file)
+            .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+        entries.sort_by_key(|(_, e)| match e {
+            Entry::Float(m) => m.start,
+            Entry::Raw(r) => r.start,
+        });
+        for (name, mut entry) in entries {
+            match &mut entry {
+                Entry::Float(m) => m.file = files.len(),
+                Entry::Raw(r) => r.file = files.len(),
+            }
+            if !seen.insert(name.clone()) {
+                bail!("tensor {name} appears in two safetensors files");
+            }
+            out.push((name, entry));
+        }
+        files.push((path, file));
+    }
+    Ok((files, out))
+}
+
 /// Parses a safetensors header: u64 length, then JSON `{name: {dtype, shape, data_offsets}}`.
-fn read_header(file: &File) -> Result<Vec<TensorMeta>> {
+fn read_header(file: &File) -> Result<Vec<(String, Entry)>> {
     let mut len = [0u8; 8];
     file.read_exact_at(&mut len, 0)?;
     let n = u64::from_le_bytes(len);
@@ -184,9 +354,11 @@ fn read_header(file: &File) -> Result<Vec<TensorMeta>> {
         }
         let dtype_name = info["dtype"].as_str().unwrap_or("?");
         let dtype = match dtype_name {
-            "F32" => StoreDtype::F32,
-            "F16" => StoreDtype::F16,
-            "BF16" => StoreDtype::BF16,
+            "F32" => Some(StoreDtype::F32),
+            "F16" => Some(StoreDtype::F16),
+            "BF16" => Some(StoreDtype::BF16),
+            // Packed 4-bit codes, 8-bit absmax codes, quant state JSON (bitsandbytes).
+            "U8" => None,
             other => bail!("tensor {name} is {other}; export reads F32, F16 and BF16 weights"),
         };
         let shape: Vec<usize> = info["shape"]
@@ -206,18 +378,29 @@ fn read_header(file: &File) -> Result<Vec<TensorMeta>> {
             [b, e] => (b.as_u64().unwrap_or(u64::MAX), e.as_u64().unwrap_or(0)),
             _ => bail!("tensor {name}: bad data_offsets"),
         };
-        let len = shape.iter().product::<usize>() * dtype.size();
+        let len = shape.iter().product::<usize>() * dtype.map_or(1, StoreDtype::size);
         if end < begin || end - begin != len as u64 || data_start + end > file_len {
             bail!("tensor {name}: data_offsets [{begin}, {end}] do not match its shape {shape:?} or the file");
         }
-        out.push(TensorMeta {
-            name,
-            shape,
-            dtype,
-            file: 0,
-            start: data_start + begin,
-            len,
-        });
+        let start = data_start + begin;
+        let entry = match dtype {
+            Some(dtype) => Entry::Float(TensorMeta {
+                name: name.clone(),
+                shape,
+                dtype,
+                file: 0,
+                start,
+                len,
+            }),
+            None => Entry::Raw(RawEntry {
+                dtype: safetensors::Dtype::U8,
+                shape,
+                file: 0,
+                start,
+                len,
+            }),
+        };
+        out.push((name, entry));
     }
     Ok(out)
 }
@@ -234,6 +417,10 @@ impl TensorSource for SafetensorsDir {
         let meta = self
             .meta(name)
             .with_context(|| format!("no tensor {name} in the weights"))?;
+        if self.is_nf4(name) {
+            // bitsandbytes' dequantize_4bit: exactly the values the cpu engine trains on.
+            return Ok(self.read_nf4(name)?.dequantize());
+        }
         Ok(meta.dtype.decode(&self.bytes(name)?))
     }
 }

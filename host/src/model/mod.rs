@@ -1,6 +1,7 @@
 //! Base models: where `--model_name` lives (`resolve`), what architecture it is (`config`), its
 //! frozen weights (`weights`), and random model directories for tests and the demo (`tiny`).
 
+pub mod bnb4;
 pub mod config;
 pub mod gguf_base;
 pub mod resolve;

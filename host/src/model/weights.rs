@@ -1,12 +1,18 @@
 //! Base weights from safetensors: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`. Files are memory-mapped and each tensor is converted to f32 on
-//! the CPU once at load (bf16/f16/f32 accepted), so the engine computes in f32 throughout.
+//! the CPU once at load (bf16/f16/f32 accepted, and the NF4 weights of a pre-quantised
+//! bitsandbytes checkpoint), so the engine computes in f32 throughout.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{safetensors::MmapedSafetensors, DType, Device, Tensor};
+use safetensors::Dtype;
+
+use super::bnb4::Prequantized;
+use crate::export::bnb_nf4::RawTensor;
 
 /// The model's frozen tensors by their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`).
 #[derive(Debug)]
@@ -53,10 +59,14 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl Weights {
-    /// Loads every tensor of the model directory's safetensors files as f32.
+    /// Loads every tensor of the model directory's safetensors files as f32. The NF4 weights of
+    /// a pre-quantised bitsandbytes checkpoint ([`super::bnb4`]) are dequantised exactly as
+    /// `bnb.functional.dequantize_4bit` does (level × block absmax, rounded to the quant
+    /// state's dtype); their companion tensors (absmax, maps, quant state) are not weights.
     pub fn load(dir: &Path) -> Result<Self> {
         let files = safetensors_files(dir)?;
-        let mut tensors = HashMap::new();
+        let mut maps = Vec::with_capacity(files.len());
+        let mut index: HashMap<String, usize> = HashMap::new();
         for file in &files {
             if !file.is_file() {
                 bail!(
@@ -73,17 +83,61 @@ impl Weights {
                 )
             })?;
             for (name, _) in mapped.tensors() {
-                let tensor = mapped
-                    .load(&name, &Device::Cpu)
-                    .and_then(|t| t.to_dtype(DType::F32))
-                    .with_context(|| format!("{}: cannot read tensor {name:?}", file.display()))?;
-                if tensors.insert(name.clone(), tensor).is_some() {
+                if index.insert(name.clone(), maps.len()).is_some() {
                     bail!(
                         "tensor {name:?} appears in more than one shard ({})",
                         file.display()
                     );
                 }
             }
+            maps.push((file, mapped));
+        }
+        let prequantized = Prequantized::detect(dir, index.keys().map(String::as_str))?;
+        if let Some(p) = &prequantized {
+            tracing::info!(
+                "{}",
+                p.describe(dir, "dequantised to f32 as bitsandbytes does")
+            );
+        }
+        // Companion tensors may sit in another shard than the codes they belong to.
+        let raw = |name: &str| -> Result<Option<RawTensor<'_>>> {
+            let Some(&i) = index.get(name) else {
+                return Ok(None);
+            };
+            let view = maps[i].1.get(name)?;
+            Ok(Some(RawTensor {
+                dtype: view.dtype(),
+                shape: view.shape().to_vec(),
+                bytes: Cow::Borrowed(view.data()),
+            }))
+        };
+        let mut tensors = HashMap::new();
+        for (name, &i) in &index {
+            let (file, mapped) = &maps[i];
+            let tensor = match &prequantized {
+                Some(p) if p.is_companion(name) => continue,
+                Some(p) if p.is_nf4(name) => {
+                    let w = p.read(name, None, raw)?;
+                    Tensor::from_vec(w.dequantize(), w.shape.clone(), &Device::Cpu)?
+                }
+                _ => {
+                    let dtype = mapped.get(name)?.dtype();
+                    if !matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64) {
+                        bail!(
+                            "{}: tensor {name:?} is {dtype:?}; base weights are bf16, f16 or f32 \
+                             (or bitsandbytes NF4 with their quant state)",
+                            file.display()
+                        );
+                    }
+                    mapped
+                        .load(name, &Device::Cpu)
+                        .and_then(|t| t.to_dtype(DType::F32))
+                        .with_context(|| {
+                            format!("{}: cannot read tensor {name:?}", file.display())
+                        })?
+                }
+            };
+            tensors.insert(name.clone(), tensor);
         }
         Ok(Weights { tensors })
     }

@@ -282,7 +282,14 @@ impl CudaBackend {
         let train = Trainable::new(&stream, &shapes, &init, optim, weight_decay)?;
         let slot = |name: &str| train.slots.iter().position(|s| s.name == name);
 
-        let mut quantizer = if load_in_4bit {
+        // A pre-quantised base implies 4-bit, as in Unsloth (its NF4 weights are used as stored).
+        if let Some(p) = files.prequantized().filter(|_| ordinal == 0) {
+            tracing::info!(
+                "{}",
+                p.describe(dir, "QLoRA on its NF4 weights (4-bit implied)")
+            );
+        }
+        let mut quantizer = if load_in_4bit || files.prequantized().is_some() {
             Some(Nf4Quantizer::new(&stream)?)
         } else {
             None
@@ -302,12 +309,14 @@ impl CudaBackend {
                 };
                 let (inp, out) = cfg.projection_shape(name).expect("known projection");
                 let hf = format!("{p}.{group}.{name}");
-                let w = files.upload(&stream, &format!("{hf}.weight"), &[out, inp])?;
-                proj.push(match quantizer.as_mut() {
-                    // One projection at a time: its bf16 copy is gone before the next arrives.
-                    Some(q) => ProjWeight::Nf4(q.quantize(&stream, &kernels, w, &hf)?),
-                    None => ProjWeight::Bf16(w),
-                });
+                proj.push(nf4::load_projection(
+                    &stream,
+                    &kernels,
+                    &files,
+                    quantizer.as_mut(),
+                    &format!("{hf}.weight"),
+                    &[out, inp],
+                )?);
                 let peft = format!("base_model.model.{hf}");
                 bias.push(if cfg.projection_has_bias(name) {
                     match slot(&format!("{peft}.base_layer.bias"))

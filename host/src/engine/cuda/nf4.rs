@@ -3,30 +3,55 @@
 //! in blocks of 256 with the mean subtracted), and the bf16 copy is freed at once. A GEMM that
 //! reads the weight first dequantises it into one bf16 buffer shared by every projection, so
 //! the resident base weights cost ~0.52 bytes per parameter plus that one buffer.
+//!
+//! A pre-quantised bitsandbytes checkpoint (`*-bnb-4bit`, see `crate::model::bnb4`) needs no
+//! quantisation: its packed codes, absmax codes, nested absmax and offset are this layout
+//! already and are uploaded as stored; a checkpoint with plain f32 absmax keeps them plain.
 
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use ferrotune_kernels::device::{
     bf16, Kernels, Nf4Absmax, Nf4DoubleQuant, QuantMaps, REDUCE_PARTS,
 };
-use ferrotune_kernels::quant::{NF4_BLOCK, Q8_BLOCK};
+use ferrotune_kernels::quant::{signed_map, NF4_BLOCK, Q8_BLOCK};
 
 use super::raw::Borrowed;
+use super::weights::WeightFiles;
+use super::{CudaBackend, ProjWeight};
+use crate::export::bnb_nf4::{self, DoubleQuant};
+use crate::export::safetensors_dir::StoreDtype;
+use crate::job::PROJECTIONS;
 
-/// One weight matrix in NF4 with double-quantised absmax.
+/// One weight matrix in NF4.
 pub struct Nf4Weight {
     pub numel: usize,
     /// Two 4-bit codes per byte `[numel/2]`.
     pub packed: CudaSlice<u8>,
+    pub scales: Nf4Scales,
+}
+
+/// The block absmaxes of an [`Nf4Weight`].
+pub enum Nf4Scales {
+    /// Double-quantised (what `--load_in_4bit` makes, and most `*-bnb-4bit` checkpoints hold).
+    Double(Box<DoubleScales>),
+    /// fp32 absmax per block (a checkpoint saved with `bnb_4bit_use_double_quant=False`).
+    Plain(CudaSlice<f32>),
+}
+
+/// Double-quantised block absmaxes: `code2[qabsmax[b]] * absmax2[b / 256] + offset`.
+pub struct DoubleScales {
     /// 8-bit code of each 64-value block's absmax `[numel/64]`.
     pub qabsmax: CudaSlice<u8>,
     /// fp32 scale per 256 absmax codes.
     pub absmax2: CudaSlice<f32>,
     /// The mean subtracted from the absmax values before coding (device scalar).
     pub offset: CudaSlice<f32>,
+    /// The codes' own code book, when a checkpoint stores one that differs from the shared
+    /// signed dynamic map (bitsandbytes dequantises with the stored one).
+    pub code2: Option<CudaSlice<f32>>,
 }
 
 /// Device addresses of an [`Nf4Weight`] (what a [`super::linear::Linear`] carries).
@@ -34,11 +59,20 @@ pub struct Nf4Weight {
 pub struct Nf4Ptrs {
     pub numel: usize,
     pub packed: u64,
-    pub qabsmax: u64,
-    pub absmax2: u64,
-    pub offset: u64,
-    /// The signed dynamic map (the absmax codes' code book).
-    pub code2: u64,
+    pub scales: ScalePtrs,
+}
+
+/// Device addresses of [`Nf4Scales`].
+#[derive(Debug, Clone, Copy)]
+pub enum ScalePtrs {
+    Double {
+        qabsmax: u64,
+        absmax2: u64,
+        offset: u64,
+        /// The absmax codes' code book (the signed dynamic map).
+        code2: u64,
+    },
+    Plain(u64),
 }
 
 /// What quantisation needs besides the weight: the maps and reduction scratch.
@@ -95,23 +129,150 @@ impl Nf4Quantizer {
         Ok(Nf4Weight {
             numel: n,
             packed,
-            qabsmax,
-            absmax2,
-            offset,
+            scales: Nf4Scales::Double(Box::new(DoubleScales {
+                qabsmax,
+                absmax2,
+                offset,
+                code2: None,
+            })),
         })
     }
 }
 
 impl Nf4Weight {
+    /// Uploads a weight of a pre-quantised checkpoint as stored: no requantisation, so the
+    /// engine computes with exactly the values bitsandbytes would.
+    pub fn upload(stream: &Arc<CudaStream>, w: &bnb_nf4::Nf4Weight, name: &str) -> Result<Self> {
+        let n = w.numel();
+        if !n.is_multiple_of(NF4_BLOCK) {
+            bail!(
+                "{name}: {n} values, not a multiple of the NF4 block ({NF4_BLOCK}); the cuda \
+                 engine's NF4 kernels need whole blocks"
+            );
+        }
+        let scales = match &w.absmax {
+            bnb_nf4::Nf4Absmax::Plain(a) => Nf4Scales::Plain(stream.clone_htod(a)?),
+            bnb_nf4::Nf4Absmax::Double(d) => Nf4Scales::Double(Box::new(DoubleScales {
+                qabsmax: stream.clone_htod(&d.codes)?,
+                absmax2: stream.clone_htod(&d.nested_absmax)?,
+                offset: stream.clone_htod(&[d.offset])?,
+                code2: if d.code[..] == signed_map()[..] {
+                    None
+                } else {
+                    Some(stream.clone_htod(&d.code[..])?)
+                },
+            })),
+        };
+        Ok(Nf4Weight {
+            numel: n,
+            packed: stream.clone_htod(&w.packed)?,
+            scales,
+        })
+    }
+
+    /// The weight in bitsandbytes' layout on the host (`shape` and `dtype` describe the
+    /// weight it was quantised from): what a `merged_4bit` save would store for it.
+    pub fn to_host(
+        &self,
+        stream: &Arc<CudaStream>,
+        shape: &[usize],
+        dtype: StoreDtype,
+    ) -> Result<bnb_nf4::Nf4Weight> {
+        let absmax = match &self.scales {
+            Nf4Scales::Plain(a) => bnb_nf4::Nf4Absmax::Plain(stream.clone_dtoh(a)?),
+            Nf4Scales::Double(d) => {
+                let DoubleScales {
+                    qabsmax,
+                    absmax2,
+                    offset,
+                    code2,
+                } = &**d;
+                let code = match code2 {
+                    Some(c) => stream.clone_dtoh(c)?,
+                    None => signed_map().to_vec(),
+                };
+                bnb_nf4::Nf4Absmax::Double(DoubleQuant {
+                    codes: stream.clone_dtoh(qabsmax)?,
+                    nested_absmax: stream.clone_dtoh(absmax2)?,
+                    offset: stream.clone_dtoh(offset)?[0],
+                    code: Box::new(code.try_into().expect("256 values")),
+                })
+            }
+        };
+        Ok(bnb_nf4::Nf4Weight {
+            shape: shape.to_vec(),
+            dtype,
+            packed: stream.clone_dtoh(&self.packed)?,
+            absmax,
+        })
+    }
+
     pub fn ptrs(&self, stream: &CudaStream, maps: &QuantMaps) -> Nf4Ptrs {
+        let ptr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
+        let scales = match &self.scales {
+            Nf4Scales::Plain(a) => ScalePtrs::Plain(ptr(a)),
+            Nf4Scales::Double(d) => ScalePtrs::Double {
+                qabsmax: d.qabsmax.device_ptr(stream).0,
+                absmax2: ptr(&d.absmax2),
+                offset: ptr(&d.offset),
+                code2: ptr(d.code2.as_ref().unwrap_or(&maps.signed)),
+            },
+        };
         Nf4Ptrs {
             numel: self.numel,
             packed: self.packed.device_ptr(stream).0,
-            qabsmax: self.qabsmax.device_ptr(stream).0,
-            absmax2: self.absmax2.device_ptr(stream).0,
-            offset: self.offset.device_ptr(stream).0,
-            code2: maps.signed.device_ptr(stream).0,
+            scales,
         }
+    }
+}
+
+/// Projection weight `name` (`shape` as config.json implies): NF4 as stored when the base is
+/// pre-quantised (its 16-bit skip modules stay bf16, as bitsandbytes keeps them), else bf16,
+/// NF4-quantised here when `quantizer` is given (`--load_in_4bit`).
+pub(super) fn load_projection(
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    files: &WeightFiles,
+    quantizer: Option<&mut Nf4Quantizer>,
+    name: &str,
+    shape: &[usize],
+) -> Result<ProjWeight> {
+    if files.is_nf4(name) {
+        let w = files.read_nf4(name, shape)?;
+        return Ok(ProjWeight::Nf4(Nf4Weight::upload(stream, &w, name)?));
+    }
+    let w = files.upload(stream, name, shape)?;
+    Ok(match quantizer.filter(|_| files.prequantized().is_none()) {
+        // One projection at a time: its bf16 copy is gone before the next arrives.
+        Some(q) => ProjWeight::Nf4(q.quantize(stream, kernels, w, name)?),
+        None => ProjWeight::Bf16(w),
+    })
+}
+
+impl CudaBackend {
+    /// Every NF4 projection weight, by its Hugging Face name, in bitsandbytes' layout on the
+    /// host (parity tests: GPU-quantised against pre-quantised codes).
+    pub fn nf4_weights(&self) -> Result<Vec<(String, bnb_nf4::Nf4Weight)>> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (j, proj) in PROJECTIONS.iter().enumerate() {
+                let ProjWeight::Nf4(w) = &layer.proj[j] else {
+                    continue;
+                };
+                let group = if matches!(*proj, "q_proj" | "k_proj" | "v_proj" | "o_proj") {
+                    "self_attn"
+                } else {
+                    "mlp"
+                };
+                let (inp, out_f) = self.cfg.projection_shape(proj).context("projection")?;
+                let name = format!("model.layers.{l}.{group}.{proj}.weight");
+                out.push((
+                    name,
+                    w.to_host(&self.stream, &[out_f, inp], StoreDtype::BF16)?,
+                ));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -125,22 +286,40 @@ impl Nf4Ptrs {
         // this stream, so no launch races with another.
         unsafe {
             let packed = Borrowed::<u8>::new(stream, self.packed, n / 2);
-            let qabsmax = Borrowed::<u8>::new(stream, self.qabsmax, blocks);
-            let absmax2 = Borrowed::<f32>::new(stream, self.absmax2, blocks.div_ceil(Q8_BLOCK));
-            let offset = Borrowed::<f32>::new(stream, self.offset, 1);
             let mut w = Borrowed::<bf16>::new(stream, out, n);
-            let maps = BorrowedMaps::new(stream, self.code2);
-            let dq = Nf4DoubleQuant {
-                qabsmax: qabsmax.view(),
-                absmax2: absmax2.view(),
-                offset: offset.view(),
-            };
-            kernels.nf4_dequantize(
-                stream,
-                &packed.view(),
-                Nf4Absmax::Double(&dq, &maps.maps),
-                &mut w.view_mut(),
-            )?;
+            match self.scales {
+                ScalePtrs::Double {
+                    qabsmax,
+                    absmax2,
+                    offset,
+                    code2,
+                } => {
+                    let qabsmax = Borrowed::<u8>::new(stream, qabsmax, blocks);
+                    let absmax2 = Borrowed::<f32>::new(stream, absmax2, blocks.div_ceil(Q8_BLOCK));
+                    let offset = Borrowed::<f32>::new(stream, offset, 1);
+                    let maps = BorrowedMaps::new(stream, code2);
+                    let dq = Nf4DoubleQuant {
+                        qabsmax: qabsmax.view(),
+                        absmax2: absmax2.view(),
+                        offset: offset.view(),
+                    };
+                    kernels.nf4_dequantize(
+                        stream,
+                        &packed.view(),
+                        Nf4Absmax::Double(&dq, &maps.maps),
+                        &mut w.view_mut(),
+                    )?;
+                }
+                ScalePtrs::Plain(absmax) => {
+                    let absmax = Borrowed::<f32>::new(stream, absmax, blocks);
+                    kernels.nf4_dequantize(
+                        stream,
+                        &packed.view(),
+                        Nf4Absmax::Plain(&absmax.view()),
+                        &mut w.view_mut(),
+                    )?;
+                }
+            }
         }
         Ok(())
     }

@@ -4,7 +4,10 @@
 //! which for an 8B model means 32 GB of RAM and seconds of conversion before anything reaches
 //! the GPU. Here each file is memory-mapped and a bf16 tensor is copied to the device from the
 //! mapping itself; f32/f16 tensors are rounded to bf16 on the way (round to nearest even).
+//! The NF4 weights of a pre-quantised bitsandbytes checkpoint (`crate::model::bnb4`) are read
+//! as stored, for `super::nf4` to upload without requantising.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,12 +18,16 @@ use ferrotune_kernels::device::bf16;
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::export::bnb_nf4::{self, QuantState, RawTensor, QUANT_STATE_KEY};
+use crate::model::bnb4::Prequantized;
 use crate::model::weights::safetensors_files;
 
 /// The memory-mapped safetensors files of one model directory and where each tensor lives.
 pub struct WeightFiles {
     maps: Vec<(PathBuf, Mmap)>,
     index: HashMap<String, usize>,
+    /// Set when the directory is a pre-quantised bitsandbytes 4-bit checkpoint.
+    prequantized: Option<Prequantized>,
 }
 
 impl WeightFiles {
@@ -41,16 +48,6 @@ impl WeightFiles {
                 )
             })?;
             for name in st.names() {
-                if name.ends_with(".quant_state.bitsandbytes__nf4")
-                    || name.ends_with(".quant_state.bitsandbytes__fp4")
-                {
-                    bail!(
-                        "{}: a pre-quantised bitsandbytes 4-bit checkpoint ({name}); ferrotune \
-                         loads bf16/f16/f32 weights and quantises them itself: pass the original \
-                         (unquantised) model with --load_in_4bit",
-                        file.display()
-                    );
-                }
                 if index.insert(name.to_string(), maps.len()).is_some() {
                     bail!(
                         "tensor {name:?} appears in more than one shard ({})",
@@ -60,7 +57,57 @@ impl WeightFiles {
             }
             maps.push((file, map));
         }
-        Ok(WeightFiles { maps, index })
+        let prequantized = Prequantized::detect(dir, index.keys().map(String::as_str))?;
+        Ok(WeightFiles {
+            maps,
+            index,
+            prequantized,
+        })
+    }
+
+    /// The checkpoint's 4-bit weights, when it is a pre-quantised bitsandbytes one.
+    pub fn prequantized(&self) -> Option<&Prequantized> {
+        self.prequantized.as_ref()
+    }
+
+    /// Whether tensor `name` is stored as NF4 codes (read it with [`Self::read_nf4`]).
+    pub fn is_nf4(&self, name: &str) -> bool {
+        self.prequantized.as_ref().is_some_and(|p| p.is_nf4(name))
+    }
+
+    /// NF4 weight `name` as stored, checked against the shape config.json implies.
+    pub fn read_nf4(&self, name: &str, shape: &[usize]) -> Result<bnb_nf4::Nf4Weight> {
+        let p = self
+            .prequantized
+            .as_ref()
+            .with_context(|| format!("{name} is not a 4-bit weight"))?;
+        p.read(name, Some(shape), |entry| self.raw(entry))
+    }
+
+    /// Entry `name` as stored (`None`: no such entry).
+    fn raw(&self, name: &str) -> Result<Option<RawTensor<'_>>> {
+        let Some(&i) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let st = SafeTensors::deserialize(&self.maps[i].1)?;
+        let view = st.tensor(name)?;
+        Ok(Some(RawTensor {
+            dtype: view.dtype(),
+            shape: view.shape().to_vec(),
+            bytes: Cow::Borrowed(view.data()),
+        }))
+    }
+
+    /// Refuses a 16-bit read of a tensor the checkpoint stores 4-bit (say, a quantised
+    /// `lm_head`: ferrotune keeps those 16-bit, as transformers' default does).
+    fn not_nf4(&self, name: &str) -> Result<()> {
+        if self.is_nf4(name) {
+            bail!(
+                "{name} is stored 4-bit (bitsandbytes NF4), but the cuda engine keeps it 16-bit; \
+                 use a checkpoint that quantises only the decoder's linear layers"
+            );
+        }
+        Ok(())
     }
 
     /// Uploads tensor `name` as bf16, checking its shape against what config.json implies.
@@ -70,6 +117,7 @@ impl WeightFiles {
         name: &str,
         shape: &[usize],
     ) -> Result<CudaSlice<bf16>> {
+        self.not_nf4(name)?;
         let &i = self.index.get(name).with_context(|| {
             format!("weight {name:?} is missing from the model's safetensors files")
         })?;
@@ -121,6 +169,7 @@ impl WeightFiles {
 
     /// Tensor `name` as f32 on the host (small tensors the engine trains, e.g. biases).
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.not_nf4(name)?;
         let &i = self.index.get(name).with_context(|| {
             format!("weight {name:?} is missing from the model's safetensors files")
         })?;
@@ -154,16 +203,27 @@ impl WeightFiles {
         })
     }
 
-    /// Total scalars in the files (for the parameter count in logs).
+    /// Total scalars of the model (for the parameter count in logs): an NF4 weight counts its
+    /// 16-bit shape, its companion tensors nothing.
     pub fn numel(&self) -> Result<usize> {
         let mut n = 0;
         for (_, map) in &self.maps {
             let st = SafeTensors::deserialize(map)?;
-            n += st
-                .tensors()
-                .iter()
-                .map(|(_, v)| v.shape().iter().product::<usize>())
-                .sum::<usize>();
+            for (name, view) in st.tensors() {
+                n += match &self.prequantized {
+                    Some(p) if p.is_companion(&name) => 0,
+                    Some(p) if p.is_nf4(&name) => {
+                        let state = self
+                            .raw(&format!("{name}.{QUANT_STATE_KEY}"))?
+                            .with_context(|| format!("{name}: no quant state"))?;
+                        QuantState::parse(&name, &state.bytes)?
+                            .shape
+                            .iter()
+                            .product::<usize>()
+                    }
+                    _ => view.shape().iter().product::<usize>(),
+                };
+            }
         }
         Ok(n)
     }
