@@ -709,3 +709,119 @@ fn write_nf4_dequantised(src: &Path, dst: &Path) {
         .collect();
     safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).unwrap();
 }
+
+/// A pre-quantised bitsandbytes checkpoint (`*-bnb-4bit` layout, written by the `merged_4bit`
+/// writer from the same bf16 weights) loads as the same NF4 base the GPU makes with
+/// `--load_in_4bit`: codes and double-quantised absmax, then the loss and every LoRA gradient
+/// of one step. The checkpoint implies 4-bit (no flag). Then the usual ladder against the cpu
+/// engine, which dequantises the checkpoint exactly as bitsandbytes does, for double-quantised
+/// and plain-absmax checkpoints.
+#[test]
+fn prequantised_bnb_4bit_base_matches_quantising_on_the_gpu() {
+    use ferrotune::export::bnb_nf4::{Nf4Absmax, Nf4Weight};
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model(tmp.path(), "llama", spec());
+    let bnb = tmp.path().join("llama-bnb-4bit");
+    ferrotune::model::bnb4::write_prequantized(&dir, &bnb, true).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let opts = options(false);
+    let load = |d: &Path, load_in_4bit: bool| {
+        CudaBackend::load(
+            0,
+            d,
+            cfg.clone(),
+            opts.clone(),
+            Optim::AdamwTorch,
+            0.01,
+            load_in_4bit,
+        )
+        .unwrap()
+    };
+    let mut quantised_here = load(&dir, true);
+    let mut prequantised = load(&bnb, false);
+    let (a, b) = (
+        quantised_here.nf4_weights().unwrap(),
+        prequantised.nf4_weights().unwrap(),
+    );
+    assert_eq!(a.len(), 7 * cfg.num_hidden_layers);
+    let parts = |w: &Nf4Weight| match &w.absmax {
+        Nf4Absmax::Double(d) => (d.codes.clone(), d.nested_absmax.clone(), d.offset),
+        Nf4Absmax::Plain(_) => panic!("double-quantised"),
+    };
+    let (mut bitwise, mut code_diffs, mut blocks) = (0, 0usize, 0usize);
+    for ((na, wa), (nb, wb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert_eq!(wa.shape, wb.shape, "{na}");
+        let packed_diff = wa
+            .packed
+            .iter()
+            .zip(&wb.packed)
+            .filter(|(x, y)| x != y)
+            .count();
+        assert_eq!(packed_diff, 0, "{na}: {packed_diff} code bytes differ");
+        let ((ca, sa, oa), (cb, sb, ob)) = (parts(wa), parts(wb));
+        // The offset is a mean: the GPU reduces in f32, the writer in f64.
+        assert!(
+            (oa - ob).abs() <= 1e-6 * ob.abs(),
+            "{na}: offset {oa} vs {ob}"
+        );
+        for (x, y) in sa.iter().zip(&sb) {
+            assert!(
+                (x - y).abs() <= 1e-6 * y.abs(),
+                "{na}: nested absmax {x} vs {y}"
+            );
+        }
+        code_diffs += ca.iter().zip(&cb).filter(|(x, y)| x != y).count();
+        blocks += ca.len();
+        // Whatever the codes, the block scales the kernels use agree closely.
+        for (x, y) in wa.absmax().iter().zip(wb.absmax()) {
+            assert!((x - y).abs() <= 0.02 * y.abs(), "{na}: absmax {x} vs {y}");
+        }
+        bitwise += usize::from(wa == wb);
+    }
+    eprintln!(
+        "pre-quantised vs --load_in_4bit: {bitwise}/{} weights bitwise equal, {code_diffs} of \
+         {blocks} absmax codes differ; packed codes identical",
+        a.len()
+    );
+    assert!(
+        code_diffs * 1000 <= blocks,
+        "{code_diffs} of {blocks} absmax codes differ"
+    );
+
+    let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
+    quantised_here.import_trainable(&init).unwrap();
+    prequantised.import_trainable(&init).unwrap();
+    let batch = packed_batch(cfg.vocab_size as u32, 100);
+    let scale = 1.0 / batch.trainable_tokens() as f32;
+    let (x, y) = (
+        quantised_here.forward_backward(&batch, scale).unwrap(),
+        prequantised.forward_backward(&batch, scale).unwrap(),
+    );
+    let rel = (x.loss_sum - y.loss_sum).abs() / x.loss_sum;
+    eprintln!(
+        "loss --load_in_4bit {:.6} pre-quantised {:.6} (rel {rel:.2e})",
+        x.loss_sum, y.loss_sum
+    );
+    assert!(rel < 1e-4, "loss {} vs {}", x.loss_sum, y.loss_sum);
+    compare(
+        "pre-quantised vs --load_in_4bit gradients",
+        &prequantised.gradients().unwrap(),
+        &quantised_here.gradients().unwrap(),
+        1e-3,
+    );
+    drop((quantised_here, prequantised));
+
+    // Both absmax kinds on the GPU (4-bit implied) against the cpu engine on the same files.
+    let plain = tmp.path().join("llama-bnb-4bit-plain");
+    ferrotune::model::bnb4::write_prequantized(&dir, &plain, false).unwrap();
+    for (label, d) in [
+        ("bnb-4bit double-quant", &bnb),
+        ("bnb-4bit plain absmax", &plain),
+    ] {
+        run_case(&case(label, d, options(false)));
+    }
+}
