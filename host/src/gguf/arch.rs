@@ -129,28 +129,47 @@ pub fn model_metadata(
 /// Llama 3.1 rope scaling as per-frequency divisors (`rope_freqs.weight`, head_dim / 2 values),
 /// computed as llama.cpp's converter does (`LlamaModel.generate_extra_tensors`).
 pub fn rope_freqs(cfg: &ModelConfig, arch: GgufArch) -> Option<Vec<f32>> {
+    if arch.name != "llama" {
+        return None;
+    }
+    llama3_freq_factors(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling)
+}
+
+/// The wavelength of each rotary frequency pair, in positions: `2π / θ^(-2i/d)` with the
+/// frequency in f32, as torch computes it.
+pub fn rope_wavelengths(head_dim: usize, rope_theta: f64) -> Vec<f64> {
+    let base = rope_theta as f32;
+    (0..head_dim / 2)
+        .map(|i| {
+            // torch: base ** (arange(0, dim, 2, float32) / dim), in f32.
+            let freq = 1.0 / base.powf((2 * i) as f32 / head_dim as f32);
+            2.0 * std::f64::consts::PI / freq as f64
+        })
+        .collect()
+}
+
+/// The divisor of each rotary frequency under Llama 3.1 scaling (`None` for other scalings).
+/// The GGUF base loader checks the parameters it recovers from a `rope_freqs` tensor with it.
+pub fn llama3_freq_factors(
+    head_dim: usize,
+    rope_theta: f64,
+    scaling: &RopeScaling,
+) -> Option<Vec<f32>> {
     let RopeScaling::Llama3 {
         factor,
         low_freq_factor,
         high_freq_factor,
         original_max_position_embeddings: old_ctx,
-    } = cfg.rope_scaling
+    } = *scaling
     else {
         return None;
     };
-    if arch.name != "llama" {
-        return None;
-    }
-    let dim = cfg.head_dim;
     let low_wavelen = old_ctx / low_freq_factor;
     let high_wavelen = old_ctx / high_freq_factor;
-    let base = cfg.rope_theta as f32;
     Some(
-        (0..dim / 2)
-            .map(|i| {
-                // torch: base ** (arange(0, dim, 2, float32) / dim), in f32.
-                let freq = 1.0 / base.powf((2 * i) as f32 / dim as f32);
-                let wavelen = 2.0 * std::f64::consts::PI / freq as f64;
+        rope_wavelengths(head_dim, rope_theta)
+            .into_iter()
+            .map(|wavelen| {
                 let f = if wavelen < high_wavelen {
                     1.0
                 } else if wavelen > low_wavelen {

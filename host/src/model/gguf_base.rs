@@ -7,8 +7,9 @@
 //! `model.layers.3.self_attn.q_proj.weight`), the q/k row permutation of the `llama`
 //! architecture (ggml rotates adjacent pairs, Hugging Face half-split rows), and the
 //! quantisation (every ggml type the quantizers here write decodes). The tokenizer is rebuilt
-//! from `tokenizer.ggml.*` for byte-level BPE vocabularies (`gpt2` model: Llama 3, Qwen2/3,
-//! GPT-2-style); SentencePiece vocabularies (`llama` model) are refused with a clear error.
+//! from `tokenizer.ggml.*` ([`vocab`]: byte-level BPE and SentencePiece vocabularies), and
+//! Llama 3.1 rope scaling from the `rope_freqs.weight` divisors llama.cpp stores instead of
+//! its parameters ([`rope`]).
 //!
 //! The cache entry is keyed by the file's path, size and modification time, written into a
 //! staging directory and renamed into place, so an interrupted conversion is redone.
@@ -22,14 +23,18 @@ use sha2::{Digest, Sha256};
 
 use crate::gguf::reader::GgufFile;
 use crate::gguf::value::Value;
+use crate::model::RopeScaling;
+
+mod rope;
+mod vocab;
+
+use vocab::Vocab;
 
 /// Bump when the conversion changes, so cached directories are rebuilt.
-const LAYOUT_VERSION: &str = "gguf-base-v1";
+const LAYOUT_VERSION: &str = "gguf-base-v2";
 
-/// The pre-tokenizer splits of Llama 3 (llama.cpp's `llama-bpe`) and Qwen2 (digits one by one);
-/// `gpt-2` is `ByteLevel`'s own split.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// The tensor in which llama.cpp stores Llama 3.1 rope scaling.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The model directory for `gguf`, converting it into `cache_root` on first use.
 pub fn materialise(gguf: &Path, cache_root: &Path) -> Result<PathBuf> {
@@ -105,12 +110,6 @@ fn convert(file: &GgufFile) -> Result<Converted> {
              (Llama, Mistral), qwen2, qwen3"
         ),
     };
-    if file.tensor("rope_freqs.weight").is_some() {
-        bail!(
-            "the file carries Llama 3.1-style rope scaling (rope_freqs.weight), whose \
-             parameters GGUF does not keep; use the Hugging Face model directory instead"
-        );
-    }
     let u = |key: &str| -> Result<usize> {
         let full = format!("{arch}.{key}");
         number(file, &full)?
@@ -123,6 +122,15 @@ fn convert(file: &GgufFile) -> Result<Converted> {
     let hidden = u("embedding_length")?;
     let head_dim = number(file, &format!("{arch}.attention.key_length"))?
         .map_or(hidden / heads.max(1), |v| v as usize);
+    let rotary_key = format!("{arch}.rope.dimension_count");
+    if let Some(rotary) = number(file, &rotary_key)? {
+        if rotary as usize != head_dim {
+            bail!(
+                "metadata {rotary_key} = {rotary} rotates part of each head (head_dim \
+                 {head_dim}); ferrotune's models rotate whole heads"
+            );
+        }
+    }
     let embd = file
         .tensor("token_embd.weight")
         .context("no token_embd.weight tensor")?;
@@ -147,18 +155,10 @@ fn convert(file: &GgufFile) -> Result<Converted> {
         "attention_bias": model_type != "qwen2" && has("blk.0.attn_q.bias"),
         "torch_dtype": "float32",
     });
-    if let Some(scaling) = file.get(&format!("{arch}.rope.scaling.type")) {
-        match scaling.as_str() {
-            Some("linear") => {
-                let factor = number(file, &format!("{arch}.rope.scaling.factor"))?
-                    .context("rope.scaling.factor is missing")?;
-                config["rope_scaling"] = json!({"type": "linear", "factor": factor});
-            }
-            Some("none") | None => {}
-            Some(other) => bail!("rope scaling {other:?} is not supported (linear only)"),
-        }
+    if let Some(scaling) = rope_scaling(file, &arch, head_dim, &config)? {
+        config["rope_scaling"] = scaling;
     }
-    let tokenizer = Tokenizer::from_metadata(file)?;
+    let tokenizer = Vocab::from_metadata(|key| file.get(key))?;
     for (key, id) in [
         ("bos_token_id", tokenizer.bos),
         ("eos_token_id", tokenizer.eos),
@@ -171,7 +171,7 @@ fn convert(file: &GgufFile) -> Result<Converted> {
     let permute = (arch == "llama").then_some((heads, kv_heads));
     Ok(Converted {
         weights: weights(file, permute)?,
-        tokenizer: tokenizer.tokenizer_json(),
+        tokenizer: tokenizer.tokenizer_json()?,
         tokenizer_config: tokenizer.config_json(),
         config,
     })
@@ -186,22 +186,77 @@ fn string(file: &GgufFile, key: &str) -> Result<String> {
 
 /// A numeric metadata value of any width.
 fn number(file: &GgufFile, key: &str) -> Result<Option<f64>> {
-    Ok(match file.get(key) {
+    vocab::number(file.get(key), key)
+}
+
+/// `rope_scaling` of config.json from `<arch>.rope.scaling.*` and `rope_freqs.weight`; `None`
+/// when the model's RoPE is unscaled. Anything else fails naming the key and its value.
+fn rope_scaling(
+    file: &GgufFile,
+    arch: &str,
+    head_dim: usize,
+    config: &Json,
+) -> Result<Option<Json>> {
+    let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+    let kind = match file.get(&key("type")) {
         None => None,
-        Some(v) => Some(match v {
-            Value::U8(x) => *x as f64,
-            Value::I8(x) => *x as f64,
-            Value::U16(x) => *x as f64,
-            Value::I16(x) => *x as f64,
-            Value::U32(x) => *x as f64,
-            Value::I32(x) => *x as f64,
-            Value::U64(x) => *x as f64,
-            Value::I64(x) => *x as f64,
-            Value::F32(x) => *x as f64,
-            Value::F64(x) => *x,
-            other => bail!("metadata {key} is {other:?}, expected a number"),
-        }),
-    })
+        Some(v) => Some(
+            v.as_str()
+                .with_context(|| format!("metadata {} is {v:?}, expected a string", key("type")))?,
+        ),
+    };
+    let factor = number(file, &key("factor"))?;
+    let freqs = file.tensor(ROPE_FREQS);
+    match (kind, freqs) {
+        (Some("linear"), None) => {
+            let factor =
+                factor.with_context(|| format!("metadata {} is missing", key("factor")))?;
+            Ok(Some(json!({"type": "linear", "factor": factor})))
+        }
+        (Some("none") | None, None) => Ok(None),
+        // llama.cpp writes no scaling type for Llama 3.1 (its converter leaves it at the
+        // default), some files say "none" or "linear" next to the tensor.
+        (Some("none" | "linear") | None, Some(entry)) => {
+            let factors = file
+                .read_tensor_f32(entry)
+                .with_context(|| format!("tensor {ROPE_FREQS}"))?;
+            let hints = rope::Hints {
+                factor,
+                original_context: number(file, &key("original_context_length"))?,
+            };
+            let theta = config["rope_theta"].as_f64().unwrap_or(10_000.0);
+            let recovered = rope::recover_llama3(&factors, head_dim, theta, hints)?;
+            Ok(recovered.map(|scaling| match scaling {
+                RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                } => json!({
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": integral(original_max_position_embeddings),
+                }),
+                other => unreachable!("recover_llama3 returns Llama3, not {other:?}"),
+            }))
+        }
+        (Some(other), _) => bail!(
+            "metadata {} = {other:?} is not supported (none, linear, or Llama 3.1's \
+             {ROPE_FREQS}); use the Hugging Face model directory instead",
+            key("type")
+        ),
+    }
+}
+
+/// A whole number as a JSON integer (config.json spells context lengths that way).
+fn integral(v: f64) -> Json {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        json!(v as i64)
+    } else {
+        json!(v)
+    }
 }
 
 /// Every tensor dequantised to f32 under its Hugging Face name, as safetensors bytes.
@@ -209,6 +264,10 @@ fn number(file: &GgufFile, key: &str) -> Result<Option<f64>> {
 fn weights(file: &GgufFile, permute: Option<(usize, usize)>) -> Result<Vec<u8>> {
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for entry in &file.tensors {
+        if entry.name == ROPE_FREQS {
+            // Read into config.json's rope_scaling instead.
+            continue;
+        }
         let hf = crate::gguf::names::hf_name(&entry.name)?;
         let mut data = file
             .read_tensor_f32(entry)
@@ -239,161 +298,6 @@ fn weights(file: &GgufFile, permute: Option<(usize, usize)>) -> Result<Vec<u8>> 
         "pt".to_string(),
     )]));
     safetensors::serialize(views, metadata).context("writing model.safetensors")
-}
-
-/// `tokenizer.ggml.*` of a byte-level BPE vocabulary.
-struct Tokenizer {
-    tokens: Vec<String>,
-    types: Vec<i32>,
-    merges: Vec<String>,
-    /// The pre-tokenizer of `tokenizer.json`.
-    pre_tokenizer: Json,
-    bos: Option<u32>,
-    eos: Option<u32>,
-    pad: Option<u32>,
-    unk: Option<u32>,
-    add_bos: Option<bool>,
-    add_eos: Option<bool>,
-    chat_template: Option<String>,
-}
-
-/// llama.cpp's token types that are special (CONTROL) or added (USER_DEFINED).
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-
-impl Tokenizer {
-    fn from_metadata(file: &GgufFile) -> Result<Self> {
-        let model = string(file, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            bail!(
-                "its tokenizer is tokenizer.ggml.model = {model:?}; ferrotune rebuilds byte-level \
-                 BPE (\"gpt2\": Llama 3, Qwen) tokenizers from GGUF, not SentencePiece (\"llama\": \
-                 Llama 2, Mistral); use the Hugging Face model directory instead"
-            );
-        }
-        let Some(Value::ArrayString(tokens)) = file.get("tokenizer.ggml.tokens") else {
-            bail!("metadata tokenizer.ggml.tokens is missing");
-        };
-        let types = match file.get("tokenizer.ggml.token_type") {
-            Some(Value::ArrayI32(t)) => t.clone(),
-            _ => vec![1; tokens.len()],
-        };
-        let merges = match file.get("tokenizer.ggml.merges") {
-            Some(Value::ArrayString(m)) => m.clone(),
-            _ => bail!("metadata tokenizer.ggml.merges is missing (a BPE vocabulary needs them)"),
-        };
-        let pre = file
-            .get("tokenizer.ggml.pre")
-            .and_then(Value::as_str)
-            .unwrap_or("default");
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-                   "use_regex": use_regex})
-        };
-        let split = |regex: &str| {
-            json!({"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated",
-                 "invert": false},
-                byte_level(false)
-            ]})
-        };
-        let pre_tokenizer = match pre {
-            "gpt-2" => byte_level(true),
-            "default" => {
-                tracing::warn!(
-                    "tokenizer.ggml.pre = \"default\" (not identified by the converter): \
-                     assuming GPT-2's byte-level pre-tokenizer"
-                );
-                byte_level(true)
-            }
-            "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
-            "qwen2" => split(QWEN2_SPLIT),
-            other => bail!(
-                "tokenizer.ggml.pre = {other:?} is not one ferrotune can rebuild (gpt-2, \
-                 llama-bpe, smaug-bpe, qwen2); use the Hugging Face model directory instead"
-            ),
-        };
-        let id = |key: &str| -> Result<Option<u32>> {
-            Ok(number(file, key)?
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len()))
-        };
-        let flag = |key: &str| match file.get(key) {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        };
-        Ok(Tokenizer {
-            tokens: tokens.clone(),
-            types,
-            merges,
-            pre_tokenizer,
-            bos: id("tokenizer.ggml.bos_token_id")?,
-            eos: id("tokenizer.ggml.eos_token_id")?,
-            pad: id("tokenizer.ggml.padding_token_id")?,
-            unk: id("tokenizer.ggml.unknown_token_id")?,
-            add_bos: flag("tokenizer.ggml.add_bos_token"),
-            add_eos: flag("tokenizer.ggml.add_eos_token"),
-            chat_template: file
-                .get("tokenizer.chat_template")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        })
-    }
-
-    fn tokenizer_json(&self) -> Json {
-        let mut vocab = serde_json::Map::new();
-        let mut added = Vec::new();
-        for (id, (text, &ty)) in self.tokens.iter().zip(&self.types).enumerate() {
-            vocab.insert(text.clone(), json!(id));
-            if ty == CONTROL || ty == USER_DEFINED {
-                added.push(json!({
-                    "id": id, "content": text, "single_word": false, "lstrip": false,
-                    "rstrip": false, "normalized": ty == USER_DEFINED, "special": ty == CONTROL
-                }));
-            }
-        }
-        json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": self.pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                        "use_regex": true},
-            "model": {
-                "type": "BPE", "dropout": null, "unk_token": null,
-                "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
-                "vocab": vocab, "merges": self.merges,
-            },
-        })
-    }
-
-    fn config_json(&self) -> Json {
-        let text = |id: Option<u32>| id.map(|i| json!(self.tokens[i as usize]));
-        let mut config = json!({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            // The sequence's BOS comes from here (the rebuilt tokenizer has no post-processor).
-            "add_bos_token": self.add_bos.unwrap_or(false),
-            "add_eos_token": self.add_eos.unwrap_or(false),
-        });
-        for (key, id) in [
-            ("bos_token", self.bos),
-            ("eos_token", self.eos),
-            ("pad_token", self.pad),
-            ("unk_token", self.unk),
-        ] {
-            if let Some(t) = text(id) {
-                config[key] = t;
-            }
-        }
-        if let Some(template) = &self.chat_template {
-            config["chat_template"] = json!(template);
-        }
-        config
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
+use std::collections::HashMap;
 use std::path::Path;
+
+use serde_json::json;
 
 use super::*;
 use crate::cli::choices::Bias;
@@ -9,6 +12,7 @@ use crate::export::safetensors_dir::SafetensorsDir;
 use crate::gguf::convert::GgufPlan;
 use crate::gguf::names::{gguf_name, hf_name, permute_qk, unpermute_qk, Mapped};
 use crate::gguf::preset::Preset;
+use crate::gguf::reader::GgufFile;
 use crate::job::PROJECTIONS;
 use crate::model::tiny::{write_tiny_chat_model, TinySpec};
 use crate::model::{Model, ModelConfig};
@@ -173,13 +177,13 @@ fn an_exported_gguf_loads_back_as_the_base_model() {
 }
 
 #[test]
-fn sentencepiece_vocabularies_and_other_architectures_are_refused() {
+fn other_architectures_tokenizers_and_rotary_layouts_are_refused() {
     use crate::gguf::types::GgmlType;
     use crate::gguf::writer::{GgufWriter, TensorInfo};
     let tmp = tempfile::tempdir().unwrap();
-    let write = |name: &str, arch: &str, model: &str| {
+    let write = |name: &str, arch: &str, model: &str, extra: Vec<(String, Value)>| {
         let path = tmp.path().join(name);
-        let meta = vec![
+        let mut meta = vec![
             (
                 "general.architecture".to_string(),
                 Value::String(arch.into()),
@@ -198,30 +202,414 @@ fn sentencepiece_vocabularies_and_other_architectures_are_refused() {
                 Value::ArrayString(vec!["a".into(), "b".into()]),
             ),
         ];
+        meta.extend(extra);
         let info = TensorInfo::new("token_embd.weight", vec![2, 4], GgmlType::F32);
         let mut w = GgufWriter::create(&path, &meta, vec![info]).unwrap();
         w.write_tensor("token_embd.weight", &[0u8; 32]).unwrap();
         w.finish().unwrap();
         path
     };
-    let spm = write("spm.gguf", "llama", "llama");
-    let err = format!(
-        "{:#}",
-        materialise(&spm, &tmp.path().join("c")).unwrap_err()
-    );
-    assert!(
-        err.contains("SentencePiece") && err.contains("spm.gguf"),
-        "{err}"
-    );
-    let phi = write("phi.gguf", "phi3", "gpt2");
-    let err = format!(
-        "{:#}",
-        materialise(&phi, &tmp.path().join("c")).unwrap_err()
-    );
+    let error = |path: &Path| {
+        format!(
+            "{:#}",
+            materialise(path, &tmp.path().join("c")).unwrap_err()
+        )
+    };
+    let t5 = write("t5.gguf", "llama", "t5", vec![]);
+    let err = error(&t5);
+    assert!(err.contains("\"t5\"") && err.contains("t5.gguf"), "{err}");
+    // A SentencePiece vocabulary needs its scores when the file has no merges.
+    let spm = write("spm.gguf", "llama", "llama", vec![]);
+    let err = error(&spm);
+    assert!(err.contains("tokenizer.ggml.scores"), "{err}");
+    let phi = write("phi.gguf", "phi3", "gpt2", vec![]);
+    let err = error(&phi);
     assert!(err.contains("phi3") && err.contains("qwen2"), "{err}");
+    let yarn = write(
+        "yarn.gguf",
+        "llama",
+        "gpt2",
+        vec![(
+            "llama.rope.scaling.type".into(),
+            Value::String("yarn".into()),
+        )],
+    );
+    let err = error(&yarn);
+    assert!(err.contains("llama.rope.scaling.type = \"yarn\""), "{err}");
+    let partial = write(
+        "partial.gguf",
+        "llama",
+        "gpt2",
+        vec![("llama.rope.dimension_count".into(), Value::U32(2))],
+    );
+    let err = error(&partial);
+    assert!(err.contains("llama.rope.dimension_count = 2"), "{err}");
     assert!(!tmp.path().join("c").read_dir().unwrap().any(|e| e
         .unwrap()
         .path()
         .join("config.json")
         .exists()));
+}
+
+/// `file` rewritten without the metadata `drop` names (llama.cpp's converter, for instance,
+/// writes no merges for a SentencePiece vocabulary).
+fn rewrite_without(file: &Path, out: &Path, drop: &[&str]) {
+    use crate::gguf::writer::{GgufWriter, TensorInfo};
+    let gguf = GgufFile::open(file).unwrap();
+    let meta: Vec<(String, Value)> = gguf
+        .metadata
+        .iter()
+        .filter(|(k, _)| !drop.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    assert!(
+        meta.len() < gguf.metadata.len(),
+        "{drop:?} were in the file"
+    );
+    let infos = gguf
+        .tensors
+        .iter()
+        .map(|t| TensorInfo::new(t.name.clone(), t.shape.clone(), t.ty))
+        .collect();
+    let mut w = GgufWriter::create(out, &meta, infos).unwrap();
+    for t in &gguf.tensors {
+        w.write_tensor(&t.name, &gguf.read_tensor_bytes(t).unwrap())
+            .unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// A SentencePiece BPE vocabulary like Llama 2's, as transformers' converter writes its
+/// tokenizer.json: `<unk> <s> </s>`, the 256 byte pieces, then pieces trained on the demo data
+/// (word-initial `▁`), scored `-id` as SentencePiece scores BPE pieces, merges derived from
+/// the scores by brute force over all pairs (an implementation independent of the loader's),
+/// the legacy normaliser, byte-fallback decoder and a BOS post-processor. Returns the pieces
+/// with their scores (for a `tokenizer.model`).
+fn write_spm_tokenizer(dir: &Path) -> Vec<(String, f32)> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, TokenizerBuilder};
+
+    let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(200)
+        .min_frequency(2)
+        .show_progress(false)
+        .build();
+    let mut trained = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        Metaspace,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
+    .build()
+    .unwrap();
+    trained.train(&mut trainer, texts.iter().copied()).unwrap();
+    let mut learned: Vec<(String, u32)> = trained.get_vocab(false).into_iter().collect();
+    learned.sort_by_key(|(_, id)| *id);
+
+    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    pieces.extend(learned.into_iter().map(|(t, _)| t));
+    let scores: Vec<f32> = (0..pieces.len())
+        .map(|id| if id < 3 { 0.0 } else { -(id as f32) })
+        .collect();
+    let id_of: HashMap<&str, usize> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, usize)> = Vec::new();
+    for (a, left) in pieces.iter().enumerate() {
+        for (b, right) in pieces.iter().enumerate() {
+            if let Some(&made) = id_of.get(format!("{left}{right}").as_str()) {
+                merges.push((a, b, made));
+            }
+        }
+    }
+    // Best piece score first; on equal scores (one piece, several splits) longer left first.
+    merges.sort_by(|x, y| {
+        scores[y.2].total_cmp(&scores[x.2]).then(
+            pieces[y.0]
+                .chars()
+                .count()
+                .cmp(&pieces[x.0].chars().count()),
+        )
+    });
+    assert!(merges.len() > 100, "the trained pieces make merges");
+    let vocab: serde_json::Map<String, serde_json::Value> = pieces
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), json!(i)))
+        .collect();
+    let special = |id: usize| {
+        json!({"id": id, "content": pieces[id], "single_word": false, "lstrip": false,
+               "rstrip": false, "normalized": false, "special": true})
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0), special(1), special(2)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
+            "merges": merges.iter().map(|m| json!([pieces[m.0], pieces[m.1]])).collect::<Vec<_>>()},
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let config = json!({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": true, "add_eos_token": false, "legacy": true,
+        "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
+    });
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    std::fs::write(
+        dir.join("special_tokens_map.json"),
+        json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}).to_string(),
+    )
+    .unwrap();
+    pieces.into_iter().zip(scores).collect()
+}
+
+/// Texts that exercise the SentencePiece path: words, leading and repeated spaces, newlines
+/// (byte pieces `<0x0A>`), accents and CJK (byte fallback for characters outside the pieces),
+/// an emoji (four byte pieces) and special-token text inside a string.
+const SPM_TEXTS: [&str; 8] = [
+    "Below is an instruction that describes a task.",
+    "  two leading spaces and  a double one",
+    "line one\nline two\n\nend",
+    "unicode: café naïve 日本語",
+    "a llama 🦙 emoji",
+    "<s>special text</s> inside",
+    "tab\there, numbers 12345",
+    "",
+];
+
+/// The tokenizer transformers builds from the GGUF's metadata (merges derived from the scores by
+/// its `generate_merges`) gives the ids ours gives. Its `LlamaTokenizer` prefixes a space only at the start of the
+/// input (Metaspace "first") where llama.cpp and the legacy normaliser prefix every fragment
+/// after a special token and add one more before leading spaces, so the texts compared are the
+/// ones without those two cases. Needs python3 with transformers; skipped without it, except
+/// under `CI=true` where `.ci/run` installs it.
+fn transformers_agrees(gguf: &Path, ours: &TokenizerInfo) {
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import transformers, gguf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "python3 with transformers and gguf is required under CI=true (.ci/run installs them)"
+        );
+        eprintln!("skipped: python3 with transformers and gguf is not installed");
+        return;
+    }
+    let texts: Vec<&str> = SPM_TEXTS
+        .iter()
+        .copied()
+        .filter(|t| !t.starts_with(' ') && !t.contains("<s>"))
+        .collect();
+    let ids: Vec<Vec<u32>> = texts
+        .iter()
+        .map(|t| ours.encode(t, false).unwrap().ids)
+        .collect();
+    let cases = gguf.with_extension("cases.json");
+    std::fs::write(&cases, json!({"texts": texts, "ids": ids}).to_string()).unwrap();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/check_gguf_tokenizer.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(gguf)
+        .arg(&cases)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "transformers tokenizes the GGUF differently:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A Llama-2-style SentencePiece model exported with our GGUF writer and loaded back as the base
+/// model encodes every text to the ids of the original tokenizer.json and decodes them back:
+/// with the merges the writer stores, with llama.cpp's layout (no merges: recovered from the
+/// tokenizer.model scores), and with no tokenizer.model at all (merges recovered from the
+/// writer's merge-rank scores).
+#[test]
+fn a_sentencepiece_gguf_loads_back_with_the_same_tokenizer() {
+    use crate::gguf::sentencepiece::{encode_model, Piece, PieceType};
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("hf");
+    let spec = TinySpec {
+        vocab_size: 512,
+        ..TinySpec::default()
+    };
+    crate::model::tiny::write_random_model(&original, &spec, 3).unwrap();
+    let pieces = write_spm_tokenizer(&original);
+    let model_proto: Vec<Piece> = pieces
+        .iter()
+        .enumerate()
+        .map(|(id, (text, score))| Piece {
+            text: text.clone(),
+            score: *score,
+            kind: match id {
+                0 => PieceType::Unknown,
+                1 | 2 => PieceType::Control,
+                3..259 => PieceType::Byte,
+                _ => PieceType::Normal,
+            },
+        })
+        .collect();
+    let want = TokenizerInfo::load(&original).unwrap();
+    let check = |dir: &Path, case: &str| {
+        let got = TokenizerInfo::load(dir).unwrap();
+        for text in SPM_TEXTS {
+            let ids = want.encode(text, true).unwrap().ids;
+            assert_eq!(got.encode(text, true).unwrap().ids, ids, "{case}: {text:?}");
+            let plain = want.tokenizer.encode(text, false).unwrap();
+            let back = got.tokenizer.encode(text, false).unwrap();
+            assert_eq!(back.get_ids(), plain.get_ids(), "{case}: {text:?}");
+            assert_eq!(
+                got.tokenizer.decode(back.get_ids(), false).unwrap(),
+                want.tokenizer.decode(plain.get_ids(), false).unwrap(),
+                "{case}: {text:?}"
+            );
+            if !text.contains("<s>") {
+                assert_eq!(got.tokenizer.decode(back.get_ids(), true).unwrap(), text);
+            }
+        }
+        let bytes = got.encode("🦙", false).unwrap().ids;
+        assert_eq!(bytes.len(), 5, "{case}: ▁ and four byte pieces: {bytes:?}");
+        assert_eq!(got.bos.as_ref().map(|t| t.id), Some(1), "{case}");
+        assert_eq!(got.eos.as_ref().map(|t| t.id), Some(2), "{case}");
+        assert_eq!(got.unk.as_ref().map(|t| t.id), Some(0), "{case}");
+        assert_eq!(got.chat_templates, want.chat_templates, "{case}");
+    };
+
+    let cache = tmp.path().join("cache");
+    let source = SafetensorsDir::open_model_dir(&original).unwrap();
+    std::fs::write(original.join("tokenizer.model"), encode_model(&model_proto)).unwrap();
+    let plan = GgufPlan::new(&original, &source, "spm").unwrap();
+    let with_scores = tmp.path().join("spm.gguf");
+    plan.write(&source, Preset::F32, &with_scores).unwrap();
+    let file = GgufFile::open(&with_scores).unwrap();
+    assert_eq!(
+        file.get("tokenizer.ggml.model"),
+        Some(&Value::String("llama".into()))
+    );
+    check(&materialise(&with_scores, &cache).unwrap(), "stored merges");
+
+    let no_merges = tmp.path().join("spm-no-merges.gguf");
+    rewrite_without(&with_scores, &no_merges, &["tokenizer.ggml.merges"]);
+    let from_scores = materialise(&no_merges, &cache).unwrap();
+    check(&from_scores, "scores");
+    transformers_agrees(&no_merges, &TokenizerInfo::load(&from_scores).unwrap());
+
+    std::fs::remove_file(original.join("tokenizer.model")).unwrap();
+    let plan = GgufPlan::new(&original, &source, "spm").unwrap();
+    let ranked = tmp.path().join("spm-ranks.gguf");
+    plan.write(&source, Preset::F32, &ranked).unwrap();
+    let ranked_no_merges = tmp.path().join("spm-ranks-no-merges.gguf");
+    rewrite_without(&ranked, &ranked_no_merges, &["tokenizer.ggml.merges"]);
+    check(
+        &materialise(&ranked_no_merges, &cache).unwrap(),
+        "rank scores",
+    );
+}
+
+/// A Llama 3.1 model (rope_type llama3) exported with our writer carries `rope_freqs.weight`
+/// and no rope parameters; loaded back as the base model it has the same rope_scaling and the
+/// same loss, at positions far enough out that dropping the scaling changes the loss.
+#[test]
+fn a_llama_3_1_gguf_loads_back_with_its_rope_scaling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("hf");
+    let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let spec = TinySpec {
+        head_dim: Some(32),
+        rope_theta: 500_000.0,
+        rope_scaling: Some(scaling.clone()),
+        max_position_embeddings: 131_072,
+        // Weights large enough for attention to depend on the rotary phases.
+        init_std: 0.5,
+        ..TinySpec::default()
+    };
+    let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
+    write_tiny_chat_model(&original, &texts, 320, 512, spec, 4).unwrap();
+    let source = SafetensorsDir::open_model_dir(&original).unwrap();
+    let plan = GgufPlan::new(&original, &source, "tiny").unwrap();
+    let file = tmp.path().join("tiny.gguf");
+    plan.write(&source, Preset::F32, &file).unwrap();
+    let gguf = GgufFile::open(&file).unwrap();
+    assert!(gguf.tensor("rope_freqs.weight").is_some());
+    assert!(!gguf
+        .metadata
+        .iter()
+        .any(|(k, _)| k.contains("rope.scaling")));
+
+    let dir = materialise(&file, &tmp.path().join("cache")).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope_scaling"], scaling);
+    assert_eq!(
+        ModelConfig::from_dir(&dir).unwrap().rope_scaling,
+        ModelConfig::from_dir(&original).unwrap().rope_scaling
+    );
+
+    let info = TokenizerInfo::load(&original).unwrap();
+    let ids = info
+        .encode("Below is an instruction. ### Response: 42 apples", true)
+        .unwrap()
+        .ids;
+    let n = ids.len();
+    let batch = Batch {
+        batch_size: 1,
+        seq_len: n,
+        input_ids: ids.clone(),
+        targets: ids[1..].iter().map(|&t| t as i32).chain([IGNORE]).collect(),
+        // Far positions: the low frequencies llama3 scaling divides by 8 have turned by then.
+        position_ids: (20_000..20_000 + n as u32).collect(),
+        segment_ids: vec![0; n],
+    };
+    let want = loss(&original, &batch);
+    let got = loss(&dir, &batch);
+    // F32 weights and the same f32 divisors: the same loss up to summation order.
+    assert!(((got - want) / want).abs() < 1e-9, "loss {got} vs {want}");
+    // The comparison can tell: without the scaling the loss moves far beyond that.
+    let unscaled = tmp.path().join("unscaled");
+    std::fs::create_dir_all(&unscaled).unwrap();
+    for name in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(dir.join(name), unscaled.join(name)).unwrap();
+    }
+    let mut plain = config.clone();
+    plain.as_object_mut().unwrap().remove("rope_scaling");
+    std::fs::write(unscaled.join("config.json"), plain.to_string()).unwrap();
+    let off = loss(&unscaled, &batch);
+    assert!(
+        ((off - want) / want).abs() > 1e-4,
+        "unscaled loss {off} vs {want}"
+    );
 }
