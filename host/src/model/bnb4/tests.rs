@@ -536,3 +536,75 @@ fn exports_from_a_prequantised_base_merge_into_its_bitsandbytes_dequantisation()
     }
     assert!((e / r).sqrt() < 0.12, "the 4-bit save is NF4 of the merge");
 }
+
+/// The whole job on the cpu engine, as `ferrotune --model_name DIR-bnb-4bit …` runs it: data,
+/// training, checkpoints, and a merged 16-bit save from the 4-bit base.
+#[test]
+fn a_training_job_on_a_prequantised_base_runs_and_saves_a_dequantised_merge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
+    let spec = TinySpec {
+        dtype: DType::BF16,
+        ..TinySpec::default()
+    };
+    crate::model::tiny::write_tiny_chat_model(&model, &texts, 320, 512, spec, 1).unwrap();
+    let bnb = tmp.path().join("model-bnb-4bit");
+    write_prequantized(&model, &bnb, true).unwrap();
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, texts[..40].join("\n") + "\n").unwrap();
+    let (out, save) = (tmp.path().join("out"), tmp.path().join("save"));
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let args: Vec<String> = [
+        "ferrotune",
+        "--model_name",
+        &s(&bnb),
+        "--dataset",
+        &s(&data),
+        "--output_dir",
+        &s(&out),
+        "--save_path",
+        &s(&save),
+        "--save_model",
+        "--save_method",
+        "merged_16bit",
+        "--device",
+        "cpu",
+        "--max_seq_length",
+        "128",
+        "--r",
+        "4",
+        "--lora_alpha",
+        "8",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "5e-3",
+        "--report_to",
+        "none",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let crate::cli::Invocation::Train(job) = crate::cli::parse(args).unwrap_or_else(|_| panic!())
+    else {
+        panic!("a training job");
+    };
+    let report = crate::train::run_job(&job).unwrap();
+    let losses = report.state.logged_losses();
+    assert_eq!(losses.len(), 4);
+    assert!(
+        losses.iter().all(|(_, l)| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    let merged = Model::load(&save).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(save.join("config.json")).unwrap()).unwrap();
+    assert!(config.get("quantization_config").is_none());
+    let base = Model::load(&bnb).unwrap();
+    assert_eq!(merged.weights.numel(), base.weights.numel());
+}
