@@ -144,19 +144,43 @@ fn compare(
     want: &[(String, HostTensor)],
     tol: f64,
 ) -> f64 {
+    compare_by_name(what, got, want, |_| tol)
+}
+
+/// [`compare`] with a tolerance per tensor name.
+fn compare_by_name(
+    what: &str,
+    got: &[(String, HostTensor)],
+    want: &[(String, HostTensor)],
+    tol: impl Fn(&str) -> f64,
+) -> f64 {
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
     for ((gn, g), (wn, w)) in got.iter().zip(want) {
         assert_eq!(gn, wn);
-        let e = rel_l2(values(g), values(w));
+        let (e, tol) = (rel_l2(values(g), values(w)), tol(gn));
         assert!(e <= tol, "{what} {gn}: relative L2 error {e:.3e} > {tol:e}");
         worst = worst.max(e);
     }
     eprintln!(
-        "{what}: {} tensors, worst relative L2 error {worst:.3e} (tol {tol:e})",
+        "{what}: {} tensors, worst relative L2 error {worst:.3e}",
         got.len()
     );
     worst
+}
+
+/// Tolerance for parameters after a few Adam steps. A trained bias is tiny (k_proj's has
+/// kv_heads·head_dim = 32 values here) and its gradient sums over every token, so an element
+/// can sit within bf16 noise of zero; Adam's first update is ±lr whatever the gradient's size,
+/// so that element steps the other way on one engine — one such element is 3.5e-2 relative
+/// L2 of the tensor (seen on the H200). The bias gradients themselves are held to the
+/// gradient tolerance before any step; LoRA matrices keep the tight bound.
+fn after_steps_tol(name: &str) -> f64 {
+    if name.ends_with(".bias") {
+        1e-1
+    } else {
+        1e-2
+    }
 }
 
 fn cpu_grads(cpu: &CpuBackend) -> Vec<(String, HostTensor)> {
@@ -435,11 +459,11 @@ fn run_case(c: &Case) {
         cpu.optimizer_step(1e-3, 1.0).unwrap();
         gpu.optimizer_step(1e-3, 1.0).unwrap();
     }
-    compare(
+    compare_by_name(
         &format!("{label} params after 3 {:?} steps", c.optim),
         &gpu.export_trainable().unwrap(),
         &cpu.export_trainable().unwrap(),
-        1e-2,
+        after_steps_tol,
     );
     // The optimizer state (and the dropout pass counter) moves between the engines both ways,
     // in the host optimizer's format.
