@@ -149,20 +149,7 @@ impl SafetensorsDir {
         let (mut floats, mut raw) = (Vec::new(), HashMap::new());
         for (name, entry) in entries {
             if prequantized.is_nf4(&name) || prequantized.is_companion(&name) {
-                let (dtype, shape, file, start, len) = match entry {
-                    Entry::Float(m) => (m.dtype.safetensors(), m.shape, m.file, m.start, m.len),
-                    Entry::Raw(r) => (r.dtype, r.shape, r.file, r.start, r.len),
-                };
-                raw.insert(
-                    name,
-                    RawEntry {
-                        dtype,
-                        shape,
-                        file,
-                        start,
-                        len,
-                    },
-                );
+                raw.insert(name, entry.into_raw());
             } else {
                 floats.push((name, entry));
             }
@@ -170,10 +157,10 @@ impl SafetensorsDir {
         // Each NF4 weight is listed where its codes are stored, with the quant state's shape
         // and dtype: what a 16-bit save of the model holds there.
         let mut ordered = Vec::with_capacity(floats.len() + prequantized.weights.len());
-        let mut dir_ = Self::from_entries(files, floats)?;
+        let mut out = Self::from_entries(files, floats)?;
         for name in &prequantized.weights {
             let state_name = format!("{name}.{QUANT_STATE_KEY}");
-            let state = dir_.read_raw(&raw[&state_name], &state_name)?;
+            let state = out.read_raw(&raw[&state_name], &state_name)?;
             let state = QuantState::parse(name, &state)?;
             let codes = raw
                 .get(name)
@@ -187,16 +174,16 @@ impl SafetensorsDir {
                 len: 0,
             });
         }
-        ordered.append(&mut dir_.metas);
+        ordered.append(&mut out.metas);
         ordered.sort_by_key(|m| (m.file, m.start));
-        dir_.by_name = ordered
+        out.by_name = ordered
             .iter()
             .enumerate()
             .map(|(i, m)| (m.name.clone(), i))
             .collect();
-        dir_.metas = ordered;
-        dir_.nf4 = Some((prequantized, raw));
-        Ok(dir_)
+        out.metas = ordered;
+        out.nf4 = Some((prequantized, raw));
+        Ok(out)
     }
 
     pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
@@ -246,15 +233,6 @@ impl SafetensorsDir {
             .nf4
             .as_ref()
             .with_context(|| format!("{name} is not a 4-bit weight"))?;
-        self.read_nf4_with(p, raw, name)
-    }
-
-    fn read_nf4_with(
-        &self,
-        p: &Prequantized,
-        raw: &HashMap<String, RawEntry>,
-        name: &str,
-    ) -> Result<Nf4Weight> {
         p.read(name, None, |entry| {
             let Some(r) = raw.get(entry) else {
                 return Ok(None);
@@ -303,6 +281,22 @@ impl SafetensorsDir {
 enum Entry {
     Float(TensorMeta),
     Raw(RawEntry),
+}
+
+impl Entry {
+    /// The entry as stored, whatever its dtype (a companion of a 4-bit weight may be F32).
+    fn into_raw(self) -> RawEntry {
+        match self {
+            Entry::Float(m) => RawEntry {
+                dtype: m.dtype.safetensors(),
+                shape: m.shape,
+                file: m.file,
+                start: m.start,
+                len: m.len,
+            },
+            Entry::Raw(r) => r,
+        }
+    }
 }
 
 /// Every entry of every file, in file order then data order, names unique across files.

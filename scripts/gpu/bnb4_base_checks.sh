@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repo root: tests/python/check_bnb4_base.py — real bitsandbytes
+# 4-bit checkpoints (saved by transformers + bitsandbytes, double-quantised and plain absmax) load
+# as ferrotune base models: `ferrotune export --save_method merged_16bit` from them equals
+# bitsandbytes' dequantize_4bit bit for bit, and `ferrotune bench` trains on them on the GPU.
+# The engine-level GPU check (codes, absmax, loss and LoRA gradients against --load_in_4bit) is
+# `FERROTUNE_REQUIRE_GPU=1 cargo test -p ferrotune --features cuda --test cuda_parity prequantised`.
+#
+# Needs gpu-bin/ferrotune built with --features cuda from this commit, and python3 with torch,
+# transformers, peft, safetensors and bitsandbytes (a wheel in gpu-bin/wheels/ is installed when
+# the import fails, as in export_checks.sh). Logs go to $OUT (or /tmp). Exit 0 only on PASS.
+set -uo pipefail
+out=${OUT:-/tmp}
+bin=./gpu-bin/ferrotune
+if [ ! -x "$bin" ] && [ -f gpu-bin/ferrotune.xz ]; then
+  python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open("gpu-bin/ferrotune.xz"), open("/tmp/ferrotune","wb"))'
+  chmod +x /tmp/ferrotune && bin=/tmp/ferrotune
+fi
+if [ ! -x "$bin" ]; then
+  echo "MISSING: gpu-bin/ferrotune (build it with --features cuda and carry gpu-bin/)"; exit 3
+fi
+if ! python3 -c 'import bitsandbytes' 2>/dev/null && ls gpu-bin/wheels/bitsandbytes-*.whl >/dev/null 2>&1; then
+  pip install --no-index --no-deps gpu-bin/wheels/bitsandbytes-*.whl 2>&1 | tail -1
+fi
+for mod in torch transformers peft safetensors bitsandbytes; do
+  if ! python3 -c "import $mod" 2>/dev/null; then
+    echo "MISSING: python package $mod is not installed on this machine; bnb4 base checks NOT RUN"
+    exit 3
+  fi
+done
+python3 -c 'import torch, transformers, bitsandbytes as b; print("torch", torch.__version__, "transformers", transformers.__version__, "bitsandbytes", b.__version__)'
+PYTHONUNBUFFERED=1 python3 tests/python/check_bnb4_base.py "$bin" /tmp/bnb4-base-check 2>&1 | grep -vE "Warning|warn" | tee "$out/check_bnb4_base.log"
+exit "${PIPESTATUS[0]}"
