@@ -406,9 +406,11 @@ const SPM_TEXTS: [&str; 8] = [
 /// its `generate_merges`) gives the ids ours gives. Its `LlamaTokenizer` prefixes a space only at the start of the
 /// input (Metaspace "first") where llama.cpp and the legacy normaliser prefix every fragment
 /// after a special token and add one more before leading spaces, so the texts compared are the
-/// ones without those two cases. Needs python3 with transformers; skipped without it, except
+/// ones without those two cases. transformers' AutoTokenizer also loads the converted directory
+/// and reproduces every id of our pipeline, special tokens included. Needs python3 with transformers; skipped without it, except
 /// under `CI=true` where `.ci/run` installs it.
-fn transformers_agrees(gguf: &Path, ours: &TokenizerInfo) {
+fn transformers_agrees(gguf: &Path, model_dir: &Path) {
+    let ours = TokenizerInfo::load(model_dir).unwrap();
     let available = std::process::Command::new("python3")
         .args(["-c", "import transformers, gguf"])
         .output()
@@ -430,8 +432,14 @@ fn transformers_agrees(gguf: &Path, ours: &TokenizerInfo) {
         .iter()
         .map(|t| ours.encode(t, false).unwrap().ids)
         .collect();
+    let full: Vec<Vec<u32>> = SPM_TEXTS
+        .iter()
+        .map(|t| ours.encode(t, true).unwrap().ids)
+        .collect();
     let cases = gguf.with_extension("cases.json");
-    std::fs::write(&cases, json!({"texts": texts, "ids": ids}).to_string()).unwrap();
+    let body = json!({"texts": texts, "ids": ids, "model_dir": model_dir,
+                      "full": {"texts": SPM_TEXTS, "ids": full}});
+    std::fs::write(&cases, body.to_string()).unwrap();
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/check_gguf_tokenizer.py");
     let out = std::process::Command::new("python3")
@@ -521,7 +529,7 @@ fn a_sentencepiece_gguf_loads_back_with_the_same_tokenizer() {
     rewrite_without(&with_scores, &no_merges, &["tokenizer.ggml.merges"]);
     let from_scores = materialise(&no_merges, &cache).unwrap();
     check(&from_scores, "scores");
-    transformers_agrees(&no_merges, &TokenizerInfo::load(&from_scores).unwrap());
+    transformers_agrees(&no_merges, &from_scores);
 
     std::fs::remove_file(original.join("tokenizer.model")).unwrap();
     let plan = GgufPlan::new(&original, &source, "spm").unwrap();
