@@ -787,15 +787,16 @@ fn prequantised_bnb_4bit_base_matches_quantising_on_the_gpu() {
             .count();
         assert_eq!(packed_diff, 0, "{na}: {packed_diff} code bytes differ");
         let ((ca, sa, oa), (cb, sb, ob)) = (parts(wa), parts(wb));
-        // The offset is a mean: the GPU reduces in f32, the writer in f64.
+        // The offset is a mean: the GPU sums in f32 (448 blocks here), the writer in f64. A
+        // nested absmax is a max of |absmax - offset|: it moves at most as far as the offset.
         assert!(
-            (oa - ob).abs() <= 1e-6 * ob.abs(),
+            (oa - ob).abs() <= 1e-5 * ob.abs(),
             "{na}: offset {oa} vs {ob}"
         );
         for (x, y) in sa.iter().zip(&sb) {
             assert!(
-                (x - y).abs() <= 1e-6 * y.abs(),
-                "{na}: nested absmax {x} vs {y}"
+                (x - y).abs() <= (oa - ob).abs() + 1e-6 * y.abs(),
+                "{na}: nested absmax {x} vs {y} (offsets {oa}, {ob})"
             );
         }
         code_diffs += ca.iter().zip(&cb).filter(|(x, y)| x != y).count();
