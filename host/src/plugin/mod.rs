@@ -12,6 +12,7 @@ pub mod command;
 pub mod formatter;
 pub mod inspect;
 mod net_grant;
+mod net_state;
 mod output;
 pub mod publish_host;
 mod runtime;

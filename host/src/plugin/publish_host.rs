@@ -16,25 +16,21 @@
 //!   [`MIN_IDLE`]) without progress traps it.
 
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
-use wasmtime::{Store, Trap, UpdateDeadline};
-use wasmtime_wasi::{WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::{Store, Trap};
 
 use super::net_grant::NetGrant;
+use super::net_state::{self, BodyReader, NetState};
 use super::runtime::{PluginLimits, PluginRuntime};
-use super::sandbox::{self, PluginState};
 use super::storage_config::Secrets;
 use super::wasm_err;
 
-/// Largest chunk one `body-reader.read` returns.
-pub const MAX_CHUNK: u32 = 4 << 20;
+pub use super::net_state::MAX_CHUNK;
 /// Shortest no-progress deadline: a Hub may take a while to answer a commit of large files.
 pub const MIN_IDLE: Duration = Duration::from_secs(300);
 /// The public Hub; `HF_ENDPOINT` overrides it.
@@ -44,6 +40,8 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const HF_PUBLISH_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hf-publish.wasm"));
 const PLUGIN_NAME: &str = "hf-hub";
 
+/// Host bindings of the `publish` world; the imports it shares with the storage world
+/// (`types`, `log`, `host-files`: no body-writer is ever handed out here) from [`net_state`].
 mod v0_1_0 {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -53,24 +51,14 @@ mod v0_1_0 {
             "wasi:http": wasmtime_wasi_http::p2::bindings::http,
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "ferrotune:plugin/host-files.body-reader": super::BodyReader,
-            "ferrotune:plugin/host-files.body-writer": super::BodyWriter,
+            "ferrotune:plugin/types": crate::plugin::net_state::bindings::ferrotune::plugin::types,
+            "ferrotune:plugin/log": crate::plugin::net_state::bindings::ferrotune::plugin::log,
+            "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
         },
     });
 }
 
-use v0_1_0::ferrotune::plugin::{
-    host_export, host_files, log as wit_log, open_artefact, types as wit_types,
-};
-
-/// A file of an artefact, read front to back.
-pub struct BodyReader {
-    file: File,
-    size: u64,
-}
-
-/// Never created: nothing in the publish world hands a plugin a writable file.
-pub struct BodyWriter;
+use v0_1_0::ferrotune::plugin::{host_export, open_artefact, types as wit_types};
 
 /// What is pushed: a directory of files of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,40 +97,15 @@ pub fn endpoint_from_env() -> String {
         .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
 }
 
-/// A publish instance's Store data.
-pub struct PublishState {
-    inner: PluginState,
-    http: WasiHttpCtx,
-    grant: NetGrant,
-    secrets: Secrets,
-    /// `dir/file` paths the plugin may open, with the artefacts as the plugin sees them.
+/// The artefacts a publish instance was handed: the only files it may open.
+struct Handed {
     artefacts: Vec<wit_types::Artefact>,
-    progress: u64,
-    progress_seen: u64,
 }
 
-impl WasiView for PublishState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        self.inner.ctx()
-    }
-}
+/// A publish instance's Store data: the network sandbox plus the artefacts.
+type PublishState = NetState<Handed>;
 
-impl WasiHttpView for PublishState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        let WasiCtxView { table, .. } = self.inner.ctx();
-        WasiHttpCtxView {
-            hooks: &mut self.grant,
-            table,
-            ctx: &mut self.http,
-        }
-    }
-}
-
-impl PublishState {
-    fn table(&mut self) -> &mut ResourceTable {
-        self.inner.ctx().table
-    }
-
+impl Handed {
     fn may_open(&self, path: &str) -> bool {
         self.artefacts.iter().any(|a| {
             a.files
@@ -152,77 +115,9 @@ impl PublishState {
     }
 }
 
-impl wit_types::Host for PublishState {}
-
-impl wit_log::Host for PublishState {
-    fn log(&mut self, level: wit_types::LogLevel, message: String) {
-        let plugin = &*self.inner.plugin;
-        let message = self.secrets.mask(&message);
-        match level {
-            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-}
-
-impl host_files::Host for PublishState {}
-
-impl host_files::HostBodyReader for PublishState {
-    fn size(&mut self, reader: Resource<BodyReader>) -> u64 {
-        self.table().get(&reader).map_or(0, |r| r.size)
-    }
-
-    fn read(
-        &mut self,
-        reader: Resource<BodyReader>,
-        max: u32,
-    ) -> Result<Vec<u8>, wit_types::PluginError> {
-        let reader = self
-            .table()
-            .get_mut(&reader)
-            .map_err(|e| wit_types::PluginError::Other(format!("host: body-reader: {e}")))?;
-        let mut chunk = Vec::with_capacity(max.min(MAX_CHUNK) as usize);
-        (&mut reader.file)
-            .take(max.min(MAX_CHUNK) as u64)
-            .read_to_end(&mut chunk)
-            .map_err(|e| wit_types::PluginError::Other(format!("host: reading a file: {e}")))?;
-        self.progress += chunk.len() as u64;
-        Ok(chunk)
-    }
-
-    fn drop(&mut self, reader: Resource<BodyReader>) -> wasmtime::Result<()> {
-        let _ = self.table().delete(reader);
-        Ok(())
-    }
-}
-
-impl host_files::HostBodyWriter for PublishState {
-    fn write(
-        &mut self,
-        _writer: Resource<BodyWriter>,
-        _bytes: Vec<u8>,
-    ) -> Result<(), wit_types::PluginError> {
-        Err(wit_types::PluginError::Denied(
-            "a publish plugin has no writable files".into(),
-        ))
-    }
-
-    fn written(&mut self, _writer: Resource<BodyWriter>) -> u64 {
-        0
-    }
-
-    fn drop(&mut self, writer: Resource<BodyWriter>) -> wasmtime::Result<()> {
-        let _ = self.table().delete(writer);
-        Ok(())
-    }
-}
-
 impl open_artefact::Host for PublishState {
     fn open(&mut self, path: String) -> Result<Resource<BodyReader>, wit_types::PluginError> {
-        if !self.may_open(&path) {
+        if !self.world.may_open(&path) {
             return Err(wit_types::PluginError::Denied(format!(
                 "{path} is not a file of the artefacts handed to the plugin"
             )));
@@ -234,7 +129,7 @@ impl open_artefact::Host for PublishState {
             .map_err(|e| wit_types::PluginError::Other(format!("{path}: {e}")))?
             .len();
         self.table()
-            .push(BodyReader { file, size })
+            .push(BodyReader::new(file, size))
             .map_err(|e| wit_types::PluginError::Other(format!("host resource table: {e}")))
     }
 }
@@ -253,7 +148,8 @@ impl host_export::Host for PublishState {
             K::Merged4bit => (A::MergedModel, "--save_method merged_4bit"),
             K::Gguf => (A::Gguf, "--save_gguf --quantization"),
         };
-        self.artefacts
+        self.world
+            .artefacts
             .iter()
             .find(|a| a.kind == want && (quantization.is_none() || a.quantization == quantization))
             .cloned()
@@ -364,31 +260,18 @@ pub fn push(limits: PluginLimits, req: &PushRequest) -> Result<Vec<String>> {
         repo = %req.repo_id,
         "pushing to the Hub (network: {authority}, and any {scheme} host for LFS uploads)"
     );
-    let state = PublishState {
-        inner: sandbox::new_state_masking(&runtime, name.clone(), secrets.clone()),
-        http: WasiHttpCtx::new(),
-        grant: NetGrant::new(name, vec![authority], idle).any_host_over(scheme),
-        secrets: secrets.clone(),
-        artefacts: artefacts.clone(),
-        progress: 0,
-        progress_seen: 0,
-    };
-    let mut store = Store::new(runtime.engine(), state);
-    store.limiter(|state| &mut state.inner.limiter);
-    let ticks = sandbox::deadline_ticks(idle);
-    store.epoch_deadline_callback(move |mut ctx| {
-        let state = ctx.data_mut();
-        if state.progress != state.progress_seen {
-            state.progress_seen = state.progress;
-            Ok(UpdateDeadline::Continue(ticks))
-        } else {
-            Err(wasmtime::Error::from(Trap::Interrupt))
-        }
-    });
-    store.set_epoch_deadline(ticks);
+    let state = PublishState::new(
+        &runtime,
+        name.clone(),
+        NetGrant::new(name, vec![authority], idle).any_host_over(scheme),
+        secrets,
+        Handed {
+            artefacts: artefacts.clone(),
+        },
+    );
+    let mut store = state.into_store(runtime.engine(), idle);
     let trap = |store: &mut Store<PublishState>, e: wasmtime::Error| {
         let state = store.data();
-        let tail = state.inner.stderr.take_tail();
         let why = if err_is_interrupt(&e) {
             format!("made no progress for {}s", idle.as_secs())
         } else {
@@ -396,11 +279,7 @@ pub fn push(limits: PluginLimits, req: &PushRequest) -> Result<Vec<String>> {
         };
         anyhow::anyhow!(state.secrets.mask(&format!(
             "publish plugin {PLUGIN_NAME} {why}{}",
-            if tail.is_empty() {
-                String::new()
-            } else {
-                format!("; its stderr ended with: {}", tail.join(" | "))
-            }
+            state.stderr_tail()
         )))
     };
     let bindings = pre
@@ -453,14 +332,10 @@ fn plugin_error(store: &Store<PublishState>, e: wit_types::PluginError) -> Strin
 }
 
 /// WASI (the sandbox's context: no files, sockets or env), `wasi:http` through [`NetGrant`],
-/// and the world's own imports.
+/// the imports shared with the storage world, and the publish world's own.
 fn publish_linker(runtime: &PluginRuntime) -> Result<Linker<PublishState>> {
     let mut linker = Linker::new(runtime.engine());
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(wasm_err)?;
-    wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
-    wit_log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
-    host_files::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    net_state::add_shared_imports(&mut linker)?;
     host_export::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
     open_artefact::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
     Ok(linker)

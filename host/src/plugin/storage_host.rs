@@ -3,7 +3,7 @@
 //! or `s3://`.
 //!
 //! - Bodies stream through host file resources: an upload is a `body-reader` over the local
-//!   file (read in chunks of at most [`MAX_CHUNK`]), a download a `body-writer` into a
+//!   file (read in chunks of at most [`net_state::MAX_CHUNK`]), a download a `body-writer` into a
 //!   temporary sibling that is fsynced and renamed into place only when `get` succeeded and
 //!   the byte count matches. A 5 GB shard never sits in plugin memory.
 //! - Network only through `wasi:http`, limited to `storage_config.allow_hosts` ([`NetGrant`]).
@@ -17,31 +17,26 @@
 //!   the next call starts a fresh one.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
-use wasmtime::{Store, Trap, UpdateDeadline};
-use wasmtime_wasi::{WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime::component::{Linker, Resource};
+use wasmtime::{Store, Trap};
 
 use super::net_grant::NetGrant;
+use super::net_state::{self, BodyReader, BodyWriter, NetState};
 use super::runtime::PluginRuntime;
-use super::sandbox::{self, PluginState};
+use super::sandbox;
 use super::storage_config::{Secrets, StoragePluginConfig};
 use super::wasm_err;
 use super::world::{self, Kind, World};
 use crate::storage::transfer::Partial;
 use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
 
-/// Largest chunk one `body-reader.read` returns.
-pub const MAX_CHUNK: u32 = 4 << 20;
-
 /// Host bindings of the `storage` world, `ferrotune:plugin@0.1.0`. WASI and `wasi:http` come
-/// from wasmtime-wasi(-http); the host-file resources are the types below.
+/// from wasmtime-wasi(-http); the imports it shares with the publish world from [`net_state`].
 mod v0_1_0 {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -51,154 +46,18 @@ mod v0_1_0 {
             "wasi:http": wasmtime_wasi_http::p2::bindings::http,
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "ferrotune:plugin/host-files.body-reader": super::BodyReader,
-            "ferrotune:plugin/host-files.body-writer": super::BodyWriter,
+            "ferrotune:plugin/types": crate::plugin::net_state::bindings::ferrotune::plugin::types,
+            "ferrotune:plugin/log": crate::plugin::net_state::bindings::ferrotune::plugin::log,
+            "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
         },
     });
 }
 
 use v0_1_0::exports::ferrotune::plugin::storage_backend as wit;
-use v0_1_0::ferrotune::plugin::{host_files, log as wit_log, types as wit_types};
+use v0_1_0::ferrotune::plugin::types as wit_types;
 
-/// An upload body: the local file, read front to back.
-pub struct BodyReader {
-    file: File,
-    size: u64,
-    read: u64,
-}
-
-/// A download target: a temporary sibling of the destination.
-pub struct BodyWriter {
-    partial: Partial,
-    written: u64,
-}
-
-/// A storage plugin instance's Store data: the usual sandbox plus `wasi:http` and progress.
-pub struct StorageState {
-    inner: PluginState,
-    http: WasiHttpCtx,
-    grant: NetGrant,
-    secrets: Secrets,
-    /// Bytes moved through host files; the deadline callback extends a call while it grows.
-    progress: u64,
-    progress_seen: u64,
-}
-
-impl WasiView for StorageState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        self.inner.ctx()
-    }
-}
-
-impl WasiHttpView for StorageState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        let WasiCtxView { table, .. } = self.inner.ctx();
-        WasiHttpCtxView {
-            hooks: &mut self.grant,
-            table,
-            ctx: &mut self.http,
-        }
-    }
-}
-
-impl StorageState {
-    fn table(&mut self) -> &mut ResourceTable {
-        self.inner.ctx().table
-    }
-}
-
-impl wit_types::Host for StorageState {}
-
-/// `log` lines go to the host log under the plugin's name, secrets masked.
-impl wit_log::Host for StorageState {
-    fn log(&mut self, level: wit_types::LogLevel, message: String) {
-        let plugin = &*self.inner.plugin;
-        let message = self.secrets.mask(&message);
-        match level {
-            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-}
-
-fn local_error(what: &str, e: std::io::Error) -> wit_types::PluginError {
-    wit_types::PluginError::Other(format!("host: {what}: {e}"))
-}
-
-impl host_files::Host for StorageState {}
-
-impl host_files::HostBodyReader for StorageState {
-    fn size(&mut self, reader: Resource<BodyReader>) -> u64 {
-        self.table().get(&reader).map_or(0, |r| r.size)
-    }
-
-    fn read(
-        &mut self,
-        reader: Resource<BodyReader>,
-        max: u32,
-    ) -> Result<Vec<u8>, wit_types::PluginError> {
-        let reader = self
-            .table()
-            .get_mut(&reader)
-            .map_err(|e| local_error("body-reader", std::io::Error::other(e)))?;
-        let want = max.min(MAX_CHUNK) as u64;
-        let want = want.min(reader.size - reader.read) as usize;
-        let mut chunk = vec![0u8; want];
-        let mut filled = 0;
-        while filled < want {
-            match reader.file.read(&mut chunk[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(local_error("reading the upload", e)),
-            }
-        }
-        chunk.truncate(filled);
-        reader.read += filled as u64;
-        self.progress += filled as u64;
-        Ok(chunk)
-    }
-
-    fn drop(&mut self, reader: Resource<BodyReader>) -> wasmtime::Result<()> {
-        // The host owns these resources and deletes them after the call; a guest drop of a
-        // borrowed handle never reaches here, but an owned one would.
-        let _ = self.table().delete(reader);
-        Ok(())
-    }
-}
-
-impl host_files::HostBodyWriter for StorageState {
-    fn write(
-        &mut self,
-        writer: Resource<BodyWriter>,
-        bytes: Vec<u8>,
-    ) -> Result<(), wit_types::PluginError> {
-        let writer = self
-            .table()
-            .get_mut(&writer)
-            .map_err(|e| local_error("body-writer", std::io::Error::other(e)))?;
-        writer
-            .partial
-            .file()
-            .write_all(&bytes)
-            .map_err(|e| local_error("writing the download", e))?;
-        writer.written += bytes.len() as u64;
-        self.progress += bytes.len() as u64;
-        Ok(())
-    }
-
-    fn written(&mut self, writer: Resource<BodyWriter>) -> u64 {
-        self.table().get(&writer).map_or(0, |w| w.written)
-    }
-
-    fn drop(&mut self, writer: Resource<BodyWriter>) -> wasmtime::Result<()> {
-        let _ = self.table().delete(writer);
-        Ok(())
-    }
-}
+/// A storage plugin instance's Store data: the network sandbox; storage adds nothing.
+type StorageState = NetState<()>;
 
 /// One live instance.
 struct Instance {
@@ -269,30 +128,16 @@ impl PluginStore {
     /// A fresh, configured instance.
     fn instantiate(&self) -> Result<Instance, StorageError> {
         let timeout = self.timeout();
-        let secrets = self.config.secrets().clone();
-        let state = StorageState {
-            inner: sandbox::new_state_masking(&self.runtime, self.name.clone(), secrets.clone()),
-            http: WasiHttpCtx::new(),
-            grant: NetGrant::new(self.name.clone(), self.config.allow_hosts.clone(), timeout),
-            secrets,
-            progress: 0,
-            progress_seen: 0,
-        };
-        let mut store = Store::new(self.runtime.engine(), state);
-        store.limiter(|state| &mut state.inner.limiter);
-        let ticks = sandbox::deadline_ticks(timeout);
         // A call may run as long as it keeps moving bytes; one that stalls for the whole
         // deadline traps.
-        store.epoch_deadline_callback(move |mut ctx| {
-            let state = ctx.data_mut();
-            if state.progress != state.progress_seen {
-                state.progress_seen = state.progress;
-                Ok(UpdateDeadline::Continue(ticks))
-            } else {
-                Err(wasmtime::Error::from(Trap::Interrupt))
-            }
-        });
-        store.set_epoch_deadline(ticks);
+        let state = StorageState::new(
+            &self.runtime,
+            self.name.clone(),
+            NetGrant::new(self.name.clone(), self.config.allow_hosts.clone(), timeout),
+            self.config.secrets().clone(),
+            (),
+        );
+        let mut store = state.into_store(self.runtime.engine(), timeout);
         let bindings = self
             .pre
             .instantiate(&mut store)
@@ -330,8 +175,7 @@ impl PluginStore {
         instance: &mut Instance,
         f: impl FnOnce(&v0_1_0::Storage, &mut Store<StorageState>) -> wasmtime::Result<R>,
     ) -> Result<R, StorageError> {
-        let state = instance.store.data_mut();
-        state.progress_seen = state.progress;
+        instance.store.data_mut().restart_idle_clock();
         instance
             .store
             .set_epoch_deadline(sandbox::deadline_ticks(self.timeout()));
@@ -345,21 +189,16 @@ impl PluginStore {
     fn trap(&self, store: &mut Store<StorageState>, err: wasmtime::Error) -> StorageError {
         let state = store.data();
         let timeout = self.timeout().as_secs_f64();
-        let tail = state.inner.stderr.take_tail();
-        let stderr = if tail.is_empty() {
-            String::new()
-        } else {
-            format!("; its stderr ended with: {}", tail.join(" | "))
-        };
+        let stderr = state.stderr_tail();
         let message = |why: String| {
             state
                 .secrets
                 .mask(&format!("storage plugin {} {why}{stderr}", self.name))
         };
-        if state.inner.limiter.exceeded {
+        if state.sandbox.limiter.exceeded {
             StorageError::Config(message(format!(
                 "exceeded its memory limit of {} MiB (--plugin_memory_mb)",
-                state.inner.limiter.limit_mb()
+                state.sandbox.limiter.limit_mb()
             )))
         } else if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
             // A stalled transfer: the network may come back.
@@ -475,18 +314,10 @@ pub fn describe_component(
 ) -> anyhow::Result<super::formatter::PluginInfo> {
     let (pre, _) = prepare(runtime, name, wasm)?;
     let name: Arc<str> = name.into();
-    let state = StorageState {
-        inner: sandbox::new_state_masking(runtime, name.clone(), Secrets::default()),
-        http: WasiHttpCtx::new(),
-        grant: NetGrant::new(name, Vec::new(), runtime.limits().timeout),
-        secrets: Secrets::default(),
-        progress: 0,
-        progress_seen: 0,
-    };
-    let mut store = Store::new(runtime.engine(), state);
-    store.limiter(|state| &mut state.inner.limiter);
-    store.epoch_deadline_trap();
-    store.set_epoch_deadline(sandbox::deadline_ticks(runtime.limits().timeout));
+    let timeout = runtime.limits().timeout;
+    let grant = NetGrant::new(name.clone(), Vec::new(), timeout);
+    let state = StorageState::new(runtime, name, grant, Secrets::default(), ());
+    let mut store = state.into_store(runtime.engine(), timeout);
     let bindings = pre.instantiate(&mut store).map_err(wasm_err)?;
     let info = bindings
         .ferrotune_plugin_storage_backend()
@@ -501,14 +332,10 @@ pub fn describe_component(
 }
 
 /// WASI (no files, sockets or env: the sandbox's context), `wasi:http` through [`NetGrant`],
-/// and the world's own imports.
+/// and the world's imports (all shared with the publish world).
 fn storage_linker(runtime: &PluginRuntime) -> anyhow::Result<Linker<StorageState>> {
     let mut linker = Linker::new(runtime.engine());
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(wasm_err)?;
-    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(wasm_err)?;
-    wit_types::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
-    wit_log::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
-    host_files::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(wasm_err)?;
+    net_state::add_shared_imports(&mut linker)?;
     Ok(linker)
 }
 
@@ -529,11 +356,7 @@ impl ObjectStore for PluginStore {
                 .store
                 .data_mut()
                 .table()
-                .push(BodyReader {
-                    file,
-                    size,
-                    read: 0,
-                })
+                .push(BodyReader::new(file, size))
                 .map_err(|e| StorageError::Config(format!("host resource table: {e}")))?;
             let handle = Resource::<BodyReader>::new_borrow(reader.rep());
             let result = this.call(instance, |b, s| {
@@ -545,7 +368,7 @@ impl ObjectStore for PluginStore {
                 .data_mut()
                 .table()
                 .delete(reader)
-                .map_or(0, |r| r.read);
+                .map_or(0, |r| r.bytes_read());
             let info = match result? {
                 Ok(info) => this.checked(info, key)?,
                 Err(e) => return Err(this.plugin_error(instance, e)),
@@ -571,10 +394,7 @@ impl ObjectStore for PluginStore {
                 .store
                 .data_mut()
                 .table()
-                .push(BodyWriter {
-                    partial,
-                    written: 0,
-                })
+                .push(BodyWriter::new(partial))
                 .map_err(|e| StorageError::Config(format!("host resource table: {e}")))?;
             let handle = Resource::<BodyWriter>::new_borrow(writer.rep());
             let result = this.call(instance, |b, s| {
@@ -589,13 +409,15 @@ impl ObjectStore for PluginStore {
             let body = body.ok_or_else(|| {
                 StorageError::Integrity(format!("{}/{key}: download target vanished", this.url))
             })?;
-            if body.written != info.size {
+            if body.written() != info.size {
                 return Err(StorageError::Integrity(format!(
                     "{}/{key}: got {} of {} bytes",
-                    this.url, body.written, info.size
+                    this.url,
+                    body.written(),
+                    info.size
                 )));
             }
-            body.partial.commit()?;
+            body.commit()?;
             Ok(info)
         })
     }
