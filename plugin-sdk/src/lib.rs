@@ -38,6 +38,8 @@ extern crate self as ferrotune_plugin_sdk;
 
 #[cfg(feature = "formatter")]
 mod formatter;
+#[cfg(any(feature = "storage", feature = "publish"))]
+pub mod http;
 pub mod log;
 #[cfg(feature = "publish")]
 pub mod publish;
@@ -75,6 +77,28 @@ pub mod bindings {
     pub use wit_bindgen as __wit_bindgen;
 }
 
+/// Generated bindings of what the `storage` and `publish` worlds both import (`wasi:http`, the
+/// `log`, `types` and `host-files` interfaces), generated once so that both worlds' bindings
+/// share them (`with`) and one HTTP client ([`http`]) serves both. Not part of the SDK's API.
+#[cfg(any(feature = "storage", feature = "publish"))]
+#[doc(hidden)]
+pub mod http_bindings {
+    wit_bindgen::generate!({
+        inline: "
+            package ferrotune:sdk-net;
+            world shared-imports {
+                import ferrotune:plugin/log@0.1.0;
+                import ferrotune:plugin/host-files@0.1.0;
+                import wasi:http/outgoing-handler@0.2.12;
+            }
+        ",
+        path: "../wit",
+        runtime_path: "ferrotune_plugin_sdk::http_bindings::__wit_bindgen::rt",
+        generate_all,
+    });
+    pub use wit_bindgen as __wit_bindgen;
+}
+
 /// Generated bindings for the `storage` world (its `wasi:http` imports included). Not part of
 /// the SDK's API; plugins use [`storage`].
 #[cfg(feature = "storage")]
@@ -88,6 +112,17 @@ pub mod storage_bindings {
         default_bindings_module: "ferrotune_plugin_sdk::storage_bindings",
         runtime_path: "ferrotune_plugin_sdk::storage_bindings::__wit_bindgen::rt",
         generate_all,
+        with: {
+            "wasi:http/types@0.2.12": crate::http_bindings::wasi::http::types,
+            "wasi:http/outgoing-handler@0.2.12": crate::http_bindings::wasi::http::outgoing_handler,
+            "wasi:io/error@0.2.12": crate::http_bindings::wasi::io::error,
+            "wasi:io/poll@0.2.12": crate::http_bindings::wasi::io::poll,
+            "wasi:io/streams@0.2.12": crate::http_bindings::wasi::io::streams,
+            "wasi:clocks/monotonic-clock@0.2.12": crate::http_bindings::wasi::clocks::monotonic_clock,
+            "ferrotune:plugin/types@0.1.0": crate::http_bindings::ferrotune::plugin::types,
+            "ferrotune:plugin/log@0.1.0": crate::http_bindings::ferrotune::plugin::log,
+            "ferrotune:plugin/host-files@0.1.0": crate::http_bindings::ferrotune::plugin::host_files,
+        },
     });
     pub use wit_bindgen as __wit_bindgen;
 }
@@ -105,6 +140,17 @@ pub mod publish_bindings {
         default_bindings_module: "ferrotune_plugin_sdk::publish_bindings",
         runtime_path: "ferrotune_plugin_sdk::publish_bindings::__wit_bindgen::rt",
         generate_all,
+        with: {
+            "wasi:http/types@0.2.12": crate::http_bindings::wasi::http::types,
+            "wasi:http/outgoing-handler@0.2.12": crate::http_bindings::wasi::http::outgoing_handler,
+            "wasi:io/error@0.2.12": crate::http_bindings::wasi::io::error,
+            "wasi:io/poll@0.2.12": crate::http_bindings::wasi::io::poll,
+            "wasi:io/streams@0.2.12": crate::http_bindings::wasi::io::streams,
+            "wasi:clocks/monotonic-clock@0.2.12": crate::http_bindings::wasi::clocks::monotonic_clock,
+            "ferrotune:plugin/types@0.1.0": crate::http_bindings::ferrotune::plugin::types,
+            "ferrotune:plugin/log@0.1.0": crate::http_bindings::ferrotune::plugin::log,
+            "ferrotune:plugin/host-files@0.1.0": crate::http_bindings::ferrotune::plugin::host_files,
+        },
     });
     pub use wit_bindgen as __wit_bindgen;
 }

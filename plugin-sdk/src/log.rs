@@ -17,20 +17,14 @@ pub fn write(level: LogLevel, message: &str) {
     use crate::bindings::ferrotune::plugin as wit;
     #[cfg(all(
         target_arch = "wasm32",
-        feature = "publish",
-        not(any(feature = "formatter", feature = "storage", feature = "sync"))
-    ))]
-    use crate::publish_bindings::ferrotune::plugin as wit;
-    #[cfg(all(
-        target_arch = "wasm32",
-        feature = "storage",
+        any(feature = "storage", feature = "publish"),
         not(feature = "formatter")
     ))]
-    use crate::storage_bindings::ferrotune::plugin as wit;
+    use crate::http_bindings::ferrotune::plugin as wit;
     #[cfg(all(
         target_arch = "wasm32",
         feature = "sync",
-        not(any(feature = "formatter", feature = "storage"))
+        not(any(feature = "formatter", feature = "storage", feature = "publish"))
     ))]
     use crate::sync::bindings::ferrotune::plugin as wit;
     #[cfg(target_arch = "wasm32")]

@@ -12,13 +12,10 @@ use serde::de::DeserializeOwned;
 use crate::publish_bindings::exports::ferrotune::plugin::publish_steps as wit;
 use crate::publish_bindings::ferrotune::plugin::open_artefact;
 
-pub use crate::publish_bindings::ferrotune::plugin::host_files::BodyReader;
-pub use crate::publish_bindings::ferrotune::plugin::types::{
+pub use crate::http::{BodyReader, MAX_CHUNK};
+pub use crate::http_bindings::ferrotune::plugin::types::{
     Artefact, ArtefactKind, FileInfo, PluginError,
 };
-
-/// Largest chunk the host hands out per read.
-pub const MAX_CHUNK: u32 = 4 << 20;
 
 /// A publish step, one instance per job.
 pub trait Publisher: Sized + 'static {

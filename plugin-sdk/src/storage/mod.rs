@@ -23,75 +23,23 @@
 //! ferrotune_plugin_sdk::export_storage!(Plain);
 //! ```
 
-pub mod http;
-
-use std::fmt;
+pub use crate::http;
 
 use serde::de::DeserializeOwned;
 
+use crate::http_bindings::ferrotune::plugin::types::PluginError;
 use crate::storage_bindings::exports::ferrotune::plugin::storage_backend as wit;
-use crate::storage_bindings::ferrotune::plugin::types::PluginError;
 
 /// An upload body: a local file the host opened for reading. `read` returns the next chunk
 /// (empty at the end).
-pub use crate::storage_bindings::ferrotune::plugin::host_files::BodyReader;
+pub use crate::http::BodyReader;
 /// A download target: a local file the host opened for writing, renamed into place only when
 /// `get` succeeds.
-pub use crate::storage_bindings::ferrotune::plugin::host_files::BodyWriter;
-
+pub use crate::http::BodyWriter;
+/// What a storage call returns on failure (see its variants for how the host treats each).
+pub use crate::http::Error;
 /// Largest chunk the host hands out per `BodyReader::read`.
-pub const MAX_CHUNK: u32 = 4 << 20;
-
-/// What a storage call returns on failure. The host retries [`Error::Other`] with backoff and
-/// reports the others at once, so classify honestly: wrong credentials are
-/// [`Error::InvalidConfig`] (naming the config key to fix), a network hiccup or a 5xx is
-/// [`Error::Other`]. Never put a secret in a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Error {
-    /// The configuration is unusable or rejected by the server; the message names the key.
-    InvalidConfig(String),
-    /// The object does not exist.
-    NotFound(String),
-    /// The host refused a request (an authority outside the job's `allow_hosts`).
-    Denied(String),
-    /// Anything else; a later attempt may succeed.
-    Other(String),
-}
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::InvalidConfig(m) => write!(f, "invalid config: {m}"),
-            Error::NotFound(m) => write!(f, "not found: {m}"),
-            Error::Denied(m) => write!(f, "denied: {m}"),
-            Error::Other(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for Error {}
-
-impl From<PluginError> for Error {
-    fn from(e: PluginError) -> Self {
-        match e {
-            PluginError::InvalidConfig(m) => Error::InvalidConfig(m),
-            PluginError::NotFound(m) => Error::NotFound(m),
-            PluginError::Denied(m) => Error::Denied(m),
-            PluginError::Other(m) => Error::Other(m),
-        }
-    }
-}
-
-impl From<Error> for PluginError {
-    fn from(e: Error) -> Self {
-        match e {
-            Error::InvalidConfig(m) => PluginError::InvalidConfig(m),
-            Error::NotFound(m) => PluginError::NotFound(m),
-            Error::Denied(m) => PluginError::Denied(m),
-            Error::Other(m) => PluginError::Other(m),
-        }
-    }
-}
+pub use crate::http::MAX_CHUNK;
 
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,17 +1,92 @@
-//! A small blocking HTTP client over `wasi:http` for storage plugins. Request bodies can be
-//! streamed from a [`BodyReader`] and response bodies into a [`BodyWriter`] chunk by chunk, so
-//! transfer size is independent of plugin memory. The host decides which authorities a request
-//! may reach; a refused one fails with [`Error::Denied`].
+//! The blocking HTTP client over `wasi:http` that storage and publish plugins share (features
+//! `storage` and `publish`; their modules re-export it as `storage::http` and add
+//! `publish::http::send`). Request bodies can be streamed from a host file ([`BodyReader`]) or
+//! any [`Read`], and response bodies into a [`BodyWriter`] chunk by chunk, so transfer size is
+//! independent of plugin memory. The host decides which authorities a request may reach; a
+//! refused one fails with [`Error::Denied`].
 
 use std::fmt;
+use std::io::Read;
 
-use super::{BodyReader, BodyWriter, Error, MAX_CHUNK};
-use crate::storage_bindings::wasi::http::outgoing_handler;
-use crate::storage_bindings::wasi::http::types::{
+use crate::http_bindings::ferrotune::plugin::types::PluginError;
+use crate::http_bindings::wasi::http::outgoing_handler;
+use crate::http_bindings::wasi::http::types::{
     ErrorCode, Fields, IncomingBody, IncomingResponse, Method, OutgoingBody, OutgoingRequest,
     RequestOptions, Scheme,
 };
-use crate::storage_bindings::wasi::io::streams::{OutputStream, StreamError};
+use crate::http_bindings::wasi::io::streams::{OutputStream, StreamError};
+
+/// An upload body: a local file the host opened for reading. `read` returns the next chunk
+/// (empty at the end).
+pub use crate::http_bindings::ferrotune::plugin::host_files::BodyReader;
+/// A download target: a local file the host opened for writing, renamed into place only when
+/// the call succeeds.
+pub use crate::http_bindings::ferrotune::plugin::host_files::BodyWriter;
+
+/// Largest chunk the host hands out per `BodyReader::read`.
+pub const MAX_CHUNK: u32 = 4 << 20;
+/// Buffer of a [`Body::Stream`] upload.
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// What a storage or publish call returns on failure. The host retries [`Error::Other`] with
+/// backoff and reports the others at once, so classify honestly: wrong credentials are
+/// [`Error::InvalidConfig`] (naming the config key to fix), a network hiccup or a 5xx is
+/// [`Error::Other`]. Never put a secret in a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The configuration is unusable or rejected by the server; the message names the key.
+    InvalidConfig(String),
+    /// The object does not exist.
+    NotFound(String),
+    /// The host refused a request (an authority the job does not allow).
+    Denied(String),
+    /// Anything else; a later attempt may succeed.
+    Other(String),
+}
+
+impl Error {
+    /// The message without the kind.
+    pub fn into_message(self) -> String {
+        match self {
+            Error::InvalidConfig(m) | Error::NotFound(m) | Error::Denied(m) | Error::Other(m) => m,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidConfig(m) => write!(f, "invalid config: {m}"),
+            Error::NotFound(m) => write!(f, "not found: {m}"),
+            Error::Denied(m) => write!(f, "denied: {m}"),
+            Error::Other(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<PluginError> for Error {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::InvalidConfig(m) => Error::InvalidConfig(m),
+            PluginError::NotFound(m) => Error::NotFound(m),
+            PluginError::Denied(m) => Error::Denied(m),
+            PluginError::Other(m) => Error::Other(m),
+        }
+    }
+}
+
+impl From<Error> for PluginError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::InvalidConfig(m) => PluginError::InvalidConfig(m),
+            Error::NotFound(m) => PluginError::NotFound(m),
+            Error::Denied(m) => PluginError::Denied(m),
+            Error::Other(m) => PluginError::Other(m),
+        }
+    }
+}
 
 /// An `http://` or `https://` URL split the way `wasi:http` wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +202,8 @@ pub enum Body<'a> {
     Bytes(&'a [u8]),
     /// Streamed from a host file, chunk by chunk (`Content-Length` is its size).
     File(&'a BodyReader),
+    /// Exactly `len` bytes from the reader, chunk by chunk (`Content-Length` is `len`).
+    Stream(&'a mut dyn Read, u64),
 }
 
 /// Timeouts of one request. `first_byte_ms` is extended by 1 ms per KB of request body (the
@@ -151,7 +228,10 @@ impl Default for Timeouts {
 /// An HTTP request: method, URL, headers.
 pub struct Request {
     method: Method,
-    url: Url,
+    https: bool,
+    authority: String,
+    /// Path, with the query if any (`/` for the root).
+    path: String,
     headers: Vec<(String, Vec<u8>)>,
     timeouts: Timeouts,
 }
@@ -159,6 +239,13 @@ pub struct Request {
 impl Request {
     /// `method` is any HTTP method (`"PROPFIND"` and `"MKCOL"` included).
     pub fn new(method: &str, url: Url) -> Self {
+        let path = url.path_or_root().to_string();
+        Self::to(method, url.https, url.authority, path)
+    }
+
+    /// A request to `path_with_query` at `authority` (URLs that [`Url`] refuses, such as the
+    /// presigned upload URLs a Hub hands out, whose signature is in the query).
+    pub fn to(method: &str, https: bool, authority: String, path_with_query: String) -> Self {
         let method = match method {
             "GET" => Method::Get,
             "HEAD" => Method::Head,
@@ -171,7 +258,9 @@ impl Request {
         };
         Request {
             method,
-            url,
+            https,
+            authority,
+            path: path_with_query,
             headers: Vec::new(),
             timeouts: Timeouts::default(),
         }
@@ -202,15 +291,26 @@ impl Request {
         }
     }
 
+    /// `METHOD scheme://authority/path` (the query left out: presigned URLs carry signatures
+    /// there), for messages.
+    fn what(&self) -> String {
+        let scheme = if self.https { "https" } else { "http" };
+        let path = self.path.split('?').next().unwrap_or_default();
+        format!("{} {scheme}://{}{path}", self.method_name(), self.authority)
+    }
+
     /// Sends the request with `body` and waits for the response head. Transport failures are
-    /// [`Error::Other`] (retryable) except a host refusal, which is [`Error::Denied`].
+    /// [`Error::Other`] (retryable) except a host refusal, which is [`Error::Denied`]. An
+    /// error answer (4xx/5xx) that arrives before the whole body was sent is returned as the
+    /// response: it explains more than a broken pipe.
     pub fn send(self, body: Body<'_>) -> Result<Response, Error> {
-        let what = format!("{} {}", self.method_name(), self.url);
+        let what = self.what();
         let fail = |e: String| Error::Other(format!("{what}: {e}"));
         let length = match &body {
             Body::Empty => None,
             Body::Bytes(bytes) => Some(bytes.len() as u64),
             Body::File(reader) => Some(reader.size()),
+            Body::Stream(_, len) => Some(*len),
         };
         let mut headers = self.headers.clone();
         if let Some(length) = length {
@@ -221,21 +321,15 @@ impl Request {
         let set = |ok: Result<(), ()>, part: &str| ok.map_err(|()| fail(format!("invalid {part}")));
         set(request.set_method(&self.method), "method")?;
         set(
-            request.set_scheme(Some(if self.url.https {
+            request.set_scheme(Some(if self.https {
                 &Scheme::Https
             } else {
                 &Scheme::Http
             })),
             "scheme",
         )?;
-        set(
-            request.set_authority(Some(&self.url.authority)),
-            "authority",
-        )?;
-        set(
-            request.set_path_with_query(Some(self.url.path_or_root())),
-            "path",
-        )?;
+        set(request.set_authority(Some(&self.authority)), "authority")?;
+        set(request.set_path_with_query(Some(&self.path)), "path")?;
         // Without a body the request is sent as is; asking for one would make it chunked.
         let outgoing = match body {
             Body::Empty => None,
@@ -308,6 +402,21 @@ fn write_body(outgoing: &OutgoingBody, body: Body<'_>) -> Result<(), String> {
             }
             write_all(&stream, &chunk)?;
         },
+        Body::Stream(reader, len) => {
+            let mut left = len;
+            let mut buf = vec![0u8; (len as usize).min(STREAM_CHUNK)];
+            while left > 0 {
+                let want = (left as usize).min(buf.len());
+                let n = reader
+                    .read(&mut buf[..want])
+                    .map_err(|e| format!("reading the upload: {e}"))?;
+                if n == 0 {
+                    return Err(format!("the file ended {left} bytes early"));
+                }
+                write_all(&stream, &buf[..n])?;
+                left -= n as u64;
+            }
+        }
     }
     // No final flush: every byte is queued once `write` returned, and with a known
     // Content-Length the host's HTTP client may close the stream as soon as it took the last
@@ -340,8 +449,9 @@ fn stream_error(e: StreamError) -> String {
 fn error_code(what: &str, e: ErrorCode) -> Error {
     match e {
         ErrorCode::HttpRequestDenied => Error::Denied(format!(
-            "{what}: the host refused the request (allow_hosts)"
+            "{what}: the host refused the request (the job does not allow this host)"
         )),
+        ErrorCode::ConnectionRefused => Error::Other(format!("{what}: connection refused")),
         other => Error::Other(format!("{what}: {other:?}")),
     }
 }
@@ -373,7 +483,17 @@ impl Response {
             .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
-    /// `METHOD URL` of the request, for messages.
+    /// Every header, in the order received, values as text.
+    pub fn headers(&self) -> Vec<(String, String)> {
+        self.inner
+            .headers()
+            .entries()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect()
+    }
+
+    /// `METHOD URL` of the request (without its query), for messages.
     pub fn what(&self) -> &str {
         &self.what
     }
