@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 use support::s3_server::{S3Server, SECRET};
 use support::tcp_proxy::TcpProxy;
 use support::tiny_job::{
-    bin, files_under, fixture, job_args, losses, remote_checkpoints, verify_remote_checkpoint,
-    Steps,
+    assert_outputs_stored, bin, fixture, job_args, losses, remote_checkpoints,
+    verify_remote_checkpoint, Steps,
 };
 
 const BUCKET: &str = "faults";
@@ -335,15 +335,7 @@ fn killed_at_random_points_and_restarted_on_an_empty_disk_loses_nothing() {
         "remote rotation"
     );
     assert_eq!(check_remote(&store, tmp.path()), 0);
-    for file in files_under(&node.join("final")) {
-        let got = tmp.path().join("outputs").join(&file);
-        store.get_file(&format!("outputs/{file}"), &got).unwrap();
-        assert_eq!(
-            std::fs::read(&got).unwrap(),
-            std::fs::read(node.join("final").join(&file)).unwrap(),
-            "outputs/{file}"
-        );
-    }
+    assert_outputs_stored(&store, &node.join("final"), tmp.path());
 }
 
 #[test]
@@ -418,14 +410,7 @@ fn a_storage_outage_never_pauses_training_and_everything_ends_up_stored() {
         [(22, true), (24, true)]
     );
     assert_eq!(check_remote(&store, tmp.path()), 0);
-    for file in files_under(&save) {
-        let got = tmp.path().join("outputs").join(&file);
-        store.get_file(&format!("outputs/{file}"), &got).unwrap();
-        assert_eq!(
-            std::fs::read(&got).unwrap(),
-            std::fs::read(save.join(&file)).unwrap()
-        );
-    }
+    assert_outputs_stored(&store, &save, tmp.path());
 }
 
 #[test]

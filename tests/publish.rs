@@ -6,78 +6,18 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Output;
 
+use support::fake_hub::FakeHub;
 use support::tiny_job::{bin, fixture, job_args, Steps};
 
 const SECRET: &str = "hf_SECRET_publish_token_42";
 
-struct FakeHub {
-    child: Child,
-    port: u16,
-    store: PathBuf,
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl FakeHub {
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn repo(&self, repo: &str) -> PathBuf {
-        self.store.join("repos").join(repo)
-    }
-
-    fn requests(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.store.join("requests.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-}
-
 /// The fake Hub with `token`: files of 4 KiB or more go through LFS, objects over 256 KiB are
 /// uploaded in parts.
 fn fake_hub(store: &Path, token: &str) -> Option<FakeHub> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fake_hub_upload.py");
-    let child = Command::new("python3")
-        .arg(script)
-        .arg(store)
-        .args([token, "4096", "262144"])
-        .stdout(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but python3 cannot run: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: python3 cannot run ({e})");
-            return None;
-        }
-    };
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .strip_prefix("PORT ")
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("fake hub did not start: {line:?}"));
-    Some(FakeHub {
-        child,
-        port,
-        store: store.to_path_buf(),
-    })
+    FakeHub::start(store, token, 4096, 262_144)
 }
 
 fn output_text(out: &Output) -> String {

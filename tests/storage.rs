@@ -13,24 +13,11 @@ use ferrotune::sync::policy::Mirror;
 use ferrotune::sync::worker::Backoff;
 use ferrotune::sync::{SyncHooks, SyncOptions, SyncStart, Syncer};
 use support::s3_server::{S3Server, SECRET};
+use support::{keys, pattern};
 
 fn write(path: &Path, bytes: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, bytes).unwrap();
-}
-
-/// Deterministic bytes that differ per position (so a misplaced part is caught).
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 + i / 4099) as u8).collect()
-}
-
-fn keys(store: &dyn ObjectStore, prefix: &str) -> Vec<String> {
-    store
-        .list(prefix)
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect()
 }
 
 #[test]

@@ -18,6 +18,7 @@ use ferrotune::plugin::PluginLimits;
 use ferrotune::storage::file::FileStore;
 use ferrotune::storage::{ObjectStore, StorageError};
 use support::tiny_job::{self, Steps};
+use support::{keys, pattern};
 
 /// The example plugin, built by host/build.rs (never embedded in the binary).
 const PLUGIN: &str = env!("FERROTUNE_HTTP_STORE_PLUGIN");
@@ -138,20 +139,6 @@ impl Drop for DavServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Bytes that differ per position, so a misplaced chunk is caught.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 + i / 4099) as u8).collect()
-}
-
-fn keys(store: &dyn ObjectStore, prefix: &str) -> Vec<String> {
-    store
-        .list(prefix)
-        .unwrap()
-        .into_iter()
-        .map(|o| o.key)
-        .collect()
 }
 
 #[test]

@@ -6,13 +6,11 @@
 
 mod support;
 
-use std::path::Path;
-
 use ferrotune::storage::file::FileStore;
-use ferrotune::storage::ObjectStore;
 use support::s3_server::{S3Server, SECRET};
 use support::tiny_job::{
-    bin, files_under, fixture, job_args, remote_checkpoints, verify_remote_checkpoint, Steps,
+    assert_outputs_stored, bin, fixture, job_args, remote_checkpoints, verify_remote_checkpoint,
+    Steps,
 };
 
 const SPARSE: &str = env!("FERROTUNE_SYNC_SPARSE_PLUGIN");
@@ -40,24 +38,6 @@ fn run(args: &[String], env: &[(&str, String)]) -> String {
     let log = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "ferrotune failed: {log}");
     log
-}
-
-/// The final artefacts in the store equal the local ones.
-fn assert_outputs_stored(store: &dyn ObjectStore, save: &Path, tmp: &Path) {
-    let local = files_under(save);
-    assert!(
-        local.contains(&"adapter_model.safetensors".to_string()),
-        "{local:?}"
-    );
-    for file in local {
-        let got = tmp.join("outputs-check").join(&file);
-        store.get_file(&format!("outputs/{file}"), &got).unwrap();
-        assert_eq!(
-            std::fs::read(&got).unwrap(),
-            std::fs::read(save.join(&file)).unwrap(),
-            "outputs/{file}"
-        );
-    }
 }
 
 #[test]

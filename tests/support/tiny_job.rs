@@ -136,3 +136,22 @@ pub fn verify_remote_checkpoint(store: &dyn ObjectStore, prefix: &str, step: u64
 pub fn files_under(dir: &Path) -> Vec<String> {
     ferrotune::sync::manifest::files_under(dir).unwrap()
 }
+
+/// The final artefacts (`save`, with the adapter) stored under `outputs/` equal the local ones;
+/// downloads go below `scratch`.
+pub fn assert_outputs_stored(store: &dyn ObjectStore, save: &Path, scratch: &Path) {
+    let local = files_under(save);
+    assert!(
+        local.contains(&"adapter_model.safetensors".to_string()),
+        "{local:?}"
+    );
+    for file in local {
+        let got = scratch.join("outputs-check").join(&file);
+        store.get_file(&format!("outputs/{file}"), &got).unwrap();
+        assert_eq!(
+            std::fs::read(&got).unwrap(),
+            std::fs::read(save.join(&file)).unwrap(),
+            "outputs/{file}"
+        );
+    }
+}

@@ -6,8 +6,12 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
+#[path = "../../../tests/support/fake_hub.rs"]
+#[allow(dead_code)]
+mod fake_hub;
+
+use fake_hub::FakeHub;
 use ferrotune_plugin_hf_publish::hub::{
     Body, FileSource, Hub, HubError, Request, Response, Transport, UploadFile,
 };
@@ -83,54 +87,11 @@ impl FileSource for Dir {
     }
 }
 
-struct FakeHub {
-    child: Child,
-    port: u16,
-    store: PathBuf,
-}
-
-impl Drop for FakeHub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 const TOKEN: &str = "hf_test_secret_token";
 
 /// Starts the fake Hub: files of at least 1 MB go through LFS, objects over 2 MB multipart.
 fn fake_hub(store: &Path) -> Option<FakeHub> {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/fake_hub_upload.py");
-    let child = Command::new("python3")
-        .arg(script)
-        .arg(store)
-        .args([TOKEN, "1000000", "2000000"])
-        .stdout(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("CI=true but python3 cannot run: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED: python3 cannot run ({e})");
-            return None;
-        }
-    };
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .strip_prefix("PORT ")
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("fake hub did not start: {line:?}"));
-    Some(FakeHub {
-        child,
-        port,
-        store: store.to_path_buf(),
-    })
+    FakeHub::start(store, TOKEN, 1_000_000, 2_000_000)
 }
 
 fn pseudo_random(n: usize, seed: u32) -> Vec<u8> {
@@ -142,14 +103,6 @@ fn pseudo_random(n: usize, seed: u32) -> Vec<u8> {
             x ^= x << 5;
             x as u8
         })
-        .collect()
-}
-
-fn requests(store: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(store.join("requests.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
@@ -199,7 +152,7 @@ fn a_push_stores_every_file_byte_for_byte_in_one_commit() {
         let stored = std::fs::read(hub.store.join("repos/me/tiny-model").join(name)).unwrap();
         assert!(&stored == bytes, "{name} differs after the push");
     }
-    let log = requests(&hub.store);
+    let log = hub.requests();
     let storage_puts: Vec<&serde_json::Value> =
         log.iter().filter(|r| r["method"] == "PUT").collect();
     assert_eq!(storage_puts.len(), 1 + 3, "one single PUT and three parts");
@@ -219,7 +172,7 @@ fn a_push_stores_every_file_byte_for_byte_in_one_commit() {
     client
         .upload("me/tiny-model", "main", &upload, &mut Dir(local), "again")
         .unwrap();
-    let again = requests(&hub.store);
+    let again = hub.requests();
     assert!(again[before..].iter().all(|r| r["method"] != "PUT"));
 }
 
