@@ -36,6 +36,16 @@ pub struct Bnb4Config {
 }
 
 impl Bnb4Config {
+    /// The `quantization_config` of `dir/config.json` (`Ok(None)`: a 16-bit model).
+    pub fn from_dir(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        Self::from_config(&json, &path)
+    }
+
     /// Parses `quantization_config` (`path` names config.json in errors). `Ok(None)`: the
     /// config has none, the weights are 16/32-bit.
     pub fn from_config(config: &Value, path: &Path) -> Result<Option<Self>> {
@@ -125,11 +135,7 @@ impl Prequantized {
         names: impl IntoIterator<Item = &'a str>,
     ) -> Result<Option<Self>> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let json: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
-        let config = Bnb4Config::from_config(&json, &path)?;
+        let config = Bnb4Config::from_dir(dir)?;
         let names: BTreeSet<&str> = names.into_iter().collect();
         let mut weights = BTreeSet::new();
         for name in &names {
