@@ -98,16 +98,14 @@ impl WeightFiles {
         }))
     }
 
-    /// Refuses a 16-bit read of a tensor the checkpoint stores 4-bit (say, a quantised
-    /// `lm_head`: ferrotune keeps those 16-bit, as transformers' default does).
-    fn not_nf4(&self, name: &str) -> Result<()> {
-        if self.is_nf4(name) {
-            bail!(
-                "{name} is stored 4-bit (bitsandbytes NF4), but the cuda engine keeps it 16-bit; \
-                 use a checkpoint that quantises only the decoder's linear layers"
-            );
+    /// A weight the checkpoint stores 4-bit where the engine keeps a 16-bit one (a quantised
+    /// `lm_head`, when `llm_int8_skip_modules` did not skip it): dequantised as bitsandbytes
+    /// does, on the host.
+    fn dequantized(&self, name: &str, shape: &[usize]) -> Result<Option<Vec<f32>>> {
+        if !self.is_nf4(name) {
+            return Ok(None);
         }
-        Ok(())
+        Ok(Some(self.read_nf4(name, shape)?.dequantize()))
     }
 
     /// Uploads tensor `name` as bf16, checking its shape against what config.json implies.
@@ -117,7 +115,10 @@ impl WeightFiles {
         name: &str,
         shape: &[usize],
     ) -> Result<CudaSlice<bf16>> {
-        self.not_nf4(name)?;
+        if let Some(v) = self.dequantized(name, shape)? {
+            let v: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+            return Ok(stream.clone_htod(&v)?);
+        }
         let &i = self.index.get(name).with_context(|| {
             format!("weight {name:?} is missing from the model's safetensors files")
         })?;
@@ -169,7 +170,9 @@ impl WeightFiles {
 
     /// Tensor `name` as f32 on the host (small tensors the engine trains, e.g. biases).
     pub fn read_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        self.not_nf4(name)?;
+        if let Some(v) = self.dequantized(name, shape)? {
+            return Ok(v);
+        }
         let &i = self.index.get(name).with_context(|| {
             format!("weight {name:?} is missing from the model's safetensors files")
         })?;
