@@ -461,3 +461,76 @@ fn demo_trains_resumes_and_saves_an_adapter() {
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["r"], 16);
 }
+
+/// `--model_name FILE.gguf` through the binary: a Llama 3.1 model (rope_type llama3) with a
+/// Llama-2-style SentencePiece tokenizer, written as Q8_0 GGUF by our exporter, trains from the
+/// GGUF; the dequantised directory has the recovered rope scaling and the saved adapter carries
+/// the rebuilt SentencePiece tokenizer.
+#[test]
+fn a_sentencepiece_llama_3_1_gguf_trains_as_the_base_model() {
+    use ferrotune::export::safetensors_dir::SafetensorsDir;
+    use ferrotune::gguf::convert::GgufPlan;
+    use ferrotune::gguf::preset::Preset;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+    let spec = TinySpec {
+        vocab_size: 512,
+        head_dim: Some(32),
+        rope_theta: 500_000.0,
+        rope_scaling: Some(scaling.clone()),
+        max_position_embeddings: 131_072,
+        ..TinySpec::default()
+    };
+    ferrotune::model::tiny::write_random_model(&hf, &spec, 1).unwrap();
+    let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
+    ferrotune::data::tiny_tokenizer::write_sentencepiece_tokenizer_files(&hf, &texts, 200).unwrap();
+    let source = SafetensorsDir::open_model_dir(&hf).unwrap();
+    let gguf = tmp.path().join("tiny.Q8_0.gguf");
+    GgufPlan::new(&hf, &source, "tiny")
+        .unwrap()
+        .write(&source, Preset::Q8_0, &gguf)
+        .unwrap();
+
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, texts[..40].join("\n") + "\n").unwrap();
+    let (out, adapter, cache) = (
+        tmp.path().join("out"),
+        tmp.path().join("adapter"),
+        tmp.path().join("xdg-cache"),
+    );
+    let mut args = job_args(&gguf, &data, &out, 4);
+    args.extend(
+        ["--save_model", "--save_method", "lora", "--save_path"]
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    args.push(adapter.to_string_lossy().into_owned());
+    let run = bin()
+        .args(&args)
+        .env("XDG_CACHE_HOME", &cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "ferrotune failed: {stderr}");
+    assert_eq!(losses(&out).len(), 4, "{stderr}");
+
+    let converted: Vec<PathBuf> = std::fs::read_dir(cache.join("ferrotune/gguf"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(converted.len(), 1, "{converted:?}");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(converted[0].join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["rope_scaling"], scaling);
+    let tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapter.join("tokenizer.json")).unwrap()).unwrap();
+    assert_eq!(tokenizer["model"]["byte_fallback"], true);
+    assert_eq!(
+        tokenizer["normalizer"]["normalizers"][0]["type"], "Prepend",
+        "{}",
+        tokenizer["normalizer"]
+    );
+}

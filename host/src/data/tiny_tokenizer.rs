@@ -125,3 +125,139 @@ pub fn write_tokenizer_files(
     }
     Ok(())
 }
+
+/// The chat template of the SentencePiece test tokenizer (Llama 2's `[INST]` shape).
+pub const LLAMA2_CHAT_TEMPLATE: &str = "{% for m in messages %}{% if m['role'] == 'user' %}\
+{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}\
+{% endif %}{% endfor %}";
+
+/// Writes the tokenizer files of a SentencePiece BPE vocabulary like Llama 2's, as transformers'
+/// SentencePiece → fast converter writes them: `<unk> <s> </s>`, the 256 byte pieces
+/// `<0x00>…<0xFF>`, then `learned` pieces trained on `texts` (word-initial `▁`), scored `-id` as
+/// SentencePiece scores BPE pieces; the merges derived from the scores by brute force over all
+/// pairs of pieces (best score of the piece they make first, longer left part first), the legacy
+/// `Prepend("▁")` + `Replace(" ", "▁")` normaliser, the byte-fallback decoder and a BOS
+/// post-processor. Returns the pieces, for a `tokenizer.model` (`gguf::sentencepiece`). GGUF base
+/// model tests use it as the original a SentencePiece GGUF must reproduce.
+pub fn write_sentencepiece_tokenizer_files<S: AsRef<str> + Sync>(
+    dir: &Path,
+    texts: &[S],
+    learned: usize,
+) -> Result<Vec<crate::gguf::sentencepiece::Piece>> {
+    use crate::gguf::sentencepiece::{Piece, PieceType};
+    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+    use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper};
+
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(learned)
+        .min_frequency(2)
+        .show_progress(false)
+        .build();
+    let mut trained = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        Metaspace,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
+    .build()
+    .map_err(|e| anyhow!("building the tokenizer: {e}"))?;
+    trained
+        .train(&mut trainer, texts.iter().map(|t| -> &str { t.as_ref() }))
+        .map_err(|e| anyhow!("training the tokenizer: {e}"))?;
+    let mut by_id: Vec<(String, u32)> = trained.get_vocab(false).into_iter().collect();
+    by_id.sort_by_key(|(_, id)| *id);
+
+    let mut texts_of: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    texts_of.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    texts_of.extend(by_id.into_iter().map(|(t, _)| t));
+    let pieces: Vec<Piece> = texts_of
+        .iter()
+        .enumerate()
+        .map(|(id, text)| Piece {
+            text: text.clone(),
+            score: if id < 3 { 0.0 } else { -(id as f32) },
+            kind: match id {
+                0 => PieceType::Unknown,
+                1 | 2 => PieceType::Control,
+                3..259 => PieceType::Byte,
+                _ => PieceType::Normal,
+            },
+        })
+        .collect();
+    let id_of: std::collections::HashMap<&str, usize> = texts_of
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.as_str(), i))
+        .collect();
+    let mut merges: Vec<(usize, usize, usize)> = Vec::new();
+    for (a, left) in texts_of.iter().enumerate() {
+        for (b, right) in texts_of.iter().enumerate() {
+            if let Some(&made) = id_of.get(format!("{left}{right}").as_str()) {
+                merges.push((a, b, made));
+            }
+        }
+    }
+    merges.sort_by(|x, y| {
+        pieces[y.2].score.total_cmp(&pieces[x.2].score).then(
+            texts_of[y.0]
+                .chars()
+                .count()
+                .cmp(&texts_of[x.0].chars().count()),
+        )
+    });
+    let vocab: serde_json::Map<String, serde_json::Value> = texts_of
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.clone(), serde_json::json!(i)))
+        .collect();
+    let special = |id: usize| {
+        serde_json::json!({"id": id, "content": texts_of[id], "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true})
+    };
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| serde_json::json!([texts_of[m.0], texts_of[m.1]]))
+        .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(0), special(1), special(2)],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+        "pre_tokenizer": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                     {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+            "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let config = serde_json::json!({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": true, "add_eos_token": false, "legacy": true,
+        "chat_template": LLAMA2_CHAT_TEMPLATE,
+    });
+    let map = serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"});
+    for (name, value) in [
+        ("tokenizer.json", tokenizer),
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", map),
+    ] {
+        std::fs::write(dir.join(name), value.to_string())
+            .with_context(|| format!("{}: cannot write {name}", dir.display()))?;
+    }
+    Ok(pieces)
+}

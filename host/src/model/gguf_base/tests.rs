@@ -1,10 +1,10 @@
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::json;
 
 use super::*;
 use crate::cli::choices::Bias;
+use crate::data::tiny_tokenizer::write_sentencepiece_tokenizer_files;
 use crate::data::TokenizerInfo;
 use crate::engine::cpu::{CpuBackend, EngineOptions};
 use crate::engine::{Backend, Batch, IGNORE};
@@ -279,115 +279,6 @@ fn rewrite_without(file: &Path, out: &Path, drop: &[&str]) {
     w.finish().unwrap();
 }
 
-/// A SentencePiece BPE vocabulary like Llama 2's, as transformers' converter writes its
-/// tokenizer.json: `<unk> <s> </s>`, the 256 byte pieces, then pieces trained on the demo data
-/// (word-initial `▁`), scored `-id` as SentencePiece scores BPE pieces, merges derived from
-/// the scores by brute force over all pairs (an implementation independent of the loader's),
-/// the legacy normaliser, byte-fallback decoder and a BOS post-processor. Returns the pieces
-/// with their scores (for a `tokenizer.model`).
-fn write_spm_tokenizer(dir: &Path) -> Vec<(String, f32)> {
-    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
-    use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
-    use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, TokenizerBuilder};
-
-    let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
-    let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(200)
-        .min_frequency(2)
-        .show_progress(false)
-        .build();
-    let mut trained = TokenizerBuilder::<
-        BPE,
-        NormalizerWrapper,
-        Metaspace,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    >::new()
-    .with_model(BPE::default())
-    .with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)))
-    .build()
-    .unwrap();
-    trained.train(&mut trainer, texts.iter().copied()).unwrap();
-    let mut learned: Vec<(String, u32)> = trained.get_vocab(false).into_iter().collect();
-    learned.sort_by_key(|(_, id)| *id);
-
-    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
-    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
-    pieces.extend(learned.into_iter().map(|(t, _)| t));
-    let scores: Vec<f32> = (0..pieces.len())
-        .map(|id| if id < 3 { 0.0 } else { -(id as f32) })
-        .collect();
-    let id_of: HashMap<&str, usize> = pieces
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.as_str(), i))
-        .collect();
-    let mut merges: Vec<(usize, usize, usize)> = Vec::new();
-    for (a, left) in pieces.iter().enumerate() {
-        for (b, right) in pieces.iter().enumerate() {
-            if let Some(&made) = id_of.get(format!("{left}{right}").as_str()) {
-                merges.push((a, b, made));
-            }
-        }
-    }
-    // Best piece score first; on equal scores (one piece, several splits) longer left first.
-    merges.sort_by(|x, y| {
-        scores[y.2].total_cmp(&scores[x.2]).then(
-            pieces[y.0]
-                .chars()
-                .count()
-                .cmp(&pieces[x.0].chars().count()),
-        )
-    });
-    assert!(merges.len() > 100, "the trained pieces make merges");
-    let vocab: serde_json::Map<String, serde_json::Value> = pieces
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.clone(), json!(i)))
-        .collect();
-    let special = |id: usize| {
-        json!({"id": id, "content": pieces[id], "single_word": false, "lstrip": false,
-               "rstrip": false, "normalized": false, "special": true})
-    };
-    let tokenizer = json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(0), special(1), special(2)],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Prepend", "prepend": "▁"},
-            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-        "pre_tokenizer": null,
-        "post_processor": {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                       {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                     {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "<s>", "type_id": 1}},
-                     {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
-            "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-            "byte_fallback": true, "ignore_merges": false, "vocab": vocab,
-            "merges": merges.iter().map(|m| json!([pieces[m.0], pieces[m.1]])).collect::<Vec<_>>()},
-    });
-    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-    let config = json!({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "add_bos_token": true, "add_eos_token": false, "legacy": true,
-        "chat_template": "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
-    });
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.join("special_tokens_map.json"),
-        json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}).to_string(),
-    )
-    .unwrap();
-    pieces.into_iter().zip(scores).collect()
-}
-
 /// Texts that exercise the SentencePiece path: words, leading and repeated spaces, newlines
 /// (byte pieces `<0x0A>`), accents and CJK (byte fallback for characters outside the pieces),
 /// an emoji (four byte pieces) and special-token text inside a string.
@@ -463,7 +354,7 @@ fn transformers_agrees(gguf: &Path, model_dir: &Path) {
 /// writer's merge-rank scores).
 #[test]
 fn a_sentencepiece_gguf_loads_back_with_the_same_tokenizer() {
-    use crate::gguf::sentencepiece::{encode_model, Piece, PieceType};
+    use crate::gguf::sentencepiece::encode_model;
     let tmp = tempfile::tempdir().unwrap();
     let original = tmp.path().join("hf");
     let spec = TinySpec {
@@ -471,21 +362,15 @@ fn a_sentencepiece_gguf_loads_back_with_the_same_tokenizer() {
         ..TinySpec::default()
     };
     crate::model::tiny::write_random_model(&original, &spec, 3).unwrap();
-    let pieces = write_spm_tokenizer(&original);
-    let model_proto: Vec<Piece> = pieces
-        .iter()
-        .enumerate()
-        .map(|(id, (text, score))| Piece {
-            text: text.clone(),
-            score: *score,
-            kind: match id {
-                0 => PieceType::Unknown,
-                1 | 2 => PieceType::Control,
-                3..259 => PieceType::Byte,
-                _ => PieceType::Normal,
-            },
-        })
-        .collect();
+    let texts: Vec<&str> = crate::demo::DATASET.lines().collect();
+    let model_proto = write_sentencepiece_tokenizer_files(&original, &texts, 200).unwrap();
+    assert!(
+        model_proto.len() > 400,
+        "the trained pieces fill the vocabulary"
+    );
+    let fixture: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(original.join("tokenizer.json")).unwrap()).unwrap();
+    assert!(fixture["model"]["merges"].as_array().unwrap().len() > 100);
     let want = TokenizerInfo::load(&original).unwrap();
     let check = |dir: &Path, case: &str| {
         let got = TokenizerInfo::load(dir).unwrap();
