@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use ferrotune_kernels::device::{bf16, FlashBwdWork, FlashShape, Kernels};
 
@@ -54,17 +54,22 @@ pub fn check_supported(head_dim: usize) -> Result<()> {
 pub struct Scratch {
     blk: CudaSlice<u32>,
     delta: CudaSlice<f32>,
-    dq_acc: CudaSlice<f32>,
+    /// `None`: the caller lends memory for the dQ accumulator to [`backward`].
+    dq_acc: Option<CudaSlice<f32>>,
 }
 
 impl Scratch {
-    pub fn new(stream: &Arc<CudaStream>, d: &Dims) -> Result<Self> {
+    pub fn new(stream: &Arc<CudaStream>, d: &Dims, own_dq_acc: bool) -> Result<Self> {
         check_supported(d.head_dim)?;
         let s = d.shape();
         Ok(Self {
             blk: stream.alloc_zeros(s.seg_blocks_len())?,
             delta: stream.alloc_zeros(s.lse_len())?,
-            dq_acc: stream.alloc_zeros(s.q_len())?,
+            dq_acc: if own_dq_acc {
+                Some(stream.alloc_zeros(s.q_len())?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -113,9 +118,17 @@ pub fn backward(
     ),
     seg: &CudaSlice<u32>,
     s: &mut Scratch,
+    spare: &mut CudaSlice<bf16>,
 ) -> Result<()> {
     let shape = d.shape();
     kernels.flash_seg_blocks(stream, &shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
+    let mut dq_acc = match s.dq_acc.as_mut() {
+        Some(own) => own.as_view_mut(),
+        // SAFETY: `spare` is memory no other kernel uses during this call (the caller's
+        // contract); the flash backward zeroes the accumulator before adding into it.
+        None => unsafe { spare.transmute_mut::<f32>(shape.q_len()) }
+            .ok_or_else(|| anyhow!("the spare buffer is too small for the dQ accumulator"))?,
+    };
     kernels.flash_attn_bwd(
         stream,
         &shape,
@@ -125,7 +138,7 @@ pub fn backward(
         &s.blk.as_view(),
         FlashBwdWork {
             delta: &mut s.delta.as_view_mut(),
-            dq_acc: &mut s.dq_acc.as_view_mut(),
+            dq_acc: &mut dq_acc,
         },
         (
             &mut dq.as_view_mut(),

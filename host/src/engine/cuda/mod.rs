@@ -747,14 +747,14 @@ impl CudaBackend {
             &s,
             (&a.gate.slice(..), i),
             (&a.up.slice(..), i),
-            (&mut b.act.slice_mut(..), i),
+            (&mut b.mlp.slice_mut(..n * i), i),
             n,
             i,
         )?;
         down.forward(
             &mut self.gemm,
             &self.kernels,
-            ptr16(&b.act),
+            ptr16(&b.mlp), // act
             ptr16(y),
             Some(ptr16(&a.h)),
         )?;
@@ -789,17 +789,20 @@ impl CudaBackend {
 
         // MLP half: d_act = dOut·Wd (+LoRA); SwiGLU backward in place (gate/up become their
         // gradients, act is recomputed for dA of the down projection).
-        down.backward(g, kr, p16(&b.dres), Some((p16(&b.d_act), false)), t)?;
+        let d_act = p16(&b.mlp) + (2 * n * i) as u64;
+        down.backward(g, kr, p16(&b.dres), Some((d_act, false)), t)?;
+        let (mut act, d_act) = b.mlp.split_at_mut(n * i);
         self.kernels.swiglu_bwd(
             &s,
-            (&b.d_act.slice(..), i),
+            (&d_act.slice(..n * i), i),
             (&mut a.gate.slice_mut(..), i),
             (&mut a.up.slice_mut(..), i),
-            Some((&mut b.act.slice_mut(..), i)),
+            Some((&mut act, i)),
             n,
             i,
         )?;
-        down.grad_a(g, kr, p16(&b.act), t)?;
+        // act is the first half of `mlp`.
+        down.grad_a(g, kr, p16(&b.mlp), t)?;
         // n2 again (not kept by the forward); rstd2 is rewritten with the same values.
         self.kernels.rmsnorm_fwd(
             &s,
@@ -840,6 +843,8 @@ impl CudaBackend {
             (&mut b.dq, &mut b.dk, &mut b.dv),
             &b.segments,
             &mut b.attn,
+            // Free until the next layer's MLP: the act half of `mlp` is dead from here.
+            &mut b.mlp,
         )?;
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
@@ -950,7 +955,7 @@ impl CudaBackend {
             .0;
         let (hn, logits, dn) = (
             b.hn.device_ptr(&s).0,
-            b.logits.device_ptr(&s).0,
+            b.mlp.device_ptr(&s).0, // the logits chunk
             b.dn.device_ptr(&s).0,
         );
         let mut r0 = 0;
@@ -973,7 +978,7 @@ impl CudaBackend {
             let targets = b.targets.slice(r0..r0 + rows);
             self.kernels.ce_stats(
                 &s,
-                &b.logits.slice(..),
+                &b.mlp.slice(..sz.ce_rows * vocab),
                 vocab,
                 rows,
                 0,
@@ -990,7 +995,7 @@ impl CudaBackend {
             if let Some(scale) = loss_scale {
                 self.kernels.ce_grad(
                     &s,
-                    &mut b.logits.slice_mut(..),
+                    &mut b.mlp.slice_mut(..sz.ce_rows * vocab),
                     vocab,
                     rows,
                     0,

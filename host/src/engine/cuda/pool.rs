@@ -32,7 +32,10 @@ pub fn used_high(ctx: &CudaContext) -> Result<u64> {
             (&mut bytes as *mut u64).cast(),
         )
     };
-    ensure!(rc == sys::CUresult::CUDA_SUCCESS, "cuMemPoolGetAttribute: {rc:?}");
+    ensure!(
+        rc == sys::CUresult::CUDA_SUCCESS,
+        "cuMemPoolGetAttribute: {rc:?}"
+    );
     Ok(bytes)
 }
 
@@ -48,6 +51,9 @@ pub fn reset_high(ctx: &CudaContext) -> Result<()> {
             (&mut zero as *mut u64).cast(),
         )
     };
-    ensure!(rc == sys::CUresult::CUDA_SUCCESS, "cuMemPoolSetAttribute: {rc:?}");
+    ensure!(
+        rc == sys::CUresult::CUDA_SUCCESS,
+        "cuMemPoolSetAttribute: {rc:?}"
+    );
     Ok(())
 }
