@@ -231,3 +231,43 @@ impl WeightFiles {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::bnb_nf4::Nf4Weight;
+    use crate::export::safetensors_dir::StoreDtype;
+    use crate::model::bnb4::write_prequantized;
+    use crate::model::tiny::{write_random_model, TinySpec};
+
+    /// Host side only (no GPU): what the engine would upload from a pre-quantised checkpoint.
+    #[test]
+    fn prequantised_weights_are_read_as_stored_and_counted_at_their_16bit_shape() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("bf16"), tmp.path().join("bnb-4bit"));
+        let spec = TinySpec {
+            dtype: candle_core::DType::BF16,
+            ..TinySpec::default()
+        };
+        write_random_model(&src, &spec, 2).unwrap();
+        write_prequantized(&src, &dst, true).unwrap();
+        let (dense, files) = (
+            WeightFiles::open(&src).unwrap(),
+            WeightFiles::open(&dst).unwrap(),
+        );
+        assert!(dense.prequantized().is_none());
+        assert_eq!(files.numel().unwrap(), dense.numel().unwrap());
+        let (name, shape) = ("model.layers.0.mlp.down_proj.weight", [64, 96]);
+        assert!(files.is_nf4(name) && !files.is_nf4("model.embed_tokens.weight"));
+        let w = files.read_nf4(name, &shape).unwrap();
+        let values = dense.read_f32(name, &shape).unwrap();
+        assert_eq!(
+            w,
+            Nf4Weight::quantize(&values, &shape, StoreDtype::BF16).unwrap()
+        );
+        // A 16-bit read of a 4-bit tensor gets bitsandbytes' dequantisation.
+        assert_eq!(files.read_f32(name, &shape).unwrap(), w.dequantize());
+        let err = files.read_nf4(name, &[96, 64]).unwrap_err().to_string();
+        assert!(err.contains("config.json implies [96, 64]"), "{err}");
+    }
+}
