@@ -472,6 +472,67 @@ mod tests {
         );
     }
 
+    /// The switches llama.cpp keeps: no space prefix (normaliser and decoder without it), no
+    /// BOS, EOS appended; a USER_DEFINED token is matched whole, the UNKNOWN one is special.
+    #[test]
+    fn sentencepiece_switches_shape_the_tokenizer() {
+        let mut tokens = strings(&["<unk>", "<s>", "</s>", "<tool>"]);
+        tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+        tokens.extend(strings(&[
+            "\u{2581}",
+            "h",
+            "i",
+            "hi",
+            "\u{2581}hi",
+            "t",
+            "o",
+        ]));
+        let n = tokens.len();
+        let mut types = vec![2, 3, 3, 4];
+        types.extend([6; 256]);
+        types.extend([1; 7]);
+        let scores: Vec<f32> = (0..n).map(|i| -(i as f32)).collect();
+        let meta = [
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            ("tokenizer.ggml.tokens", Value::ArrayString(tokens)),
+            ("tokenizer.ggml.token_type", Value::ArrayI32(types)),
+            ("tokenizer.ggml.scores", Value::ArrayF32(scores)),
+            ("tokenizer.ggml.bos_token_id", Value::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Value::U32(2)),
+            ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+            ("tokenizer.ggml.add_eos_token", Value::Bool(true)),
+            ("tokenizer.ggml.add_space_prefix", Value::Bool(false)),
+        ];
+        let get = |key: &str| meta.iter().find(|(k, _)| *k == key).map(|(_, v)| v);
+        let vocab = Vocab::from_metadata(get).unwrap();
+        let json = vocab.tokenizer_json().unwrap();
+        let tokenizer: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+        let id = |t: &str| tokenizer.token_to_id(t).unwrap();
+        let enc = tokenizer.encode("hi<tool> hi", true).unwrap();
+        assert_eq!(
+            enc.get_ids(),
+            [id("hi"), id("<tool>"), id("\u{2581}hi"), id("</s>")]
+        );
+        assert_eq!(
+            tokenizer.decode(enc.get_ids(), true).unwrap(),
+            "hi<tool> hi"
+        );
+        assert_eq!(json["model"]["unk_token"], "<unk>");
+        let special: Vec<&str> = json["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["special"] == true)
+            .map(|t| t["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(special, ["<unk>", "<s>", "</s>"]);
+        let config = vocab.config_json();
+        assert_eq!(
+            (&config["add_bos_token"], &config["add_eos_token"]),
+            (&json!(false), &json!(true))
+        );
+    }
+
     #[test]
     fn sentencepiece_metadata_without_merges_or_scores_is_refused() {
         let meta = [
