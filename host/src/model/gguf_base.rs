@@ -190,7 +190,9 @@ fn number(file: &GgufFile, key: &str) -> Result<Option<f64>> {
 }
 
 /// `rope_scaling` of config.json from `<arch>.rope.scaling.*` and `rope_freqs.weight`; `None`
-/// when the model's RoPE is unscaled. Anything else fails naming the key and its value.
+/// when the model's RoPE is unscaled. Read as llama.cpp reads them: a missing type means linear,
+/// a factor scales linearly unless the type is `none`, and `rope_freqs` divides on top of that.
+/// Anything else fails naming the key and its value.
 fn rope_scaling(
     file: &GgufFile,
     arch: &str,
@@ -205,49 +207,51 @@ fn rope_scaling(
                 .with_context(|| format!("metadata {} is {v:?}, expected a string", key("type")))?,
         ),
     };
-    let factor = number(file, &key("factor"))?;
-    let freqs = file.tensor(ROPE_FREQS);
-    match (kind, freqs) {
-        (Some("linear"), None) => {
-            let factor =
-                factor.with_context(|| format!("metadata {} is missing", key("factor")))?;
-            Ok(Some(json!({"type": "linear", "factor": factor})))
-        }
-        (Some("none") | None, None) => Ok(None),
-        // llama.cpp writes no scaling type for Llama 3.1 (its converter leaves it at the
-        // default), some files say "none" or "linear" next to the tensor.
-        (Some("none" | "linear") | None, Some(entry)) => {
-            let factors = file
-                .read_tensor_f32(entry)
-                .with_context(|| format!("tensor {ROPE_FREQS}"))?;
-            let hints = rope::Hints {
-                factor,
-                original_context: number(file, &key("original_context_length"))?,
-            };
-            let theta = config["rope_theta"].as_f64().unwrap_or(10_000.0);
-            let recovered = rope::recover_llama3(&factors, head_dim, theta, hints)?;
-            Ok(recovered.map(|scaling| match scaling {
-                RopeScaling::Llama3 {
-                    factor,
-                    low_freq_factor,
-                    high_freq_factor,
-                    original_max_position_embeddings,
-                } => json!({
-                    "rope_type": "llama3",
-                    "factor": factor,
-                    "low_freq_factor": low_freq_factor,
-                    "high_freq_factor": high_freq_factor,
-                    "original_max_position_embeddings": integral(original_max_position_embeddings),
-                }),
-                other => unreachable!("recover_llama3 returns Llama3, not {other:?}"),
-            }))
-        }
-        (Some(other), _) => bail!(
+    if let Some(other) = kind.filter(|k| !matches!(*k, "none" | "linear")) {
+        bail!(
             "metadata {} = {other:?} is not supported (none, linear, or Llama 3.1's \
              {ROPE_FREQS}); use the Hugging Face model directory instead",
             key("type")
-        ),
+        );
     }
+    // llama.cpp: factor 0 or 1 is no scaling, and type none ignores the factor.
+    let linear = match kind {
+        Some("none") => None,
+        _ => number(file, &key("factor"))?.filter(|&f| f != 0.0 && f != 1.0),
+    };
+    let Some(entry) = file.tensor(ROPE_FREQS) else {
+        return Ok(linear.map(|factor| json!({"type": "linear", "factor": factor})));
+    };
+    if let Some(factor) = linear {
+        bail!(
+            "metadata {} = {factor} scales linearly on top of {ROPE_FREQS}; ferrotune's models \
+             take one or the other",
+            key("factor")
+        );
+    }
+    let factors = file
+        .read_tensor_f32(entry)
+        .with_context(|| format!("tensor {ROPE_FREQS}"))?;
+    let hints = rope::Hints {
+        original_context: number(file, &key("original_context_length"))?,
+    };
+    let theta = config["rope_theta"].as_f64().unwrap_or(10_000.0);
+    let recovered = rope::recover_llama3(&factors, head_dim, theta, hints)?;
+    Ok(recovered.map(|scaling| match scaling {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": integral(original_max_position_embeddings),
+        }),
+        other => unreachable!("recover_llama3 returns Llama3, not {other:?}"),
+    }))
 }
 
 /// A whole number as a JSON integer (config.json spells context lengths that way).

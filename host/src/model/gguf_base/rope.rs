@@ -21,8 +21,6 @@ use crate::model::RopeScaling;
 /// What the file's metadata says besides the tensor.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Hints {
-    /// `<arch>.rope.scaling.factor`.
-    pub factor: Option<f64>,
     /// `<arch>.rope.scaling.original_context_length`.
     pub original_context: Option<f64>,
 }
@@ -61,9 +59,8 @@ pub(super) fn recover_llama3(
         return Ok(None);
     }
     let wavelens = rope_wavelengths(head_dim, rope_theta);
-    let factor = hints
-        .factor
-        .unwrap_or_else(|| factors.iter().fold(1f32, |m, &f| m.max(f)) as f64);
+    // The low frequencies' divisor, the largest.
+    let factor = factors.iter().fold(1f32, |m, &f| m.max(f)) as f64;
     let (low, high) = wavelength_bounds(factors, &wavelens, factor);
     let mut candidates = Vec::new();
     for (low, high) in [(low, high), meta_default_bounds(hints)] {
@@ -228,7 +225,6 @@ mod tests {
         let scaling = llama3(16.0, 2.0, 8.0, 4096.0);
         let f = llama3_freq_factors(128, 500_000.0, &scaling).unwrap();
         let hints = Hints {
-            factor: None,
             original_context: Some(4096.0),
         };
         let got = recover_llama3(&f, 128, 500_000.0, hints).unwrap().unwrap();

@@ -181,7 +181,11 @@ fn other_architectures_tokenizers_and_rotary_layouts_are_refused() {
     use crate::gguf::types::GgmlType;
     use crate::gguf::writer::{GgufWriter, TensorInfo};
     let tmp = tempfile::tempdir().unwrap();
-    let write = |name: &str, arch: &str, model: &str, extra: Vec<(String, Value)>| {
+    let write_with = |name: &str,
+                      arch: &str,
+                      model: &str,
+                      extra: Vec<(String, Value)>,
+                      freqs: Option<[f32; 2]>| {
         let path = tmp.path().join(name);
         let mut meta = vec![
             (
@@ -203,11 +207,25 @@ fn other_architectures_tokenizers_and_rotary_layouts_are_refused() {
             ),
         ];
         meta.extend(extra);
-        let info = TensorInfo::new("token_embd.weight", vec![2, 4], GgmlType::F32);
-        let mut w = GgufWriter::create(&path, &meta, vec![info]).unwrap();
+        let mut infos = vec![TensorInfo::new(
+            "token_embd.weight",
+            vec![2, 4],
+            GgmlType::F32,
+        )];
+        if freqs.is_some() {
+            infos.push(TensorInfo::new("rope_freqs.weight", vec![2], GgmlType::F32));
+        }
+        let mut w = GgufWriter::create(&path, &meta, infos).unwrap();
         w.write_tensor("token_embd.weight", &[0u8; 32]).unwrap();
+        if let Some(f) = freqs {
+            let bytes: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+            w.write_tensor("rope_freqs.weight", &bytes).unwrap();
+        }
         w.finish().unwrap();
         path
+    };
+    let write = |name: &str, arch: &str, model: &str, extra: Vec<(String, Value)>| {
+        write_with(name, arch, model, extra, None)
     };
     let error = |path: &Path| {
         format!(
@@ -236,6 +254,19 @@ fn other_architectures_tokenizers_and_rotary_layouts_are_refused() {
     );
     let err = error(&yarn);
     assert!(err.contains("llama.rope.scaling.type = \"yarn\""), "{err}");
+    // A factor next to rope_freqs is llama.cpp's linear scaling on top of the divisors.
+    let both = write_with(
+        "both.gguf",
+        "llama",
+        "gpt2",
+        vec![("llama.rope.scaling.factor".into(), Value::F32(4.0))],
+        Some([1.0, 8.0]),
+    );
+    let err = error(&both);
+    assert!(
+        err.contains("llama.rope.scaling.factor = 4") && err.contains("rope_freqs.weight"),
+        "{err}"
+    );
     let partial = write(
         "partial.gguf",
         "llama",
