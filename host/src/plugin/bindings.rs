@@ -19,14 +19,21 @@ mod v0_1_0_imports {
     /// `log` lines go to the host log, tagged with the plugin's name.
     impl log::Host for PluginState {
         fn log(&mut self, level: types::LogLevel, message: String) {
-            let plugin = &*self.plugin;
-            match level {
-                types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-                types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-                types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-                types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-                types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-            }
+            super::emit(&self.plugin, level, &message);
         }
+    }
+}
+
+/// Writes a plugin's `log` line to the host log, tagged with the plugin's name. Every world's
+/// bindings map `ferrotune:plugin/types` and `log` to [`v0_1_0`]'s (`with`), so this one
+/// function serves them all.
+pub(crate) fn emit(plugin: &str, level: v0_1_0::ferrotune::plugin::types::LogLevel, message: &str) {
+    use v0_1_0::ferrotune::plugin::types::LogLevel;
+    match level {
+        LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+        LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+        LogLevel::Info => tracing::info!(plugin, "{message}"),
+        LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+        LogLevel::Error => tracing::error!(plugin, "{message}"),
     }
 }

@@ -25,7 +25,8 @@ use crate::storage::transfer::Partial;
 pub const MAX_CHUNK: u32 = 4 << 20;
 
 /// Host bindings of the imports the network worlds share, generated once: the worlds' own
-/// bindings map `types`, `log` and `host-files` here (`with`), so one implementation serves both.
+/// bindings map `host-files` here and `types`/`log` to the formatter world's (`with`), so one
+/// implementation serves both.
 pub(super) mod bindings {
     wasmtime::component::bindgen!({
         inline: "
@@ -38,13 +39,16 @@ pub(super) mod bindings {
         path: "../wit",
         require_store_data_send: true,
         with: {
+            "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
+            "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
             "ferrotune:plugin/host-files.body-reader": super::BodyReader,
             "ferrotune:plugin/host-files.body-writer": super::BodyWriter,
         },
     });
 }
 
-use bindings::ferrotune::plugin::{host_files, log as wit_log, types as wit_types};
+use super::bindings::v0_1_0::ferrotune::plugin::{log as wit_log, types as wit_types};
+use bindings::ferrotune::plugin::host_files;
 
 /// An upload body or an artefact file: the local file, read front to back.
 pub struct BodyReader {
@@ -190,15 +194,7 @@ impl<W: Send> wit_types::Host for NetState<W> {}
 /// `log` lines go to the host log under the plugin's name, secrets masked.
 impl<W: Send> wit_log::Host for NetState<W> {
     fn log(&mut self, level: wit_types::LogLevel, message: String) {
-        let plugin = &*self.sandbox.plugin;
-        let message = self.secrets.mask(&message);
-        match level {
-            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
+        super::bindings::emit(&self.sandbox.plugin, level, &self.secrets.mask(&message));
     }
 }
 

@@ -46,8 +46,8 @@ mod v0_1_0 {
             "wasi:http": wasmtime_wasi_http::p2::bindings::http,
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "ferrotune:plugin/types": crate::plugin::net_state::bindings::ferrotune::plugin::types,
-            "ferrotune:plugin/log": crate::plugin::net_state::bindings::ferrotune::plugin::log,
+            "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
+            "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
             "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
         },
     });

@@ -21,31 +21,21 @@ use crate::cli::UsageError;
 use crate::sync::policy::{Action, ArtefactKind, Event, LocalFile, RunOutcome, SyncPolicy};
 
 /// Host bindings of the `sync` world, `ferrotune:plugin@0.1.0`.
+/// Its `types` and `log` imports are the formatter world's (`super::bindings`), whose
+/// implementation for [`PluginState`] serves both.
 mod v0_1_0 {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "ferrotune:plugin/sync",
+        with: {
+            "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
+            "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
+        },
     });
 }
 
+use crate::plugin::bindings::v0_1_0::ferrotune::plugin::types as wit_types;
 use v0_1_0::exports::ferrotune::plugin::sync_policy as wit;
-use v0_1_0::ferrotune::plugin::types as wit_types;
-
-impl wit_types::Host for PluginState {}
-
-/// `log` lines go to the host log, tagged with the plugin's name.
-impl v0_1_0::ferrotune::plugin::log::Host for PluginState {
-    fn log(&mut self, level: wit_types::LogLevel, message: String) {
-        let plugin = &*self.plugin;
-        match level {
-            wit_types::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-            wit_types::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            wit_types::LogLevel::Info => tracing::info!(plugin, "{message}"),
-            wit_types::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            wit_types::LogLevel::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-}
 
 /// A configured `.wasm` sync policy.
 pub struct WasmSyncPolicy {
