@@ -88,11 +88,25 @@ fn cuda_backend(
     Ok(b)
 }
 
+/// The anchor benchmark's shape names (`../shared/bench/make_model.py`).
+const NAMED_SHAPES: [&str; 2] = ["llama3-8b", "llama3-1b"];
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let start = Instant::now();
+    let named = args
+        .model_name
+        .to_str()
+        .filter(|n| NAMED_SHAPES.contains(n));
+    if let (Some(name), false) = (named, args.model_name.exists()) {
+        bail!(
+            "--shape {name}: the benchmark runs on the anchor's random weights, so it needs their \
+             directory; write it with `python3 ../shared/bench/make_model.py {name} DIR` and pass \
+             --shape DIR"
+        );
+    }
     let cfg = ModelConfig::from_dir(&args.model_name)?;
     let opts = options(args);
     let mut backend: Box<dyn Backend> = match select::resolve(args.device)? {
@@ -197,5 +211,30 @@ mod tests {
         assert!(b.input_ids.iter().all(|&t| t < 50));
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn the_issue_spelling_parses_and_a_bare_shape_name_says_how_to_get_weights() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "ferrotune",
+            "bench",
+            "--shape",
+            "llama3-8b",
+            "--batch",
+            "1",
+            "--seq",
+            "512",
+        ])
+        .unwrap();
+        let Some(crate::cli::Command::Bench(args)) = cli.command else {
+            panic!("not the bench subcommand");
+        };
+        assert_eq!(
+            (args.per_device_train_batch_size, args.max_seq_length),
+            (1, 512)
+        );
+        let err = run(&args).unwrap_err().to_string();
+        assert!(err.contains("make_model.py llama3-8b DIR"), "{err}");
     }
 }

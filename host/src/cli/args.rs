@@ -74,14 +74,15 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 #[command(rename_all = "snake_case")]
 pub struct BenchArgs {
-    /// Model directory (config.json + safetensors), e.g. the anchor benchmark's /tmp/model-llama3-1b.
-    #[arg(long)]
+    /// Model directory (config.json + safetensors), e.g. the anchor benchmark's
+    /// /tmp/model-llama3-1b (`--shape DIR` is the same flag).
+    #[arg(long, alias = "shape")]
     pub model_name: PathBuf,
-    /// Rows per step.
-    #[arg(long, default_value_t = 2)]
+    /// Rows per step (`--batch`).
+    #[arg(long, alias = "batch", default_value_t = 2)]
     pub per_device_train_batch_size: usize,
-    /// Tokens per row (every row full length).
-    #[arg(long, default_value_t = 2048)]
+    /// Tokens per row, every row full length (`--seq`).
+    #[arg(long, alias = "seq", default_value_t = 2048)]
     pub max_seq_length: usize,
     /// Activation checkpointing mode.
     #[arg(long, value_enum, default_value_t = GradientCheckpointing::False)]
