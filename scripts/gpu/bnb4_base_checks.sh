@@ -11,17 +11,9 @@
 # the import fails, as in export_checks.sh). Logs go to $OUT (or /tmp). Exit 0 only on PASS.
 set -uo pipefail
 out=${OUT:-/tmp}
-bin=./gpu-bin/ferrotune
-if [ ! -x "$bin" ] && [ -f gpu-bin/ferrotune.xz ]; then
-  python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open("gpu-bin/ferrotune.xz"), open("/tmp/ferrotune","wb"))'
-  chmod +x /tmp/ferrotune && bin=/tmp/ferrotune
-fi
-if [ ! -x "$bin" ]; then
-  echo "MISSING: gpu-bin/ferrotune (build it with --features cuda and carry gpu-bin/)"; exit 3
-fi
-if ! python3 -c 'import bitsandbytes' 2>/dev/null && ls gpu-bin/wheels/bitsandbytes-*.whl >/dev/null 2>&1; then
-  pip install --no-index --no-deps gpu-bin/wheels/bitsandbytes-*.whl 2>&1 | tail -1
-fi
+source scripts/gpu/lib.sh
+find_ferrotune
+install_bitsandbytes_if_missing
 for mod in torch transformers peft safetensors bitsandbytes; do
   if ! python3 -c "import $mod" 2>/dev/null; then
     echo "MISSING: python package $mod is not installed on this machine; bnb4 base checks NOT RUN"

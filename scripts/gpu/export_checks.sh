@@ -14,20 +14,10 @@
 # installed from there when the import fails. Logs go to $OUT (or /tmp).
 set -uo pipefail
 out=${OUT:-/tmp}
-bin=./gpu-bin/ferrotune
-if [ ! -x "$bin" ] && [ -f gpu-bin/ferrotune.xz ]; then
-  python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open("gpu-bin/ferrotune.xz"), open("/tmp/ferrotune","wb"))'
-  chmod +x /tmp/ferrotune && bin=/tmp/ferrotune
-fi
-if [ ! -x "$bin" ]; then
-  echo "MISSING: gpu-bin/ferrotune (build it here and carry gpu-bin/)"; exit 3
-fi
+source scripts/gpu/lib.sh
+find_ferrotune
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-if ! python3 -c 'import bitsandbytes' 2>/dev/null; then
-  if ls gpu-bin/wheels/bitsandbytes-*.whl >/dev/null 2>&1; then
-    pip install --no-index --no-deps gpu-bin/wheels/bitsandbytes-*.whl 2>&1 | tail -1
-  fi
-fi
+install_bitsandbytes_if_missing
 for mod in torch transformers peft; do
   if ! python3 -c "import $mod" 2>/dev/null; then
     echo "MISSING: python package $mod is not installed on this machine; export checks NOT RUN"

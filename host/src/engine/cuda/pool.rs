@@ -8,7 +8,10 @@
 use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaContext};
 
-fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
+const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+
+/// Reads (`set == false`) or writes `value` as the default pool's USED_MEM_HIGH attribute.
+fn used_high_attribute(ctx: &CudaContext, value: &mut u64, set: bool) -> Result<()> {
     ctx.bind_to_thread()?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
@@ -17,43 +20,32 @@ fn default_pool(ctx: &CudaContext) -> Result<sys::CUmemoryPool> {
         rc == sys::CUresult::CUDA_SUCCESS,
         "cuDeviceGetDefaultMemPool: {rc:?}"
     );
-    Ok(pool)
+    let ptr = (value as *mut u64).cast();
+    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute and `value` outlives the call (setting it
+    // accepts only 0, which `reset_high` passes).
+    let rc = unsafe {
+        if set {
+            sys::cuMemPoolSetAttribute(pool, USED_HIGH, ptr)
+        } else {
+            sys::cuMemPoolGetAttribute(pool, USED_HIGH, ptr)
+        }
+    };
+    ensure!(
+        rc == sys::CUresult::CUDA_SUCCESS,
+        "cuMemPool{{Get,Set}}Attribute: {rc:?}"
+    );
+    Ok(())
 }
 
 /// Most bytes held by live allocations from the pool at once since the last [`reset_high`].
 pub fn used_high(ctx: &CudaContext) -> Result<u64> {
-    let pool = default_pool(ctx)?;
-    let mut bytes: u64 = 0;
-    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute; `bytes` outlives the call.
-    let rc = unsafe {
-        sys::cuMemPoolGetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut bytes as *mut u64).cast(),
-        )
-    };
-    ensure!(
-        rc == sys::CUresult::CUDA_SUCCESS,
-        "cuMemPoolGetAttribute: {rc:?}"
-    );
+    let mut bytes = 0;
+    used_high_attribute(ctx, &mut bytes, false)?;
     Ok(bytes)
 }
 
-/// Restarts the high watermark from the bytes held now (torch's `reset_peak_memory_stats`).
+/// Sets the high watermark to zero; the next allocation raises it to every byte then held
+/// (torch's `reset_peak_memory_stats`).
 pub fn reset_high(ctx: &CudaContext) -> Result<()> {
-    let pool = default_pool(ctx)?;
-    let mut zero: u64 = 0;
-    // SAFETY: setting USED_MEM_HIGH takes a pointer to a cuuint64_t whose only legal value is 0.
-    let rc = unsafe {
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            (&mut zero as *mut u64).cast(),
-        )
-    };
-    ensure!(
-        rc == sys::CUresult::CUDA_SUCCESS,
-        "cuMemPoolSetAttribute: {rc:?}"
-    );
-    Ok(())
+    used_high_attribute(ctx, &mut 0, true)
 }
