@@ -99,61 +99,55 @@ pub mod http_bindings {
     pub use wit_bindgen as __wit_bindgen;
 }
 
-/// Generated bindings for the `storage` world (its `wasi:http` imports included). Not part of
-/// the SDK's API; plugins use [`storage`].
-#[cfg(feature = "storage")]
-#[doc(hidden)]
-pub mod storage_bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "ferrotune:plugin/storage",
-        pub_export_macro: true,
-        export_macro_name: "__export_storage_world",
-        default_bindings_module: "ferrotune_plugin_sdk::storage_bindings",
-        runtime_path: "ferrotune_plugin_sdk::storage_bindings::__wit_bindgen::rt",
-        generate_all,
-        with: {
-            "wasi:http/types@0.2.12": crate::http_bindings::wasi::http::types,
-            "wasi:http/outgoing-handler@0.2.12": crate::http_bindings::wasi::http::outgoing_handler,
-            "wasi:io/error@0.2.12": crate::http_bindings::wasi::io::error,
-            "wasi:io/poll@0.2.12": crate::http_bindings::wasi::io::poll,
-            "wasi:io/streams@0.2.12": crate::http_bindings::wasi::io::streams,
-            "wasi:clocks/monotonic-clock@0.2.12": crate::http_bindings::wasi::clocks::monotonic_clock,
-            "ferrotune:plugin/types@0.1.0": crate::http_bindings::ferrotune::plugin::types,
-            "ferrotune:plugin/log@0.1.0": crate::http_bindings::ferrotune::plugin::log,
-            "ferrotune:plugin/host-files@0.1.0": crate::http_bindings::ferrotune::plugin::host_files,
-        },
-    });
-    pub use wit_bindgen as __wit_bindgen;
+/// Bindings for a world that imports `wasi:http` (storage, publish): its shared imports map
+/// onto [`http_bindings`], so one http client serves every such world. Not part of the SDK's
+/// API; plugins use [`storage`] / [`publish`].
+macro_rules! net_world_bindings {
+    ($module:ident, $feature:literal, $world:literal, $export_macro:literal, $module_path:literal, $runtime_path:literal) => {
+        #[cfg(feature = $feature)]
+        #[doc(hidden)]
+        pub mod $module {
+            wit_bindgen::generate!({
+                path: "../wit",
+                world: $world,
+                pub_export_macro: true,
+                export_macro_name: $export_macro,
+                default_bindings_module: $module_path,
+                runtime_path: $runtime_path,
+                generate_all,
+                with: {
+                    "wasi:http/types@0.2.12": crate::http_bindings::wasi::http::types,
+                    "wasi:http/outgoing-handler@0.2.12": crate::http_bindings::wasi::http::outgoing_handler,
+                    "wasi:io/error@0.2.12": crate::http_bindings::wasi::io::error,
+                    "wasi:io/poll@0.2.12": crate::http_bindings::wasi::io::poll,
+                    "wasi:io/streams@0.2.12": crate::http_bindings::wasi::io::streams,
+                    "wasi:clocks/monotonic-clock@0.2.12": crate::http_bindings::wasi::clocks::monotonic_clock,
+                    "ferrotune:plugin/types@0.1.0": crate::http_bindings::ferrotune::plugin::types,
+                    "ferrotune:plugin/log@0.1.0": crate::http_bindings::ferrotune::plugin::log,
+                    "ferrotune:plugin/host-files@0.1.0": crate::http_bindings::ferrotune::plugin::host_files,
+                },
+            });
+            pub use wit_bindgen as __wit_bindgen;
+        }
+    };
 }
 
-/// Generated bindings for the `publish` world (its `wasi:http` imports included). Not part of
-/// the SDK's API; plugins use [`publish`].
-#[cfg(feature = "publish")]
-#[doc(hidden)]
-pub mod publish_bindings {
-    wit_bindgen::generate!({
-        path: "../wit",
-        world: "ferrotune:plugin/publish",
-        pub_export_macro: true,
-        export_macro_name: "__export_publish_world",
-        default_bindings_module: "ferrotune_plugin_sdk::publish_bindings",
-        runtime_path: "ferrotune_plugin_sdk::publish_bindings::__wit_bindgen::rt",
-        generate_all,
-        with: {
-            "wasi:http/types@0.2.12": crate::http_bindings::wasi::http::types,
-            "wasi:http/outgoing-handler@0.2.12": crate::http_bindings::wasi::http::outgoing_handler,
-            "wasi:io/error@0.2.12": crate::http_bindings::wasi::io::error,
-            "wasi:io/poll@0.2.12": crate::http_bindings::wasi::io::poll,
-            "wasi:io/streams@0.2.12": crate::http_bindings::wasi::io::streams,
-            "wasi:clocks/monotonic-clock@0.2.12": crate::http_bindings::wasi::clocks::monotonic_clock,
-            "ferrotune:plugin/types@0.1.0": crate::http_bindings::ferrotune::plugin::types,
-            "ferrotune:plugin/log@0.1.0": crate::http_bindings::ferrotune::plugin::log,
-            "ferrotune:plugin/host-files@0.1.0": crate::http_bindings::ferrotune::plugin::host_files,
-        },
-    });
-    pub use wit_bindgen as __wit_bindgen;
-}
+net_world_bindings!(
+    storage_bindings,
+    "storage",
+    "ferrotune:plugin/storage",
+    "__export_storage_world",
+    "ferrotune_plugin_sdk::storage_bindings",
+    "ferrotune_plugin_sdk::storage_bindings::__wit_bindgen::rt"
+);
+net_world_bindings!(
+    publish_bindings,
+    "publish",
+    "ferrotune:plugin/publish",
+    "__export_publish_world",
+    "ferrotune_plugin_sdk::publish_bindings",
+    "ferrotune_plugin_sdk::publish_bindings::__wit_bindgen::rt"
+);
 
 /// What the export macro calls; generic so that the ABI glue is written (and tested) once.
 #[cfg(feature = "formatter")]
