@@ -82,6 +82,15 @@ struct Trainer {
 }
 
 impl Trainer {
+    /// Sends `signal` ("INT", "TERM") as Kelpie's worker supervisor would.
+    fn signal(&self, signal: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} failed");
+    }
+
     fn spawn(args: &[String], env: &[(&str, String)], extra: &[(&str, String)]) -> Trainer {
         let mut child = bin()
             .args(args)
@@ -432,11 +441,7 @@ fn sigint_with_sync_dies_by_sigint_leaving_nothing_partial_and_no_final_upload()
         "{}",
         trainer.tail()
     );
-    let sent = Command::new("kill")
-        .args(["-INT", &trainer.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    trainer.signal("INT");
     let status = trainer.finish(Duration::from_secs(60));
     assert_eq!(status.signal(), Some(2), "{status:?}\n{}", trainer.tail());
     let hidden: Vec<PathBuf> = std::fs::read_dir(&ck)
@@ -476,11 +481,7 @@ fn sigterm_with_sync_stores_the_last_step_before_dying_by_sigterm() {
         "{}",
         trainer.tail()
     );
-    let sent = Command::new("kill")
-        .args(["-TERM", &trainer.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    trainer.signal("TERM");
     let status = trainer.finish(Duration::from_secs(60));
     assert_eq!(status.signal(), Some(15), "{status:?}\n{}", trainer.tail());
     let log = trainer.log.join("\n");

@@ -205,23 +205,11 @@ impl CudaBackend {
         optim: crate::cli::choices::Optim,
         weight_decay: f64,
     ) -> Result<Self> {
-        Self::new_on(0, dir, cfg, options, optim, weight_decay)
+        Self::load(0, dir, cfg, options, optim, weight_decay, false)
     }
 
-    /// [`CudaBackend::new`] on GPU `ordinal`.
-    pub fn new_on(
-        ordinal: usize,
-        dir: &std::path::Path,
-        cfg: ModelConfig,
-        options: EngineOptions,
-        optim: crate::cli::choices::Optim,
-        weight_decay: f64,
-    ) -> Result<Self> {
-        Self::load(ordinal, dir, cfg, options, optim, weight_decay, false)
-    }
-
-    /// [`CudaBackend::new_on`], with the projection weights NF4-quantised on the GPU when
-    /// `load_in_4bit` (QLoRA).
+    /// [`CudaBackend::new`] on GPU `ordinal`, with the projection weights NF4-quantised on the
+    /// GPU when `load_in_4bit` (QLoRA).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         ordinal: usize,
