@@ -21,6 +21,30 @@ use super::sandbox::{self, PluginState};
 use super::storage_config::Secrets;
 use crate::storage::transfer::Partial;
 
+/// Host bindings of a network world (`storage`, `publish`) as a module `v0_1_0`: WASI and
+/// `wasi:http` from wasmtime-wasi(-http), the shared imports from [`bindings`], so the two
+/// worlds differ only in their name and their own interfaces.
+macro_rules! net_world_bindings {
+    ($world:literal) => {
+        mod v0_1_0 {
+            wasmtime::component::bindgen!({
+                path: "../wit",
+                world: $world,
+                require_store_data_send: true,
+                with: {
+                    "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+                    "wasi:io": wasmtime_wasi::p2::bindings::io,
+                    "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+                    "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
+                    "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
+                    "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
+                },
+            });
+        }
+    };
+}
+pub(super) use net_world_bindings;
+
 /// Largest chunk one `body-reader.read` returns.
 pub const MAX_CHUNK: u32 = 4 << 20;
 

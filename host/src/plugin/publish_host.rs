@@ -40,23 +40,9 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const HF_PUBLISH_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hf-publish.wasm"));
 const PLUGIN_NAME: &str = "hf-hub";
 
-/// Host bindings of the `publish` world; the imports it shares with the storage world
-/// (`types`, `log`, `host-files`: no body-writer is ever handed out here) from [`net_state`].
-mod v0_1_0 {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "ferrotune:plugin/publish",
-        require_store_data_send: true,
-        with: {
-            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
-            "wasi:io": wasmtime_wasi::p2::bindings::io,
-            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
-            "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
-            "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
-        },
-    });
-}
+// Host bindings of the `publish` world; the imports it shares with the storage world
+// (`types`, `log`, `host-files`: no body-writer is ever handed out here) from `net_state`.
+super::net_state::net_world_bindings!("ferrotune:plugin/publish");
 
 use v0_1_0::ferrotune::plugin::{host_export, open_artefact, types as wit_types};
 

@@ -35,23 +35,9 @@ use super::world::{self, Kind, World};
 use crate::storage::transfer::Partial;
 use crate::storage::{key, ObjectInfo, ObjectStore, StorageError};
 
-/// Host bindings of the `storage` world, `ferrotune:plugin@0.1.0`. WASI and `wasi:http` come
-/// from wasmtime-wasi(-http); the imports it shares with the publish world from [`net_state`].
-mod v0_1_0 {
-    wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "ferrotune:plugin/storage",
-        require_store_data_send: true,
-        with: {
-            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
-            "wasi:io": wasmtime_wasi::p2::bindings::io,
-            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
-            "ferrotune:plugin/types": crate::plugin::bindings::v0_1_0::ferrotune::plugin::types,
-            "ferrotune:plugin/log": crate::plugin::bindings::v0_1_0::ferrotune::plugin::log,
-            "ferrotune:plugin/host-files": crate::plugin::net_state::bindings::ferrotune::plugin::host_files,
-        },
-    });
-}
+// Host bindings of the `storage` world, `ferrotune:plugin@0.1.0`. WASI and `wasi:http` come
+// from wasmtime-wasi(-http); the imports it shares with the publish world from `net_state`.
+super::net_state::net_world_bindings!("ferrotune:plugin/storage");
 
 use v0_1_0::exports::ferrotune::plugin::storage_backend as wit;
 use v0_1_0::ferrotune::plugin::types as wit_types;
