@@ -1093,6 +1093,12 @@ fn main() -> Res<()> {
     for e in &report.cache_errors {
         println!("cache write failed: {e}");
     }
+    if !report.overridden.is_empty() {
+        println!(
+            "kernel sources replaced from the source dir: {:?}",
+            report.overridden
+        );
+    }
     let mut g = Gpu {
         stream,
         k,

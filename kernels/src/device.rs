@@ -46,6 +46,8 @@ pub struct LoadReport {
     pub compiled: Vec<(&'static str, Vec<FunctionResources>)>,
     /// Cache writes that failed (the kernels still work; the next start compiles again).
     pub cache_errors: Vec<String>,
+    /// Modules whose text came from `$FERROTUNE_KERNEL_SOURCE_DIR` instead of the binary.
+    pub overridden: Vec<&'static str>,
 }
 
 struct Functions {
@@ -1093,6 +1095,9 @@ fn module_cubin(
     report: &mut LoadReport,
 ) -> Result<Vec<u8>, KernelError> {
     let target = arch.nvrtc_target();
+    if src.is_overridden() {
+        report.overridden.push(src.name);
+    }
     let key = crate::cache::key(
         &src.program(),
         &target,

@@ -33,6 +33,12 @@ impl KernelSource {
         )
     }
 
+    /// Whether `$FERROTUNE_KERNEL_SOURCE_DIR` replaces this module's text (or the common header).
+    pub fn is_overridden(&self) -> bool {
+        source_override("common.cuh").is_some()
+            || source_override(&format!("{}.cu", self.name)).is_some()
+    }
+
     pub fn accepted_stack_bytes(&self, function: &str) -> u32 {
         self.accepted_stack
             .iter()
@@ -229,6 +235,7 @@ mod tests {
         std::env::remove_var(SOURCE_DIR_ENV);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(program.contains("variant body") && !program.contains("embedded body"));
+        assert!(!PROBE.is_overridden(), "the variable is unset again");
         assert!(program.contains("bf16_to_f32"), "common.cuh stays embedded");
     }
 }

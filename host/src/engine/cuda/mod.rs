@@ -238,6 +238,13 @@ impl CudaBackend {
             cached = report.cached.len(),
             "cuda kernels ready on {device_name}"
         );
+        if !report.overridden.is_empty() {
+            tracing::warn!(
+                "kernel sources replaced from ${}: {} (kernel development only)",
+                ferrotune_kernels::sources::SOURCE_DIR_ENV,
+                report.overridden.join(", ")
+            );
+        }
         let gemm = Gemm::new(stream.clone())?;
 
         let files = WeightFiles::open(dir)?;
