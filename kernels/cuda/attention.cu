@@ -373,7 +373,21 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         bf16 *__restrict__ o, float *__restrict__ lse, const u32 *__restrict__ seg,           \
         const u32 *__restrict__ blk, int T, int H, int Hkv, int d, int window, float scale_log2
 
-extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_d64(FA_FWD_ARGS) {
+// Occupancy (all measured latency-bound, docs/perf-notes.md §7): at d 64 the forward fits 4
+// CTAs per SM in sm_90's registers without spilling (3 on sm_8x) and the backward 2 where
+// shared memory holds two 66 KiB CTAs (sm_80, sm_90; not the 100 KiB of sm_86/sm_89).
+#if __CUDA_ARCH__ >= 900
+#define FA_FWD64_CTAS 4
+#else
+#define FA_FWD64_CTAS 3
+#endif
+#if __CUDA_ARCH__ == 800 || __CUDA_ARCH__ >= 900
+#define FA_BWD64_CTAS 2
+#else
+#define FA_BWD64_CTAS 1
+#endif
+
+extern "C" __global__ void __launch_bounds__(128, FA_FWD64_CTAS) flash_fwd_d64(FA_FWD_ARGS) {
     flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_d128(FA_FWD_ARGS) {
@@ -441,6 +455,9 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           int stages) {
     constexpr int NT = 256;
     constexpr int HD = D / 2;  // columns per warp in the dV/dK/dQ products
+    // d 64 runs two CTAs per SM (128 registers): the dQ product unrolled by 2 keeps it from
+    // spilling.
+    constexpr int DQ_UNROLL = D == 64 ? 2 : FA_BLOCK / 16;
     // Elements of one stage: Q and dO tiles, then lse and delta (2 x 64 fp32 = 128 bf16 slots).
     constexpr int STAGE = 2 * FA_BLOCK * D + 2 * FA_BLOCK * 2;
     extern __shared__ __align__(128) unsigned char fa_smem[];
@@ -608,7 +625,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         float dqa[HD / 8][4];
 #pragma unroll
         for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
-#pragma unroll
+#pragma unroll DQ_UNROLL
         for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
             u32 da[4];
             ldsm_x4_t(da, sS + swz<FA_BLOCK>(kk * 16 + (lane & 7) + (lane >> 4) * 8,
@@ -689,7 +706,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         bf16 *__restrict__ dv, const u32 *__restrict__ seg, const u32 *__restrict__ blk, int T, \
         int H, int Hkv, int d, int window, float scale_log2, float scale, int stages
 
-extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d64(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(256, FA_BWD64_CTAS) flash_bwd_d64(FA_BWD_ARGS) {
     flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
                   scale_log2, scale, stages);
 }
