@@ -1519,4 +1519,27 @@ mod tests {
             s.ce_rows
         );
     }
+
+    #[test]
+    fn q_k_v_sit_side_by_side_except_for_qwen3_whose_q_k_norm_needs_dense_rows() {
+        let llama = Sizes::new(&cfg("llama", ""), 2, 3, 16);
+        let (qd, kvd) = (llama.qd, llama.kvd);
+        let l = llama.qkv;
+        assert!(l.side_by_side);
+        assert_eq!(l.off, [0, qd, qd + kvd]);
+        assert_eq!((l.q_ld, l.kv_ld), (qd + 2 * kvd, qd + 2 * kvd));
+        assert_eq!(
+            l.addrs(1000),
+            [1000, 1000 + 2 * qd as u64, 1000 + 2 * (qd + kvd) as u64]
+        );
+        let qwen3 = Sizes::new(&cfg("qwen3", ""), 2, 3, 16).qkv;
+        assert!(!qwen3.side_by_side);
+        assert_eq!(qwen3.off, [0, 6 * qd, 6 * (qd + kvd)]);
+        assert_eq!((qwen3.q_ld, qwen3.kv_ld), (qd, kvd));
+        // Both layouts fit the one buffer of N·(qd + 2·kvd) values.
+        for x in [l, qwen3] {
+            let end_v = x.off[2] + 5 * x.kv_ld + kvd;
+            assert_eq!(end_v, 6 * (qd + 2 * kvd));
+        }
+    }
 }
