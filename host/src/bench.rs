@@ -176,9 +176,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "seq": seq,
         "gradient_checkpointing": args.use_gradient_checkpointing.to_string(),
         "r": args.r,
-        // A pre-quantised (`*-bnb-4bit`) base trains 4-bit without the flag.
-        "load_in_4bit": args.load_in_4bit
-            || crate::model::bnb4::Bnb4Config::from_dir(&args.model_name)?.is_some(),
+        // As loaded: a pre-quantised (`*-bnb-4bit`) base trains 4-bit without the flag.
+        "load_in_4bit": mem.as_ref().map_or(args.load_in_4bit, |m| m.nf4_base),
         "step_s_median": round(med, 4),
         "num_gpus": args.num_gpus,
         "tokens_per_s": round((args.num_gpus * bs * seq) as f64 / med, 1),

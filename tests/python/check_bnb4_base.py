@@ -101,6 +101,7 @@ def main():
             result = json.loads(line[len("RESULT "):])
             losses = result["losses"]
             check(all(l == l and abs(l) < 1e4 for l in losses), f"{tag}: GPU losses {losses}")
+            check(result.get("load_in_4bit") is True, f"{tag}: bench reports the base as 4-bit (as loaded)")
             print(f"      {tag}: {result}")
         else:
             print(r.stderr[-3000:])

@@ -73,6 +73,9 @@ pub struct MemoryStats {
     /// high watermark): what `torch.cuda.max_memory_allocated` counts after
     /// `reset_peak_memory_stats`, the figure the Python stacks report.
     pub peak_allocated_bytes: Option<u64>,
+    /// The frozen weights are held as NF4 (`--load_in_4bit`, or a pre-quantised base, which
+    /// implies it): what the memory figures were measured with.
+    pub nf4_base: bool,
 }
 
 /// A training backend owns the model's weights, the trainable LoRA (and bias) parameters, their

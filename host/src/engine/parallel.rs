@@ -338,6 +338,7 @@ impl Backend for DataParallel {
             device: format!("{} × {}", self.ranks.len(), m.device),
             peak_bytes: m.peak_bytes,
             peak_allocated_bytes: m.peak_allocated_bytes,
+            nf4_base: m.nf4_base,
         })
     }
 }

@@ -1425,6 +1425,7 @@ impl Backend for CudaBackend {
             peak_bytes: self.peak_used as u64,
             // Unknown only if the driver refuses the query; the report then omits it.
             peak_allocated_bytes: pool::used_high(&self.ctx).ok(),
+            nf4_base: self.nf4.is_some(),
         })
     }
 }
