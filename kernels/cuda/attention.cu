@@ -188,8 +188,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                                           const bf16* __restrict__ v, bf16* __restrict__ o,
                                           float* __restrict__ lse, const u32* __restrict__ seg,
                                           const u32* __restrict__ blk, int T, int H, int Hkv,
-                                          int d, int q_ld, int kv_ld, int window,
-                                          float scale_log2) {
+                                          int d, int window, float scale_log2) {
     constexpr int NT = 128;
     __shared__ __align__(128) bf16 sK[FA_BLOCK * D];
     __shared__ __align__(128) bf16 sV[FA_BLOCK * D];
@@ -201,9 +200,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int qb = nb - 1 - heaviest_first(h, b);
     const int hk = h / (H / Hkv);
     const int i0 = qb * FA_BLOCK;
-    // q and k/v rows are q_ld and kv_ld apart (one stacked q|k|v projection output or
-    // separate buffers); o is dense [N, H·d].
-    const long long qld = q_ld, kld = kv_ld;
+    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
     const bf16* qg = q + (long long)b * T * qld + (long long)h * d;
     const bf16* kg = k + (long long)b * T * kld + (long long)hk * d;
     const bf16* vg = v + (long long)b * T * kld + (long long)hk * d;
@@ -351,17 +348,16 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     // Every row < T sees at least its own key, so l > 0 there; rows >= T are not stored.
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    const long long old = (long long)H * d;
-    bf16* og = o + (long long)b * T * old + (long long)h * d;
+    bf16* og = o + (long long)b * T * qld + (long long)h * d;
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int c = n * 8 + 2 * t;
         if (c < d) {
             if (r0 < T)
-                *reinterpret_cast<u32*>(og + (long long)r0 * old + c) =
+                *reinterpret_cast<u32*>(og + (long long)r0 * qld + c) =
                     pack_bf16x2(acc[n][0] * inv0, acc[n][1] * inv0);
             if (r1 < T)
-                *reinterpret_cast<u32*>(og + (long long)r1 * old + c) =
+                *reinterpret_cast<u32*>(og + (long long)r1 * qld + c) =
                     pack_bf16x2(acc[n][2] * inv1, acc[n][3] * inv1);
         }
     }
@@ -375,13 +371,16 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #define FA_FWD_ARGS                                                                           \
     const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v,       \
         bf16 *__restrict__ o, float *__restrict__ lse, const u32 *__restrict__ seg,           \
-        const u32 *__restrict__ blk, int T, int H, int Hkv, int d, int q_ld, int kv_ld,        \
-        int window, float scale_log2
+        const u32 *__restrict__ blk, int T, int H, int Hkv, int d, int window, float scale_log2
 
-// Occupancy (both kernels are latency-bound, docs/perf-notes.md §7): at d 64 the forward runs
-// 3 CTAs per SM (168 registers, no spills; 4 would spill) and the backward 2 where shared
-// memory holds two 66 KiB CTAs (sm_80, sm_90; not the 100 KiB of sm_86/sm_89).
+// Occupancy (all measured latency-bound, docs/perf-notes.md §7): at d 64 the forward fits 4
+// CTAs per SM in sm_90's registers without spilling (3 on sm_8x) and the backward 2 where
+// shared memory holds two 66 KiB CTAs (sm_80, sm_90; not the 100 KiB of sm_86/sm_89).
+#if __CUDA_ARCH__ >= 900
+#define FA_FWD64_CTAS 4
+#else
 #define FA_FWD64_CTAS 3
+#endif
 #if __CUDA_ARCH__ == 800 || __CUDA_ARCH__ >= 900
 #define FA_BWD64_CTAS 2
 #else
@@ -389,10 +388,10 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #endif
 
 extern "C" __global__ void __launch_bounds__(128, FA_FWD64_CTAS) flash_fwd_d64(FA_FWD_ARGS) {
-    flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, q_ld, kv_ld, window, scale_log2);
+    flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
 }
 extern "C" __global__ void __launch_bounds__(128, 2) flash_fwd_d128(FA_FWD_ARGS) {
-    flash_fwd<128>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, q_ld, kv_ld, window, scale_log2);
+    flash_fwd<128>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -452,13 +451,12 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                                           float* __restrict__ dq_acc, bf16* __restrict__ dk,
                                           bf16* __restrict__ dv, const u32* __restrict__ seg,
                                           const u32* __restrict__ blk, int T, int H, int Hkv,
-                                          int d, int q_ld, int kv_ld, int window,
-                                          float scale_log2, float scale, int stages) {
+                                          int d, int window, float scale_log2, float scale,
+                                          int stages) {
     constexpr int NT = 256;
     constexpr int HD = D / 2;  // columns per warp in the dV/dK/dQ products
-    // d 64 runs two CTAs per SM (128 registers): the Sᵀ/dPᵀ and dQ products unrolled by 2
-    // keep it from spilling.
-    constexpr int S_UNROLL = D == 64 ? 2 : D / 16;
+    // d 64 runs two CTAs per SM (128 registers): the dQ product unrolled by 2 keeps it from
+    // spilling.
     constexpr int DQ_UNROLL = D == 64 ? 2 : FA_BLOCK / 16;
     // Elements of one stage: Q and dO tiles, then lse and delta (2 x 64 fp32 = 128 bf16 slots).
     constexpr int STAGE = 2 * FA_BLOCK * D + 2 * FA_BLOCK * 2;
@@ -478,9 +476,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     const int kb = heaviest_first(hk, b);  // kb 0 (most query blocks) first
     const int G = H / Hkv;
     const int j0 = kb * FA_BLOCK;
-    // q rows are q_ld apart, k/v and dk/dv rows kv_ld (a stacked q|k|v layout or separate
-    // buffers); dO and the dQ accumulator are dense [N, H·d].
-    const int qld = q_ld, kld = kv_ld, old = H * d;  // 32-bit: fewer live registers
+    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
     const u32* sg = seg + (long long)b * T;
     const u32* bl = blk + (long long)b * nb * 2;
 
@@ -508,7 +504,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     auto load_item = [&](bf16* st, int gi, int qb) {
         const int h = hk * G + gi, i0 = qb * FA_BLOCK;
         load_tile<D, NT>(st, q + (long long)b * T * qld + (long long)h * d, qld, i0, T, d, tid);
-        load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * old + (long long)h * d, old,
+        load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * qld + (long long)h * d, qld,
                          i0, T, d, tid);
         if (tid < 2 * FA_BLOCK) {
             const int r = tid & (FA_BLOCK - 1), i = i0 + r;
@@ -547,7 +543,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         for (int n = 0; n < 4; ++n)
 #pragma unroll
             for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-#pragma unroll S_UNROLL
+#pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             u32 ka[4], va[4];
             ldsm_x4(ka, sK + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
@@ -652,13 +648,13 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             *reinterpret_cast<float2*>(sQd + swz<D>(row + 8, c)) = make_float2(dqa[n][2], dqa[n][3]);
         }
         __syncthreads();
-        float* dqg = dq_acc + (long long)b * T * old + (long long)h * d;
+        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
 #ifdef FA_RED_V4
 #pragma unroll
         for (int it = 0; it < FA_BLOCK * D / (4 * NT); ++it) {
             const int e = (it * NT + tid) * 4, row = e / D, c = e % D;
             if (i0 + row < T && c < d)
-                red_add_v4(dqg + (long long)(i0 + row) * old + c,
+                red_add_v4(dqg + (long long)(i0 + row) * qld + c,
                            *reinterpret_cast<const float4*>(sQd + swz<D>(row, c)));
         }
 #else
@@ -667,7 +663,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         for (int it = 0; it < FA_BLOCK * D / NT; ++it) {
             const int e = it * NT + tid, row = e / D, c = e % D;
             if (i0 + row < T && c < d)
-                atomicAdd(dqg + (long long)(i0 + row) * old + c, sQd[swz<D>(row, c)]);
+                atomicAdd(dqg + (long long)(i0 + row) * qld + c, sQd[swz<D>(row, c)]);
         }
 #endif
         if (!more) break;
@@ -708,29 +704,26 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         const bf16 *__restrict__ dout, const float *__restrict__ lse,                          \
         const float *__restrict__ delta, float *__restrict__ dq_acc, bf16 *__restrict__ dk,    \
         bf16 *__restrict__ dv, const u32 *__restrict__ seg, const u32 *__restrict__ blk, int T, \
-        int H, int Hkv, int d, int q_ld, int kv_ld, int window, float scale_log2, float scale,  \
-        int stages
+        int H, int Hkv, int d, int window, float scale_log2, float scale, int stages
 
 extern "C" __global__ void __launch_bounds__(256, FA_BWD64_CTAS) flash_bwd_d64(FA_BWD_ARGS) {
-    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, q_ld, kv_ld,
-                  window, scale_log2, scale, stages);
+    flash_bwd<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                  scale_log2, scale, stages);
 }
 extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS) {
-    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, q_ld,
-                   kv_ld, window, scale_log2, scale, stages);
+    flash_bwd<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                   scale_log2, scale, stages);
 }
 
-// Backward, step 3: dq = bf16(dq_acc · scale), dq_acc dense [N, hd], dq rows q_ld apart.
-// n, hd and q_ld % 8 == 0, both 16-byte aligned.
+// Backward, step 3: dq = bf16(dq_acc · scale). n % 8 == 0, both 16-byte aligned.
 extern "C" __global__ void flash_dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq,
-                                            long long n, int hd, int q_ld, float scale) {
+                                            long long n, float scale) {
     const long long stride = (long long)gridDim.x * blockDim.x * 8;
     for (long long i = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 8; i < n; i += stride) {
-        const long long row = i / hd, col = i - row * hd;
         const float4 a = *reinterpret_cast<const float4*>(acc + i);
         const float4 c = *reinterpret_cast<const float4*>(acc + i + 4);
         const float f[8] = {a.x * scale, a.y * scale, a.z * scale, a.w * scale,
                             c.x * scale, c.y * scale, c.z * scale, c.w * scale};
-        *reinterpret_cast<uint4*>(dq + row * q_ld + col) = pack8(f);
+        *reinterpret_cast<uint4*>(dq + i) = pack8(f);
     }
 }

@@ -289,20 +289,20 @@ static int run(const Shape& s, std::mt19937& rng) {
     launch({(unsigned)((B * nb + 7) / 8), 1, 1}, 256, [&] { flash_seg_blocks(seg.data(), blk.data(), B, T); });
     auto fwd = [&] {
         if (d <= 64)
-            flash_fwd_d64(qb.data(), kb.data(), vb.data(), o.data(), lse.data(), seg.data(), blk.data(), T, H, Hkv, d, H * d, Hkv * d, s.window, scale_log2);
+            flash_fwd_d64(qb.data(), kb.data(), vb.data(), o.data(), lse.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2);
         else
-            flash_fwd_d128(qb.data(), kb.data(), vb.data(), o.data(), lse.data(), seg.data(), blk.data(), T, H, Hkv, d, H * d, Hkv * d, s.window, scale_log2);
+            flash_fwd_d128(qb.data(), kb.data(), vb.data(), o.data(), lse.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2);
     };
     launch({(unsigned)nb, (unsigned)H, (unsigned)B}, 128, fwd);
     launch({8, 1, 1}, 256, [&] { flash_bwd_prep(o.data(), dob.data(), delta.data(), dq_acc.data(), B * T, T, H, d); });
     auto bwd = [&] {
         if (d <= 64)
-            flash_bwd_d64(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, H * d, Hkv * d, s.window, scale_log2, scale, s.stages);
+            flash_bwd_d64(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale, s.stages);
         else
-            flash_bwd_d128(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, H * d, Hkv * d, s.window, scale_log2, scale, s.stages);
+            flash_bwd_d128(qb.data(), kb.data(), vb.data(), dob.data(), lse.data(), delta.data(), dq_acc.data(), dk.data(), dv.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2, scale, s.stages);
     };
     launch({(unsigned)nb, (unsigned)Hkv, (unsigned)B}, 256, bwd);
-    launch({4, 1, 1}, 256, [&] { flash_dq_convert(dq_acc.data(), dq.data(), (long long)nq, H * d, H * d, scale); });
+    launch({4, 1, 1}, 256, [&] { flash_dq_convert(dq_acc.data(), dq.data(), (long long)nq, scale); });
 
     // Reference.
     std::vector<double> o_r(nq, 0), lse_r((size_t)B * H * T, 0), dq_r(nq, 0), dk_r(nk, 0), dv_r(nk, 0);

@@ -42,7 +42,14 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let s = FlashShape::dense;
+    let s = |batch, seq, heads, kv_heads, head_dim, window| FlashShape {
+        batch,
+        seq,
+        heads,
+        kv_heads,
+        head_dim,
+        window,
+    };
     vec![
         // Llama-3 head size, GQA group 4, T not a multiple of 64, packed samples in row 1.
         Case {
@@ -81,144 +88,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// What the kernels produced for one case, on the host; gradients as dense `[N, width]`.
-struct Outputs {
-    o: Vec<f32>,
-    lse: Vec<f32>,
-    dq: Vec<f32>,
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    /// Gradient values written outside their column blocks (stacked layout; must be 0).
-    stray: usize,
-}
-
-/// The `width` columns from `col` of each `[.., ld]` row, and how many values outside them are
-/// not the NaN poison.
-fn narrow(x: &[f32], width: usize, ld: usize, col: usize) -> (Vec<f32>, usize) {
-    let mut out = Vec::with_capacity(x.len() / ld * width);
-    let mut stray = 0;
-    for row in x.chunks_exact(ld) {
-        out.extend_from_slice(&row[col..col + width]);
-        stray += row[..col]
-            .iter()
-            .chain(&row[col + width..])
-            .filter(|v| !v.is_nan())
-            .count();
-    }
-    (out, stray)
-}
-
-/// Forward and backward of one case. `stacked`: q, k and v are the column blocks of one
-/// `[N, (H + 2·Hkv)·d]` buffer, as the engine's stacked q|k|v projection writes them, and each
-/// gradient lands in the same columns of its own NaN-filled buffer of that width (a write
-/// outside its block shows as `stray`); otherwise every tensor is dense.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    g: &mut Gpu,
-    dense: FlashShape,
-    stacked: bool,
-    (q, k, v, d_o): (&[f32], &[f32], &[f32], &[f32]),
-    segd: &cudarc::driver::CudaSlice<u32>,
-    blk: &cudarc::driver::CudaSlice<u32>,
-) -> Res<Outputs> {
-    let (qw, kvw) = (
-        dense.heads * dense.head_dim,
-        dense.kv_heads * dense.head_dim,
-    );
-    let (s, q_col, k_col, v_col) = if stacked {
-        let ld = qw + 2 * kvw;
-        let s = FlashShape {
-            q_ld: ld,
-            kv_ld: ld,
-            ..dense
-        };
-        (s, 0, qw, qw + kvw)
-    } else {
-        (dense, 0, 0, 0)
-    };
-    let ld = s.q_ld.max(s.kv_ld);
-    let rows = s.batch * s.seq;
-    // One buffer holding q|k|v rows, or one per tensor.
-    let inputs = if stacked {
-        let mut x = vec![0.0; rows * ld];
-        for (t, width, col) in [(q, qw, q_col), (k, kvw, k_col), (v, kvw, v_col)] {
-            for (row, src) in t.chunks_exact(width).enumerate() {
-                x[row * ld + col..][..width].copy_from_slice(src);
-            }
-        }
-        vec![g.up_bf16(&x)?]
-    } else {
-        vec![g.up_bf16(q)?, g.up_bf16(k)?, g.up_bf16(v)?]
-    };
-    let input = |i: usize| &inputs[i.min(inputs.len() - 1)];
-    let (qv, kv, vv) = (
-        input(0).slice(q_col..),
-        input(1).slice(k_col..),
-        input(2).slice(v_col..),
-    );
-    let dod = g.up_bf16(d_o)?;
-    let mut o = g.poison_bf16(s.q_len())?;
-    let mut lse = g.poison_f32(s.lse_len())?;
-    g.k.flash_attn_fwd(
-        &g.stream,
-        &s,
-        (&qv, &kv, &vv),
-        &segd.as_view(),
-        &blk.as_view(),
-        &mut o.as_view_mut(),
-        &mut lse.as_view_mut(),
-    )?;
-    let mut delta = g.poison_f32(s.lse_len())?;
-    let mut dq_acc = g.poison_f32(s.q_len())?;
-    let (mut dq, mut dk, mut dv) = if stacked {
-        (
-            g.poison_bf16(rows * ld)?,
-            g.poison_bf16(rows * ld)?,
-            g.poison_bf16(rows * ld)?,
-        )
-    } else {
-        (
-            g.poison_bf16(s.q_len())?,
-            g.poison_bf16(s.kv_len())?,
-            g.poison_bf16(s.kv_len())?,
-        )
-    };
-    g.k.flash_attn_bwd(
-        &g.stream,
-        &s,
-        (&qv, &kv, &vv),
-        (&o.as_view(), &dod.as_view(), &lse.as_view()),
-        &segd.as_view(),
-        &blk.as_view(),
-        FlashBwdWork {
-            delta: &mut delta.as_view_mut(),
-            dq_acc: &mut dq_acc.as_view_mut(),
-        },
-        (
-            &mut dq.slice_mut(q_col..),
-            &mut dk.slice_mut(k_col..),
-            &mut dv.slice_mut(v_col..),
-        ),
-    )?;
-    let (dq, dk, dv) = (g.down_bf16(&dq)?, g.down_bf16(&dk)?, g.down_bf16(&dv)?);
-    let (dq, dk, dv, stray) = if stacked {
-        let (dq, a) = narrow(&dq, qw, ld, q_col);
-        let (dk, b) = narrow(&dk, kvw, ld, k_col);
-        let (dv, c) = narrow(&dv, kvw, ld, v_col);
-        (dq, dk, dv, a + b + c)
-    } else {
-        (dq, dk, dv, 0)
-    };
-    Ok(Outputs {
-        o: g.down_bf16(&o)?,
-        lse: g.down(&lse)?,
-        dq,
-        dk,
-        dv,
-        stray,
-    })
-}
-
 pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     for case in cases() {
         let s = case.shape;
@@ -230,6 +99,10 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             head_dim: s.head_dim,
             window: s.window,
         };
+        let tag = format!(
+            "B{} T{} H{}/{} d{} w{} rows {:?}",
+            s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.window, case.rows
+        );
         let seg: Vec<u32> = case
             .rows
             .iter()
@@ -239,43 +112,80 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         let k = g.randn_bf16(s.kv_len(), 1.0);
         let v = g.randn_bf16(s.kv_len(), 1.0);
         let d_o = g.randn_bf16(s.q_len(), 1.0);
+        let (qd, kd, vd, dod) = (
+            g.up_bf16(&q)?,
+            g.up_bf16(&k)?,
+            g.up_bf16(&v)?,
+            g.up_bf16(&d_o)?,
+        );
         let segd = g.up(&seg)?;
         let mut blk = g.up(&vec![u32::MAX; s.seg_blocks_len()])?;
         g.k.flash_seg_blocks(&g.stream, &s, &segd.as_view(), &mut blk.as_view_mut())?;
-        let base = format!(
-            "B{} T{} H{}/{} d{} w{} rows {:?}",
-            s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.window, case.rows
-        );
         c.exact(
-            &format!("flash_seg_blocks {base}"),
+            &format!("flash_seg_blocks {tag}"),
             &g.down(&blk)?,
             &seg_blocks_ref(&seg, s.batch, s.seq),
         );
+
+        let mut o = g.poison_bf16(s.q_len())?;
+        let mut lse = g.poison_f32(s.lse_len())?;
+        g.k.flash_attn_fwd(
+            &g.stream,
+            &s,
+            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+            &segd.as_view(),
+            &blk.as_view(),
+            &mut o.as_view_mut(),
+            &mut lse.as_view_mut(),
+        )?;
         let (o_ref, lse_ref) = rattn::forward(&q, &k, &v, &seg, &dims);
+        c.close(
+            &format!("flash_fwd o {tag}"),
+            &g.down_bf16(&o)?,
+            &o_ref,
+            BF16_TOL,
+        );
+        c.close(
+            &format!("flash_fwd lse {tag}"),
+            &g.down(&lse)?,
+            &lse_ref,
+            LSE_TOL,
+        );
+
+        let mut delta = g.poison_f32(s.lse_len())?;
+        let mut dq_acc = g.poison_f32(s.q_len())?;
+        let mut dq = g.poison_bf16(s.q_len())?;
+        let mut dk = g.poison_bf16(s.kv_len())?;
+        let mut dv = g.poison_bf16(s.kv_len())?;
+        g.k.flash_attn_bwd(
+            &g.stream,
+            &s,
+            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
+            (&o.as_view(), &dod.as_view(), &lse.as_view()),
+            &segd.as_view(),
+            &blk.as_view(),
+            FlashBwdWork {
+                delta: &mut delta.as_view_mut(),
+                dq_acc: &mut dq_acc.as_view_mut(),
+            },
+            (
+                &mut dq.as_view_mut(),
+                &mut dk.as_view_mut(),
+                &mut dv.as_view_mut(),
+            ),
+        )?;
         let (dq_ref, dk_ref, dv_ref) = rattn::backward(&q, &k, &v, &d_o, &seg, &dims);
-        for stacked in [false, true] {
-            let tag = if stacked {
-                format!("{base} stacked q|k|v")
-            } else {
-                base.clone()
-            };
-            let out = run(g, s, stacked, (&q, &k, &v, &d_o), &segd, &blk)?;
-            c.close(&format!("flash_fwd o {tag}"), &out.o, &o_ref, BF16_TOL);
-            c.close(&format!("flash_fwd lse {tag}"), &out.lse, &lse_ref, LSE_TOL);
-            for (name, got, want) in [
-                ("dq", &out.dq, &dq_ref),
-                ("dk", &out.dk, &dk_ref),
-                ("dv", &out.dv, &dv_ref),
-            ] {
-                c.close(&format!("flash_bwd {name} {tag}"), got, want, BF16_TOL);
-            }
-            if stacked {
-                c.exact(
-                    &format!("flash_bwd writes only its columns {tag}"),
-                    &[out.stray],
-                    &[0usize],
-                );
-            }
+        for (name, got, want) in [
+            ("dq", &dq, &dq_ref),
+            ("dk", &dk, &dk_ref),
+            ("dv", &dv, &dv_ref),
+        ] {
+            c.close(
+                &format!("flash_bwd {name} {tag}"),
+                &g.down_bf16(got)?,
+                want,
+                BF16_TOL,
+            );
         }
     }
     Ok(())
@@ -290,7 +200,14 @@ pub fn bench(g: &mut Gpu) -> Res<()> {
     for (name, heads, kv_heads, head_dim) in [("llama3-8b", 32, 8, 128), ("llama3.2-1b", 32, 8, 64)]
     {
         for samples in [1usize, 8] {
-            let s = FlashShape::dense(2, 2048, heads, kv_heads, head_dim, 0);
+            let s = FlashShape {
+                batch: 2,
+                seq: 2048,
+                heads,
+                kv_heads,
+                head_dim,
+                window: 0,
+            };
             let lens = vec![s.seq / samples; samples];
             let seg: Vec<u32> = (0..s.batch)
                 .flat_map(|_| row_segments(s.seq, &lens))

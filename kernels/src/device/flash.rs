@@ -79,9 +79,7 @@ impl FlashFunctions {
 /// Shapes of one attention call. q/o are `[batch·seq, heads·head_dim]`, k/v
 /// `[batch·seq, kv_heads·head_dim]` (token-major bf16); query head h reads kv head
 /// `h / (heads / kv_heads)`; key j is visible from query i iff `j <= i`, same segment id and
-/// (`window == 0` or `i - j < window`). q, k, v and their gradients may be column blocks of
-/// wider rows (`q_ld`, `kv_ld`: one stacked q|k|v projection output); o, dO and the dQ
-/// accumulator are always dense.
+/// (`window == 0` or `i - j < window`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlashShape {
     pub batch: usize,
@@ -91,34 +89,9 @@ pub struct FlashShape {
     pub head_dim: usize,
     /// Mistral's sliding window (0: none).
     pub window: usize,
-    /// Elements between consecutive tokens' rows of q and dq (≥ `heads·head_dim`).
-    pub q_ld: usize,
-    /// Elements between consecutive tokens' rows of k, v, dk and dv (≥ `kv_heads·head_dim`).
-    pub kv_ld: usize,
 }
 
 impl FlashShape {
-    /// q, k, v and their gradients in dense buffers of their own.
-    pub fn dense(
-        batch: usize,
-        seq: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        window: usize,
-    ) -> Self {
-        FlashShape {
-            batch,
-            seq,
-            heads,
-            kv_heads,
-            head_dim,
-            window,
-            q_ld: heads * head_dim,
-            kv_ld: kv_heads * head_dim,
-        }
-    }
-
     /// Why these kernels cannot run a model with this head dimension, if they cannot.
     pub fn head_dim_unsupported(head_dim: usize) -> Option<String> {
         (head_dim == 0 || !head_dim.is_multiple_of(8) || head_dim > FLASH_MAX_HEAD_DIM).then(|| {
@@ -149,18 +122,6 @@ impl FlashShape {
     pub fn kv_len(&self) -> usize {
         self.batch * self.seq * self.kv_heads * self.head_dim
     }
-    /// Elements from the first to the last value of q (dq) with rows `q_ld` apart.
-    pub fn q_span(&self) -> usize {
-        span(self.batch * self.seq, self.q_ld, self.heads * self.head_dim)
-    }
-    /// Elements from the first to the last value of k (v, dk, dv) with rows `kv_ld` apart.
-    pub fn kv_span(&self) -> usize {
-        span(
-            self.batch * self.seq,
-            self.kv_ld,
-            self.kv_heads * self.head_dim,
-        )
-    }
     /// 1/√d, the softmax scale.
     pub fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
@@ -190,41 +151,17 @@ impl FlashShape {
         to_i32(kernel, "seq", self.seq)?;
         to_i32(kernel, "window", self.window)?;
         to_i32(kernel, "heads·head_dim", self.heads * self.head_dim)?;
-        for (what, ld, width) in [
-            ("q_ld", self.q_ld, self.heads * self.head_dim),
-            ("kv_ld", self.kv_ld, self.kv_heads * self.head_dim),
-        ] {
-            // 16-byte rows: the kernels move 8 bf16 at a time.
-            if ld < width || !ld.is_multiple_of(8) {
-                return Err(shape(
-                    kernel,
-                    format!("{what} {ld} must be a multiple of 8 and at least {width}"),
-                ));
-            }
-            to_i32(kernel, what, ld)?;
-        }
         Ok(())
     }
 
-    fn args(&self) -> (i32, i32, i32, i32, i32, i32, i32) {
+    fn args(&self) -> (i32, i32, i32, i32, i32) {
         (
             self.seq as i32,
             self.heads as i32,
             self.kv_heads as i32,
             self.head_dim as i32,
-            self.q_ld as i32,
-            self.kv_ld as i32,
             self.window as i32,
         )
-    }
-}
-
-/// Elements from the first value of `rows` rows of `width` values, `ld` apart, to the last.
-fn span(rows: usize, ld: usize, width: usize) -> usize {
-    if rows == 0 {
-        0
-    } else {
-        (rows - 1) * ld + width
     }
 }
 
@@ -291,10 +228,10 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         const K: &str = "flash_attn_fwd";
         s.check(K)?;
-        check_len(K, "q", q.len(), s.q_span())?;
+        check_len(K, "q", q.len(), s.q_len())?;
         check_len(K, "o", o.len(), s.q_len())?;
-        check_len(K, "k", k.len(), s.kv_span())?;
-        check_len(K, "v", v.len(), s.kv_span())?;
+        check_len(K, "k", k.len(), s.kv_len())?;
+        check_len(K, "v", v.len(), s.kv_len())?;
         check_len(K, "lse", lse.len(), s.lse_len())?;
         check_len(K, "segment_ids", segment_ids.len(), s.batch * s.seq)?;
         check_len(K, "blk", blk.len(), s.seg_blocks_len())?;
@@ -305,7 +242,7 @@ impl Kernels {
         if s.batch == 0 || s.seq == 0 {
             return Ok(());
         }
-        let (t_i, h_i, hkv_i, d_i, qld_i, kvld_i, w_i) = s.args();
+        let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
         let scale_log2 = s.scale() * std::f32::consts::LOG2_E;
         let mut a = stream.launch_builder(&self.f.flash.fwd[s.tile()]);
         a.arg(q)
@@ -319,8 +256,6 @@ impl Kernels {
             .arg(&h_i)
             .arg(&hkv_i)
             .arg(&d_i)
-            .arg(&qld_i)
-            .arg(&kvld_i)
             .arg(&w_i)
             .arg(&scale_log2);
         let config = LaunchConfig {
@@ -351,17 +286,16 @@ impl Kernels {
     ) -> Result<(), KernelError> {
         const K: &str = "flash_attn_bwd";
         s.check(K)?;
-        for (what, len) in [("o", o.len()), ("d_o", d_o.len())] {
+        for (what, len) in [("q", q.len()), ("o", o.len()), ("d_o", d_o.len())] {
             check_len(K, what, len, s.q_len())?;
         }
-        check_len(K, "q", q.len(), s.q_span())?;
-        check_len(K, "dq", dq.len(), s.q_span())?;
+        check_len(K, "dq", dq.len(), s.q_len())?;
         check_len(K, "dq_acc", work.dq_acc.len(), s.q_len())?;
         for (what, len) in [("k", k.len()), ("v", v.len())] {
-            check_len(K, what, len, s.kv_span())?;
+            check_len(K, what, len, s.kv_len())?;
         }
-        check_len(K, "dk", dk.len(), s.kv_span())?;
-        check_len(K, "dv", dv.len(), s.kv_span())?;
+        check_len(K, "dk", dk.len(), s.kv_len())?;
+        check_len(K, "dv", dv.len(), s.kv_len())?;
         check_len(K, "lse", lse.len(), s.lse_len())?;
         check_len(K, "delta", work.delta.len(), s.lse_len())?;
         check_len(K, "segment_ids", segment_ids.len(), s.batch * s.seq)?;
@@ -378,7 +312,7 @@ impl Kernels {
         if s.batch == 0 || s.seq == 0 {
             return Ok(());
         }
-        let (t_i, h_i, hkv_i, d_i, qld_i, kvld_i, w_i) = s.args();
+        let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
         let tokens = s.batch * s.seq;
         let n_i = to_i32(K, "batch·seq", tokens)?;
 
@@ -416,8 +350,6 @@ impl Kernels {
             .arg(&h_i)
             .arg(&hkv_i)
             .arg(&d_i)
-            .arg(&qld_i)
-            .arg(&kvld_i)
             .arg(&w_i)
             .arg(&scale_log2)
             .arg(&scale)
@@ -429,17 +361,11 @@ impl Kernels {
         };
         launch(a, config)?;
 
-        // 3. dq = bf16(scale · dq_acc), rows q_ld apart.
+        // 3. dq = bf16(scale · dq_acc).
         let n = s.q_len();
         let n_l = n as i64;
-        let hd_i = h_i * d_i;
         let mut a = stream.launch_builder(&self.f.flash.dq_convert);
-        a.arg(&mut *work.dq_acc)
-            .arg(&mut *dq)
-            .arg(&n_l)
-            .arg(&hd_i)
-            .arg(&qld_i)
-            .arg(&scale);
+        a.arg(&mut *work.dq_acc).arg(&mut *dq).arg(&n_l).arg(&scale);
         launch(
             a,
             super::cfg(
@@ -462,31 +388,20 @@ mod tests {
         for d in [0, 12, 136, 256] {
             assert!(FlashShape::head_dim_unsupported(d).is_some(), "{d}");
         }
-        let s = FlashShape::dense(2, 130, 8, 2, 96, 0);
+        let s = FlashShape {
+            batch: 2,
+            seq: 130,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 96,
+            window: 0,
+        };
         assert_eq!(s.blocks(), 3);
         assert_eq!(s.seg_blocks_len(), 12);
         assert_eq!(s.lse_len(), 2 * 8 * 130);
         assert_eq!(s.tile(), 1);
         assert!(s.check("t").is_ok());
         assert!(FlashShape { kv_heads: 3, ..s }.check("t").is_err());
-        assert_eq!((s.q_span(), s.kv_span()), (s.q_len(), s.kv_len()));
-        // One stacked q|k|v output: rows of (8 + 2·2)·96 values.
-        let stacked = FlashShape {
-            q_ld: 1152,
-            kv_ld: 1152,
-            ..s
-        };
-        assert!(stacked.check("t").is_ok());
-        assert_eq!(stacked.q_span(), 259 * 1152 + 768);
-        assert_eq!(stacked.kv_span(), 259 * 1152 + 192);
-        assert!(
-            FlashShape { q_ld: 700, ..s }.check("t").is_err(),
-            "narrower than H·d"
-        );
-        assert!(
-            FlashShape { kv_ld: 196, ..s }.check("t").is_err(),
-            "not 16-byte rows"
-        );
         // One stage fits the 99 KiB opt-in limit of sm_86/sm_89 at d 128; two fit sm_80's
         // 163 KiB (and sm_90's 227 KiB).
         assert_eq!(bwd_smem_bytes(128, 1), 82432);

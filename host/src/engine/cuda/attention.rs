@@ -2,8 +2,8 @@
 //! `kernels/cuda/attention.cu` (docs/kernels.md): no `T×T` scores in memory, the causal upper
 //! triangle and other packed samples' key blocks skipped.
 //!
-//! q/k/v stay token-major where the projections wrote them (`[N, heads·d]` rows, side by side
-//! in one buffer or apart: [`QkvLayout`]); query head `h` reads kv head `h / (H/Hkv)`. The forward writes the output and a logsumexp per (row, head)
+//! q/k/v stay token-major as the projections wrote them (`[N, heads·d]`); query head `h` reads
+//! kv head `h / (H/Hkv)`. The forward writes the output and a logsumexp per (row, head)
 //! (`[B, H, T]` fp32, kept with the layer's activations); the backward recomputes the
 //! probabilities from q, k and that logsumexp, so it needs nothing else from the forward.
 //! dK/dV come out already summed over each kv head's group.
@@ -11,11 +11,8 @@
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{CudaSlice, CudaStream};
 use ferrotune_kernels::device::{bf16, FlashBwdWork, FlashShape, Kernels};
-
-use super::buffers::QkvLayout;
-use super::raw::Borrowed;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -31,21 +28,13 @@ pub struct Dims {
 
 impl Dims {
     fn shape(&self) -> FlashShape {
-        FlashShape::dense(
-            self.batch,
-            self.seq,
-            self.heads,
-            self.kv_heads,
-            self.head_dim,
-            self.window,
-        )
-    }
-
-    fn shape_in(&self, layout: &QkvLayout) -> FlashShape {
         FlashShape {
-            q_ld: layout.q_ld,
-            kv_ld: layout.kv_ld,
-            ..self.shape()
+            batch: self.batch,
+            seq: self.seq,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            window: self.window,
         }
     }
 }
@@ -85,27 +74,25 @@ impl Scratch {
     }
 }
 
-/// `o [N, H·d] = attention(q, k, v)` and the logsumexp `lse [B, H, T]` for the backward; q, k
-/// and v placed in `qkv` by `layout`.
+/// `o [N, H·d] = attention(q, k, v)` and the logsumexp `lse [B, H, T]` for the backward.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
     d: &Dims,
-    (qkv, layout): (&CudaSlice<bf16>, &QkvLayout),
+    (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     (o, lse): (&mut CudaSlice<bf16>, &mut CudaSlice<f32>),
     seg: &CudaSlice<u32>,
     s: &mut Scratch,
 ) -> Result<()> {
-    let shape = d.shape_in(layout);
-    let [q, k, v] = layout.off.map(|at| qkv.slice(at..));
+    let shape = d.shape();
     // Cheap (one warp per 64 tokens); done per call so no caller has to know when the
     // segments changed.
     kernels.flash_seg_blocks(stream, &shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
     kernels.flash_attn_fwd(
         stream,
         &shape,
-        (&q, &k, &v),
+        (&q.as_view(), &k.as_view(), &v.as_view()),
         &seg.as_view(),
         &s.blk.as_view(),
         &mut o.as_view_mut(),
@@ -114,32 +101,26 @@ pub fn forward(
     Ok(())
 }
 
-/// Gradients of q, k, v (overwritten, into `dqkv` in the layout of `qkv`) from `d_o`, with the
-/// forward's output `o` and logsumexp `lse` of the same batch.
+/// Gradients `dq`, `dk`, `dv` (overwritten) from `d_o`, with the forward's output `o` and
+/// logsumexp `lse` of the same batch.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
     d: &Dims,
-    (qkv, layout): (&CudaSlice<bf16>, &QkvLayout),
+    (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     (o, lse): (&CudaSlice<bf16>, &CudaSlice<f32>),
     d_o: &CudaSlice<bf16>,
-    dqkv: &mut CudaSlice<bf16>,
+    (dq, dk, dv): (
+        &mut CudaSlice<bf16>,
+        &mut CudaSlice<bf16>,
+        &mut CudaSlice<bf16>,
+    ),
     seg: &CudaSlice<u32>,
     s: &mut Scratch,
     spare: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    let shape = d.shape_in(layout);
-    let [q, k, v] = layout.off.map(|at| qkv.slice(at..));
-    // Three mutable views of one buffer whose rows interleave (side by side): raw views, each
-    // written only in its own columns by the kernels.
-    let len = dqkv.len();
-    let base = dqkv.device_ptr(stream).0;
-    // SAFETY: each view starts inside `dqkv` and ends at its end; the backward writes dq, dk and
-    // dv at disjoint elements (their column blocks, or their planes), all on this stream.
-    let [mut dq, mut dk, mut dv] = layout
-        .off
-        .map(|at| unsafe { Borrowed::<bf16>::new(stream, base + 2 * at as u64, len - at) });
+    let shape = d.shape();
     kernels.flash_seg_blocks(stream, &shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
     let mut dq_acc = match s.dq_acc.as_mut() {
         Some(own) => own.as_view_mut(),
@@ -151,7 +132,7 @@ pub fn backward(
     kernels.flash_attn_bwd(
         stream,
         &shape,
-        (&q, &k, &v),
+        (&q.as_view(), &k.as_view(), &v.as_view()),
         (&o.as_view(), &d_o.as_view(), &lse.as_view()),
         &seg.as_view(),
         &s.blk.as_view(),
@@ -159,7 +140,11 @@ pub fn backward(
             delta: &mut s.delta.as_view_mut(),
             dq_acc: &mut dq_acc,
         },
-        (&mut dq.view_mut(), &mut dk.view_mut(), &mut dv.view_mut()),
+        (
+            &mut dq.as_view_mut(),
+            &mut dk.as_view_mut(),
+            &mut dv.as_view_mut(),
+        ),
     )?;
     Ok(())
 }

@@ -21,8 +21,10 @@ use crate::model::ModelConfig;
 /// `2·N·hidden` bf16 per layer (2 GiB on Llama-3-8B at 2×2048).
 pub struct LayerActs {
     pub rstd1: CudaSlice<f32>,
-    /// Post-RoPE q `[N, H·d]`, k `[N, Hkv·d]` and v, placed by [`QkvLayout`].
-    pub qkv: CudaSlice<bf16>,
+    /// Post-RoPE q `[N, H·d]`, k `[N, Hkv·d]`, and v.
+    pub q: CudaSlice<bf16>,
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
     /// Attention output (o_proj input) `[N, H·d]`.
     pub attn: CudaSlice<bf16>,
     /// Logsumexp of each query's attention scores `[B, H, T]` fp32 (the attention backward
@@ -31,9 +33,9 @@ pub struct LayerActs {
     /// Residual after attention `[N, hidden]`.
     pub h: CudaSlice<bf16>,
     pub rstd2: CudaSlice<f32>,
-    /// gate|up `[N, 2·intermediate]` (each row: gate, then up); the backward overwrites them
-    /// with their gradients.
-    pub gu: CudaSlice<bf16>,
+    /// `[N, intermediate]`; the backward overwrites them with their gradients.
+    pub gate: CudaSlice<bf16>,
+    pub up: CudaSlice<bf16>,
     /// `x·Aᵀ` of each projection, `[7, N, r]`.
     pub low: CudaSlice<bf16>,
 }
@@ -43,12 +45,15 @@ impl LayerActs {
         let n = s.tokens;
         Ok(LayerActs {
             rstd1: stream.alloc_zeros(n)?,
-            qkv: stream.alloc_zeros(n * (s.qd + 2 * s.kvd))?,
+            q: stream.alloc_zeros(n * s.qd)?,
+            k: stream.alloc_zeros(n * s.kvd)?,
+            v: stream.alloc_zeros(n * s.kvd)?,
             attn: stream.alloc_zeros(n * s.qd)?,
             lse: stream.alloc_zeros(n * (s.qd / s.head_dim))?,
             h: stream.alloc_zeros(n * s.hidden)?,
             rstd2: stream.alloc_zeros(n)?,
-            gu: stream.alloc_zeros(n * 2 * s.inter)?,
+            gate: stream.alloc_zeros(n * s.inter)?,
+            up: stream.alloc_zeros(n * s.inter)?,
             low: stream.alloc_zeros(7 * n * s.rank.max(1))?,
         })
     }
@@ -56,47 +61,6 @@ impl LayerActs {
     /// Address of projection `j`'s `x·Aᵀ`.
     pub fn low(&self, stream: &CudaStream, j: usize, tokens: usize, rank: usize) -> u64 {
         self.low.device_ptr(stream).0 + (2 * j * tokens * rank) as u64
-    }
-}
-
-/// Where q, k and v (and, in the same places, their gradients) sit in one
-/// `N·(qd + 2·kvd)` buffer: side by side in each token's row, as the stacked q|k|v projection
-/// writes them with one GEMM, or one dense matrix after another (Qwen3, whose per-head q/k
-/// RMSNorm reads and writes dense rows).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QkvLayout {
-    /// Element offsets of q, k, v from the buffer's start.
-    pub off: [usize; 3],
-    /// Row strides of q and of k/v.
-    pub q_ld: usize,
-    pub kv_ld: usize,
-    /// Side by side in each row (else one after another).
-    pub side_by_side: bool,
-}
-
-impl QkvLayout {
-    pub fn new(tokens: usize, qd: usize, kvd: usize, side_by_side: bool) -> Self {
-        if side_by_side {
-            let ld = qd + 2 * kvd;
-            QkvLayout {
-                off: [0, qd, qd + kvd],
-                q_ld: ld,
-                kv_ld: ld,
-                side_by_side,
-            }
-        } else {
-            QkvLayout {
-                off: [0, tokens * qd, tokens * (qd + kvd)],
-                q_ld: qd,
-                kv_ld: kvd,
-                side_by_side,
-            }
-        }
-    }
-
-    /// Addresses of q, k, v in the buffer at `base`.
-    pub fn addrs(&self, base: u64) -> [u64; 3] {
-        self.off.map(|o| base + 2 * o as u64)
     }
 }
 
@@ -115,7 +79,6 @@ pub struct Sizes {
     pub head_dim: usize,
     /// Rows of logits per LM-head chunk.
     pub ce_rows: usize,
-    pub qkv: QkvLayout,
 }
 
 /// Upper bound on bf16 logits alive at once (128 MiB): the LM head runs in row chunks so the
@@ -125,23 +88,18 @@ const CHUNK_LOGITS: usize = 64 << 20;
 impl Sizes {
     pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, rank: usize) -> Self {
         let tokens = batch * seq;
-        let (qd, kvd) = (
-            cfg.num_attention_heads * cfg.head_dim,
-            cfg.num_key_value_heads * cfg.head_dim,
-        );
         Sizes {
             batch,
             seq,
             tokens,
             hidden: cfg.hidden_size,
-            qd,
-            kvd,
+            qd: cfg.num_attention_heads * cfg.head_dim,
+            kvd: cfg.num_key_value_heads * cfg.head_dim,
             inter: cfg.intermediate_size,
             vocab: cfg.vocab_size,
             rank,
             head_dim: cfg.head_dim,
             ce_rows: (CHUNK_LOGITS / cfg.vocab_size).clamp(1, tokens),
-            qkv: QkvLayout::new(tokens, qd, kvd, !cfg.qk_norm),
         }
     }
 }
@@ -186,8 +144,9 @@ pub struct Buffers {
     /// Gradient of a norm output `[N, hidden]`.
     pub dn: CudaSlice<bf16>,
     pub d_attn: CudaSlice<bf16>,
-    /// Gradients of q, k, v in the layout of [`LayerActs::qkv`].
-    pub dqkv: CudaSlice<bf16>,
+    pub dq: CudaSlice<bf16>,
+    pub dk: CudaSlice<bf16>,
+    pub dv: CudaSlice<bf16>,
     /// `dy·B` of the projection being differentiated `[N, r]`.
     pub t: CudaSlice<bf16>,
 }
@@ -250,7 +209,9 @@ impl Buffers {
             dres: z16(n * s.hidden)?,
             dn: z16(n * s.hidden)?,
             d_attn: z16(n * s.qd)?,
-            dqkv: z16(n * (s.qd + 2 * s.kvd))?,
+            dq: z16(n * s.qd)?,
+            dk: z16(n * s.kvd)?,
+            dv: z16(n * s.kvd)?,
             t: z16(n * s.rank.max(1))?,
             sizes: s,
         })

@@ -13,12 +13,6 @@
 //! NF4 weights (`--load_in_4bit`) are dequantised into a shared bf16 buffer right before each
 //! GEMM that reads them (the forward and the input gradient); the dropout mask is regenerated
 //! from its seed wherever it is needed, never stored.
-//!
-//! Projections that read the same input (q|k|v, gate|up) form a [`Stack`]: their outputs are
-//! column blocks of one `[N, Σ out]` buffer, and when their frozen weights are adjacent rows of
-//! one buffer the frozen products are one GEMM (forward `x·Wᵀ`, backward `dY·W` with
-//! `K = Σ out`): wider GEMMs run closer to the tensor cores' peak than three narrow ones, and
-//! the input gradient is written once instead of accumulated per projection.
 
 use std::sync::Arc;
 
@@ -65,14 +59,12 @@ pub struct Bias {
 }
 
 /// One projection of `n` rows: `inp → out` features, weight `w` (bf16 `[out, in]`; with `nf4`
-/// the buffer it is dequantised into before use). Its output `y` (and gradient `dy`) has rows
-/// `ld ≥ out` apart: a column block of a [`Stack`]'s output, or dense (`ld == out`).
+/// the buffer it is dequantised into before use).
 #[derive(Debug, Clone, Copy)]
 pub struct Linear {
     pub n: usize,
     pub inp: usize,
     pub out: usize,
-    pub ld: usize,
     pub w: u64,
     pub nf4: Option<Nf4Ptrs>,
     pub bias: Option<Bias>,
@@ -152,15 +144,9 @@ impl Linear {
         y: u64,
         residual: Option<u64>,
     ) -> Result<()> {
-        self.dequantize(g, k)?;
-        self.frozen_forward(g, x, y, residual)?;
-        self.adapter_forward(g, k, x, y)
-    }
-
-    /// `y = x·Wᵀ + b (+ residual)`, `W` already dequantised.
-    fn frozen_forward(&self, g: &mut Gemm, x: u64, y: u64, residual: Option<u64>) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
-        let mut d = Output::new(y, self.ld, OutType::Bf16);
+        self.dequantize(g, k)?;
+        let mut d = Output::new(y, o, OutType::Bf16);
         if let Some(b) = self.bias {
             d = d.bias(b.value);
         }
@@ -181,12 +167,7 @@ impl Linear {
             d,
             1.0,
             beta,
-        )
-    }
-
-    /// `y += s·(drop(x)·Aᵀ)·Bᵀ`.
-    fn adapter_forward(&self, g: &mut Gemm, k: &Kernels, x: u64, y: u64) -> Result<()> {
-        let (n, i, o) = (self.n, self.inp, self.out);
+        )?;
         if let Some(l) = self.lora {
             let xa = self.adapter_input(g, k, &l, x)?;
             mm(
@@ -207,7 +188,7 @@ impl Linear {
                 l.r,
                 Operand::new(l.low, l.r),
                 Operand::new(l.b, l.r).t(),
-                Output::new(y, self.ld, OutType::Bf16),
+                Output::new(y, o, OutType::Bf16),
                 l.scale,
                 1.0,
             )?;
@@ -238,40 +219,22 @@ impl Linear {
         dx: Option<(u64, bool)>,
         t: u64,
     ) -> Result<()> {
+        let (n, i, o) = (self.n, self.inp, self.out);
         if let Some((dx, acc)) = dx {
             self.dequantize(g, k)?;
-            self.frozen_backward(g, dy, dx, acc)?;
+            let beta = if acc { 1.0 } else { 0.0 };
+            mm(
+                g,
+                n,
+                i,
+                o,
+                Operand::new(dy, o),
+                Operand::new(self.w, i),
+                Output::new(dx, i, OutType::Bf16),
+                1.0,
+                beta,
+            )?;
         }
-        self.adapter_backward(g, k, dy, dx.map(|(dx, _)| dx), t)
-    }
-
-    /// `dx (+)= dy·W`, `W` already dequantised.
-    fn frozen_backward(&self, g: &mut Gemm, dy: u64, dx: u64, accumulate: bool) -> Result<()> {
-        let (n, i, o) = (self.n, self.inp, self.out);
-        mm(
-            g,
-            n,
-            i,
-            o,
-            Operand::new(dy, self.ld),
-            Operand::new(self.w, i),
-            Output::new(dx, i, OutType::Bf16),
-            1.0,
-            if accumulate { 1.0 } else { 0.0 },
-        )
-    }
-
-    /// Everything but the frozen input gradient: the bias gradient, `t = dy·B`,
-    /// `dx += s·(t·A) ⊙ mask` (when `dx` is wanted) and `dB`.
-    fn adapter_backward(
-        &self,
-        g: &mut Gemm,
-        k: &Kernels,
-        dy: u64,
-        dx: Option<u64>,
-        t: u64,
-    ) -> Result<()> {
-        let (n, i, o, ld) = (self.n, self.inp, self.out, self.ld);
         if let Some((grad, ones)) = self.bias.and_then(|b| b.grad) {
             // db [1, out] += ones[1, N]·dy
             mm(
@@ -280,7 +243,7 @@ impl Linear {
                 o,
                 n,
                 Operand::new(ones, n),
-                Operand::new(dy, ld),
+                Operand::new(dy, o),
                 Output::new(grad, o, OutType::F32),
                 1.0,
                 1.0,
@@ -292,13 +255,13 @@ impl Linear {
                 n,
                 l.r,
                 o,
-                Operand::new(dy, ld),
+                Operand::new(dy, o),
                 Operand::new(l.b, l.r),
                 Output::new(t, l.r, OutType::Bf16),
                 1.0,
                 0.0,
             )?;
-            if let Some(dx) = dx {
+            if let Some((dx, _)) = dx {
                 match &l.dropout {
                     // dx += s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
                     Some(d) => {
@@ -334,7 +297,7 @@ impl Linear {
                 o,
                 l.r,
                 n,
-                Operand::new(dy, ld).t(),
+                Operand::new(dy, o).t(),
                 Operand::new(l.low, l.r),
                 Output::new(l.grad_b, l.r, OutType::F32),
                 l.scale,
@@ -361,89 +324,6 @@ impl Linear {
                 l.scale,
                 1.0,
             )?;
-        }
-        Ok(())
-    }
-}
-
-/// Projections reading one input `x [N, in]`. Their outputs are column blocks of one
-/// `[N, Σ out]` buffer (each part's `ld` is `Σ out`) or, in a layout that keeps them apart,
-/// dense buffers of their own; either way the caller passes each part's output address.
-pub struct Stack {
-    pub parts: Vec<Linear>,
-    /// The stacked frozen weight `[Σ out, in]`, each part's `w` a row block of it (dequantised
-    /// there first when NF4): set when the outputs are adjacent column blocks and no part has a
-    /// bias, so the frozen products are one GEMM each way.
-    pub fused: Option<u64>,
-}
-
-impl Stack {
-    /// The frozen product over every part at once (only with `fused`).
-    fn whole(&self, w: u64) -> Linear {
-        let first = &self.parts[0];
-        Linear {
-            out: first.ld,
-            w,
-            nf4: None,
-            bias: None,
-            lora: None,
-            ..*first
-        }
-    }
-
-    /// Every part's `y_j = x·W_jᵀ + b_j + s·(drop(x)·A_jᵀ)·B_jᵀ` at `ys[j]`.
-    pub fn forward(&self, g: &mut Gemm, k: &Kernels, x: u64, ys: &[u64]) -> Result<()> {
-        match self.fused {
-            Some(w) => {
-                for p in &self.parts {
-                    p.dequantize(g, k)?;
-                }
-                self.whole(w).frozen_forward(g, x, ys[0], None)?;
-            }
-            None => {
-                for (p, &y) in self.parts.iter().zip(ys) {
-                    p.dequantize(g, k)?;
-                    p.frozen_forward(g, x, y, None)?;
-                }
-            }
-        }
-        for (p, &y) in self.parts.iter().zip(ys) {
-            p.adapter_forward(g, k, x, y)?;
-        }
-        Ok(())
-    }
-
-    /// With each part's output gradient at `dys[j]`: `dx = Σ_j dy_j·W_j` plus the adapters'
-    /// terms (when `dx` is wanted) and every part's adapter gradients; `x` is the stack's input
-    /// (for `dA`), `t` an `[N, r]` scratch.
-    pub fn backward(
-        &self,
-        g: &mut Gemm,
-        k: &Kernels,
-        dys: &[u64],
-        dx: Option<u64>,
-        x: u64,
-        t: u64,
-    ) -> Result<()> {
-        if let Some(dx) = dx {
-            match self.fused {
-                Some(w) => {
-                    for p in &self.parts {
-                        p.dequantize(g, k)?;
-                    }
-                    self.whole(w).frozen_backward(g, dys[0], dx, false)?;
-                }
-                None => {
-                    for (j, (p, &dy)) in self.parts.iter().zip(dys).enumerate() {
-                        p.dequantize(g, k)?;
-                        p.frozen_backward(g, dy, dx, j > 0)?;
-                    }
-                }
-            }
-        }
-        for (p, &dy) in self.parts.iter().zip(dys) {
-            p.adapter_backward(g, k, dy, dx, t)?;
-            p.grad_a(g, k, x, t)?;
         }
         Ok(())
     }

@@ -35,12 +35,11 @@ use ferrotune_kernels::device::{bf16, Kernels};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use self::buffers::{Buffers, LayerActs, QkvLayout, Sizes};
+use self::buffers::{Buffers, LayerActs, Sizes};
 use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
 use self::linear::{Dropout, Linear, Lora};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
-use self::raw::Borrowed;
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::cli::choices::GradientCheckpointing;
@@ -57,12 +56,6 @@ const O: usize = 3;
 const GATE: usize = 4;
 const UP: usize = 5;
 const DOWN: usize = 6;
-
-/// Projections that read the same input, stacked (docs/engine.md): q|k|v read the attention
-/// norm's output, gate|up the MLP norm's.
-const QKV: usize = 0;
-const GATE_UP: usize = 1;
-const STACKS: [&[usize]; 2] = [&[Q, K, V], &[GATE, UP]];
 
 /// Why no GPU can be used, or the device that can.
 pub fn probe() -> std::result::Result<String, String> {
@@ -106,9 +99,6 @@ struct LayerWeights {
     norm2: CudaSlice<bf16>,
     /// In [`PROJECTIONS`] order, `[out, in]`.
     proj: Vec<ProjWeight>,
-    /// Per [`STACKS`] entry: the parts' bf16 weights as adjacent row blocks of one buffer, when
-    /// they are bf16 (their `proj` entries are then [`ProjWeight::Stacked`]).
-    stacked: [Option<CudaSlice<bf16>>; 2],
     /// Per projection: its bias, if the architecture has one.
     bias: Vec<Option<BiasWeight>>,
     /// Qwen3's per-head q/k RMSNorm weights `[head_dim]`.
@@ -117,11 +107,9 @@ struct LayerWeights {
     lora: Vec<Option<(usize, usize)>>,
 }
 
-/// A frozen projection weight: bf16, rows `row0..` of its layer's stacked weight, or NF4
-/// (`--load_in_4bit`) dequantised before each use.
+/// A frozen projection weight: bf16, or NF4 (`--load_in_4bit`) dequantised before each use.
 enum ProjWeight {
     Bf16(CudaSlice<bf16>),
-    Stacked { stack: usize, row0: usize },
     Nf4(Nf4Weight),
 }
 
@@ -352,10 +340,6 @@ impl CudaBackend {
             } else {
                 None
             };
-            let stacked = [
-                stack_bf16(&stream, &mut proj, QKV, &cfg)?,
-                stack_bf16(&stream, &mut proj, GATE_UP, &cfg)?,
-            ];
             layers.push(LayerWeights {
                 norm1: files.upload(&stream, &format!("{p}.input_layernorm.weight"), &[h])?,
                 norm2: files.upload(
@@ -364,7 +348,6 @@ impl CudaBackend {
                     &[h],
                 )?,
                 proj,
-                stacked,
                 bias,
                 qk_norm,
                 lora,
@@ -551,12 +534,6 @@ impl CudaBackend {
         let layer = &self.layers[l];
         let (w, nf4) = match (&layer.proj[j], &self.nf4) {
             (ProjWeight::Bf16(w), _) => (w.device_ptr(s).0, None),
-            (ProjWeight::Stacked { stack, row0 }, _) => {
-                let all = layer.stacked[*stack]
-                    .as_ref()
-                    .expect("stacked weights are kept with their layer");
-                (all.device_ptr(s).0 + (2 * row0 * inp) as u64, None)
-            }
             (ProjWeight::Nf4(q), Some((quant, buf))) => {
                 (buf.device_ptr(s).0, Some(q.ptrs(s, &quant.maps)))
             }
@@ -615,55 +592,11 @@ impl CudaBackend {
             n: tokens,
             inp,
             out,
-            ld: out,
             w,
             nf4,
             bias,
             lora,
         }
-    }
-
-    /// Stack `si` of layer `l` ([`STACKS`]); `adjacent`: the caller's output layout puts the
-    /// parts side by side in each row (else each part's output is dense). The frozen products
-    /// are fused when the layout allows it, no part has a bias and the weights lie in one
-    /// buffer: the layer's stacked bf16 weight, or NF4 weights dequantised into adjacent row
-    /// blocks of the shared buffer when they all fit there.
-    fn stack(
-        &self,
-        l: usize,
-        si: usize,
-        tokens: usize,
-        acts: &LayerActs,
-        adjacent: bool,
-    ) -> linear::Stack {
-        let s = &self.stream;
-        let mut parts: Vec<Linear> = STACKS[si]
-            .iter()
-            .map(|&j| self.linear(l, j, tokens, acts))
-            .collect();
-        if !adjacent {
-            return linear::Stack { parts, fused: None };
-        }
-        let width: usize = parts.iter().map(|p| p.out).sum();
-        for p in &mut parts {
-            p.ld = width;
-        }
-        let no_bias = parts.iter().all(|p| p.bias.is_none());
-        let numel: usize = parts.iter().map(|p| p.out * p.inp).sum();
-        let fused = match (&self.layers[l].stacked[si], &self.nf4) {
-            (Some(w), _) if no_bias => Some(w.device_ptr(s).0),
-            (None, Some((_, buf))) if no_bias && numel <= buf.len() => {
-                let base = buf.device_ptr(s).0;
-                let mut at = 0;
-                for p in &mut parts {
-                    p.w = base + 2 * at as u64;
-                    at += p.out * p.inp;
-                }
-                Some(base)
-            }
-            _ => None,
-        };
-        linear::Stack { parts, fused }
     }
 
     /// Layer `l` forward from its input into the next layer's input (`to_next`) or, for a
@@ -699,12 +632,17 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        let layout = sz.qkv;
-        let qkv = self.stack(l, QKV, n, a, layout.side_by_side);
-        let gate_up = self.stack(l, GATE_UP, n, a, true);
-        let (o, down) = (self.linear(l, O, n, a), self.linear(l, DOWN, n, a));
-        let n1 = ptr16(&b.norm);
-        let [qp, kp, vp] = layout.addrs(ptr16(&a.qkv));
+        let lin = |j| self.linear(l, j, n, a);
+        let (q, k, v, o, gate, up, down) = (
+            lin(Q),
+            lin(K),
+            lin(V),
+            lin(O),
+            lin(GATE),
+            lin(UP),
+            lin(DOWN),
+        );
+        let (n1, qp, kp, vp) = (ptr16(&b.norm), ptr16(&a.q), ptr16(&a.k), ptr16(&a.v));
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -720,15 +658,16 @@ impl CudaBackend {
             Some((_, x)) => (ptr16(&x.q_raw), ptr16(&x.k_raw)),
             None => (qp, kp),
         };
-        qkv.forward(&mut self.gemm, kern, n1, &[qo, ko, vp])?;
+        q.forward(&mut self.gemm, kern, n1, qo, None)?;
+        k.forward(&mut self.gemm, kern, n1, ko, None)?;
+        v.forward(&mut self.gemm, kern, n1, vp, None)?;
         if let Some(((qn, kn), x)) = qk {
-            // Rows of head_dim: [N, H·d] is [N·H, d] (dense: Qwen3's q/k/v lie apart).
-            let (mut q_all, mut k_v) = a.qkv.split_at_mut(layout.off[1]);
+            // Rows of head_dim: [N, H·d] is [N·H, d].
             kern.rmsnorm_fwd(
                 &s,
                 &x.q_raw.slice(..),
                 &qn.slice(..),
-                &mut q_all.slice_mut(..n * sz.qd),
+                &mut a.q.slice_mut(..),
                 &mut x.rstd_q.slice_mut(..),
                 n * nh,
                 d,
@@ -738,20 +677,23 @@ impl CudaBackend {
                 &s,
                 &x.k_raw.slice(..),
                 &kn.slice(..),
-                &mut k_v.slice_mut(..n * sz.kvd),
+                &mut a.k.slice_mut(..),
                 &mut x.rstd_k.slice_mut(..),
                 n * nkv,
                 d,
                 eps,
             )?;
         }
-        rope_qkv(
-            &self.kernels,
+        self.kernels.rope_apply(
             &s,
-            &mut a.qkv,
-            &layout,
-            (nh, nkv, d),
-            (&b.cos, &b.sin),
+            &mut a.q.slice_mut(..),
+            sz.qd,
+            nh,
+            Some((&mut a.k.slice_mut(..), sz.kvd, nkv)),
+            &b.cos.slice(..),
+            &b.sin.slice(..),
+            n,
+            d,
             false,
         )?;
         let dims = self.dims(sz.batch, sz.seq);
@@ -759,7 +701,7 @@ impl CudaBackend {
             &s,
             &self.kernels,
             &dims,
-            (&a.qkv, &layout),
+            (&a.q, &a.k, &a.v),
             (&mut a.attn, &mut a.lse),
             &b.segments,
             &mut b.attn,
@@ -781,18 +723,25 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        let i = sz.inter;
-        let gu = ptr16(&a.gu);
-        gate_up.forward(
+        gate.forward(
             &mut self.gemm,
             &self.kernels,
             ptr16(&b.norm),
-            &[gu, gu + 2 * i as u64],
+            ptr16(&a.gate),
+            None,
         )?;
+        up.forward(
+            &mut self.gemm,
+            &self.kernels,
+            ptr16(&b.norm),
+            ptr16(&a.up),
+            None,
+        )?;
+        let i = sz.inter;
         self.kernels.swiglu_fwd(
             &s,
-            (&a.gu.slice(..), 2 * i),
-            (&a.gu.slice(i..), 2 * i),
+            (&a.gate.slice(..), i),
+            (&a.up.slice(..), i),
             (&mut b.mlp.slice_mut(..n * i), i),
             n,
             i,
@@ -818,10 +767,16 @@ impl CudaBackend {
         let xi = b.x_index(l);
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
-        let layout = sz.qkv;
-        let qkv = self.stack(l, QKV, n, a, layout.side_by_side);
-        let gate_up = self.stack(l, GATE_UP, n, a, true);
-        let (o, down) = (self.linear(l, O, n, a), self.linear(l, DOWN, n, a));
+        let lin = |j| self.linear(l, j, n, a);
+        let (q, k, v, o, gate, up, down) = (
+            lin(Q),
+            lin(K),
+            lin(V),
+            lin(O),
+            lin(GATE),
+            lin(UP),
+            lin(DOWN),
+        );
         let dims = self.dims(sz.batch, sz.seq);
         let g = &mut self.gemm;
         let kr = &self.kernels;
@@ -832,16 +787,11 @@ impl CudaBackend {
         let d_act = p16(&b.mlp) + (2 * n * i) as u64;
         down.backward(g, kr, p16(&b.dres), Some((d_act, false)), t)?;
         let (mut act, d_act) = b.mlp.split_at_mut(n * i);
-        let gu = p16(&a.gu);
-        // SAFETY: gate and up are the two column blocks of each `a.gu` row (borrowed by `a`),
-        // disjoint elements of one buffer; the kernel writes each only through its own view.
-        let [mut gate, mut up] = [0, i]
-            .map(|at| unsafe { Borrowed::<bf16>::new(&s, gu + 2 * at as u64, 2 * n * i - at) });
         self.kernels.swiglu_bwd(
             &s,
             (&d_act.slice(..n * i), i),
-            (&mut gate.view_mut(), 2 * i),
-            (&mut up.view_mut(), 2 * i),
+            (&mut a.gate.slice_mut(..), i),
+            (&mut a.up.slice_mut(..), i),
             Some((&mut act, i)),
             n,
             i,
@@ -859,14 +809,10 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        gate_up.backward(
-            g,
-            kr,
-            &[gu, gu + 2 * i as u64],
-            Some(p16(&b.dn)),
-            p16(&b.norm),
-            t,
-        )?;
+        gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
+        gate.grad_a(g, kr, p16(&b.norm), t)?;
+        up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
+        up.grad_a(g, kr, p16(&b.norm), t)?;
         self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
@@ -886,10 +832,10 @@ impl CudaBackend {
             &s,
             &self.kernels,
             &dims,
-            (&a.qkv, &layout),
+            (&a.q, &a.k, &a.v),
             (&a.attn, &a.lse),
             &b.d_attn,
-            &mut b.dqkv,
+            (&mut b.dq, &mut b.dk, &mut b.dv),
             &b.segments,
             &mut b.attn,
             // Free until the next layer's MLP: the act half of `mlp` is dead from here.
@@ -900,30 +846,30 @@ impl CudaBackend {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        rope_qkv(
-            &self.kernels,
+        self.kernels.rope_apply(
             &s,
-            &mut b.dqkv,
-            &layout,
-            (nh, nkv, d),
-            (&b.cos, &b.sin),
+            &mut b.dq.slice_mut(..),
+            sz.qd,
+            nh,
+            Some((&mut b.dk.slice_mut(..), sz.kvd, nkv)),
+            &b.cos.slice(..),
+            &b.sin.slice(..),
+            n,
+            d,
             true,
         )?;
-        let [dqp, dkp, dvp] = layout.addrs(p16(&b.dqkv));
         // Qwen3: through the per-head q/k RMSNorm to the projections' outputs.
         let (dqp, dkp) = match (&w.qk_norm, self.extras.as_mut()) {
             (Some((qn, kn)), Some(e)) => {
                 let x = &e.qk[slot];
                 let dq_raw = e.dq_raw.as_mut().expect("allocated with qk norm");
                 let dk_raw = e.dk_raw.as_mut().expect("allocated with qk norm");
-                // Dense planes (Qwen3's layout keeps q, k, v apart).
-                let dqkv = &b.dqkv;
                 kr.rmsnorm_bwd(
                     &s,
                     &x.q_raw.slice(..),
                     &qn.slice(..),
                     &x.rstd_q.slice(..),
-                    &dqkv.slice(..n * sz.qd),
+                    &b.dq.slice(..),
                     &mut dq_raw.slice_mut(..),
                     n * nh,
                     d,
@@ -934,7 +880,7 @@ impl CudaBackend {
                     &x.k_raw.slice(..),
                     &kn.slice(..),
                     &x.rstd_k.slice(..),
-                    &dqkv.slice(layout.off[1]..layout.off[1] + n * sz.kvd),
+                    &b.dk.slice(..),
                     &mut dk_raw.slice_mut(..),
                     n * nkv,
                     d,
@@ -942,7 +888,7 @@ impl CudaBackend {
                 )?;
                 (p16(&*dq_raw), p16(&*dk_raw))
             }
-            _ => (dqp, dkp),
+            _ => (p16(&b.dq), p16(&b.dk)),
         };
         let need_dx = l > 0;
         let dn = p16(&b.dn);
@@ -957,14 +903,10 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        qkv.backward(
-            g,
-            kr,
-            &[dqp, dkp, dvp],
-            need_dx.then_some(dn),
-            p16(&b.norm),
-            t,
-        )?;
+        for (lin, dy, acc) in [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)] {
+            lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
+            lin.grad_a(g, kr, p16(&b.norm), t)?;
+        }
         if need_dx {
             let x = &b.xs[xi];
             self.kernels.rmsnorm_bwd(
@@ -1259,80 +1201,6 @@ fn device_description(ctx: &CudaContext) -> String {
 }
 
 /// `(&v[i], &mut v[j])` for `i != j`.
-/// RoPE in place on q and k of `qkv` (placed by `layout`), or with `inverse` on their gradients.
-fn rope_qkv(
-    kernels: &Kernels,
-    stream: &Arc<CudaStream>,
-    qkv: &mut CudaSlice<bf16>,
-    layout: &QkvLayout,
-    (heads, kv_heads, head_dim): (usize, usize, usize),
-    (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
-    inverse: bool,
-) -> Result<()> {
-    let tokens = cos.len() * 2 / head_dim;
-    let len = qkv.len();
-    let base = qkv.device_ptr(stream).0;
-    // SAFETY: both views lie inside `qkv` (borrowed mutably for the call); the kernel writes q's
-    // and k's elements only, which are disjoint (their column blocks or their planes).
-    let [mut q, mut k] = [layout.off[0], layout.off[1]]
-        .map(|at| unsafe { Borrowed::<bf16>::new(stream, base + 2 * at as u64, len - at) });
-    kernels.rope_apply(
-        stream,
-        &mut q.view_mut(),
-        layout.q_ld,
-        heads,
-        Some((&mut k.view_mut(), layout.kv_ld, kv_heads)),
-        &cos.slice(..),
-        &sin.slice(..),
-        tokens,
-        head_dim,
-        inverse,
-    )?;
-    Ok(())
-}
-
-/// Moves the bf16 weights of stack `si`'s projections into one `[Σ out, in]` buffer (adjacent
-/// row blocks, in stack order) and points their `proj` entries at it; `None` (nothing moved)
-/// when a part is NF4. The moved-from buffers are freed as they are replaced.
-fn stack_bf16(
-    stream: &Arc<CudaStream>,
-    proj: &mut [ProjWeight],
-    si: usize,
-    cfg: &ModelConfig,
-) -> Result<Option<CudaSlice<bf16>>> {
-    let parts = STACKS[si];
-    if !parts
-        .iter()
-        .all(|&j| matches!(proj[j], ProjWeight::Bf16(_)))
-    {
-        return Ok(None);
-    }
-    let numel = |j: usize| {
-        let (i, o) = cfg
-            .projection_shape(PROJECTIONS[j])
-            .expect("known projection");
-        i * o
-    };
-    let total = parts.iter().map(|&j| numel(j)).sum();
-    // SAFETY: every element is written by the copies below before any GEMM reads it.
-    let mut stacked = unsafe { stream.alloc::<bf16>(total) }?;
-    let (mut at, mut row0) = (0, 0);
-    for &j in parts {
-        let n = numel(j);
-        let old = std::mem::replace(&mut proj[j], ProjWeight::Stacked { stack: si, row0 });
-        let ProjWeight::Bf16(w) = old else {
-            unreachable!("checked above")
-        };
-        stream.memcpy_dtod(&w, &mut stacked.slice_mut(at..at + n))?;
-        at += n;
-        row0 += cfg
-            .projection_shape(PROJECTIONS[j])
-            .expect("known projection")
-            .1;
-    }
-    Ok(Some(stacked))
-}
-
 fn input_and_output<T>(v: &mut [T], i: usize, j: usize) -> (&T, &mut T) {
     assert_ne!(i, j, "a layer's input and output buffers must differ");
     if i < j {
@@ -1519,28 +1387,5 @@ mod tests {
             "{}",
             s.ce_rows
         );
-    }
-
-    #[test]
-    fn q_k_v_sit_side_by_side_except_for_qwen3_whose_q_k_norm_needs_dense_rows() {
-        let llama = Sizes::new(&cfg("llama", ""), 2, 3, 16);
-        let (qd, kvd) = (llama.qd, llama.kvd);
-        let l = llama.qkv;
-        assert!(l.side_by_side);
-        assert_eq!(l.off, [0, qd, qd + kvd]);
-        assert_eq!((l.q_ld, l.kv_ld), (qd + 2 * kvd, qd + 2 * kvd));
-        assert_eq!(
-            l.addrs(1000),
-            [1000, 1000 + 2 * qd as u64, 1000 + 2 * (qd + kvd) as u64]
-        );
-        let qwen3 = Sizes::new(&cfg("qwen3", ""), 2, 3, 16).qkv;
-        assert!(!qwen3.side_by_side);
-        assert_eq!(qwen3.off, [0, 6 * qd, 6 * (qd + kvd)]);
-        assert_eq!((qwen3.q_ld, qwen3.kv_ld), (qd, kvd));
-        // Both layouts fit the one buffer of N·(qd + 2·kvd) values.
-        for x in [l, qwen3] {
-            let end_v = x.off[2] + 5 * x.kv_ld + kvd;
-            assert_eq!(end_v, 6 * (qd + 2 * kvd));
-        }
     }
 }
