@@ -149,18 +149,8 @@ pub struct ExportArgs {
     /// Largest merged-model shard in MB (default 5000, transformers' 5GB).
     #[arg(long, value_parser = positive_u64)]
     pub max_shard_size_mb: Option<u64>,
-    /// Push the saved model (--save_method) to the Hugging Face Hub at --hub_path.
-    #[arg(long)]
-    pub push_model: bool,
-    /// Push the GGUF files (--save_gguf) to the Hugging Face Hub at --hub_path.
-    #[arg(long)]
-    pub push_gguf: bool,
-    /// Hub repository (owner/name) for pushes; HF_ENDPOINT overrides the Hub's URL.
-    #[arg(long, default_value = "hf/model")]
-    pub hub_path: String,
-    /// Hub token for pushes (default: HF_TOKEN; never logged).
-    #[arg(long)]
-    pub hub_token: Option<String>,
+    #[command(flatten)]
+    pub push: PushArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -426,16 +416,26 @@ pub struct SavingArgs {
     /// GGUF quantization presets (one or more).
     #[arg(long, num_args = 1.., default_values = ["q8_0"], value_parser = QUANTIZATION_CHOICES.to_vec())]
     pub quantization: Vec<String>,
-    /// Push the saved model to the Hugging Face Hub at --hub_path.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub push: PushArgs,
+}
+
+/// The Hub push flags of a training job and of `ferrotune export` (what they do:
+/// `export::push`).
+#[derive(Debug, Args, Clone, Serialize)]
+#[command(rename_all = "snake_case")]
+pub struct PushArgs {
+    /// Push the saved model (--save_model / --save_method) to the Hugging Face Hub at --hub_path.
     #[arg(long)]
     pub push_model: bool,
-    /// Push the GGUF files to the Hugging Face Hub at --hub_path.
+    /// Push the GGUF files (--save_gguf) to the Hugging Face Hub at --hub_path.
     #[arg(long)]
     pub push_gguf: bool,
-    /// Hub repository (owner/name) for pushes.
+    /// Hub repository (owner/name) for pushes; HF_ENDPOINT overrides the Hub's URL.
     #[arg(long, default_value = "hf/model")]
     pub hub_path: String,
-    /// Hub token for pushes (never logged).
+    /// Hub token for pushes (default: HF_TOKEN; never logged).
     #[arg(long)]
     #[serde(serialize_with = "redact_secret")]
     pub hub_token: Option<String>,

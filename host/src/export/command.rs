@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
-use super::push::{self, PushFlags};
+use super::push;
 use super::run::{model_name_of, run_exports, ExportRequest};
 use crate::cli::args::ExportArgs;
 use crate::cli::choices::SaveMethod;
@@ -35,14 +35,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     if args.save_method.is_none() && !args.save_gguf {
         return Err(UsageError::new("ferrotune export: nothing to do; pass --save_method merged_16bit|merged_4bit|lora and/or --save_gguf").into());
     }
-    let push = PushFlags {
-        push_model: args.push_model,
-        push_gguf: args.push_gguf,
-        hub_path: args.hub_path.clone(),
-        hub_token: args.hub_token.clone(),
-    };
-    let push_token = if push.any() {
-        Some(push.check(args.save_method.is_some(), args.save_gguf)?)
+    let flags = &args.push;
+    let push_token = if flags.any() {
+        Some(flags.check(args.save_method.is_some(), args.save_gguf)?)
     } else {
         None
     };
@@ -80,7 +75,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         // Re-running the same command pushes again (the export is deterministic).
         let retry = "the same ferrotune export command again";
         push::push(
-            &push,
+            flags,
             token,
             PluginLimits::default(),
             &args.save_path,

@@ -7,23 +7,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use crate::cli::args::PushArgs;
 use crate::cli::choices::SaveMethod;
 use crate::cli::UsageError;
 use crate::job::JobConfig;
 use crate::plugin::publish_host::{self, ArtefactKind, PushArtefact, PushRequest};
 use crate::plugin::PluginLimits;
 
-/// The push flags of a training job or of `ferrotune export`.
-#[derive(Debug, Clone)]
-pub struct PushFlags {
-    pub push_model: bool,
-    pub push_gguf: bool,
-    pub hub_path: String,
-    /// `--hub_token`; `None`: `HF_TOKEN`.
-    pub hub_token: Option<String>,
-}
-
-impl PushFlags {
+impl PushArgs {
     pub fn any(&self) -> bool {
         self.push_model || self.push_gguf
     }
@@ -57,20 +48,9 @@ impl PushFlags {
     }
 }
 
-/// The push flags of a training job.
-pub fn flags_of_job(job: &JobConfig) -> PushFlags {
-    let s = &job.saving;
-    PushFlags {
-        push_model: s.push_model,
-        push_gguf: s.push_gguf,
-        hub_path: s.hub_path.clone(),
-        hub_token: s.hub_token.clone(),
-    }
-}
-
 /// Before training: `None` when the job pushes nothing, else the token (flags checked).
 pub fn check_job(job: &JobConfig) -> Result<Option<String>, UsageError> {
-    let flags = flags_of_job(job);
+    let flags = &job.saving.push;
     if !flags.any() {
         return Ok(None);
     }
@@ -82,7 +62,7 @@ pub fn check_job(job: &JobConfig) -> Result<Option<String>, UsageError> {
 /// After training: pushes what the final exports wrote (`saved`).
 pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()> {
     let s = &job.saving;
-    let flags = flags_of_job(job);
+    let flags = &s.push;
     let kind = if s.save_method == SaveMethod::Lora {
         ArtefactKind::Adapter
     } else {
@@ -110,7 +90,10 @@ pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()>
             s.quantization.join(" ")
         ));
     }
-    for (on, flag) in [(s.push_model, "--push_model"), (s.push_gguf, "--push_gguf")] {
+    for (on, flag) in [
+        (flags.push_model, "--push_model"),
+        (flags.push_gguf, "--push_gguf"),
+    ] {
         if on {
             retry.push(' ');
             retry.push_str(flag);
@@ -118,10 +101,10 @@ pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()>
     }
     retry.push_str(&format!(
         " --hub_path {} (token: --hub_token or HF_TOKEN)",
-        s.hub_path
+        flags.hub_path
     ));
     push(
-        &flags,
+        flags,
         token,
         PluginLimits::from_job(job),
         &s.save_path,
@@ -138,7 +121,7 @@ fn is_gguf_file(path: &Path) -> bool {
 
 /// The artefacts to push out of the files an export wrote into `save_path`.
 pub fn artefacts(
-    flags: &PushFlags,
+    flags: &PushArgs,
     save_path: &Path,
     written: &[PathBuf],
     model_kind: ArtefactKind,
@@ -162,7 +145,7 @@ pub fn artefacts(
 /// Pushes `written` (files under `save_path`) as the flags ask. On failure the error is one
 /// line ending with `retry` (the command that pushes again without retraining).
 pub fn push(
-    flags: &PushFlags,
+    flags: &PushArgs,
     token: String,
     limits: PluginLimits,
     save_path: &Path,
@@ -206,8 +189,8 @@ pub fn push(
 mod tests {
     use super::*;
 
-    fn flags(model: bool, gguf: bool) -> PushFlags {
-        PushFlags {
+    fn flags(model: bool, gguf: bool) -> PushArgs {
+        PushArgs {
             push_model: model,
             push_gguf: gguf,
             hub_path: "me/tiny".into(),
