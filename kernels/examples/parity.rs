@@ -11,9 +11,12 @@
 //! With `--bench-attn`, times the fused attention forward and backward at Llama-3-8B and
 //! Llama-3.2-1B shapes and prints TFLOP/s (`parity/attention.rs`).
 //!
-//! Usage: `parity [--attn-only] [--skip-checks] [--bench] [--bench-attn]`; exits 1 if any check
-//! fails. `--attn-only` runs only the attention checks, `--skip-checks` none (timing only).
-//! See docs/kernels.md.
+//! With `--wgmma-probe` (sm_90 only), also checks the Hopper `wgmma` building blocks the next
+//! attention kernels need (`parity/wgmma.rs`, docs/perf-notes.md §10).
+//!
+//! Usage: `parity [--attn-only] [--skip-checks] [--bench] [--bench-attn] [--wgmma-probe]`;
+//! exits 1 if any check fails. `--attn-only` runs only the attention checks, `--skip-checks`
+//! none (timing only). See docs/kernels.md.
 
 use std::sync::Arc;
 
@@ -34,6 +37,8 @@ use rand_chacha::ChaCha8Rng;
 
 #[path = "parity/attention.rs"]
 mod attention;
+#[path = "parity/wgmma.rs"]
+mod wgmma;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -1058,11 +1063,12 @@ fn bench(g: &mut Gpu) -> Res<()> {
 
 fn main() -> Res<()> {
     let flag = |f: &str| std::env::args().any(|a| a == f);
-    let (bench_too, bench_attn, attn_only, skip_checks) = (
+    let (bench_too, bench_attn, attn_only, skip_checks, wgmma_probe) = (
         flag("--bench"),
         flag("--bench-attn"),
         flag("--attn-only"),
         flag("--skip-checks"),
+        flag("--wgmma-probe"),
     );
     let ctx = CudaContext::new(0)?;
     let stream = ctx.default_stream();
@@ -1122,6 +1128,9 @@ fn main() -> Res<()> {
     // results on purpose to measure what a stage costs.
     if !skip_checks {
         attention::check(&mut g, &mut c)?;
+    }
+    if wgmma_probe {
+        wgmma::check(&mut g, &mut c, &ctx)?;
     }
     g.stream.synchronize()?;
     println!("\n{} checks, {} failed", c.rows.len(), c.failed);
