@@ -9,7 +9,7 @@ pub mod optimizer_state;
 pub mod parallel;
 pub mod select;
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 
 /// One micro-batch, laid out row-major as `[batch_size, seq_len]`.
 ///
@@ -36,6 +36,35 @@ impl Batch {
     /// Tokens that contribute to the loss.
     pub fn trainable_tokens(&self) -> usize {
         self.targets.iter().filter(|&&t| t != IGNORE).count()
+    }
+
+    /// Before an engine touches it: every per-token vector has `batch_size·seq_len` entries,
+    /// token ids and targets (other than [`IGNORE`]) lie inside a `vocab`-sized vocabulary.
+    pub fn check(&self, vocab: usize) -> Result<()> {
+        let n = self.batch_size * self.seq_len;
+        ensure!(n > 0, "empty batch");
+        for (what, len) in [
+            ("input_ids", self.input_ids.len()),
+            ("targets", self.targets.len()),
+            ("position_ids", self.position_ids.len()),
+            ("segment_ids", self.segment_ids.len()),
+        ] {
+            ensure!(
+                len == n,
+                "batch {what} has {len} entries, expected batch_size·seq_len = {n}"
+            );
+        }
+        if let Some(id) = self.input_ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the model's vocabulary ({vocab}); tokenizer and model do not match");
+        }
+        if let Some(t) = self
+            .targets
+            .iter()
+            .find(|&&t| t != IGNORE && (t < 0 || t as usize >= vocab))
+        {
+            bail!("target {t} is outside the model's vocabulary ({vocab}) and is not -100");
+        }
+        Ok(())
     }
 }
 
@@ -146,5 +175,44 @@ pub trait Backend {
     /// Device memory use, where the backend has a device of its own.
     fn memory_stats(&self) -> Option<MemoryStats> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> Batch {
+        Batch {
+            batch_size: 2,
+            seq_len: 3,
+            input_ids: vec![0, 1, 2, 3, 4, 9],
+            targets: vec![1, 2, IGNORE, 4, 9, IGNORE],
+            position_ids: vec![0, 1, 2, 0, 1, 0],
+            segment_ids: vec![0, 0, 0, 0, 0, 1],
+        }
+    }
+
+    #[test]
+    fn batches_are_checked_against_their_shape_and_the_vocabulary() {
+        assert!(batch().check(10).is_ok());
+        let err = |b: Batch, vocab| b.check(vocab).unwrap_err().to_string();
+        assert!(err(batch(), 9).contains("token id 9 is outside the model's vocabulary (9)"));
+        let mut b = batch();
+        b.input_ids[5] = 0;
+        assert!(err(b, 9).contains("target 9 is outside"));
+        let mut b = batch();
+        b.targets[0] = -1;
+        assert!(err(b, 10).contains("target -1"));
+        let mut b = batch();
+        b.segment_ids.pop();
+        assert!(
+            err(b, 10).contains("batch segment_ids has 5 entries, expected batch_size·seq_len = 6")
+        );
+        let b = Batch {
+            batch_size: 0,
+            ..batch()
+        };
+        assert!(err(b, 10).contains("empty batch"));
     }
 }

@@ -277,34 +277,6 @@ impl CpuBackend {
         self.params.iter_mut().map(|p| &mut p.grad)
     }
 
-    fn check_batch(&self, batch: &Batch) -> Result<()> {
-        let n = batch.batch_size * batch.seq_len;
-        ensure!(n > 0, "empty batch");
-        for (what, len) in [
-            ("input_ids", batch.input_ids.len()),
-            ("targets", batch.targets.len()),
-            ("position_ids", batch.position_ids.len()),
-            ("segment_ids", batch.segment_ids.len()),
-        ] {
-            ensure!(
-                len == n,
-                "batch {what} has {len} entries, expected batch_size·seq_len = {n}"
-            );
-        }
-        let vocab = self.config.vocab_size;
-        if let Some(id) = batch.input_ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {id} is outside the model's vocabulary ({vocab}); tokenizer and model do not match");
-        }
-        if let Some(t) = batch
-            .targets
-            .iter()
-            .find(|&&t| t != crate::engine::IGNORE && (t < 0 || t as usize >= vocab))
-        {
-            bail!("target {t} is outside the model's vocabulary ({vocab}) and is not -100");
-        }
-        Ok(())
-    }
-
     fn pass_ctx(&self, batch: &Batch, train: bool) -> Result<PassCtx<'_>> {
         let (b, t) = (batch.batch_size, batch.seq_len);
         let (cos, sin) = self.rope.tables(&batch.position_ids)?;
@@ -338,7 +310,7 @@ impl CpuBackend {
         batch: &Batch,
         loss_scale: Option<f32>,
     ) -> Result<(PassStats, Vec<(usize, Tensor)>)> {
-        self.check_batch(batch)?;
+        batch.check(self.config.vocab_size)?;
         let train = loss_scale.is_some();
         let ctx = self.pass_ctx(batch, train)?;
         let keep_all = train && !self.options.gradient_checkpointing;

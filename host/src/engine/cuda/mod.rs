@@ -45,7 +45,7 @@ use self::weights::WeightFiles;
 use crate::cli::choices::GradientCheckpointing;
 use crate::engine::cpu::dropout::{site_seed, Site};
 use crate::engine::cpu::{kaiming_uniform, rope::Rope, trainable_shapes, EngineOptions};
-use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, PassStats, IGNORE};
+use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, PassStats};
 use crate::job::{JobConfig, PROJECTIONS};
 use crate::model::ModelConfig;
 
@@ -433,34 +433,6 @@ impl CudaBackend {
     fn sample_memory(&mut self) -> Result<()> {
         let (free, _) = self.ctx.mem_get_info()?;
         self.peak_used = self.peak_used.max(self.free_at_start.saturating_sub(free));
-        Ok(())
-    }
-
-    fn check_batch(&self, batch: &Batch) -> Result<()> {
-        let n = batch.batch_size * batch.seq_len;
-        ensure!(n > 0, "empty batch");
-        for (what, len) in [
-            ("input_ids", batch.input_ids.len()),
-            ("targets", batch.targets.len()),
-            ("position_ids", batch.position_ids.len()),
-            ("segment_ids", batch.segment_ids.len()),
-        ] {
-            ensure!(
-                len == n,
-                "batch {what} has {len} entries, expected batch_size·seq_len = {n}"
-            );
-        }
-        let vocab = self.cfg.vocab_size;
-        if let Some(id) = batch.input_ids.iter().find(|&&id| id as usize >= vocab) {
-            bail!("token id {id} is outside the model's vocabulary ({vocab}); tokenizer and model do not match");
-        }
-        if let Some(t) = batch
-            .targets
-            .iter()
-            .find(|&&t| t != IGNORE && (t < 0 || t as usize >= vocab))
-        {
-            bail!("target {t} is outside the model's vocabulary ({vocab}) and is not -100");
-        }
         Ok(())
     }
 
@@ -1039,7 +1011,7 @@ impl CudaBackend {
     }
 
     fn pass(&mut self, batch: &Batch, loss_scale: Option<f32>) -> Result<PassStats> {
-        self.check_batch(batch)?;
+        batch.check(self.cfg.vocab_size)?;
         self.prepare(batch)?;
         let train = loss_scale.is_some();
         self.dropout_pass = (train && self.options.lora_dropout > 0.0).then_some(self.passes);
