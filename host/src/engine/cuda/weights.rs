@@ -16,6 +16,7 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use ferrotune_kernels::device::bf16;
 use memmap2::Mmap;
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::export::bnb_nf4::{self, QuantState, RawTensor, QUANT_STATE_KEY};
@@ -98,6 +99,23 @@ impl WeightFiles {
         }))
     }
 
+    /// Tensor `name` in its file (for messages) as stored, checked against the shape config.json
+    /// implies.
+    fn stored(&self, name: &str, shape: &[usize]) -> Result<(&Path, TensorView<'_>)> {
+        let &i = self.index.get(name).with_context(|| {
+            format!("weight {name:?} is missing from the model's safetensors files")
+        })?;
+        let (file, map) = &self.maps[i];
+        let view = SafeTensors::deserialize(map)?.tensor(name)?;
+        if view.shape() != shape {
+            bail!(
+                "weight {name:?} has shape {:?} but config.json implies {shape:?}",
+                view.shape()
+            );
+        }
+        Ok((file, view))
+    }
+
     /// A weight the checkpoint stores 4-bit where the engine keeps a 16-bit one (a quantised
     /// `lm_head`, when `llm_int8_skip_modules` did not skip it): dequantised as bitsandbytes
     /// does, on the host.
@@ -119,18 +137,7 @@ impl WeightFiles {
             let v: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
             return Ok(stream.clone_htod(&v)?);
         }
-        let &i = self.index.get(name).with_context(|| {
-            format!("weight {name:?} is missing from the model's safetensors files")
-        })?;
-        let (file, map) = &self.maps[i];
-        let st = SafeTensors::deserialize(map)?;
-        let view = st.tensor(name)?;
-        if view.shape() != shape {
-            bail!(
-                "weight {name:?} has shape {:?} but config.json implies {shape:?}",
-                view.shape()
-            );
-        }
+        let (file, view) = self.stored(name, shape)?;
         let data = view.data();
         let out = match view.dtype() {
             Dtype::BF16 => {
@@ -173,18 +180,7 @@ impl WeightFiles {
         if let Some(v) = self.dequantized(name, shape)? {
             return Ok(v);
         }
-        let &i = self.index.get(name).with_context(|| {
-            format!("weight {name:?} is missing from the model's safetensors files")
-        })?;
-        let (file, map) = &self.maps[i];
-        let st = SafeTensors::deserialize(map)?;
-        let view = st.tensor(name)?;
-        if view.shape() != shape {
-            bail!(
-                "weight {name:?} has shape {:?} but config.json implies {shape:?}",
-                view.shape()
-            );
-        }
+        let (file, view) = self.stored(name, shape)?;
         let data = view.data();
         Ok(match view.dtype() {
             Dtype::BF16 => data
@@ -268,6 +264,13 @@ mod tests {
         // A 16-bit read of a 4-bit tensor gets bitsandbytes' dequantisation.
         assert_eq!(files.read_f32(name, &shape).unwrap(), w.dequantize());
         let err = files.read_nf4(name, &[96, 64]).unwrap_err().to_string();
-        assert!(err.contains("config.json implies [96, 64]"), "{err}");
+        assert!(err.contains("config.json implies [96, 64]"), "{err}"); // Dense reads check the shape and name a missing tensor.
+        let err = dense.read_f32(name, &[96, 64]).unwrap_err().to_string();
+        assert!(
+            err.contains("has shape [64, 96] but config.json implies [96, 64]"),
+            "{err}"
+        );
+        let err = dense.read_f32("model.nope", &[1]).unwrap_err().to_string();
+        assert!(err.contains("\"model.nope\" is missing"), "{err}");
     }
 }
