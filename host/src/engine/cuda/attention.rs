@@ -14,31 +14,6 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, CudaStream};
 use ferrotune_kernels::device::{bf16, FlashBwdWork, FlashShape, Kernels};
 
-/// Shapes of one attention call.
-#[derive(Debug, Clone, Copy)]
-pub struct Dims {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    /// Mistral's sliding window (0: none).
-    pub window: usize,
-}
-
-impl Dims {
-    fn shape(&self) -> FlashShape {
-        FlashShape {
-            batch: self.batch,
-            seq: self.seq,
-            heads: self.heads,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            window: self.window,
-        }
-    }
-}
-
 /// Fails (before any weight is loaded) for a head size the fused kernels do not take.
 pub fn check_supported(head_dim: usize) -> Result<()> {
     if let Some(why) = FlashShape::head_dim_unsupported(head_dim) {
@@ -59,9 +34,8 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(stream: &Arc<CudaStream>, d: &Dims, own_dq_acc: bool) -> Result<Self> {
-        check_supported(d.head_dim)?;
-        let s = d.shape();
+    pub fn new(stream: &Arc<CudaStream>, s: &FlashShape, own_dq_acc: bool) -> Result<Self> {
+        check_supported(s.head_dim)?;
         Ok(Self {
             blk: stream.alloc_zeros(s.seg_blocks_len())?,
             delta: stream.alloc_zeros(s.lse_len())?,
@@ -79,19 +53,18 @@ impl Scratch {
 pub fn forward(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
-    d: &Dims,
+    shape: &FlashShape,
     (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     (o, lse): (&mut CudaSlice<bf16>, &mut CudaSlice<f32>),
     seg: &CudaSlice<u32>,
     s: &mut Scratch,
 ) -> Result<()> {
-    let shape = d.shape();
     // Cheap (one warp per 64 tokens); done per call so no caller has to know when the
     // segments changed.
-    kernels.flash_seg_blocks(stream, &shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
+    kernels.flash_seg_blocks(stream, shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
     kernels.flash_attn_fwd(
         stream,
-        &shape,
+        shape,
         (&q.as_view(), &k.as_view(), &v.as_view()),
         &seg.as_view(),
         &s.blk.as_view(),
@@ -107,7 +80,7 @@ pub fn forward(
 pub fn backward(
     stream: &Arc<CudaStream>,
     kernels: &Kernels,
-    d: &Dims,
+    shape: &FlashShape,
     (q, k, v): (&CudaSlice<bf16>, &CudaSlice<bf16>, &CudaSlice<bf16>),
     (o, lse): (&CudaSlice<bf16>, &CudaSlice<f32>),
     d_o: &CudaSlice<bf16>,
@@ -120,8 +93,7 @@ pub fn backward(
     s: &mut Scratch,
     spare: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    let shape = d.shape();
-    kernels.flash_seg_blocks(stream, &shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
+    kernels.flash_seg_blocks(stream, shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
     let mut dq_acc = match s.dq_acc.as_mut() {
         Some(own) => own.as_view_mut(),
         // SAFETY: `spare` is memory no other kernel uses during this call (the caller's
@@ -131,7 +103,7 @@ pub fn backward(
     };
     kernels.flash_attn_bwd(
         stream,
-        &shape,
+        shape,
         (&q.as_view(), &k.as_view(), &v.as_view()),
         (&o.as_view(), &d_o.as_view(), &lse.as_view()),
         &seg.as_view(),

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
-use ferrotune_kernels::device::{bf16, CrossEntropyRows, REDUCE_PARTS};
+use ferrotune_kernels::device::{bf16, CrossEntropyRows, FlashShape, REDUCE_PARTS};
 
-use super::attention::{self, Scratch};
+use super::attention::Scratch;
 use crate::model::ModelConfig;
 
 /// What one layer's backward needs from its forward.
@@ -167,7 +167,7 @@ impl Buffers {
         layers: usize,
         keep_all: bool,
         offload: bool,
-        dims: &attention::Dims,
+        dims: &FlashShape,
     ) -> Result<Self> {
         let n = s.tokens;
         let z16 = |len: usize| -> Result<CudaSlice<bf16>> { Ok(stream.alloc_zeros(len)?) };

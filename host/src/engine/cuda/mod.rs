@@ -31,7 +31,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use ferrotune_kernels::cache::KernelCache;
-use ferrotune_kernels::device::{bf16, Kernels};
+use ferrotune_kernels::device::{bf16, FlashShape, Kernels};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -436,8 +436,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn dims(&self, batch: usize, seq: usize) -> attention::Dims {
-        attention::Dims {
+    fn dims(&self, batch: usize, seq: usize) -> FlashShape {
+        FlashShape {
             batch,
             seq,
             heads: self.cfg.num_attention_heads,
