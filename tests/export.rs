@@ -132,6 +132,46 @@ fn write_adapter(
     tensors.into_iter().map(|(n, _, v)| (n, v)).collect()
 }
 
+/// A fresh temporary directory with a base model of `spec` in `<base_name>/` and a PEFT adapter
+/// on it (rank `r`, values of about `magnitude`) in `adapter/`.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    base: PathBuf,
+    adapter: PathBuf,
+    /// The adapter's tensors as written.
+    lora: HashMap<String, Vec<f32>>,
+}
+
+impl Fixture {
+    fn new(base_name: &str, spec: &TinySpec, r: usize, magnitude: f32) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let (base, adapter) = (tmp.path().join(base_name), tmp.path().join("adapter"));
+        write_base(&base, spec);
+        let lora = write_adapter(&adapter, spec, r, magnitude);
+        Fixture {
+            tmp,
+            base,
+            adapter,
+            lora,
+        }
+    }
+
+    /// `ferrotune export --adapter ADAPTER --base BASE --save_path OUT ARGS…`.
+    fn export(&self, out: &Path, args: &[&str]) -> Output {
+        let mut all = vec![
+            "export",
+            "--adapter",
+            self.adapter.to_str().unwrap(),
+            "--base",
+            self.base.to_str().unwrap(),
+            "--save_path",
+            out.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        ferrotune(&all)
+    }
+}
+
 /// Every tensor of a Hugging Face model directory as f32, by name.
 fn read_model(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let mut out = HashMap::new();
@@ -292,32 +332,19 @@ fn check_ggufs(out: &Path, name: &str, presets: &[&str], tied: bool, work: &Path
 
 #[test]
 fn llama_export_merges_the_adapter_and_writes_every_gguf_preset() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        tmp.path().join("base-llama"),
-        tmp.path().join("adapter"),
-        tmp.path().join("out"),
-    );
     let spec = spec("llama", DType::BF16);
-    write_base(&base, &spec);
-    let lora = write_adapter(&adapter, &spec, 8, 0.05);
+    let f = Fixture::new("base-llama", &spec, 8, 0.05);
+    let (tmp, base, lora, out) = (&f.tmp, &f.base, &f.lora, f.tmp.path().join("out"));
     let mut args = vec![
-        "export",
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
         "--save_method",
         "merged_16bit",
         "--save_gguf",
-        "--save_path",
-        out.to_str().unwrap(),
         "--max_shard_size_mb",
         "1",
         "--quantization",
     ];
     args.extend(ALL_PRESETS);
-    let result = ferrotune(&args);
+    let result = f.export(&out, &args);
     assert!(
         result.status.success(),
         "export failed: {}",
@@ -380,15 +407,10 @@ fn llama_export_merges_the_adapter_and_writes_every_gguf_preset() {
 
 #[test]
 fn qwen2_export_keeps_biases_and_unpermuted_rows() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        tmp.path().join("qwen"),
-        tmp.path().join("adapter"),
-        tmp.path().join("out"),
-    );
     let spec = spec("qwen2", DType::F32);
-    write_base(&base, &spec);
-    write_adapter(&adapter, &spec, 4, 0.05);
+    let f = Fixture::new("qwen", &spec, 4, 0.05);
+    let (tmp, base, adapter, out) = (&f.tmp, &f.base, &f.adapter, f.tmp.path().join("out"));
+    // A checkpoint directory holds the adapter files: `--checkpoint` instead of `--adapter`.
     let result = ferrotune(&[
         "export",
         "--checkpoint",
@@ -425,26 +447,9 @@ fn qwen2_export_keeps_biases_and_unpermuted_rows() {
 
 #[test]
 fn lora_save_copies_the_adapter_and_tokenizer() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        tmp.path().join("base"),
-        tmp.path().join("adapter"),
-        tmp.path().join("out"),
-    );
-    let spec = spec("llama", DType::F32);
-    write_base(&base, &spec);
-    write_adapter(&adapter, &spec, 4, 0.05);
-    let result = ferrotune(&[
-        "export",
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--save_method",
-        "lora",
-        "--save_path",
-        out.to_str().unwrap(),
-    ]);
+    let f = Fixture::new("base", &spec("llama", DType::F32), 4, 0.05);
+    let out = f.tmp.path().join("out");
+    let result = f.export(&out, &["--save_method", "lora"]);
     assert!(
         result.status.success(),
         "export failed: {}",
@@ -547,33 +552,21 @@ fn merged_4bit_is_bitsandbytes_nf4_of_the_merged_16bit_model() {
     use ferrotune_kernels::quant::{signed_map, NF4_LEVELS};
     use ferrotune_kernels::reference::nf4::{dequantize_absmax, nf4_dequantize};
 
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
-    let (out16, out4) = (tmp.path().join("out16"), tmp.path().join("out4"));
     // Four layers make the 4-bit save (about 1.5 MB) span two 1 MB shards.
     let spec = TinySpec {
         num_hidden_layers: 4,
         ..spec("llama", DType::BF16)
     };
-    write_base(&base, &spec);
-    write_adapter(&adapter, &spec, 8, 0.05);
+    let f = Fixture::new("base", &spec, 8, 0.05);
+    let (out16, out4) = (f.tmp.path().join("out16"), f.tmp.path().join("out4"));
     for (method, out, shard_mb) in [
         ("merged_16bit", &out16, "5000"),
         ("merged_4bit", &out4, "1"),
     ] {
-        let r = ferrotune(&[
-            "export",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--base",
-            base.to_str().unwrap(),
-            "--save_method",
-            method,
-            "--save_path",
-            out.to_str().unwrap(),
-            "--max_shard_size_mb",
-            shard_mb,
-        ]);
+        let r = f.export(
+            out,
+            &["--save_method", method, "--max_shard_size_mb", shard_mb],
+        );
         assert!(r.status.success(), "{method}: {}", stderr(&r));
     }
     assert!(out4.join("model.safetensors.index.json").is_file());
@@ -721,14 +714,12 @@ fn python_has(modules: &str) -> bool {
 fn sentencepiece_vocabularies_carry_their_scores_into_the_gguf() {
     use ferrotune::gguf::sentencepiece::{encode_model, Piece, PieceType};
 
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
     let spec = TinySpec {
         vocab_size: 320,
         ..spec("llama", DType::F32)
     };
-    write_base(&base, &spec);
-    write_adapter(&adapter, &spec, 4, 0.05);
+    let f = Fixture::new("base", &spec, 4, 0.05);
+    let (tmp, base) = (&f.tmp, &f.base);
     let tok_path = base.join("tokenizer.json");
     let original: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&tok_path).unwrap()).unwrap();
@@ -775,18 +766,7 @@ fn sentencepiece_vocabularies_carry_their_scores_into_the_gguf() {
     };
     let export = |case: &str, want: serde_json::Value| {
         let out = tmp.path().join(case);
-        let r = ferrotune(&[
-            "export",
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--base",
-            base.to_str().unwrap(),
-            "--save_gguf",
-            "--quantization",
-            "f16",
-            "--save_path",
-            out.to_str().unwrap(),
-        ]);
+        let r = f.export(&out, &["--save_gguf", "--quantization", "f16"]);
         assert!(r.status.success(), "{case}: {}", stderr(&r));
         let want_path = tmp.path().join(format!("{case}.json"));
         std::fs::write(&want_path, want.to_string()).unwrap();
@@ -883,31 +863,20 @@ fn candle_transformers_runs_our_gguf_like_the_merged_safetensors() {
     use candle_core::{Device, Tensor};
     use candle_transformers::models::{llama, quantized_llama};
 
-    let tmp = tempfile::tempdir().unwrap();
-    let (base, adapter, out) = (
-        tmp.path().join("base"),
-        tmp.path().join("adapter"),
-        tmp.path().join("out"),
+    let f = Fixture::new("base", &spec("llama", DType::F32), 8, 0.05);
+    let out = f.tmp.path().join("out");
+    let r = f.export(
+        &out,
+        &[
+            "--save_method",
+            "merged_16bit",
+            "--save_gguf",
+            "--quantization",
+            "f32",
+            "f16",
+            "q8_0",
+        ],
     );
-    let spec = spec("llama", DType::F32);
-    write_base(&base, &spec);
-    write_adapter(&adapter, &spec, 8, 0.05);
-    let r = ferrotune(&[
-        "export",
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--save_method",
-        "merged_16bit",
-        "--save_gguf",
-        "--quantization",
-        "f32",
-        "f16",
-        "q8_0",
-        "--save_path",
-        out.to_str().unwrap(),
-    ]);
     assert!(r.status.success(), "{}", stderr(&r));
 
     let device = Device::Cpu;
