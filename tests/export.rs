@@ -369,7 +369,7 @@ fn llama_export_merges_the_adapter_and_writes_every_gguf_preset() {
         std::fs::read_to_string(out.join("Modelfile")).unwrap(),
         "FROM ./base-llama.F32.gguf\n"
     );
-    let (base_w, merged_w) = (read_model(&base), read_model(&out));
+    let (base_w, merged_w) = (read_model(base), read_model(&out));
     assert_eq!(base_w.len(), merged_w.len());
     let (shape, w) = &base_w["model.layers.1.mlp.down_proj.weight"];
     let a = &lora["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"];
