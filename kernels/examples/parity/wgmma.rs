@@ -66,12 +66,12 @@ pub fn check(g: &mut Gpu, c: &mut Checks, ctx: &std::sync::Arc<CudaContext>) -> 
         ("wgmma_probe_rs", "RS, A from registers"),
     ] {
         let f = module.load_function(entry)?;
-        let mut out = g.stream.clone_htod(&vec![f32::NAN; 64 * 64])?;
+        let mut out = g.poison_f32(64 * 64)?;
         let mut launch = g.stream.launch_builder(&f);
         launch.arg(&ad).arg(&bd_nk).arg(&mut out);
         // SAFETY: the buffers hold the [64, 64] inputs and output the kernel indexes.
         unsafe { launch.launch(one_warpgroup) }?;
-        let got = g.stream.clone_dtoh(&out)?;
+        let got = g.down(&out)?;
         c.exact(&format!("wgmma m64n64k16 {what}"), &got, &want_nk);
     }
     let want_kn = matmul(&a, &b_kn, 64, 128, 64, false);
@@ -80,7 +80,7 @@ pub fn check(g: &mut Gpu, c: &mut Checks, ctx: &std::sync::Arc<CudaContext>) -> 
         (8192u32, 1024u32, "lbo 8192 sbo 1024"),
         (1024, 8192, "lbo 1024 sbo 8192"),
     ] {
-        let mut out = g.stream.clone_htod(&vec![f32::NAN; 64 * 128])?;
+        let mut out = g.poison_f32(64 * 128)?;
         let mut launch = g.stream.launch_builder(&f);
         launch
             .arg(&ad)
@@ -90,7 +90,7 @@ pub fn check(g: &mut Gpu, c: &mut Checks, ctx: &std::sync::Arc<CudaContext>) -> 
             .arg(&sbo);
         // SAFETY: as above, [64, 128] output.
         unsafe { launch.launch(one_warpgroup) }?;
-        let got = g.stream.clone_dtoh(&out)?;
+        let got = g.down(&out)?;
         let bad = got.iter().zip(&want_kn).filter(|(x, y)| x != y).count();
         // Which assignment the hardware follows is what this probe finds out: report both, fail
         // only if neither gives the product.
