@@ -103,6 +103,56 @@ __device__ __forceinline__ void red_add_v4(float* p, float4 x) {
 #endif
 #endif  // FA_SIM
 
+// Hopper (sm_90a): the forward's two products on warpgroup MMAs (`wgmma`, one warpgroup = the
+// forward's 4 warps, m64 = its 64 query rows). S = Q·Kᵀ reads both operands from the swizzled
+// shared tiles through descriptors; O += P·V takes P from registers in the mma.sync fragment
+// layout, straight from the score accumulators. The accumulators have the mma.sync C layout per
+// 8 columns, so the masking and softmax code is shared with the mma.sync path. Checked piece by
+// piece by `parity --wgmma-probe` (docs/perf-notes.md §10). Q stays in shared memory rather than
+// in registers: with Q as a register operand across the key-block loop, ptxas (CUDA 13.0) reused
+// Q's registers after the loop's first product at head_dim 64 (seen in the SASS; parity failed).
+#if !defined(FA_SIM) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FA_WGMMA 1
+typedef unsigned long long u64;
+// Descriptor of a tile with the 128-byte swizzle: start address, leading/stride byte offsets.
+__device__ __forceinline__ u64 wg_desc(const bf16* p, u32 lbo, u32 sbo) {
+    u64 d = (u64)((smem_u32(p) & 0x3FFFF) >> 4);
+    d |= (u64)((lbo >> 4) & 0x3FFF) << 16;
+    d |= (u64)((sbo >> 4) & 0x3FFF) << 32;
+    return d | ((u64)1 << 62);
+}
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit_wait() {
+    asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// cp.async writes shared memory through the generic proxy, wgmma reads it through the async one.
+__device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// D (+)= A·Bᵀ, both K-major in shared memory; `acc` 0 overwrites D (the first k16 step).
+__device__ __forceinline__ void wgmma_ss_m64n64(float (&d)[8][4], u64 da, u64 db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "l"(da), "l"(db), "r"(acc));
+}
+__device__ __forceinline__ void wgmma_rs_m64n64_tb(float (&d)[8][4], const u32 (&a)[4], u64 db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+__device__ __forceinline__ void wgmma_rs_m64n128_tb(float (&d)[16][4], const u32 (&a)[4], u64 db) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#endif
+
 // Element (row, col) of a row-major shared tile W elements wide (W a multiple of 64), with the
 // 16-byte chunk index XOR-ed by row % 8: the 8 rows an ldmatrix phase reads (and the 8 chunks a
 // quarter-warp's cp.async writes) land in 8 different bank groups.
@@ -111,9 +161,17 @@ __device__ __forceinline__ int swz(int row, int col) {
     return row * W + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
+// The same swizzle on a tile stored as D/64 blocks of [64][64] (rows of 128 bytes): Hopper's
+// 128-byte swizzle, which wgmma descriptors address; equal to swz<64> at D = 64.
+template <int D>
+__device__ __forceinline__ int swh(int row, int col) {
+    return (col >> 6) * (FA_BLOCK * 64) + swz<64>(row, col & 63);
+}
+
 // Rows row0..row0+63 of a token-major bf16 matrix (row stride `ld` elements, `g` already at the
-// head's first column) into a swizzled [64][D] tile; rows >= T and columns >= d are zeros.
-template <int D, int NT>
+// head's first column) into a swizzled [64][D] tile (`HALVES`: as swh); rows >= T and columns
+// >= d are zeros.
+template <int D, int NT, bool HALVES = false>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int row0, int T,
                                           int d, int tid) {
     constexpr int CH = D / 8;
@@ -125,7 +183,7 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, 
         const int row = row0 + r;
         const bool ok = row < T && ch * 8 < d;
         const bf16* src = ok ? g + (long long)row * ld + ch * 8 : g;
-        cp_async16(s + swz<D>(r, ch * 8), src, ok);
+        cp_async16(s + (HALVES ? swh<D>(r, ch * 8) : swz<D>(r, ch * 8)), src, ok);
     }
 }
 
@@ -190,8 +248,14 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                                           const u32* __restrict__ blk, int T, int H, int Hkv,
                                           int d, int window, float scale_log2) {
     constexpr int NT = 128;
-    __shared__ __align__(128) bf16 sK[FA_BLOCK * D];
-    __shared__ __align__(128) bf16 sV[FA_BLOCK * D];
+    // [D/64][64][64] swizzled blocks (swh), 1024-byte aligned as wgmma's swizzle atoms require.
+    __shared__ __align__(1024) bf16 sK[FA_BLOCK * D];
+    __shared__ __align__(1024) bf16 sV[FA_BLOCK * D];
+#ifdef FA_WGMMA
+    __shared__ __align__(1024) bf16 sQ[FA_BLOCK * D];  // the wgmma's A operand, for the whole loop
+#else
+    bf16* const sQ = sV;  // Q goes to registers before the loop: staged through the V tile
+#endif
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
     const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
@@ -211,16 +275,21 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int kb_lo = window > 0 ? max(0, i0 - window + 1) / FA_BLOCK : 0;
     int kb = qb;
 
-    load_tile<D, NT>(sV, qg, qld, i0, T, d, tid);
-    load_tile<D, NT>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
+    load_tile<D, NT, true>(sQ, qg, qld, i0, T, d, tid);
+    load_tile<D, NT, true>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
     cp_async_commit();
     cp_async_wait_all();
+#ifdef FA_WGMMA
+    proxy_fence();
+    __syncthreads();
+#else
     __syncthreads();
     u32 qf[D / 16][4];
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
-        ldsm_x4(qf[kk], sV + swz<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+        ldsm_x4(qf[kk], sQ + swh<D>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
     __syncthreads();  // every warp holds its Q: sV is free for V
+#endif
 
     // This thread's two query rows (C fragment rows g and g + 8 of the warp's 16).
     const int r0 = i0 + warp * 16 + g, r1 = r0 + 8;
@@ -233,10 +302,21 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
     while (true) {
         // sK holds key block kb (loaded and visible to every warp).
-        load_tile<D, NT>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
+        load_tile<D, NT, true>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
         cp_async_commit();
 
         float s[8][4];
+#ifdef FA_WGMMA
+        // S = Q·Kᵀ: Q and K are K-major (d contiguous); a k16 step is 32 bytes into the 128-byte
+        // rows of a 64-column block, the next block 8 KiB on. The first step overwrites S.
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
+            wgmma_ss_m64n64(s, wg_desc(sQ + at, 16, 1024), wg_desc(sK + at, 16, 1024), kk > 0);
+        }
+        wg_commit_wait();
+#else
 #pragma unroll
         for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
@@ -244,12 +324,13 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
             for (int np = 0; np < 4; ++np) {
                 u32 bf[4];
-                ldsm_x4(bf, sK + swz<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
+                ldsm_x4(bf, sK + swh<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
                                         kk * 16 + ((lane >> 3) & 1) * 8));
                 mma16816(s[2 * np], qf[kk], bf[0], bf[1]);
                 mma16816(s[2 * np + 1], qf[kk], bf[2], bf[3]);
             }
         }
+#endif
 
         const int j0 = kb * FA_BLOCK;
         const bool full = tile_full(bl, qb, kb, T, window);
@@ -310,16 +391,24 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         }
 
         cp_async_wait_all();
+#ifdef FA_WGMMA
+        proxy_fence();
+#endif
         __syncthreads();  // V visible; every warp is done reading sK
 
         int next = kb - 1;
         while (next >= kb_lo && seg_skip(bl, qb, next)) --next;
         if (next >= kb_lo) {
-            load_tile<D, NT>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
+            load_tile<D, NT, true>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
             cp_async_commit();
         }
 
         // O += P·V, P straight from the score registers (C layout == A layout, see the top).
+#ifdef FA_WGMMA
+        // V is MN-major (d contiguous): a k16 step is 16 rows = 2 KiB; the 64-column blocks
+        // are 8 KiB apart (the descriptor's leading byte offset).
+        wg_fence();
+#endif
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             u32 pa[4];
@@ -327,18 +416,32 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
             pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
             pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#ifdef FA_WGMMA
+            const u64 vd = wg_desc(sV + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            if constexpr (D == 64)
+                wgmma_rs_m64n64_tb(acc, pa, vd);
+            else
+                wgmma_rs_m64n128_tb(acc, pa, vd);
+#else
 #pragma unroll
             for (int dp = 0; dp < D / 16; ++dp) {
                 u32 bf[4];
-                ldsm_x4_t(bf, sV + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                ldsm_x4_t(bf, sV + swh<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                           dp * 16 + (lane >> 4) * 8));
                 mma16816(acc[2 * dp], pa, bf[0], bf[1]);
                 mma16816(acc[2 * dp + 1], pa, bf[2], bf[3]);
             }
+#endif
         }
+#ifdef FA_WGMMA
+        wg_commit_wait();
+#endif
         if (next < kb_lo) break;
         kb = next;
         cp_async_wait_all();
+#ifdef FA_WGMMA
+        proxy_fence();
+#endif
         __syncthreads();  // next K visible; every warp is done reading sV
     }
 
@@ -373,14 +476,10 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         bf16 *__restrict__ o, float *__restrict__ lse, const u32 *__restrict__ seg,           \
         const u32 *__restrict__ blk, int T, int H, int Hkv, int d, int window, float scale_log2
 
-// Occupancy (all measured latency-bound, docs/perf-notes.md §7): at d 64 the forward fits 4
-// CTAs per SM in sm_90's registers without spilling (3 on sm_8x) and the backward 2 where
-// shared memory holds two 66 KiB CTAs (sm_80, sm_90; not the 100 KiB of sm_86/sm_89).
-#if __CUDA_ARCH__ >= 900
-#define FA_FWD64_CTAS 4
-#else
+// Occupancy (all measured latency-bound, docs/perf-notes.md §7): at d 64 the forward runs 3
+// CTAs per SM (4 spill at 128 registers) and the backward 2 where shared memory holds two
+// 66 KiB CTAs (sm_80, sm_90; not the 100 KiB of sm_86/sm_89).
 #define FA_FWD64_CTAS 3
-#endif
 #if __CUDA_ARCH__ == 800 || __CUDA_ARCH__ >= 900
 #define FA_BWD64_CTAS 2
 #else

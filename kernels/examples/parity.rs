@@ -51,6 +51,24 @@ struct Checks {
     failed: usize,
 }
 
+/// Where `got` is off (|got − want| > tol·max(|want|, 1), or NaN on one side only), as up to
+/// 8 index ranges: tells a wrong tile from noise spread over the whole tensor.
+fn off_ranges(got: &[f32], want: &[f32], tol: f64) -> String {
+    let off = |i: usize| {
+        let (g, w) = (got[i] as f64, want[i] as f64);
+        g.is_nan() != w.is_nan() || (g - w).abs() > tol * w.abs().max(1.0)
+    };
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for i in (0..got.len()).filter(|&i| off(i)) {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => ranges.push((i, i)),
+        }
+    }
+    let shown: Vec<String> = ranges.iter().take(8).map(|(a, b)| format!("{a}..={b}")).collect();
+    format!("{} ranges [{}]", ranges.len(), shown.join(", "))
+}
+
 impl Checks {
     /// Records ‖got − want‖/‖want‖ and max |got − want|; NaN anywhere fails.
     fn close(&mut self, name: &str, got: &[f32], want: &[f32], tol: f64) {
@@ -75,14 +93,14 @@ impl Checks {
             num.sqrt()
         };
         let ok = nan == 0 && rel <= tol;
-        self.push(
-            name,
-            ok,
-            format!(
-                "rel_l2 {rel:.3e}  max_abs {max_abs:.3e}  nan {nan}  (tol {tol:.0e}, n {})",
-                got.len()
-            ),
+        let mut detail = format!(
+            "rel_l2 {rel:.3e}  max_abs {max_abs:.3e}  nan {nan}  (tol {tol:.0e}, n {})",
+            got.len()
         );
+        if !ok {
+            detail += &format!("  off at {}", off_ranges(got, want, tol));
+        }
+        self.push(name, ok, detail);
     }
 
     /// Exact equality (bits for floats).
