@@ -128,15 +128,27 @@ __device__ __forceinline__ void wg_commit_wait() {
 }
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the async one.
 __device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// D (+)= A·Bᵀ, both K-major in shared memory; `acc` 0 overwrites D (the first k16 step).
+// D (+)= A·B with both operands in shared memory (`acc` 0: D = A·B, the first k16 step).
+// TA / TB: 0 = K-major (the k index contiguous), 1 = MN-major (transposed).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss_m64n32(float (&d)[4][4], u64 da, u64 db, int acc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
+}
+template <int TA, int TB>
 __device__ __forceinline__ void wgmma_ss_m64n64(float (&d)[8][4], u64 da, u64 db, int acc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, %35, %36;\n}\n"
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-        : "l"(da), "l"(db), "r"(acc));
+        : "l"(da), "l"(db), "r"(acc), "n"(TA), "n"(TB));
 }
+// D += A·B with A from registers (mma.sync fragment layout) and B MN-major in shared memory.
 __device__ __forceinline__ void wgmma_rs_m64n64_tb(float (&d)[8][4], const u32 (&a)[4], u64 db) {
     asm volatile(
         "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
@@ -153,6 +165,18 @@ __device__ __forceinline__ void wgmma_rs_m64n128_tb(float (&d)[16][4], const u32
 }
 #endif
 
+#ifdef FA_WGMMA
+// The backward's [64 x D/2] products (dV, dK, dQ): B MN-major; A K-major (TA 0) or MN-major
+// (TA 1); `acc` 0 overwrites D.
+template <int D, int TA = 0>
+__device__ __forceinline__ void wg_mma_hd(float (&d)[D / 16][4], u64 da, u64 db, int acc = 1) {
+    if constexpr (D == 128)
+        wgmma_ss_m64n64<TA, 1>(d, da, db, acc);
+    else
+        wgmma_ss_m64n32<TA, 1>(d, da, db, acc);
+}
+#endif
+
 // Element (row, col) of a row-major shared tile W elements wide (W a multiple of 64), with the
 // 16-byte chunk index XOR-ed by row % 8: the 8 rows an ldmatrix phase reads (and the 8 chunks a
 // quarter-warp's cp.async writes) land in 8 different bank groups.
@@ -165,13 +189,13 @@ __device__ __forceinline__ int swz(int row, int col) {
 // 128-byte swizzle, which wgmma descriptors address; equal to swz<64> at D = 64.
 template <int D>
 __device__ __forceinline__ int swh(int row, int col) {
+    if constexpr (D == 64) return swz<64>(row, col);  // one block: no column split to compute
     return (col >> 6) * (FA_BLOCK * 64) + swz<64>(row, col & 63);
 }
 
 // Rows row0..row0+63 of a token-major bf16 matrix (row stride `ld` elements, `g` already at the
-// head's first column) into a swizzled [64][D] tile (`HALVES`: as swh); rows >= T and columns
-// >= d are zeros.
-template <int D, int NT, bool HALVES = false>
+// head's first column) into a swizzled [64][D] tile (swh); rows >= T and columns >= d are zeros.
+template <int D, int NT>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int row0, int T,
                                           int d, int tid) {
     constexpr int CH = D / 8;
@@ -183,7 +207,7 @@ __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, 
         const int row = row0 + r;
         const bool ok = row < T && ch * 8 < d;
         const bf16* src = ok ? g + (long long)row * ld + ch * 8 : g;
-        cp_async16(s + (HALVES ? swh<D>(r, ch * 8) : swz<D>(r, ch * 8)), src, ok);
+        cp_async16(s + swh<D>(r, ch * 8), src, ok);
     }
 }
 
@@ -275,8 +299,8 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int kb_lo = window > 0 ? max(0, i0 - window + 1) / FA_BLOCK : 0;
     int kb = qb;
 
-    load_tile<D, NT, true>(sQ, qg, qld, i0, T, d, tid);
-    load_tile<D, NT, true>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
+    load_tile<D, NT>(sQ, qg, qld, i0, T, d, tid);
+    load_tile<D, NT>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
     cp_async_commit();
     cp_async_wait_all();
 #ifdef FA_WGMMA
@@ -302,7 +326,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
     while (true) {
         // sK holds key block kb (loaded and visible to every warp).
-        load_tile<D, NT, true>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
+        load_tile<D, NT>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
         cp_async_commit();
 
         float s[8][4];
@@ -313,7 +337,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-            wgmma_ss_m64n64(s, wg_desc(sQ + at, 16, 1024), wg_desc(sK + at, 16, 1024), kk > 0);
+            wgmma_ss_m64n64<0, 0>(s, wg_desc(sQ + at, 16, 1024), wg_desc(sK + at, 16, 1024), kk > 0);
         }
         wg_commit_wait();
 #else
@@ -399,7 +423,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
         int next = kb - 1;
         while (next >= kb_lo && seg_skip(bl, qb, next)) --next;
         if (next >= kb_lo) {
-            load_tile<D, NT, true>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
+            load_tile<D, NT>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
             cp_async_commit();
         }
 
@@ -538,10 +562,15 @@ extern "C" __global__ void flash_bwd_prep(const bf16* __restrict__ o, const bf16
 //   dV += Pᵀ·dO, dK += dSᵀ·Q  warp tile: keys wk*16..+16 x columns wn*D/2..+D/2
 //   dQ  = dS·K              warp tile: queries wk*16..+16 x columns wn*D/2..+D/2 -> atomics
 // The softmax scale is applied once at the end (dK) and by flash_dq_convert (dQ).
-// Shared memory (dynamic): K, V [64][D], Pᵀ, dSᵀ [64][64] bf16, then `stages` (1 or 2) copies
-// of the per-query-block inputs: Q, dO [64][D] bf16, lse, delta [64] fp32. With 2 stages (when
-// the GPU grants the shared memory: sm_80/sm_90, not the 99 KiB of sm_86/sm_89 at D = 128) the
-// next query block's inputs load while the current one computes; with 1 they load after it.
+// On Hopper (FA_WGMMA) the five products are warpgroup MMAs with both operands in shared
+// memory: warpgroup wn (= warps 4wn..4wn+3, so warp & 3 = wk picks the accumulator rows) takes
+// the same rows and columns as its four warps above, so the accumulators keep the layouts the
+// softmax, the dQ staging and the final stores use.
+// Shared memory (dynamic, 1024-byte aligned tiles): K, V [64][D], Pᵀ, dSᵀ [64][64] bf16, then
+// `stages` (1 or 2) copies of the per-query-block inputs: Q, dO [64][D] bf16, lse, delta [64]
+// fp32 (padded to 1 KiB, the tiles' alignment). With 2 stages (when the GPU grants the shared memory: sm_80/sm_90, not
+// the 99 KiB of sm_86/sm_89 at D = 128) the next query block's inputs load while the current
+// one computes; with 1 they load after it.
 template <int D>
 __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -556,16 +585,20 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     constexpr int HD = D / 2;  // columns per warp in the dV/dK/dQ products
     // d 64 runs two CTAs per SM (128 registers): the dQ product unrolled by 2 keeps it from
     // spilling.
-    constexpr int DQ_UNROLL = D == 64 ? 2 : FA_BLOCK / 16;
-    // Elements of one stage: Q and dO tiles, then lse and delta (2 x 64 fp32 = 128 bf16 slots).
-    constexpr int STAGE = 2 * FA_BLOCK * D + 2 * FA_BLOCK * 2;
-    extern __shared__ __align__(128) unsigned char fa_smem[];
+    [[maybe_unused]] constexpr int DQ_UNROLL = D == 64 ? 2 : FA_BLOCK / 16;
+    // bf16 elements of one stage: Q and dO tiles, then lse and delta (2 x 64 fp32) padded to
+    // 1 KiB.
+    constexpr int STAGE = 2 * FA_BLOCK * D + 512;
+    extern __shared__ __align__(1024) unsigned char fa_smem[];
     bf16* sK = reinterpret_cast<bf16*>(fa_smem);
     bf16* sV = sK + FA_BLOCK * D;
     bf16* sP = sV + FA_BLOCK * D;  // Pᵀ [key][query]
     bf16* sS = sP + FA_BLOCK * FA_BLOCK;  // dSᵀ [key][query]
     bf16* stage0 = sS + FA_BLOCK * FA_BLOCK;
     const bool two = stages == 2;
+#ifdef FA_WGMMA
+    if (threadIdx.x == 0 && (smem_u32(fa_smem) & 1023)) __trap();  // wgmma's swizzle atoms
+#endif
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -624,6 +657,9 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     cp_async_commit();
     while (true) {
         cp_async_wait_all();
+#ifdef FA_WGMMA
+        proxy_fence();
+#endif
         __syncthreads();  // this item's inputs visible; every warp is done with the last item
         int ngi = gi, nqb = qb;
         const bool more = next_item(ngi, nqb);
@@ -638,6 +674,19 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         const int h = hk * G + gi, i0 = qb * FA_BLOCK;
 
         float st[4][4], dpt[4][4];
+#ifdef FA_WGMMA
+        // Both K-major: A = the K / V tile, B = this warpgroup's 32 rows of the Q / dO tile.
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16, bt = at + wn * 32 * 64;
+            wgmma_ss_m64n32<0, 0>(st, wg_desc(sK + at, 16, 1024), wg_desc(sQ + bt, 16, 1024),
+                                  kk > 0);
+            wgmma_ss_m64n32<0, 0>(dpt, wg_desc(sV + at, 16, 1024), wg_desc(sO + bt, 16, 1024),
+                                  kk > 0);
+        }
+        wg_commit_wait();
+#else
 #pragma unroll
         for (int n = 0; n < 4; ++n)
 #pragma unroll
@@ -645,21 +694,22 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             u32 ka[4], va[4];
-            ldsm_x4(ka, sK + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
-            ldsm_x4(va, sV + swz<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            ldsm_x4(ka, sK + swh<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            ldsm_x4(va, sV + swh<D>(wk * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
                 const int row = wn * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8;
                 const int col = kk * 16 + ((lane >> 3) & 1) * 8;
                 u32 qf[4], of[4];
-                ldsm_x4(qf, sQ + swz<D>(row, col));
+                ldsm_x4(qf, sQ + swh<D>(row, col));
                 mma16816(st[2 * np], ka, qf[0], qf[1]);
                 mma16816(st[2 * np + 1], ka, qf[2], qf[3]);
-                ldsm_x4(of, sO + swz<D>(row, col));
+                ldsm_x4(of, sO + swh<D>(row, col));
                 mma16816(dpt[2 * np], va, of[0], of[1]);
                 mma16816(dpt[2 * np + 1], va, of[2], of[3]);
             }
         }
+#endif
 
         const bool full = tile_full(bl, qb, kb, T, window);
 #pragma unroll
@@ -694,9 +744,26 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = pack_bf16x2(dpt[n][0], dpt[n][1]);
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = pack_bf16x2(dpt[n][2], dpt[n][3]);
         }
+#ifdef FA_WGMMA
+        proxy_fence();
+#endif
         __syncthreads();
 
         // dV += Pᵀ·dO and dK += dSᵀ·Q over the block's 64 queries.
+#ifdef FA_WGMMA
+        // A = Pᵀ / dSᵀ K-major (queries contiguous); B = dO / Q MN-major (d contiguous): a k16
+        // step is 16 rows (2 KiB); this warpgroup's columns are the second 64-column block at
+        // D 128, and start 64 bytes into the 128-byte rows at D 64.
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+            const u64 pd = wg_desc(sP + kk * 16, 16, 1024), sd = wg_desc(sS + kk * 16, 16, 1024);
+            const int bt = kk * 16 * 64 + (D == 128 ? wn * FA_BLOCK * 64 : wn * HD);
+            wg_mma_hd<D>(dVa, pd, wg_desc(sO + bt, FA_BLOCK * 64 * 2, 1024));
+            wg_mma_hd<D>(dKa, sd, wg_desc(sQ + bt, FA_BLOCK * 64 * 2, 1024));
+        }
+        wg_commit_wait();
+#else
 #pragma unroll
         for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
             u32 pa[4], sa[4];
@@ -707,14 +774,15 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 const int row = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                 const int col = wn * HD + dp * 16 + (lane >> 4) * 8;
                 u32 of[4], qf[4];
-                ldsm_x4_t(of, sO + swz<D>(row, col));
+                ldsm_x4_t(of, sO + swh<D>(row, col));
                 mma16816(dVa[2 * dp], pa, of[0], of[1]);
                 mma16816(dVa[2 * dp + 1], pa, of[2], of[3]);
-                ldsm_x4_t(qf, sQ + swz<D>(row, col));
+                ldsm_x4_t(qf, sQ + swh<D>(row, col));
                 mma16816(dKa[2 * dp], sa, qf[0], qf[1]);
                 mma16816(dKa[2 * dp + 1], sa, qf[2], qf[3]);
             }
         }
+#endif
 
         // dQ (unscaled) of queries wk*16..+16 over the block's 64 keys. The partial tile goes
         // through shared memory (the stage's Q and dO tiles, free once every warp is past the
@@ -722,6 +790,18 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         // tiles), so the atomics run over whole rows: 32 consecutive floats per warp
         // instruction (4 full sectors), or 128 with sm_90's 16-byte red.v4.
         float dqa[HD / 8][4];
+#ifdef FA_WGMMA
+        // A = dS, the stored dSᵀ read transposed (MN-major: queries contiguous), a k16 step is
+        // 16 keys = 16 rows; B = K MN-major at this warpgroup's columns, as above.
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+            const int bt = kk * 16 * 64 + (D == 128 ? wn * FA_BLOCK * 64 : wn * HD);
+            wg_mma_hd<D, 1>(dqa, wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024),
+                            wg_desc(sK + bt, FA_BLOCK * 64 * 2, 1024), kk > 0);
+        }
+        wg_commit_wait();
+#else
 #pragma unroll
         for (int n = 0; n < HD / 8; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
 #pragma unroll DQ_UNROLL
@@ -732,12 +812,13 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
             for (int dp = 0; dp < HD / 16; ++dp) {
                 u32 kf[4];
-                ldsm_x4_t(kf, sK + swz<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                ldsm_x4_t(kf, sK + swh<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                           wn * HD + dp * 16 + (lane >> 4) * 8));
                 mma16816(dqa[2 * dp], da, kf[0], kf[1]);
                 mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
             }
         }
+#endif
         __syncthreads();  // every warp is done reading sQ and sO
         float* sQd = reinterpret_cast<float*>(sQ);
 #pragma unroll

@@ -65,7 +65,11 @@ fn off_ranges(got: &[f32], want: &[f32], tol: f64) -> String {
             _ => ranges.push((i, i)),
         }
     }
-    let shown: Vec<String> = ranges.iter().take(8).map(|(a, b)| format!("{a}..={b}")).collect();
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(8)
+        .map(|(a, b)| format!("{a}..={b}"))
+        .collect();
     format!("{} ranges [{}]", ranges.len(), shown.join(", "))
 }
 
