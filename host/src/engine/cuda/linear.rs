@@ -168,6 +168,28 @@ impl Linear {
             1.0,
             beta,
         )?;
+        self.forward_low(g, k, x)?;
+        if let Some(l) = self.lora {
+            mm(
+                g,
+                n,
+                o,
+                l.r,
+                Operand::new(l.low, l.r),
+                Operand::new(l.b, l.r).t(),
+                Output::new(y, o, OutType::Bf16),
+                l.scale,
+                1.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Only what the backward keeps from the forward: the adapter's `low = drop(x)·Aᵀ` (nothing
+    /// without an adapter). For a checkpointing recompute of a projection whose output nothing
+    /// reads, it skips the frozen GEMM (and its NF4 dequantisation).
+    pub fn forward_low(&self, g: &mut Gemm, k: &Kernels, x: u64) -> Result<()> {
+        let (n, i) = (self.n, self.inp);
         if let Some(l) = self.lora {
             let xa = self.adapter_input(g, k, &l, x)?;
             mm(
@@ -180,17 +202,6 @@ impl Linear {
                 Output::new(l.low, l.r, OutType::Bf16),
                 1.0,
                 0.0,
-            )?;
-            mm(
-                g,
-                n,
-                o,
-                l.r,
-                Operand::new(l.low, l.r),
-                Operand::new(l.b, l.r).t(),
-                Output::new(y, o, OutType::Bf16),
-                l.scale,
-                1.0,
             )?;
         }
         Ok(())

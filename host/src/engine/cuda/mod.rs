@@ -572,8 +572,10 @@ impl CudaBackend {
     }
 
     /// Layer `l` forward from its input into the next layer's input (`to_next`) or, for a
-    /// checkpointing recompute that only needs the activations, into the `dn` scratch;
-    /// activations go to `acts[slot]`.
+    /// checkpointing recompute, only as far as the backward reads: the next layer's input is
+    /// already stored, so the down projection computes just its adapter's `low` (its frozen
+    /// GEMM, a sixth of the layer's forward FLOPs, is skipped). Activations go to
+    /// `acts[slot]`.
     fn layer_forward_in(
         &mut self,
         b: &mut Buffers,
@@ -588,9 +590,10 @@ impl CudaBackend {
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
         let (xi, yi) = (b.x_index(l), b.x_index(l + 1));
         let (x, y) = if to_next {
-            input_and_output(&mut b.xs, xi, yi)
+            let (x, y) = input_and_output(&mut b.xs, xi, yi);
+            (x, Some(y))
         } else {
-            (&b.xs[xi], &mut b.dn)
+            (&b.xs[xi], None)
         };
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
@@ -718,13 +721,16 @@ impl CudaBackend {
             n,
             i,
         )?;
-        down.forward(
-            &mut self.gemm,
-            &self.kernels,
-            ptr16(&b.mlp), // act
-            ptr16(y),
-            Some(ptr16(&a.h)),
-        )?;
+        match y {
+            Some(y) => down.forward(
+                &mut self.gemm,
+                &self.kernels,
+                ptr16(&b.mlp), // act
+                ptr16(y),
+                Some(ptr16(&a.h)),
+            )?,
+            None => down.forward_low(&mut self.gemm, &self.kernels, ptr16(&b.mlp))?,
+        }
         Ok(())
     }
 
