@@ -145,6 +145,28 @@ impl LayerWeights {
 
     /// Forward of layer `layer` on `x` (`[N, hidden]`); returns the output and the cache.
     pub fn forward(&self, layer: usize, x: &Tensor, ctx: &PassCtx) -> Result<(Tensor, LayerCache)> {
+        let (out, cache) = self.run(layer, x, ctx, true)?;
+        Ok((
+            out.expect("run returns the output when asked for it"),
+            cache,
+        ))
+    }
+
+    /// The cache alone, for a checkpointing recompute: the layer's output is the next layer's
+    /// input, already kept, so the down projection computes only its adapter's `x·Aᵀ` (the
+    /// backward reads nothing else of it) and skips its frozen matmul.
+    pub fn recompute(&self, layer: usize, x: &Tensor, ctx: &PassCtx) -> Result<LayerCache> {
+        Ok(self.run(layer, x, ctx, false)?.1)
+    }
+
+    /// The forward, with the layer's output only when `output`.
+    fn run(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &PassCtx,
+        output: bool,
+    ) -> Result<(Option<Tensor>, LayerCache)> {
         let cfg = ctx.cfg;
         let (b, t, d) = (ctx.batch, ctx.seq, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -188,8 +210,13 @@ impl LayerWeights {
         let (gate, cg) = self.project(GATE, layer, ctx, &n2)?;
         let (up, cu) = self.project(UP, layer, ctx, &n2)?;
         let act = swiglu(&gate, &up)?;
-        let (down, cd) = self.project(DOWN, layer, ctx, &act)?;
-        let out = (&h + down)?;
+        let (out, cd) = if output {
+            let (down, cd) = self.project(DOWN, layer, ctx, &act)?;
+            (Some((&h + down)?), cd)
+        } else {
+            let mask = self.dropout_mask(DOWN, layer, ctx, &act)?;
+            (None, self.linear(DOWN, ctx).forward_low(&act, mask)?)
+        };
 
         let cache = LayerCache {
             x: x.clone(),

@@ -52,22 +52,31 @@ impl Linear<'_> {
         if let Some(bias) = self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let mut cache = LinearCache {
-            dropped: None,
-            mask: None,
-            low: None,
-        };
-        if let Some(ad) = self.adapter {
-            let dropped = mask.as_ref().map(|m| x * m).transpose()?;
-            let low = dropped.as_ref().unwrap_or(x).matmul(&ad.a.t()?)?;
+        let cache = self.forward_low(x, mask)?;
+        if let (Some(ad), Some(low)) = (self.adapter, &cache.low) {
             y = (y + (low.matmul(&ad.b.t()?)? * ad.scale)?)?;
-            cache = LinearCache {
-                dropped,
-                mask,
-                low: Some(low),
-            };
         }
         Ok((y, cache))
+    }
+
+    /// Only what the backward reads from the forward: the adapter's `drop(x)·Aᵀ` (and the
+    /// dropped input). For a checkpointing recompute of a projection whose output nothing
+    /// reads, it skips the frozen matmul.
+    pub fn forward_low(&self, x: &Tensor, mask: Option<Tensor>) -> Result<LinearCache> {
+        let Some(ad) = self.adapter else {
+            return Ok(LinearCache {
+                dropped: None,
+                mask: None,
+                low: None,
+            });
+        };
+        let dropped = mask.as_ref().map(|m| x * m).transpose()?;
+        let low = dropped.as_ref().unwrap_or(x).matmul(&ad.a.t()?)?;
+        Ok(LinearCache {
+            dropped,
+            mask,
+            low: Some(low),
+        })
     }
 
     /// Returns `dx` (when `need_dx`) and the gradients of the adapter and of the bias (when

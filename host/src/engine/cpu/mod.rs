@@ -350,7 +350,7 @@ impl CpuBackend {
                 Some(c) => c,
                 // Checkpointing: recompute this layer from its saved input (same dropout masks,
                 // since they are a function of the pass counter).
-                None => layer.forward(l, &inputs[l], &ctx)?.1,
+                None => layer.recompute(l, &inputs[l], &ctx)?,
             };
             match layer.backward(&dx, &cache, &ctx, l > 0, &mut grads)? {
                 Some(d) => dx = d,
