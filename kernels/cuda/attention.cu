@@ -752,8 +752,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
         // dV += Pᵀ·dO and dK += dSᵀ·Q over the block's 64 queries.
 #ifdef FA_WGMMA
         // A = Pᵀ / dSᵀ K-major (queries contiguous); B = dO / Q MN-major (d contiguous): a k16
-        // step is 16 rows (2 KiB); this warpgroup's columns are the second 64-column block at
-        // D 128, and start 64 bytes into the 128-byte rows at D 64.
+        // step is 16 rows (2 KiB); warpgroup wn's columns are 64-column block wn at D 128, and
+        // start wn·64 bytes into the 128-byte rows at D 64.
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
