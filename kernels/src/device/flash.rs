@@ -406,6 +406,15 @@ mod tests {
         // One stage fits the 99 KiB opt-in limit of sm_86/sm_89 at d 128; two fit sm_80's
         // 163 KiB (and sm_90's 227 KiB).
         assert_eq!(bwd_smem_bytes(128, 1), 82944);
+        // The tiles start at multiples of 1 KiB (wgmma's swizzle atoms): every fixed tile and
+        // every stage is a whole number of KiB.
+        for width in WIDTHS {
+            assert_eq!(bwd_smem_bytes(width, 0) % 1024, 0);
+            assert_eq!(
+                (bwd_smem_bytes(width, 2) - bwd_smem_bytes(width, 1)) % 1024,
+                0
+            );
+        }
         assert!(bwd_smem_bytes(128, 1) <= 99 * 1024);
         assert!(bwd_smem_bytes(64, 2) <= 99 * 1024);
         assert!(bwd_smem_bytes(128, 2) <= 163 * 1024);
