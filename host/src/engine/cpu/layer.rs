@@ -145,28 +145,26 @@ impl LayerWeights {
 
     /// Forward of layer `layer` on `x` (`[N, hidden]`); returns the output and the cache.
     pub fn forward(&self, layer: usize, x: &Tensor, ctx: &PassCtx) -> Result<(Tensor, LayerCache)> {
-        let (out, cache) = self.run(layer, x, ctx, true)?;
-        Ok((
-            out.expect("run returns the output when asked for it"),
-            cache,
-        ))
+        let mut cache = self.up_to_down(layer, x, ctx)?;
+        let (down, cd) = self.project(DOWN, layer, ctx, &cache.act)?;
+        cache.lin.push(cd);
+        Ok(((&cache.h + down)?, cache))
     }
 
     /// The cache alone, for a checkpointing recompute: the layer's output is the next layer's
     /// input, already kept, so the down projection computes only its adapter's `x·Aᵀ` (the
     /// backward reads nothing else of it) and skips its frozen matmul.
     pub fn recompute(&self, layer: usize, x: &Tensor, ctx: &PassCtx) -> Result<LayerCache> {
-        Ok(self.run(layer, x, ctx, false)?.1)
+        let mut cache = self.up_to_down(layer, x, ctx)?;
+        let mask = self.dropout_mask(DOWN, layer, ctx, &cache.act)?;
+        let cd = self.linear(DOWN, ctx).forward_low(&cache.act, mask)?;
+        cache.lin.push(cd);
+        Ok(cache)
     }
 
-    /// The forward, with the layer's output only when `output`.
-    fn run(
-        &self,
-        layer: usize,
-        x: &Tensor,
-        ctx: &PassCtx,
-        output: bool,
-    ) -> Result<(Option<Tensor>, LayerCache)> {
+    /// The forward up to the down projection's input (`act`); the cache's `lin` lacks the down
+    /// projection's entry.
+    fn up_to_down(&self, layer: usize, x: &Tensor, ctx: &PassCtx) -> Result<LayerCache> {
         let cfg = ctx.cfg;
         let (b, t, d) = (ctx.batch, ctx.seq, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -210,19 +208,12 @@ impl LayerWeights {
         let (gate, cg) = self.project(GATE, layer, ctx, &n2)?;
         let (up, cu) = self.project(UP, layer, ctx, &n2)?;
         let act = swiglu(&gate, &up)?;
-        let (out, cd) = if output {
-            let (down, cd) = self.project(DOWN, layer, ctx, &act)?;
-            (Some((&h + down)?), cd)
-        } else {
-            let mask = self.dropout_mask(DOWN, layer, ctx, &act)?;
-            (None, self.linear(DOWN, ctx).forward_low(&act, mask)?)
-        };
 
-        let cache = LayerCache {
+        Ok(LayerCache {
             x: x.clone(),
             n1,
             rstd1,
-            lin: vec![cq, ck, cv, co, cg, cu, cd],
+            lin: vec![cq, ck, cv, co, cg, cu],
             q_raw,
             k_raw,
             q,
@@ -236,8 +227,7 @@ impl LayerWeights {
             gate,
             up,
             act,
-        };
-        Ok((out, cache))
+        })
     }
 
     /// Backward of one layer: returns `∂L/∂x` (only when `need_dx`; layer 0's input is the frozen
