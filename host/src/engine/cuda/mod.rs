@@ -49,14 +49,6 @@ use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, Pa
 use crate::job::{JobConfig, PROJECTIONS};
 use crate::model::ModelConfig;
 
-const Q: usize = 0;
-const K: usize = 1;
-const V: usize = 2;
-const O: usize = 3;
-const GATE: usize = 4;
-const UP: usize = 5;
-const DOWN: usize = 6;
-
 /// Why no GPU can be used, or the device that can.
 pub fn probe() -> std::result::Result<String, String> {
     // SAFETY: only dlopens the libraries to see whether they exist.
@@ -497,6 +489,11 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Layer `l`'s seven projections in [`PROJECTIONS`] order: q, k, v, o, gate, up, down.
+    fn linears(&self, l: usize, tokens: usize, acts: &LayerActs) -> [Linear; PROJECTIONS.len()] {
+        std::array::from_fn(|j| self.linear(l, j, tokens, acts))
+    }
+
     fn linear(&self, l: usize, j: usize, tokens: usize, acts: &LayerActs) -> Linear {
         let (inp, out) = self
             .cfg
@@ -607,16 +604,7 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        let lin = |j| self.linear(l, j, n, a);
-        let (q, k, v, o, gate, up, down) = (
-            lin(Q),
-            lin(K),
-            lin(V),
-            lin(O),
-            lin(GATE),
-            lin(UP),
-            lin(DOWN),
-        );
+        let [q, k, v, o, gate, up, down] = self.linears(l, n, a);
         let (n1, qp, kp, vp) = (ptr16(&b.norm), ptr16(&a.q), ptr16(&a.k), ptr16(&a.v));
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
@@ -745,16 +733,7 @@ impl CudaBackend {
         let xi = b.x_index(l);
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
-        let lin = |j| self.linear(l, j, n, a);
-        let (q, k, v, o, gate, up, down) = (
-            lin(Q),
-            lin(K),
-            lin(V),
-            lin(O),
-            lin(GATE),
-            lin(UP),
-            lin(DOWN),
-        );
+        let [q, k, v, o, gate, up, down] = self.linears(l, n, a);
         let dims = self.dims(sz.batch, sz.seq);
         let g = &mut self.gemm;
         let kr = &self.kernels;
