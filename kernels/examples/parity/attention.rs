@@ -1,6 +1,7 @@
 //! Parity checks and the benchmark of the fused attention kernels (`attention.cu`).
 
-use ferrotune_kernels::device::{FlashBwdWork, FlashShape, FLASH_BLOCK};
+use cudarc::driver::CudaSlice;
+use ferrotune_kernels::device::{bf16, FlashBwdWork, FlashShape, FLASH_BLOCK};
 use ferrotune_kernels::reference::attention::{self as rattn, Dims};
 
 use super::{time_ms, Checks, Gpu, Res, BF16_TOL};
@@ -88,6 +89,100 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// One attention call on the device: its inputs (q, k, v, dO, segment ids), the block table,
+/// and NaN-poisoned outputs and backward workspace — shared by the checks and the benchmark.
+struct Call {
+    s: FlashShape,
+    q: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    d_o: CudaSlice<bf16>,
+    seg: CudaSlice<u32>,
+    blk: CudaSlice<u32>,
+    o: CudaSlice<bf16>,
+    lse: CudaSlice<f32>,
+    delta: CudaSlice<f32>,
+    dq_acc: CudaSlice<f32>,
+    dq: CudaSlice<bf16>,
+    dk: CudaSlice<bf16>,
+    dv: CudaSlice<bf16>,
+}
+
+impl Call {
+    fn new(
+        g: &Gpu,
+        s: FlashShape,
+        (q, k, v, d_o): (
+            CudaSlice<bf16>,
+            CudaSlice<bf16>,
+            CudaSlice<bf16>,
+            CudaSlice<bf16>,
+        ),
+        seg: &[u32],
+    ) -> Res<Self> {
+        Ok(Self {
+            s,
+            q,
+            k,
+            v,
+            d_o,
+            seg: g.up(seg)?,
+            blk: g.up(&vec![u32::MAX; s.seg_blocks_len()])?,
+            o: g.poison_bf16(s.q_len())?,
+            lse: g.poison_f32(s.lse_len())?,
+            delta: g.poison_f32(s.lse_len())?,
+            dq_acc: g.poison_f32(s.q_len())?,
+            dq: g.poison_bf16(s.q_len())?,
+            dk: g.poison_bf16(s.kv_len())?,
+            dv: g.poison_bf16(s.kv_len())?,
+        })
+    }
+
+    fn seg_blocks(&mut self, g: &Gpu) -> Res<()> {
+        g.k.flash_seg_blocks(
+            &g.stream,
+            &self.s,
+            &self.seg.as_view(),
+            &mut self.blk.as_view_mut(),
+        )?;
+        Ok(())
+    }
+
+    fn forward(&mut self, g: &Gpu) -> Res<()> {
+        g.k.flash_attn_fwd(
+            &g.stream,
+            &self.s,
+            (&self.q.as_view(), &self.k.as_view(), &self.v.as_view()),
+            &self.seg.as_view(),
+            &self.blk.as_view(),
+            &mut self.o.as_view_mut(),
+            &mut self.lse.as_view_mut(),
+        )?;
+        Ok(())
+    }
+
+    fn backward(&mut self, g: &Gpu) -> Res<()> {
+        g.k.flash_attn_bwd(
+            &g.stream,
+            &self.s,
+            (&self.q.as_view(), &self.k.as_view(), &self.v.as_view()),
+            (&self.o.as_view(), &self.d_o.as_view(), &self.lse.as_view()),
+            &self.seg.as_view(),
+            &self.blk.as_view(),
+            FlashBwdWork {
+                delta: &mut self.delta.as_view_mut(),
+                dq_acc: &mut self.dq_acc.as_view_mut(),
+            },
+            (
+                &mut self.dq.as_view_mut(),
+                &mut self.dk.as_view_mut(),
+                &mut self.dv.as_view_mut(),
+            ),
+        )?;
+        Ok(())
+    }
+}
+
 pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     for case in cases() {
         let s = case.shape;
@@ -112,73 +207,41 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         let k = g.randn_bf16(s.kv_len(), 1.0);
         let v = g.randn_bf16(s.kv_len(), 1.0);
         let d_o = g.randn_bf16(s.q_len(), 1.0);
-        let (qd, kd, vd, dod) = (
+        let inputs = (
             g.up_bf16(&q)?,
             g.up_bf16(&k)?,
             g.up_bf16(&v)?,
             g.up_bf16(&d_o)?,
         );
-        let segd = g.up(&seg)?;
-        let mut blk = g.up(&vec![u32::MAX; s.seg_blocks_len()])?;
-        g.k.flash_seg_blocks(&g.stream, &s, &segd.as_view(), &mut blk.as_view_mut())?;
+        let mut call = Call::new(g, s, inputs, &seg)?;
+        call.seg_blocks(g)?;
         c.exact(
             &format!("flash_seg_blocks {tag}"),
-            &g.down(&blk)?,
+            &g.down(&call.blk)?,
             &seg_blocks_ref(&seg, s.batch, s.seq),
         );
 
-        let mut o = g.poison_bf16(s.q_len())?;
-        let mut lse = g.poison_f32(s.lse_len())?;
-        g.k.flash_attn_fwd(
-            &g.stream,
-            &s,
-            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
-            &segd.as_view(),
-            &blk.as_view(),
-            &mut o.as_view_mut(),
-            &mut lse.as_view_mut(),
-        )?;
+        call.forward(g)?;
         let (o_ref, lse_ref) = rattn::forward(&q, &k, &v, &seg, &dims);
         c.close(
             &format!("flash_fwd o {tag}"),
-            &g.down_bf16(&o)?,
+            &g.down_bf16(&call.o)?,
             &o_ref,
             BF16_TOL,
         );
         c.close(
             &format!("flash_fwd lse {tag}"),
-            &g.down(&lse)?,
+            &g.down(&call.lse)?,
             &lse_ref,
             LSE_TOL,
         );
 
-        let mut delta = g.poison_f32(s.lse_len())?;
-        let mut dq_acc = g.poison_f32(s.q_len())?;
-        let mut dq = g.poison_bf16(s.q_len())?;
-        let mut dk = g.poison_bf16(s.kv_len())?;
-        let mut dv = g.poison_bf16(s.kv_len())?;
-        g.k.flash_attn_bwd(
-            &g.stream,
-            &s,
-            (&qd.as_view(), &kd.as_view(), &vd.as_view()),
-            (&o.as_view(), &dod.as_view(), &lse.as_view()),
-            &segd.as_view(),
-            &blk.as_view(),
-            FlashBwdWork {
-                delta: &mut delta.as_view_mut(),
-                dq_acc: &mut dq_acc.as_view_mut(),
-            },
-            (
-                &mut dq.as_view_mut(),
-                &mut dk.as_view_mut(),
-                &mut dv.as_view_mut(),
-            ),
-        )?;
+        call.backward(g)?;
         let (dq_ref, dk_ref, dv_ref) = rattn::backward(&q, &k, &v, &d_o, &seg, &dims);
         for (name, got, want) in [
-            ("dq", &dq, &dq_ref),
-            ("dk", &dk, &dk_ref),
-            ("dv", &dv, &dv_ref),
+            ("dq", &call.dq, &dq_ref),
+            ("dk", &call.dk, &dk_ref),
+            ("dv", &call.dv, &dv_ref),
         ] {
             c.close(
                 &format!("flash_bwd {name} {tag}"),
@@ -212,52 +275,18 @@ pub fn bench(g: &mut Gpu) -> Res<()> {
             let seg: Vec<u32> = (0..s.batch)
                 .flat_map(|_| row_segments(s.seq, &lens))
                 .collect();
-            let qd = g.rand_bf16_dev(s.q_len(), 1.0)?;
-            let kd = g.rand_bf16_dev(s.kv_len(), 1.0)?;
-            let vd = g.rand_bf16_dev(s.kv_len(), 1.0)?;
-            let dod = g.rand_bf16_dev(s.q_len(), 1.0)?;
-            let segd = g.up(&seg)?;
-            let mut blk = g.up(&vec![0u32; s.seg_blocks_len()])?;
-            let mut o = g.poison_bf16(s.q_len())?;
-            let mut lse = g.poison_f32(s.lse_len())?;
-            let mut delta = g.poison_f32(s.lse_len())?;
-            let mut dq_acc = g.poison_f32(s.q_len())?;
-            let mut dq = g.poison_bf16(s.q_len())?;
-            let mut dk = g.poison_bf16(s.kv_len())?;
-            let mut dv = g.poison_bf16(s.kv_len())?;
+            let inputs = (
+                g.rand_bf16_dev(s.q_len(), 1.0)?,
+                g.rand_bf16_dev(s.kv_len(), 1.0)?,
+                g.rand_bf16_dev(s.kv_len(), 1.0)?,
+                g.rand_bf16_dev(s.q_len(), 1.0)?,
+            );
+            let mut call = Call::new(g, s, inputs, &seg)?;
             let fwd_ms = time_ms(g, || {
-                g.k.flash_seg_blocks(&g.stream, &s, &segd.as_view(), &mut blk.as_view_mut())?;
-                g.k.flash_attn_fwd(
-                    &g.stream,
-                    &s,
-                    (&qd.as_view(), &kd.as_view(), &vd.as_view()),
-                    &segd.as_view(),
-                    &blk.as_view(),
-                    &mut o.as_view_mut(),
-                    &mut lse.as_view_mut(),
-                )?;
-                Ok(())
+                call.seg_blocks(g)?;
+                call.forward(g)
             })?;
-            let bwd_ms = time_ms(g, || {
-                g.k.flash_attn_bwd(
-                    &g.stream,
-                    &s,
-                    (&qd.as_view(), &kd.as_view(), &vd.as_view()),
-                    (&o.as_view(), &dod.as_view(), &lse.as_view()),
-                    &segd.as_view(),
-                    &blk.as_view(),
-                    FlashBwdWork {
-                        delta: &mut delta.as_view_mut(),
-                        dq_acc: &mut dq_acc.as_view_mut(),
-                    },
-                    (
-                        &mut dq.as_view_mut(),
-                        &mut dk.as_view_mut(),
-                        &mut dv.as_view_mut(),
-                    ),
-                )?;
-                Ok(())
-            })?;
+            let bwd_ms = time_ms(g, || call.backward(g))?;
             let (b, h, t, d) = (
                 s.batch as f64,
                 s.heads as f64,
