@@ -17,7 +17,7 @@ use std::path::Path;
 
 use ferrotune::cli::choices::{Bias, Optim};
 use ferrotune::engine::cpu::{trainable_shapes, CpuBackend, EngineOptions};
-use ferrotune::engine::cuda::{probe, CudaBackend};
+use ferrotune::engine::cuda::{probe, CudaBackend, Parked};
 use ferrotune::engine::{Backend, Batch, HostData, HostTensor, IGNORE};
 use ferrotune::job::PROJECTIONS;
 use ferrotune::model::tiny::{write_random_model, TinySpec};
@@ -229,16 +229,20 @@ fn cuda_step_matches_the_cpu_engine() {
     let dir = tmp.path().join("model");
     write_random_model(&dir, &spec(), 5).unwrap();
     let cfg = ModelConfig::from_dir(&dir).unwrap();
-    // (checkpointing, offload of the layer inputs to host memory)
-    for (checkpointing, offload) in [(false, false), (true, false), (true, true)] {
+    // (checkpointing, what offload parks in host memory)
+    for (checkpointing, offload) in [
+        (false, None),
+        (true, None),
+        (true, Some(Parked::Inputs)),
+        (true, Some(Parked::Attention)),
+    ] {
         let opts = options(checkpointing);
         let mut cpu = cpu_backend(&dir, opts.clone());
         let mut gpu = cuda_backend(&dir, opts.clone());
         gpu.set_offload(offload).unwrap();
-        let checkpointing = if offload {
-            "unsloth".to_string()
-        } else {
-            checkpointing.to_string()
+        let checkpointing = match offload {
+            Some(p) => format!("unsloth/{p:?}"),
+            None => checkpointing.to_string(),
         };
         // Same initialisation on both (same seed, same draw order).
         compare(
@@ -256,6 +260,8 @@ fn cuda_step_matches_the_cpu_engine() {
             let c = cpu.forward_backward(&batch, scale).unwrap();
             let g = gpu.forward_backward(&batch, scale).unwrap();
             assert_eq!(c.tokens, g.tokens);
+            // Parked as asked (the host has the memory for this small model).
+            assert_eq!(gpu.parked(), offload);
             let rel = (g.loss_sum - c.loss_sum).abs() / c.loss_sum;
             eprintln!(
                 "ckpt={checkpointing} step {step}: loss cpu {:.6} cuda {:.6} (rel {rel:.2e})",
@@ -399,6 +405,8 @@ struct Case {
     opts: EngineOptions,
     optim: Optim,
     load_in_4bit: bool,
+    /// `--use_gradient_checkpointing unsloth` (with checkpointing options): what is parked.
+    parked: Option<Parked>,
 }
 
 /// 3 steps on both engines: loss every step, every gradient at the first, parameters after the
@@ -416,6 +424,7 @@ fn run_case(c: &Case) {
         c.load_in_4bit,
     )
     .unwrap();
+    gpu.set_offload(c.parked).unwrap();
     let label = &c.label;
     // Same tensors, same initialisation (trainable biases start from the checkpoint's).
     compare(
@@ -432,6 +441,7 @@ fn run_case(c: &Case) {
         let scale = 1.0 / batch.trainable_tokens() as f32;
         let cs = cpu.forward_backward(&batch, scale).unwrap();
         let gs = gpu.forward_backward(&batch, scale).unwrap();
+        assert_eq!(gpu.parked(), c.parked, "{label}: parked");
         let rel = (gs.loss_sum - cs.loss_sum).abs() / cs.loss_sum;
         eprintln!(
             "{label} step {step}: loss cpu {:.6} cuda {:.6} (rel {rel:.2e})",
@@ -504,6 +514,7 @@ fn case(label: &str, dir: &Path, opts: EngineOptions) -> Case {
         opts,
         optim: Optim::AdamwTorch,
         load_in_4bit: false,
+        parked: None,
     }
 }
 
@@ -588,6 +599,11 @@ fn qwen3_qk_norm_matches_the_cpu_engine() {
     );
     run_case(&case("qwen3 qk-norm", &qwen3, options(false)));
     run_case(&case("qwen3 qk-norm (ckpt)", &qwen3, options(true)));
+    // Offloaded with the attention: the pre-norm q/k and their rstd travel with the lows.
+    run_case(&Case {
+        parked: Some(Parked::Attention),
+        ..case("qwen3 qk-norm (unsloth/Attention)", &qwen3, options(true))
+    });
 }
 
 #[test]
@@ -612,7 +628,7 @@ fn lora_dropout_draws_the_cpu_engines_masks() {
     };
     let mut cpu = cpu_backend(&dir, opts.clone());
     let mut gpu = cuda_backend(&dir, opts.clone());
-    gpu.set_offload(true).unwrap();
+    gpu.set_offload(Some(Parked::Attention)).unwrap();
     let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
     cpu.import_trainable(&init).unwrap();
     gpu.import_trainable(&init).unwrap();

@@ -84,7 +84,12 @@ fn cuda_backend(
         0.0,
         args.load_in_4bit,
     )?;
-    b.set_offload(args.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
+    let unsloth = args.use_gradient_checkpointing == GradientCheckpointing::Unsloth;
+    b.set_offload(
+        unsloth
+            .then(crate::engine::cuda::Parked::from_env)
+            .transpose()?,
+    )?;
     Ok(b)
 }
 

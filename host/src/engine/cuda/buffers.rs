@@ -8,10 +8,11 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 use ferrotune_kernels::device::{bf16, CrossEntropyRows, FlashShape, REDUCE_PARTS};
 
 use super::attention::Scratch;
+use super::offload::Offload;
 use crate::model::ModelConfig;
 
 /// What one layer's backward needs from its forward.
@@ -116,7 +117,9 @@ pub struct Buffers {
     /// Residual stream: layer `l`'s input is `xs[x_index(l)]`, the last layer's output
     /// `xs[x_index(L)]`; `L + 1` buffers, or 2 used in turn when the inputs are offloaded.
     pub xs: Vec<CudaSlice<bf16>>,
-    /// `--use_gradient_checkpointing unsloth`: layer inputs parked in pinned host memory.
+    xs_take_turns: bool,
+    /// `--use_gradient_checkpointing unsloth`: layer activations parked in pinned host memory
+    /// (set up by the engine once the activation buffers exist).
     pub offload: Option<Offload>,
     /// One per layer, or one shared with gradient checkpointing.
     pub acts: Vec<LayerActs>,
@@ -151,17 +154,9 @@ pub struct Buffers {
     pub t: CudaSlice<bf16>,
 }
 
-/// Layer inputs in pinned host memory, copied out on a side stream as the forward produces
-/// them and back (one layer ahead) as the backward needs them, overlapping the compute.
-pub struct Offload {
-    pub side: Arc<CudaStream>,
-    /// `host[l]` holds layer `l`'s input.
-    pub host: Vec<PinnedHostSlice<bf16>>,
-}
-
 impl Buffers {
+    /// `offload`: two `xs` buffers taking turns instead of one per layer.
     pub fn new(
-        ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         s: Sizes,
         layers: usize,
@@ -184,17 +179,8 @@ impl Buffers {
             xs: (0..if offload { 2 } else { layers + 1 })
                 .map(|_| z16(n * s.hidden))
                 .collect::<Result<_>>()?,
-            offload: if offload {
-                Some(Offload {
-                    side: ctx.new_stream()?,
-                    host: (0..layers)
-                        // SAFETY: every host buffer is written by a device copy before it is read.
-                        .map(|_| unsafe { ctx.alloc_pinned::<bf16>(n * s.hidden) })
-                        .collect::<std::result::Result<_, _>>()?,
-                })
-            } else {
-                None
-            },
+            xs_take_turns: offload,
+            offload: None,
             acts,
             norm: z16(n * s.hidden)?,
             mlp: z16((2 * n * s.inter).max(s.ce_rows * s.vocab))?,
@@ -221,7 +207,7 @@ impl Buffers {
 impl Buffers {
     /// Which `xs` buffer holds layer `l`'s input.
     pub fn x_index(&self, l: usize) -> usize {
-        if self.offload.is_some() {
+        if self.xs_take_turns {
             l % 2
         } else {
             l

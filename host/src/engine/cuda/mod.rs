@@ -19,6 +19,7 @@ mod extras;
 mod gemm;
 mod linear;
 mod nf4;
+mod offload;
 mod pool;
 mod raw;
 mod reducer;
@@ -40,6 +41,8 @@ use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
 use self::linear::{Dropout, Linear, Lora};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
+use self::offload::{Group, Layout, Offload, Range};
+pub use self::offload::{Parked, OFFLOAD_ENV};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::cli::choices::GradientCheckpointing;
@@ -128,8 +131,8 @@ pub struct CudaBackend {
     inv_freq: CudaSlice<f32>,
     train: Trainable,
     bufs: Option<Buffers>,
-    /// Layer inputs parked in pinned host memory (`--use_gradient_checkpointing unsloth`).
-    offload: bool,
+    /// What `--use_gradient_checkpointing unsloth` parks in pinned host memory (`None`: nothing).
+    offload: Option<Parked>,
     frozen_numel: usize,
     /// Device memory free before this backend allocated anything (bytes).
     free_at_start: usize,
@@ -171,23 +174,29 @@ impl CudaBackend {
             job.training.weight_decay,
             job.model.load_in_4bit,
         )?;
-        backend
-            .set_offload(job.lora.use_gradient_checkpointing == GradientCheckpointing::Unsloth)?;
+        let unsloth = job.lora.use_gradient_checkpointing == GradientCheckpointing::Unsloth;
+        backend.set_offload(unsloth.then(Parked::from_env).transpose()?)?;
         Ok(backend)
     }
 
-    /// `--use_gradient_checkpointing unsloth`: keep each layer's input in pinned host memory
-    /// instead of on the GPU (copies overlap the compute on a side stream).
-    pub fn set_offload(&mut self, on: bool) -> Result<()> {
+    /// `--use_gradient_checkpointing unsloth`: keep each layer's input (and with
+    /// [`Parked::Attention`] its attention results, when the host has the memory) in pinned
+    /// host memory instead of on the GPU (copies overlap the compute on a side stream).
+    pub fn set_offload(&mut self, parked: Option<Parked>) -> Result<()> {
         ensure!(
-            !on || self.options.gradient_checkpointing,
+            parked.is_none() || self.options.gradient_checkpointing,
             "offloading layer inputs needs gradient checkpointing"
         );
-        if on != self.offload {
-            self.offload = on;
+        if parked != self.offload {
+            self.offload = parked;
             self.bufs = None;
         }
         Ok(())
+    }
+
+    /// What the current activation buffers park (`None`: no offload or no buffers yet).
+    pub fn parked(&self) -> Option<Parked> {
+        self.bufs.as_ref()?.offload.as_ref().map(|o| o.parked)
     }
 
     pub fn new(
@@ -382,7 +391,7 @@ impl CudaBackend {
             inv_freq,
             train,
             bufs: None,
-            offload: false,
+            offload: None,
             free_at_start,
             peak_used: 0,
             device_name,
@@ -448,12 +457,11 @@ impl CudaBackend {
             let dims = self.dims(batch.batch_size, batch.seq_len);
             let keep_all = !self.options.gradient_checkpointing;
             self.bufs = Some(Buffers::new(
-                &self.ctx,
                 &self.stream,
                 sizes,
                 self.cfg.num_hidden_layers,
                 keep_all,
-                self.offload,
+                self.offload.is_some(),
                 &dims,
             )?);
             let needs = Needs {
@@ -472,6 +480,11 @@ impl CudaBackend {
             };
             let heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
             self.extras = Some(Extras::new(&self.stream, &sizes, heads, slots, needs)?);
+            if let Some(wanted) = self.offload {
+                let b = self.bufs.as_ref().expect("just allocated");
+                let offload = self.offload_buffers(b, wanted)?;
+                self.bufs.as_mut().expect("just allocated").offload = Some(offload);
+            }
         }
         let b = self.bufs.as_mut().expect("just allocated");
         let s = &self.stream;
@@ -568,30 +581,15 @@ impl CudaBackend {
         }
     }
 
-    /// Layer `l` forward from its input into the next layer's input (`to_next`) or, for a
-    /// checkpointing recompute, only as far as the backward reads: the next layer's input is
-    /// already stored, so the down projection computes just its adapter's `low` (its frozen
-    /// GEMM, a sixth of the layer's forward FLOPs, is skipped). Activations go to
-    /// `acts[slot]`.
-    fn layer_forward_in(
-        &mut self,
-        b: &mut Buffers,
-        l: usize,
-        slot: usize,
-        to_next: bool,
-    ) -> Result<()> {
+    /// Layer `l` forward, first half: from its input to its attention output — RMSNorm, q/k/v
+    /// (with Qwen3's q/k norm), RoPE, attention. Activations go to `acts[slot]`.
+    fn attention_half(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, hd) = (sz.tokens, sz.hidden);
         let eps = self.cfg.rms_norm_eps as f32;
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let (xi, yi) = (b.x_index(l), b.x_index(l + 1));
-        let (x, y) = if to_next {
-            let (x, y) = input_and_output(&mut b.xs, xi, yi);
-            (x, Some(y))
-        } else {
-            (&b.xs[xi], None)
-        };
+        let x = &b.xs[b.x_index(l)];
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
         self.kernels.rmsnorm_fwd(
@@ -604,7 +602,7 @@ impl CudaBackend {
             hd,
             eps,
         )?;
-        let [q, k, v, o, gate, up, down] = self.linears(l, n, a);
+        let [q, k, v, ..] = self.linears(l, n, a);
         let (n1, qp, kp, vp) = (ptr16(&b.norm), ptr16(&a.q), ptr16(&a.k), ptr16(&a.v));
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
@@ -669,6 +667,30 @@ impl CudaBackend {
             &b.segments,
             &mut b.attn,
         )?;
+        Ok(())
+    }
+
+    /// Layer `l` forward, second half: from its attention output (in `acts[slot]`) on — o_proj plus the residual,
+    /// RMSNorm, gate/up, SwiGLU and down_proj into the next layer's input (`to_next`) or, for a
+    /// checkpointing recompute, only as far as the backward reads: the next layer's input is
+    /// already stored, so the down projection computes just its adapter's `low` (its frozen
+    /// GEMM, a sixth of the layer's forward FLOPs, is skipped).
+    fn mlp_half(&mut self, b: &mut Buffers, l: usize, slot: usize, to_next: bool) -> Result<()> {
+        let s = self.stream.clone();
+        let sz = b.sizes;
+        let (n, hd) = (sz.tokens, sz.hidden);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
+        let (xi, yi) = (b.x_index(l), b.x_index(l + 1));
+        let (x, y) = if to_next {
+            let (x, y) = input_and_output(&mut b.xs, xi, yi);
+            (x, Some(y))
+        } else {
+            (&b.xs[xi], None)
+        };
+        let a = &mut b.acts[slot];
+        let w = &self.layers[l];
+        let [.., o, gate, up, down] = self.linears(l, n, a);
         o.forward(
             &mut self.gemm,
             &self.kernels,
@@ -722,19 +744,17 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Layer `l` backward: `dres` holds ∂L/∂xs[l+1] on entry and ∂L/∂xs[l] on return (layer 0
-    /// skips the input gradient: the embedding is frozen).
-    fn layer_backward_in(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+    /// [`Self::mlp_half`] backward: from ∂L/∂xs[l+1] in `dres` to the attention output's
+    /// gradient in `d_attn` (`dres` then holds ∂L/∂h, the residual's part of ∂L/∂xs[l]).
+    fn mlp_half_backward(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, hd, i) = (sz.tokens, sz.hidden, sz.inter);
         let eps = self.cfg.rms_norm_eps as f32;
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let xi = b.x_index(l);
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
-        let [q, k, v, o, gate, up, down] = self.linears(l, n, a);
-        let dims = self.dims(sz.batch, sz.seq);
+        let [.., o, gate, up, down] = self.linears(l, n, a);
         let g = &mut self.gemm;
         let kr = &self.kernels;
         let t = p16(&b.t);
@@ -782,11 +802,19 @@ impl CudaBackend {
             true,
         )?;
 
-        // Attention half.
+        // o_proj: into the attention output's gradient.
         o.backward(g, kr, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
         o.grad_a(g, kr, p16(&a.attn), t)?;
+        Ok(())
+    }
+
+    /// The attention backward of the layer in `acts[slot]`: `d_attn` into dq, dk, dv.
+    fn attention_backward(&mut self, b: &mut Buffers, slot: usize) -> Result<()> {
+        let sz = b.sizes;
+        let a = &b.acts[slot];
+        let dims = self.dims(sz.batch, sz.seq);
         attention::backward(
-            &s,
+            &self.stream,
             &self.kernels,
             &dims,
             (&a.q, &a.k, &a.v),
@@ -798,6 +826,26 @@ impl CudaBackend {
             // Free until the next layer's MLP: the act half of `mlp` is dead from here.
             &mut b.mlp,
         )?;
+        Ok(())
+    }
+
+    /// [`Self::attention_half`] backward after the attention's: RoPE, Qwen3's q/k norm and the
+    /// q/k/v projections into ∂L/∂xs[l] (added to `dres`; layer 0 stops at the adapters: the
+    /// embedding is frozen). The layer's backward is [`Self::mlp_half_backward`],
+    /// [`Self::attention_backward`], then this.
+    fn qkv_backward(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+        let s = self.stream.clone();
+        let sz = b.sizes;
+        let (n, hd) = (sz.tokens, sz.hidden);
+        let eps = self.cfg.rms_norm_eps as f32;
+        let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
+        let xi = b.x_index(l);
+        let a = &mut b.acts[slot];
+        let w = &self.layers[l];
+        let [q, k, v, ..] = self.linears(l, n, a);
+        let g = &mut self.gemm;
+        let kr = &self.kernels;
+        let t = p16(&b.t);
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -1019,7 +1067,8 @@ impl CudaBackend {
         let layers = self.cfg.num_hidden_layers;
         let train = loss_scale.is_some();
         let keep_all = train && !self.options.gradient_checkpointing;
-        let offload = train && b.offload.is_some();
+        let parked = b.offload.as_ref().filter(|_| train).map(|o| o.parked);
+        let attention_parked = parked == Some(Parked::Attention);
         let x0 = b.x_index(0);
         self.kernels.embedding_gather(
             &self.stream,
@@ -1029,38 +1078,73 @@ impl CudaBackend {
             self.cfg.hidden_size,
         )?;
         // Offload: layer l's input goes out right after it is produced; layer l then writes
-        // its output over layer l-1's input, which must have reached the host by then.
-        let mut parked: Vec<Option<CudaEvent>> = (0..layers).map(|_| None).collect();
+        // its output over layer l-1's input, which must have reached the host by then. With the
+        // attention parked too, its results go out after the layer's attention and the next
+        // layer waits for them before overwriting them. The last layer parks nothing: its
+        // backward comes first and finds everything still on the GPU.
+        let mut input_out: Vec<Option<CudaEvent>> = (0..layers).map(|_| None).collect();
+        let mut attention_out: Option<CudaEvent> = None;
         for l in 0..layers {
-            if offload {
-                parked[l] = Some(self.park(b, l)?);
-                if let Some(done) = l.checked_sub(1).and_then(|p| parked[p].take()) {
+            let slot = if keep_all { l } else { 0 };
+            let last = l + 1 == layers;
+            if parked.is_some() {
+                if !last {
+                    input_out[l] = Some(self.park(b, l, &[Group::Input])?);
+                }
+                let earlier = l.checked_sub(1).and_then(|p| input_out[p].take());
+                for done in earlier.into_iter().chain(attention_out.take()) {
                     self.stream.wait(&done)?;
                 }
             }
-            self.layer_forward_in(b, l, if keep_all { l } else { 0 }, true)?;
+            self.attention_half(b, l, slot)?;
+            if attention_parked && !last {
+                attention_out = Some(self.park(b, l, &ATTENTION_GROUPS)?);
+            }
+            self.mlp_half(b, l, slot, true)?;
         }
         let loss = self.head(b, loss_scale)?;
         if train {
-            // Offload: the last layer's input is still on the GPU; each layer's backward
-            // fetches the input of the layer below into the buffer it no longer needs.
-            let mut fetched: Option<CudaEvent> = None;
+            // Offload: each layer's backward fetches the layer below's input as it starts (into
+            // the xs buffer it no longer needs); with the attention parked, the attention output
+            // and operands right after its attention backward (their buffers are dead from
+            // there) and the q/k/v lows at its end. Each is awaited right before its first read.
+            let mut input_in: Option<CudaEvent> = None;
+            let (mut output_in, mut operands_in, mut lows_in) = (None, None, None);
             for l in (0..layers).rev() {
-                if offload {
-                    if let Some(ready) = fetched.take() {
+                if parked.is_some() {
+                    if let Some(ready) = input_in.take() {
                         self.stream.wait(&ready)?;
                     }
                     if l > 0 {
-                        fetched = Some(self.fetch(b, l - 1)?);
+                        input_in = Some(self.fetch(b, l - 1, &[Group::Input])?);
                     }
                 }
-                let slot = if keep_all {
-                    l
-                } else {
-                    self.layer_forward_in(b, l, 0, false)?;
-                    0
-                };
-                self.layer_backward_in(b, l, slot)?;
+                let slot = if keep_all { l } else { 0 };
+                // Checkpointing recomputes each layer before its backward, except the last: the
+                // head touches none of its activations, they are still the forward's.
+                if !keep_all && l + 1 < layers {
+                    if attention_parked {
+                        if let Some(ready) = output_in.take() {
+                            self.stream.wait(&ready)?;
+                        }
+                    } else {
+                        self.attention_half(b, l, 0)?;
+                    }
+                    self.mlp_half(b, l, 0, false)?;
+                }
+                self.mlp_half_backward(b, l, slot)?;
+                for ready in [operands_in.take(), lows_in.take()].into_iter().flatten() {
+                    self.stream.wait(&ready)?;
+                }
+                self.attention_backward(b, slot)?;
+                if attention_parked && l > 0 {
+                    output_in = Some(self.fetch(b, l - 1, &[Group::Output])?);
+                    operands_in = Some(self.fetch(b, l - 1, &[Group::Operands])?);
+                }
+                self.qkv_backward(b, l, slot)?;
+                if attention_parked && l > 0 {
+                    lows_in = Some(self.fetch(b, l - 1, &[Group::Lows])?);
+                }
                 if self.reduce_in_pass {
                     if let Some(r) = self.reducer.as_mut() {
                         r.layer_done(l, &self.stream, &mut self.train.grads)?;
@@ -1071,26 +1155,100 @@ impl CudaBackend {
         Ok(loss)
     }
 
-    /// Copies layer `l`'s input to pinned host memory on the side stream, after the main
-    /// stream's work so far; returns the copy's completion.
-    fn park(&self, b: &mut Buffers, l: usize) -> Result<CudaEvent> {
-        let i = b.x_index(l);
-        let off = b.offload.as_mut().expect("offload buffers");
-        off.side.wait(&self.stream.record_event(None)?)?;
-        off.side.memcpy_dtoh(&b.xs[i], &mut off.host[l])?;
-        Ok(off.side.record_event(None)?)
+    /// The device side of a parked group: the activation buffers of slot 0 (offload runs with
+    /// checkpointing) and, for [`Group::Input`], layer `l`'s `xs` buffer.
+    fn parcels(&self, b: &Buffers, l: usize, g: Group) -> Vec<Range> {
+        let s = &self.stream;
+        fn whole<T>(s: &CudaStream, x: &CudaSlice<T>) -> Range {
+            Range {
+                ptr: x.device_ptr(s).0,
+                bytes: x.num_bytes(),
+            }
+        }
+        let a = &b.acts[0];
+        match g {
+            Group::Input => vec![whole(s, &b.xs[b.x_index(l)])],
+            Group::Output => vec![whole(s, &a.attn)],
+            Group::Operands => vec![
+                whole(s, &a.q),
+                whole(s, &a.k),
+                whole(s, &a.v),
+                whole(s, &a.lse),
+            ],
+            Group::Lows => {
+                let (n, r) = (b.sizes.tokens, b.sizes.rank.max(1));
+                // q, k, v come first in PROJECTIONS: their lows are one block.
+                let mut v = vec![Range {
+                    ptr: a.low(s, 0, n, r),
+                    bytes: 3 * n * r * std::mem::size_of::<bf16>(),
+                }];
+                if let Some(x) = self.extras.as_ref().and_then(|e| e.qk.first()) {
+                    v.extend([
+                        whole(s, &x.q_raw),
+                        whole(s, &x.k_raw),
+                        whole(s, &x.rstd_q),
+                        whole(s, &x.rstd_k),
+                    ]);
+                }
+                v
+            }
+        }
     }
 
-    /// Copies layer `l`'s input back from pinned host memory on the side stream, after the
-    /// main stream's work so far (the buffer's previous contents are dead); returns its completion.
-    fn fetch(&self, b: &mut Buffers, l: usize) -> Result<CudaEvent> {
-        let i = b.x_index(l);
-        let off = b.offload.as_mut().expect("offload buffers");
-        off.side.wait(&self.stream.record_event(None)?)?;
-        off.side.memcpy_htod(&off.host[l], &mut b.xs[i])?;
-        Ok(off.side.record_event(None)?)
+    /// Pinned host buffers for what `wanted` parks, or only the layer inputs when the
+    /// attention's results would not fit in the host's memory (logged).
+    fn offload_buffers(&self, b: &Buffers, wanted: Parked) -> Result<Offload> {
+        let groups: Vec<(Group, Vec<Range>)> = [Group::Input]
+            .into_iter()
+            .chain(ATTENTION_GROUPS)
+            .map(|g| (g, self.parcels(b, 0, g)))
+            .collect();
+        let layout = |n: usize| {
+            let named: Vec<(Group, &[Range])> =
+                groups[..n].iter().map(|(g, r)| (*g, &r[..])).collect();
+            Layout::new(&named)
+        };
+        let layers = self.cfg.num_hidden_layers;
+        let (all, inputs) = (layout(groups.len()), layout(1));
+        const GIB: f64 = (1u64 << 30) as f64;
+        let (parked, layout) = match wanted {
+            Parked::Attention if Parked::fits(layers * all.total()) => (Parked::Attention, all),
+            Parked::Attention => {
+                tracing::warn!(
+                    "offload: parking the attention results too would pin {:.1} GiB, more than \
+                     half of the host's available memory; parking the layer inputs only (the \
+                     backward recomputes the attention)",
+                    (layers * all.total()) as f64 / GIB
+                );
+                (Parked::Inputs, inputs)
+            }
+            Parked::Inputs => (Parked::Inputs, inputs),
+        };
+        let offload = Offload::new(&self.ctx, parked, layout, layers)?;
+        tracing::info!(
+            "offload: {parked:?} parked in {:.2} GiB of pinned host memory",
+            offload.host_bytes() as f64 / GIB
+        );
+        Ok(offload)
+    }
+
+    fn park(&self, b: &Buffers, l: usize, groups: &[Group]) -> Result<CudaEvent> {
+        let off = b.offload.as_ref().expect("offload buffers");
+        off.park(&self.stream, l, &self.group_parcels(b, l, groups))
+    }
+
+    fn fetch(&self, b: &Buffers, l: usize, groups: &[Group]) -> Result<CudaEvent> {
+        let off = b.offload.as_ref().expect("offload buffers");
+        off.fetch(&self.stream, l, &self.group_parcels(b, l, groups))
+    }
+
+    fn group_parcels(&self, b: &Buffers, l: usize, groups: &[Group]) -> Vec<(Group, Vec<Range>)> {
+        groups.iter().map(|&g| (g, self.parcels(b, l, g))).collect()
     }
 }
+
+/// What [`Parked::Attention`] parks besides the layer input, in the order it is copied.
+const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Lows];
 
 impl CudaBackend {
     /// Joins a data-parallel group as `rank` of `world` (every rank calls this with the same
