@@ -7,8 +7,6 @@
 //! Always low-rank first, the full ΔW never exists, and `W` never gets a gradient:
 //! - forward keeps `low = drop(x)·Aᵀ` `[N, r]` for the backward;
 //! - `t = dy·B` `[N, r]`; `dx (+)= dy·W + s·(t·A) ⊙ mask`;
-//! - the adapter's terms of `y` and `dx` are written before the frozen GEMM, which adds them in
-//!   its epilogue (`beta = 1`): no second pass over the output;
 //! - `dB += s·dyᵀ·low`, `dA += s·tᵀ·drop(x)`, `db += Σ_rows dy` (fp32 gradients, accumulated
 //!   in place: `beta = 1`).
 //!
@@ -137,9 +135,7 @@ impl Linear {
     }
 
     /// `y = x·Wᵀ + b (+ residual) + s·(drop(x)·Aᵀ)·Bᵀ`; `residual` may not alias `y`'s rows
-    /// differently. The adapter's product is written first (carrying the residual) and the
-    /// frozen GEMM adds it in its epilogue: the compute-bound GEMM reads `y` for free, where
-    /// adding the skinny product afterwards would read and write all of `y` once more.
+    /// differently.
     pub fn forward(
         &self,
         g: &mut Gemm,
@@ -149,33 +145,12 @@ impl Linear {
         residual: Option<u64>,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
-        let mut c = residual;
-        if let Some(l) = self.lora {
-            self.forward_low(g, k, x)?;
-            let mut d = Output::new(y, o, OutType::Bf16);
-            if let Some(r) = residual {
-                d = d.plus(r);
-            }
-            let beta = if residual.is_some() { 1.0 } else { 0.0 };
-            mm(
-                g,
-                n,
-                o,
-                l.r,
-                Operand::new(l.low, l.r),
-                Operand::new(l.b, l.r).t(),
-                d,
-                l.scale,
-                beta,
-            )?;
-            c = Some(y);
-        }
         self.dequantize(g, k)?;
         let mut d = Output::new(y, o, OutType::Bf16);
         if let Some(b) = self.bias {
             d = d.bias(b.value);
         }
-        let beta = match c {
+        let beta = match residual {
             Some(c) => {
                 d = d.plus(c);
                 1.0
@@ -192,7 +167,22 @@ impl Linear {
             d,
             1.0,
             beta,
-        )
+        )?;
+        self.forward_low(g, k, x)?;
+        if let Some(l) = self.lora {
+            mm(
+                g,
+                n,
+                o,
+                l.r,
+                Operand::new(l.low, l.r),
+                Operand::new(l.b, l.r).t(),
+                Output::new(y, o, OutType::Bf16),
+                l.scale,
+                1.0,
+            )?;
+        }
+        Ok(())
     }
 
     /// Only what the backward keeps from the forward: the adapter's `low = drop(x)·Aᵀ` (nothing
@@ -231,8 +221,7 @@ impl Linear {
     /// Input gradient into `dx` (`accumulate`: add to it), the adapter's `t = dy·B` into
     /// `t`, `dB` and the bias gradient. `dA` needs the layer input and is [`Linear::grad_a`],
     /// called with the same `t` (separate because the down projection's input is recomputed
-    /// only after `dx`). As in the forward, the adapter's term of `dx` goes first and the
-    /// frozen `dy·W` GEMM adds it in its epilogue.
+    /// only after `dx`).
     pub fn backward(
         &self,
         g: &mut Gemm,
@@ -242,66 +231,9 @@ impl Linear {
         t: u64,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
-        // Whether dx holds a term the frozen GEMM must add to.
-        let mut dx_holds = dx.is_some_and(|(_, acc)| acc);
-        if let Some(l) = self.lora {
-            mm(
-                g,
-                n,
-                l.r,
-                o,
-                Operand::new(dy, o),
-                Operand::new(l.b, l.r),
-                Output::new(t, l.r, OutType::Bf16),
-                1.0,
-                0.0,
-            )?;
-            if let Some((dx, acc)) = dx {
-                match &l.dropout {
-                    // dx (+)= s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
-                    Some(d) => {
-                        mm(
-                            g,
-                            n,
-                            i,
-                            l.r,
-                            Operand::new(t, l.r),
-                            Operand::new(l.a, i),
-                            Output::new(d.scratch, i, OutType::Bf16),
-                            l.scale,
-                            0.0,
-                        )?;
-                        dropout(g.stream(), k, d, d.scratch, dx, n * i, acc)?;
-                    }
-                    None => mm(
-                        g,
-                        n,
-                        i,
-                        l.r,
-                        Operand::new(t, l.r),
-                        Operand::new(l.a, i),
-                        Output::new(dx, i, OutType::Bf16),
-                        l.scale,
-                        if acc { 1.0 } else { 0.0 },
-                    )?,
-                }
-                dx_holds = true;
-            }
-            // dB [out, r] += s·dyᵀ·low
-            mm(
-                g,
-                o,
-                l.r,
-                n,
-                Operand::new(dy, o).t(),
-                Operand::new(l.low, l.r),
-                Output::new(l.grad_b, l.r, OutType::F32),
-                l.scale,
-                1.0,
-            )?;
-        }
-        if let Some((dx, _)) = dx {
+        if let Some((dx, acc)) = dx {
             self.dequantize(g, k)?;
+            let beta = if acc { 1.0 } else { 0.0 };
             mm(
                 g,
                 n,
@@ -311,7 +243,7 @@ impl Linear {
                 Operand::new(self.w, i),
                 Output::new(dx, i, OutType::Bf16),
                 1.0,
-                if dx_holds { 1.0 } else { 0.0 },
+                beta,
             )?;
         }
         if let Some((grad, ones)) = self.bias.and_then(|b| b.grad) {
@@ -325,6 +257,61 @@ impl Linear {
                 Operand::new(dy, o),
                 Output::new(grad, o, OutType::F32),
                 1.0,
+                1.0,
+            )?;
+        }
+        if let Some(l) = self.lora {
+            mm(
+                g,
+                n,
+                l.r,
+                o,
+                Operand::new(dy, o),
+                Operand::new(l.b, l.r),
+                Output::new(t, l.r, OutType::Bf16),
+                1.0,
+                0.0,
+            )?;
+            if let Some((dx, _)) = dx {
+                match &l.dropout {
+                    // dx += s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
+                    Some(d) => {
+                        mm(
+                            g,
+                            n,
+                            i,
+                            l.r,
+                            Operand::new(t, l.r),
+                            Operand::new(l.a, i),
+                            Output::new(d.scratch, i, OutType::Bf16),
+                            l.scale,
+                            0.0,
+                        )?;
+                        dropout(g.stream(), k, d, d.scratch, dx, n * i, true)?;
+                    }
+                    None => mm(
+                        g,
+                        n,
+                        i,
+                        l.r,
+                        Operand::new(t, l.r),
+                        Operand::new(l.a, i),
+                        Output::new(dx, i, OutType::Bf16),
+                        l.scale,
+                        1.0,
+                    )?,
+                }
+            }
+            // dB [out, r] += s·dyᵀ·low
+            mm(
+                g,
+                o,
+                l.r,
+                n,
+                Operand::new(dy, o).t(),
+                Operand::new(l.low, l.r),
+                Output::new(l.grad_b, l.r, OutType::F32),
+                l.scale,
                 1.0,
             )?;
         }
