@@ -86,6 +86,18 @@ pub struct Sizes {
 /// full `[N, V]` logits never exist.
 const CHUNK_LOGITS: usize = 64 << 20;
 
+/// Rows per LM-head chunk: as many as [`CHUNK_LOGITS`] allows, rounded down to a multiple of
+/// 128 (the GEMMs' row tile) when there are that many, so no chunk ends in a mostly empty tile
+/// (Llama-3's 128,256-word vocabulary: 512 rows instead of 523).
+fn lm_head_rows(vocab: usize) -> usize {
+    let rows = CHUNK_LOGITS / vocab;
+    if rows >= 128 {
+        rows / 128 * 128
+    } else {
+        rows
+    }
+}
+
 impl Sizes {
     pub fn new(cfg: &ModelConfig, batch: usize, seq: usize, rank: usize) -> Self {
         let tokens = batch * seq;
@@ -100,7 +112,7 @@ impl Sizes {
             vocab: cfg.vocab_size,
             rank,
             head_dim: cfg.head_dim,
-            ce_rows: (CHUNK_LOGITS / cfg.vocab_size).clamp(1, tokens),
+            ce_rows: lm_head_rows(cfg.vocab_size).clamp(1, tokens),
         }
     }
 }

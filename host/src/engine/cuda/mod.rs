@@ -8,7 +8,7 @@
 //!   RMSNorm, RoPE, SwiGLU, fused flash-style attention, chunked cross-entropy, AdamW, grad norm.
 //! - Activations preallocated per batch shape ([`buffers`]); the backward updates one residual
 //!   gradient buffer in place; `--use_gradient_checkpointing` recomputes each layer from its
-//!   input.
+//!   input (`unsloth`: from activations parked in pinned host memory, [`offload`]).
 //!
 //! The math is the cpu engine's (`engine/cpu`, the reference); `docs/engine.md` has the CUDA
 //! section with the data flow and what is not built yet.
@@ -41,8 +41,8 @@ use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
 use self::linear::{Dropout, Linear, Lora};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
+pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
-pub use self::offload::{Parked, OFFLOAD_ENV};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::cli::choices::GradientCheckpointing;
@@ -586,22 +586,12 @@ impl CudaBackend {
     fn attention_half(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
-        let (n, hd) = (sz.tokens, sz.hidden);
+        let n = sz.tokens;
         let eps = self.cfg.rms_norm_eps as f32;
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let x = &b.xs[b.x_index(l)];
+        self.layer_norm(b, l, slot, Norm::Attention)?;
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
-        self.kernels.rmsnorm_fwd(
-            &s,
-            &x.slice(..),
-            &w.norm1.slice(..),
-            &mut b.norm.slice_mut(..),
-            &mut a.rstd1.slice_mut(..),
-            n,
-            hd,
-            eps,
-        )?;
         let [q, k, v, ..] = self.linears(l, n, a);
         let (n1, qp, kp, vp) = (ptr16(&b.norm), ptr16(&a.q), ptr16(&a.k), ptr16(&a.v));
         let (nh, nkv, d) = (
@@ -678,51 +668,17 @@ impl CudaBackend {
     fn mlp_half(&mut self, b: &mut Buffers, l: usize, slot: usize, to_next: bool) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
-        let (n, hd) = (sz.tokens, sz.hidden);
-        let eps = self.cfg.rms_norm_eps as f32;
+        let (n, i) = (sz.tokens, sz.inter);
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let (xi, yi) = (b.x_index(l), b.x_index(l + 1));
-        let (x, y) = if to_next {
-            let (x, y) = input_and_output(&mut b.xs, xi, yi);
-            (x, Some(y))
-        } else {
-            (&b.xs[xi], None)
-        };
-        let a = &mut b.acts[slot];
-        let w = &self.layers[l];
-        let [.., o, gate, up, down] = self.linears(l, n, a);
-        o.forward(
-            &mut self.gemm,
-            &self.kernels,
-            ptr16(&a.attn),
-            ptr16(&a.h),
-            Some(ptr16(x)),
-        )?;
-        self.kernels.rmsnorm_fwd(
-            &s,
-            &a.h.slice(..),
-            &w.norm2.slice(..),
-            &mut b.norm.slice_mut(..),
-            &mut a.rstd2.slice_mut(..),
-            n,
-            hd,
-            eps,
-        )?;
-        gate.forward(
-            &mut self.gemm,
-            &self.kernels,
-            ptr16(&b.norm),
-            ptr16(&a.gate),
-            None,
-        )?;
-        up.forward(
-            &mut self.gemm,
-            &self.kernels,
-            ptr16(&b.norm),
-            ptr16(&a.up),
-            None,
-        )?;
-        let i = sz.inter;
+        let x = ptr16(&b.xs[b.x_index(l)]);
+        let y = to_next.then(|| ptr16(&b.xs[b.x_index(l + 1)]));
+        let [.., o, gate, up, down] = self.linears(l, n, &b.acts[slot]);
+        let (attn, h) = (ptr16(&b.acts[slot].attn), ptr16(&b.acts[slot].h));
+        o.forward(&mut self.gemm, &self.kernels, attn, h, Some(x))?;
+        self.layer_norm(b, l, slot, Norm::Mlp)?;
+        let (a, norm) = (&b.acts[slot], ptr16(&b.norm));
+        gate.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.gate), None)?;
+        up.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.up), None)?;
         self.kernels.swiglu_fwd(
             &s,
             (&a.gate.slice(..), i),
@@ -731,26 +687,50 @@ impl CudaBackend {
             n,
             i,
         )?;
+        let act = ptr16(&b.mlp);
         match y {
-            Some(y) => down.forward(
-                &mut self.gemm,
-                &self.kernels,
-                ptr16(&b.mlp), // act
-                ptr16(y),
-                Some(ptr16(&a.h)),
-            )?,
-            None => down.forward_low(&mut self.gemm, &self.kernels, ptr16(&b.mlp))?,
+            Some(y) => down.forward(&mut self.gemm, &self.kernels, act, y, Some(h)),
+            None => down.forward_low(&mut self.gemm, &self.kernels, act),
         }
+    }
+
+    /// `norm` ← layer `l`'s first RMSNorm (of its input) or second (of the residual after
+    /// attention, `h`), its rstd into `acts[slot]`.
+    fn layer_norm(&self, b: &mut Buffers, l: usize, slot: usize, which: Norm) -> Result<()> {
+        let sz = b.sizes;
+        let (x, a) = (&b.xs[b.x_index(l)], &mut b.acts[slot]);
+        let w = &self.layers[l];
+        let (input, weight, rstd) = match which {
+            Norm::Attention => (x, &w.norm1, &mut a.rstd1),
+            Norm::Mlp => (&a.h, &w.norm2, &mut a.rstd2),
+        };
+        self.kernels.rmsnorm_fwd(
+            &self.stream,
+            &input.slice(..),
+            &weight.slice(..),
+            &mut b.norm.slice_mut(..),
+            &mut rstd.slice_mut(..),
+            sz.tokens,
+            sz.hidden,
+            self.cfg.rms_norm_eps as f32,
+        )?;
         Ok(())
     }
 
     /// [`Self::mlp_half`] backward: from ∂L/∂xs[l+1] in `dres` to the attention output's
     /// gradient in `d_attn` (`dres` then holds ∂L/∂h, the residual's part of ∂L/∂xs[l]).
-    fn mlp_half_backward(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+    /// `norm2_current`: `norm` still holds this layer's second RMSNorm output (its forward or
+    /// recompute wrote it last), so the backward does not compute it again.
+    fn mlp_half_backward(
+        &mut self,
+        b: &mut Buffers,
+        l: usize,
+        slot: usize,
+        norm2_current: bool,
+    ) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, hd, i) = (sz.tokens, sz.hidden, sz.inter);
-        let eps = self.cfg.rms_norm_eps as f32;
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
@@ -775,17 +755,11 @@ impl CudaBackend {
         )?;
         // act is the first half of `mlp`.
         down.grad_a(g, kr, p16(&b.mlp), t)?;
-        // n2 again (not kept by the forward); rstd2 is rewritten with the same values.
-        self.kernels.rmsnorm_fwd(
-            &s,
-            &a.h.slice(..),
-            &w.norm2.slice(..),
-            &mut b.norm.slice_mut(..),
-            &mut a.rstd2.slice_mut(..),
-            n,
-            hd,
-            eps,
-        )?;
+        if !norm2_current {
+            // n2 again (each layer's is not kept); rstd2 is rewritten with the same values.
+            self.layer_norm(b, l, slot, Norm::Mlp)?;
+        }
+        let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
         gate.grad_a(g, kr, p16(&b.norm), t)?;
         up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
@@ -837,13 +811,11 @@ impl CudaBackend {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, hd) = (sz.tokens, sz.hidden);
-        let eps = self.cfg.rms_norm_eps as f32;
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
         let xi = b.x_index(l);
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
         let [q, k, v, ..] = self.linears(l, n, a);
-        let g = &mut self.gemm;
         let kr = &self.kernels;
         let t = p16(&b.t);
         let (nh, nkv, d) = (
@@ -898,16 +870,8 @@ impl CudaBackend {
         let need_dx = l > 0;
         let dn = p16(&b.dn);
         // n1 again, for the q/k/v adapters' dA.
-        self.kernels.rmsnorm_fwd(
-            &s,
-            &b.xs[xi].slice(..),
-            &w.norm1.slice(..),
-            &mut b.norm.slice_mut(..),
-            &mut a.rstd1.slice_mut(..),
-            n,
-            hd,
-            eps,
-        )?;
+        self.layer_norm(b, l, slot, Norm::Attention)?;
+        let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         for (lin, dy, acc) in [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)] {
             lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
             lin.grad_a(g, kr, p16(&b.norm), t)?;
@@ -1132,7 +1096,10 @@ impl CudaBackend {
                     }
                     self.mlp_half(b, l, 0, false)?;
                 }
-                self.mlp_half_backward(b, l, slot)?;
+                // Checkpointing (the recompute, or the last layer's forward) and the last layer
+                // leave this layer's second norm output in `norm`.
+                let norm2_current = !keep_all || l + 1 == layers;
+                self.mlp_half_backward(b, l, slot, norm2_current)?;
                 for ready in [operands_in.take(), lows_in.take()].into_iter().flatten() {
                     self.stream.wait(&ready)?;
                 }
@@ -1211,14 +1178,17 @@ impl CudaBackend {
         let layers = self.cfg.num_hidden_layers;
         let (all, inputs) = (layout(groups.len()), layout(1));
         const GIB: f64 = (1u64 << 30) as f64;
+        // Data-parallel ranks share the host's memory: count all of them.
+        let ranks = self.reducer.as_ref().map_or(1, |r| r.rank_of().1);
+        let need = ranks * layers * all.total();
         let (parked, layout) = match wanted {
-            Parked::Attention if Parked::fits(layers * all.total()) => (Parked::Attention, all),
+            Parked::Attention if Parked::fits(need) => (Parked::Attention, all),
             Parked::Attention => {
                 tracing::warn!(
-                    "offload: parking the attention results too would pin {:.1} GiB, more than \
-                     half of the host's available memory; parking the layer inputs only (the \
-                     backward recomputes the attention)",
-                    (layers * all.total()) as f64 / GIB
+                    "offload: parking the attention results too would pin {:.1} GiB (all \
+                     ranks), more than half of the host's available memory; parking the layer \
+                     inputs only (the backward recomputes the attention)",
+                    need as f64 / GIB
                 );
                 (Parked::Inputs, inputs)
             }
@@ -1245,6 +1215,13 @@ impl CudaBackend {
     fn group_parcels(&self, b: &Buffers, l: usize, groups: &[Group]) -> Vec<(Group, Vec<Range>)> {
         groups.iter().map(|&g| (g, self.parcels(b, l, g))).collect()
     }
+}
+
+/// A decoder layer's two RMSNorms: before attention and before the MLP.
+#[derive(Debug, Clone, Copy)]
+enum Norm {
+    Attention,
+    Mlp,
 }
 
 /// What [`Parked::Attention`] parks besides the layer input, in the order it is copied.
@@ -1312,18 +1289,6 @@ fn device_description(ctx: &CudaContext) -> String {
     match ctx.compute_capability() {
         Ok((major, minor)) => format!("{name} (sm_{major}{minor})"),
         Err(_) => name,
-    }
-}
-
-/// `(&v[i], &mut v[j])` for `i != j`.
-fn input_and_output<T>(v: &mut [T], i: usize, j: usize) -> (&T, &mut T) {
-    assert_ne!(i, j, "a layer's input and output buffers must differ");
-    if i < j {
-        let (lo, hi) = v.split_at_mut(j);
-        (&lo[i], &mut hi[0])
-    } else {
-        let (lo, hi) = v.split_at_mut(i);
-        (&hi[0], &mut lo[j])
     }
 }
 
@@ -1497,10 +1462,18 @@ mod tests {
             ..c
         };
         let s = Sizes::new(&big, 2, 2048, 16);
-        assert!(
-            s.ce_rows * 128_256 <= 64 << 20 && s.ce_rows >= 500,
-            "{}",
-            s.ce_rows
+        assert_eq!(
+            s.ce_rows, 512,
+            "64 Mi logits: 523 rows, down to the 128-row tile"
+        );
+        let huge = ModelConfig {
+            vocab_size: 1 << 20,
+            ..big
+        };
+        assert_eq!(
+            Sizes::new(&huge, 2, 2048, 16).ce_rows,
+            64,
+            "fewer than 128: as many as fit"
         );
     }
 }
