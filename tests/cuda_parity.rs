@@ -99,6 +99,20 @@ fn packed_batch(vocab: u32, seed: u64) -> Batch {
     }
 }
 
+/// `batch` rows of `t` tokens, one sample per row, every target trained.
+fn plain_batch(vocab: u32, seed: u64, batch: usize, t: usize) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = batch * t;
+    Batch {
+        batch_size: batch,
+        seq_len: t,
+        input_ids: (0..n).map(|_| rng.random_range(0..vocab)).collect(),
+        targets: (0..n).map(|_| rng.random_range(0..vocab) as i32).collect(),
+        position_ids: (0..n).map(|i| (i % t) as u32).collect(),
+        segment_ids: vec![0; n],
+    }
+}
+
 /// PEFT starts B at zero, which would make every A gradient zero: give B random values.
 fn random_trainable(shapes: &[(String, Vec<usize>)], seed: u64) -> Vec<(String, HostTensor)> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -578,6 +592,53 @@ fn projection_biases_frozen_and_trained_match_the_cpu_engine() {
     ] {
         run_case(&c);
     }
+}
+
+/// `--use_gradient_checkpointing unsloth` across batch shapes (a padded length changes with
+/// every training step): the pinned host buffers are kept while a shape fits in them, grown
+/// when it does not, and the gradients match the recomputing engine's at every shape.
+#[test]
+fn offload_keeps_its_host_buffers_across_batch_shapes() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    write_random_model(&dir, &spec(), 5).unwrap();
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let opts = options(true);
+    let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
+    let mut parked = cuda_backend(&dir, opts.clone());
+    parked.set_offload(Some(Parked::Attention)).unwrap();
+    let mut plain = cuda_backend(&dir, opts);
+    parked.import_trainable(&init).unwrap();
+    plain.import_trainable(&init).unwrap();
+    let mut held = Vec::new();
+    for (step, t) in [40, 24, 64].into_iter().enumerate() {
+        let batch = plain_batch(cfg.vocab_size as u32, 50 + step as u64, 2, t);
+        let scale = 1.0 / batch.trainable_tokens() as f32;
+        let (a, b) = (
+            parked.forward_backward(&batch, scale).unwrap(),
+            plain.forward_backward(&batch, scale).unwrap(),
+        );
+        assert!((a.loss_sum - b.loss_sum).abs() / b.loss_sum < 1e-4);
+        assert_eq!(parked.parked(), Some(Parked::Attention));
+        // Only the attention backward's dQ atomics may add in another order.
+        compare(
+            &format!("unsloth/Attention vs ckpt=true, T {t}, gradients"),
+            &parked.gradients().unwrap(),
+            &plain.gradients().unwrap(),
+            2e-3,
+        );
+        held.push(parked.pinned_bytes().unwrap());
+        parked.optimizer_step(1e-3, 1.0).unwrap();
+        plain.optimizer_step(1e-3, 1.0).unwrap();
+    }
+    assert_eq!(
+        held[1], held[0],
+        "a shorter batch reuses the pinned buffers"
+    );
+    assert!(held[2] > held[0], "a longer one grows them: {held:?}");
 }
 
 #[test]

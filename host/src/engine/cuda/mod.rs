@@ -199,6 +199,15 @@ impl CudaBackend {
         self.bufs.as_ref()?.offload.as_ref().map(|o| o.parked)
     }
 
+    /// Pinned host bytes the offload holds (`None`: no offload or no buffers yet).
+    pub fn pinned_bytes(&self) -> Option<usize> {
+        self.bufs
+            .as_ref()?
+            .offload
+            .as_ref()
+            .map(Offload::host_bytes)
+    }
+
     pub fn new(
         dir: &std::path::Path,
         cfg: ModelConfig,
@@ -452,7 +461,7 @@ impl CudaBackend {
     fn prepare(&mut self, batch: &Batch) -> Result<()> {
         let sizes = Sizes::new(&self.cfg, batch.batch_size, batch.seq_len, self.options.r);
         if self.bufs.as_ref().map(|b| b.sizes) != Some(sizes) {
-            self.bufs = None;
+            let previous = self.bufs.take().and_then(|b| b.offload);
             self.extras = None;
             let dims = self.dims(batch.batch_size, batch.seq_len);
             let keep_all = !self.options.gradient_checkpointing;
@@ -482,7 +491,7 @@ impl CudaBackend {
             self.extras = Some(Extras::new(&self.stream, &sizes, heads, slots, needs)?);
             if let Some(wanted) = self.offload {
                 let b = self.bufs.as_ref().expect("just allocated");
-                let offload = self.offload_buffers(b, wanted)?;
+                let offload = self.offload_buffers(b, wanted, previous)?;
                 self.bufs.as_mut().expect("just allocated").offload = Some(offload);
             }
         }
@@ -1163,8 +1172,14 @@ impl CudaBackend {
     }
 
     /// Pinned host buffers for what `wanted` parks, or only the layer inputs when the
-    /// attention's results would not fit in the host's memory (logged).
-    fn offload_buffers(&self, b: &Buffers, wanted: Parked) -> Result<Offload> {
+    /// attention's results would not fit in the host's memory (logged): `previous`'s when they
+    /// are large enough (the batch shape changes with every padded length), else new ones.
+    fn offload_buffers(
+        &self,
+        b: &Buffers,
+        wanted: Parked,
+        previous: Option<Offload>,
+    ) -> Result<Offload> {
         let groups: Vec<(Group, Vec<Range>)> = [Group::Input]
             .into_iter()
             .chain(ATTENTION_GROUPS)
@@ -1177,26 +1192,43 @@ impl CudaBackend {
         };
         let layers = self.cfg.num_hidden_layers;
         let (all, inputs) = (layout(groups.len()), layout(1));
-        const GIB: f64 = (1u64 << 30) as f64;
+        let need = offload::Need {
+            inputs: inputs.total(),
+            attention: all.total(),
+        };
         // Data-parallel ranks share the host's memory: count all of them.
         let ranks = self.reducer.as_ref().map_or(1, |r| r.rank_of().1);
-        let need = ranks * layers * all.total();
-        let (parked, layout) = match wanted {
-            Parked::Attention if Parked::fits(need) => (Parked::Attention, all),
-            Parked::Attention => {
-                tracing::warn!(
-                    "offload: parking the attention results too would pin {:.1} GiB (all \
-                     ranks), more than half of the host's available memory; parking the layer \
-                     inputs only (the backward recomputes the attention)",
-                    need as f64 / GIB
-                );
-                (Parked::Inputs, inputs)
-            }
-            Parked::Inputs => (Parked::Inputs, inputs),
+        let plan = offload::plan(
+            wanted,
+            need,
+            ranks * layers,
+            previous.as_ref().map(Offload::capacity),
+            previous.as_ref().map_or(0, Offload::host_bytes),
+            offload::host_available_bytes(),
+        );
+        let layout = match plan.parked {
+            Parked::Attention => all,
+            Parked::Inputs => inputs,
         };
-        let offload = Offload::new(&self.ctx, parked, layout, layers)?;
+        let previous = match previous {
+            Some(held) if plan.reuse => return Ok(held.relaid(plan.parked, layout)),
+            other => other,
+        };
+        const GIB: f64 = (1u64 << 30) as f64;
+        if plan.parked != wanted {
+            tracing::warn!(
+                "offload: parking the attention results too would pin {:.1} GiB (all ranks), \
+                 more than half of the host's available memory; parking the layer inputs only \
+                 (the backward recomputes the attention)",
+                (ranks * layers * need.attention) as f64 / GIB
+            );
+        }
+        // The old buffers go first: their pinned memory is free before the new allocation.
+        drop(previous);
+        let offload = Offload::new(&self.ctx, plan.parked, layout, layers)?;
         tracing::info!(
-            "offload: {parked:?} parked in {:.2} GiB of pinned host memory",
+            "offload: {:?} parked in {:.2} GiB of pinned host memory",
+            plan.parked,
             offload.host_bytes() as f64 / GIB
         );
         Ok(offload)

@@ -8,7 +8,7 @@
 //!   attention output and its logsumexp, the q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k —
 //!   so the recompute starts at o_proj: it skips the q/k/v GEMMs, RoPE and the attention
 //!   forward (≈ 0.67 ms of a Llama-3-8B layer at 2 × 2048) for 3.5× the host memory and PCIe
-//!   traffic. Chosen when the host has the room (see [`Parked::fits`]).
+//!   traffic. Chosen when the host has the room (see [`plan`]).
 //!
 //! Each layer owns one pinned buffer holding its [`Group`]s back to back; the device side of a
 //! group is a list of [`Range`]s the engine names at each copy (the activation buffers are
@@ -47,16 +47,55 @@ impl Parked {
             }
         }
     }
+}
 
-    /// Whether parking `bytes` in pinned memory leaves at least half of the host's available
-    /// memory (`MemAvailable`) to everything else; `false` when that cannot be read.
-    pub fn fits(bytes: usize) -> bool {
-        host_available_bytes().is_some_and(|avail| bytes <= avail / 2)
+/// What to park for a new batch shape, and whether the pinned buffers already held can take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub parked: Parked,
+    /// The current buffers are large enough: no new pinned allocation (the batch shape changes
+    /// with every padded length; pinning host memory costs far more than a training step).
+    pub reuse: bool,
+}
+
+/// Per-layer host bytes of each mode for one batch shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Need {
+    pub inputs: usize,
+    pub attention: usize,
+}
+
+/// Parks the attention too when `wanted` and when every copy of it (`copies` = layers × data-
+/// parallel ranks) stays within half of the host's available memory (`available`, counting
+/// the `held` bytes this process has pinned already as available); reuses the current
+/// per-layer `capacity` when it holds the chosen mode.
+pub fn plan(
+    wanted: Parked,
+    need: Need,
+    copies: usize,
+    capacity: Option<usize>,
+    held: usize,
+    available: Option<usize>,
+) -> Plan {
+    let room = available.map(|a| (a + held) / 2);
+    let parked = match wanted {
+        Parked::Attention if room.is_some_and(|r| copies * need.attention <= r) => {
+            Parked::Attention
+        }
+        _ => Parked::Inputs,
+    };
+    let bytes = match parked {
+        Parked::Attention => need.attention,
+        Parked::Inputs => need.inputs,
+    };
+    Plan {
+        parked,
+        reuse: capacity.is_some_and(|c| c >= bytes),
     }
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes.
-fn host_available_bytes() -> Option<usize> {
+pub fn host_available_bytes() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -143,6 +182,8 @@ pub struct Offload {
     pub parked: Parked,
     pub side: Arc<CudaStream>,
     layout: Layout,
+    /// Bytes of each layer's host buffer (≥ the layout's total).
+    capacity: usize,
     host: Vec<PinnedHostSlice<u8>>,
     /// Base address of each `host` buffer (taken once: cudarc's accessors wait on events these
     /// raw copies never record).
@@ -158,9 +199,10 @@ impl Offload {
     ) -> Result<Self> {
         let mut host = Vec::with_capacity(layers);
         let mut base = Vec::with_capacity(layers);
+        let capacity = layout.total().max(1);
         for _ in 0..layers {
             // SAFETY: every byte is written by a device copy before one is read back.
-            let mut h = unsafe { ctx.alloc_pinned::<u8>(layout.total().max(1))? };
+            let mut h = unsafe { ctx.alloc_pinned::<u8>(capacity)? };
             base.push(h.as_mut_ptr()?);
             host.push(h);
         }
@@ -168,9 +210,29 @@ impl Offload {
             parked,
             side: ctx.new_stream()?,
             layout,
+            capacity,
             host,
             base,
         })
+    }
+
+    /// Bytes of each layer's host buffer.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The same host buffers for another batch shape (copies on the one side stream stay in
+    /// order, so none of the previous shape's can overlap the new one's).
+    pub fn relaid(self, parked: Parked, layout: Layout) -> Self {
+        assert!(
+            layout.total() <= self.capacity,
+            "the host buffers are too small"
+        );
+        Offload {
+            parked,
+            layout,
+            ..self
+        }
     }
 
     /// Copies `groups` of layer `l` to host memory on the side stream, after `main`'s work so
@@ -230,7 +292,7 @@ impl Offload {
 
     /// Pinned bytes in all.
     pub fn host_bytes(&self) -> usize {
-        self.host.len() * self.layout.total()
+        self.host.len() * self.capacity
     }
 }
 
@@ -283,9 +345,36 @@ mod tests {
     }
 
     #[test]
-    fn host_memory_is_read_and_a_huge_request_does_not_fit() {
+    fn host_memory_is_read() {
         assert!(host_available_bytes().is_some_and(|b| b > 0));
-        assert!(!Parked::fits(usize::MAX / 2));
-        assert!(Parked::fits(1));
+    }
+
+    #[test]
+    fn the_attention_is_parked_within_half_the_host_memory_and_buffers_are_reused_when_large_enough(
+    ) {
+        let need = Need {
+            inputs: 10,
+            attention: 35,
+        };
+        let (att, inp) = (Parked::Attention, Parked::Inputs);
+        let p = |wanted, copies, capacity, held, avail| {
+            plan(wanted, need, copies, capacity, held, avail)
+        };
+        // 32 copies × 35 = 1120 bytes: fits in half of 2240, not of 2238.
+        assert_eq!(p(att, 32, None, 0, Some(2240)).parked, att);
+        assert_eq!(p(att, 32, None, 0, Some(2238)).parked, inp);
+        // What this process holds already counts as available; unknown memory: inputs only.
+        assert_eq!(p(att, 32, None, 320, Some(1920)).parked, att);
+        assert_eq!(p(att, 32, None, 0, None).parked, inp);
+        // Asked for inputs: inputs, whatever the memory.
+        assert_eq!(p(inp, 32, None, 0, Some(1 << 40)).parked, inp);
+        // Reuse when the current buffers hold the chosen mode's bytes.
+        assert!(p(att, 32, Some(35), 0, Some(1 << 40)).reuse);
+        assert!(!p(att, 32, Some(34), 0, Some(1 << 40)).reuse);
+        assert!(
+            p(att, 32, Some(10), 0, Some(100)).reuse,
+            "fell back to inputs: 10 bytes do"
+        );
+        assert!(!p(att, 32, None, 0, Some(1 << 40)).reuse);
     }
 }
