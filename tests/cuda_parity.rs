@@ -1,7 +1,8 @@
 //! Whole-step parity of the cuda engine (DESIGN §2 ladder, step 2): on a small random Llama
 //! (GQA, llama3 rope scaling, packed rows, ignored targets) the GPU's loss and every LoRA
-//! gradient match the cpu engine's, with and without gradient checkpointing, and so do the
-//! parameters after 3 AdamW steps. The same check runs per feature: Qwen2 q/k/v biases (frozen
+//! gradient match the cpu engine's, with and without gradient checkpointing (and the offload's
+//! two parking modes), and so do the parameters after 3 AdamW steps. The same check runs per
+//! feature: Qwen2 q/k/v biases (frozen
 //! and trained, `--bias all|lora_only`), Qwen3's q/k norm, NF4 base weights (`--load_in_4bit`,
 //! against the cpu engine on the NF4-dequantised weights), LoRA dropout (both engines draw the
 //! same masks) and the GPU's 8-bit AdamW (its state loads into the host optimizer and back).
