@@ -14,6 +14,7 @@
 //! group is a list of [`Range`]s the engine names at each copy (the activation buffers are
 //! shared by all layers, so only the host side is per layer).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
@@ -94,12 +95,97 @@ pub fn plan(
     }
 }
 
-/// `MemAvailable` of `/proc/meminfo`, in bytes.
+/// Memory this process may still pin: `MemAvailable`, capped by the room left in each memory
+/// cgroup it belongs to (a container — Salad runs jobs in them — sees the host's memory in
+/// `/proc/meminfo`, while its limit is what the kernel enforces).
 pub fn host_available_bytes() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let rooms = memory_cgroups(&groups, Path::new("/sys/fs/cgroup"))
+        .into_iter()
+        .filter_map(|(dir, v)| cgroup_room(&dir, v));
+    Some(rooms.fold(kib * 1024, usize::min))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CgroupVersion {
+    V1,
+    V2,
+}
+
+/// The memory cgroup directories under `root` that hold this process (`/proc/self/cgroup`'s
+/// text), innermost first, up to the hierarchy's root: a limit may sit on any ancestor.
+fn memory_cgroups(self_cgroup: &str, root: &Path) -> Vec<(PathBuf, CgroupVersion)> {
+    let mut dirs = Vec::new();
+    for line in self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (mounts, version) = if id == "0" && controllers.is_empty() {
+            (
+                vec![root.to_path_buf(), root.join("unified")],
+                CgroupVersion::V2,
+            )
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (vec![root.join("memory")], CgroupVersion::V1)
+        } else {
+            continue;
+        };
+        for mount in mounts {
+            let mut dir = mount.join(path.trim_start_matches('/'));
+            loop {
+                dirs.push((dir.clone(), version));
+                if dir == mount || !dir.pop() {
+                    break;
+                }
+            }
+        }
+    }
+    dirs
+}
+
+/// The room left under one cgroup's memory limit, or `None` without a limit (or files).
+fn cgroup_room(dir: &Path, version: CgroupVersion) -> Option<usize> {
+    let (limit, usage, inactive) = match version {
+        CgroupVersion::V1 => (
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+            "total_inactive_file",
+        ),
+        CgroupVersion::V2 => ("memory.max", "memory.current", "inactive_file"),
+    };
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+    room_under_limit(
+        &read(limit)?,
+        &read(usage)?,
+        &read("memory.stat").unwrap_or_default(),
+        inactive,
+    )
+}
+
+/// `limit − (usage − inactive file cache)`: page cache the kernel can drop (the safetensors
+/// mmap fills it) is not in the way. `None` for no limit (`max`, or v1's near-2⁶³ default).
+fn room_under_limit(limit: &str, usage: &str, stat: &str, inactive_key: &str) -> Option<usize> {
+    let limit: u64 = limit.trim().parse().ok()?;
+    if limit >= 1 << 62 {
+        return None;
+    }
+    let usage: u64 = usage.trim().parse().ok()?;
+    let inactive: u64 = stat
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(inactive_key)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)) as usize)
 }
 
 /// The sets of activations that move together (each copied and awaited as one).
@@ -345,8 +431,70 @@ mod tests {
     }
 
     #[test]
-    fn host_memory_is_read() {
-        assert!(host_available_bytes().is_some_and(|b| b > 0));
+    fn host_memory_is_read_and_capped_by_no_more_than_meminfo() {
+        let avail = host_available_bytes().expect("readable on Linux");
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kib: usize = info
+            .lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        // MemAvailable moves while tests run: allow for it.
+        assert!(
+            avail > 0 && avail <= kib * 1024 + (256 << 20),
+            "{avail} vs {kib} KiB"
+        );
+    }
+
+    #[test]
+    fn cgroup_room_is_the_limit_less_the_usage_that_cannot_be_dropped() {
+        let stat = "active_file 100\ninactive_file 4000\ntotal_inactive_file 6000\n";
+        assert_eq!(
+            room_under_limit("16000\n", "12000\n", stat, "inactive_file"),
+            Some(8000)
+        );
+        assert_eq!(
+            room_under_limit("16000", "12000", stat, "total_inactive_file"),
+            Some(10000)
+        );
+        assert_eq!(
+            room_under_limit("16000", "20000", "", "inactive_file"),
+            Some(0)
+        );
+        // No limit: v2's "max", v1's default.
+        assert_eq!(
+            room_under_limit("max\n", "12000", stat, "inactive_file"),
+            None
+        );
+        let v1_default = "9223372036854771712";
+        assert_eq!(
+            room_under_limit(v1_default, "1", stat, "inactive_file"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_process_memory_cgroups_are_found_with_their_ancestors() {
+        let root = Path::new("/cg");
+        let v1 = "9:name=systemd:/\n4:memory:/process_api/abc\n3:cpuset:/\n0::/\n";
+        let dirs: Vec<String> = memory_cgroups(v1, root)
+            .iter()
+            .filter(|(_, v)| *v == CgroupVersion::V1)
+            .map(|(d, _)| d.display().to_string())
+            .collect();
+        assert_eq!(
+            dirs,
+            [
+                "/cg/memory/process_api/abc",
+                "/cg/memory/process_api",
+                "/cg/memory"
+            ]
+        );
+        let v2: Vec<(PathBuf, CgroupVersion)> = memory_cgroups("0::/a/b\n", root);
+        assert_eq!(v2[0], (PathBuf::from("/cg/a/b"), CgroupVersion::V2));
+        assert_eq!(v2[2], (PathBuf::from("/cg"), CgroupVersion::V2));
+        assert_eq!(v2[3], (PathBuf::from("/cg/unified/a/b"), CgroupVersion::V2));
+        assert!(memory_cgroups("3:cpuset:/x\n", root).is_empty());
     }
 
     #[test]
