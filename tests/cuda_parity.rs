@@ -604,8 +604,7 @@ fn offload_keeps_its_host_buffers_across_batch_shapes() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    write_random_model(&dir, &spec(), 5).unwrap();
+    let dir = model(tmp.path(), "llama", spec());
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let opts = options(true);
     let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
