@@ -1105,8 +1105,8 @@ impl CudaBackend {
                     }
                     self.mlp_half(b, l, 0, false)?;
                 }
-                // Checkpointing (the recompute, or the last layer's forward) and the last layer
-                // leave this layer's second norm output in `norm`.
+                // `norm` still holds this layer's second norm output when its recompute ran
+                // last, or its forward (the last layer; the head writes `hn`).
                 let norm2_current = !keep_all || l + 1 == layers;
                 self.mlp_half_backward(b, l, slot, norm2_current)?;
                 for ready in [operands_in.take(), lows_in.take()].into_iter().flatten() {
