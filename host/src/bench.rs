@@ -84,12 +84,9 @@ fn cuda_backend(
         0.0,
         args.load_in_4bit,
     )?;
-    let unsloth = args.use_gradient_checkpointing == GradientCheckpointing::Unsloth;
-    b.set_offload(
-        unsloth
-            .then(crate::engine::cuda::Parked::from_env)
-            .transpose()?,
-    )?;
+    b.set_offload(crate::engine::cuda::Parked::for_checkpointing(
+        args.use_gradient_checkpointing,
+    )?)?;
     Ok(b)
 }
 

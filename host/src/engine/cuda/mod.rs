@@ -45,7 +45,6 @@ pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
-use crate::cli::choices::GradientCheckpointing;
 use crate::engine::cpu::dropout::{site_seed, Site};
 use crate::engine::cpu::{kaiming_uniform, rope::Rope, trainable_shapes, EngineOptions};
 use crate::engine::{optimizer_state, Backend, Batch, HostTensor, MemoryStats, PassStats};
@@ -174,8 +173,9 @@ impl CudaBackend {
             job.training.weight_decay,
             job.model.load_in_4bit,
         )?;
-        let unsloth = job.lora.use_gradient_checkpointing == GradientCheckpointing::Unsloth;
-        backend.set_offload(unsloth.then(Parked::from_env).transpose()?)?;
+        backend.set_offload(Parked::for_checkpointing(
+            job.lora.use_gradient_checkpointing,
+        )?)?;
         Ok(backend)
     }
 
@@ -1055,17 +1055,18 @@ impl CudaBackend {
         // attention parked too, its results go out after the layer's attention and the next
         // layer waits for them before overwriting them. The last layer parks nothing: its
         // backward comes first and finds everything still on the GPU.
-        let mut input_out: Vec<Option<CudaEvent>> = (0..layers).map(|_| None).collect();
-        let mut attention_out: Option<CudaEvent> = None;
+        let (mut input_out, mut attention_out): (Option<CudaEvent>, Option<CudaEvent>) =
+            (None, None);
         for l in 0..layers {
             let slot = if keep_all { l } else { 0 };
             let last = l + 1 == layers;
             if parked.is_some() {
+                // The previous layer's copies, awaited after this layer's input is sent off.
+                let earlier = [input_out.take(), attention_out.take()];
                 if !last {
-                    input_out[l] = Some(self.park(b, l, &[Group::Input])?);
+                    input_out = Some(self.park(b, l, &[Group::Input])?);
                 }
-                let earlier = l.checked_sub(1).and_then(|p| input_out[p].take());
-                for done in earlier.into_iter().chain(attention_out.take()) {
+                for done in earlier.into_iter().flatten() {
                     self.stream.wait(&done)?;
                 }
             }

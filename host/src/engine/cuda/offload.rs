@@ -20,6 +20,8 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Result};
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 
+use crate::cli::choices::GradientCheckpointing;
+
 /// Environment variable that restricts parking to the layer inputs (`inputs`) or asks for the
 /// attention results too (`attention`, the default when the host has the memory).
 pub const OFFLOAD_ENV: &str = "FERROTUNE_OFFLOAD";
@@ -34,9 +36,12 @@ pub enum Parked {
 }
 
 impl Parked {
-    /// The mode asked for through [`OFFLOAD_ENV`] (default: [`Parked::Attention`]).
-    pub fn from_env() -> Result<Self> {
-        Self::parse(std::env::var(OFFLOAD_ENV).ok().as_deref())
+    /// What `--use_gradient_checkpointing` parks: nothing but with `unsloth`, then the mode
+    /// asked for through [`OFFLOAD_ENV`] (default: [`Parked::Attention`]).
+    pub fn for_checkpointing(mode: GradientCheckpointing) -> Result<Option<Self>> {
+        (mode == GradientCheckpointing::Unsloth)
+            .then(|| Self::parse(std::env::var(OFFLOAD_ENV).ok().as_deref()))
+            .transpose()
     }
 
     fn parse(value: Option<&str>) -> Result<Self> {
