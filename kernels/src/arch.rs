@@ -36,6 +36,12 @@ impl GpuArch {
         }
     }
 
+    /// Whether NVRTC's target for this GPU has Hopper's warpgroup MMAs (`sm_90a`), which the
+    /// kernels' `FA_WGMMA` paths use.
+    pub fn has_wgmma(&self) -> bool {
+        self.nvrtc_target() == "sm_90a"
+    }
+
     pub fn is_supported(&self) -> bool {
         (self.major, self.minor) >= (MIN_ARCH.major, MIN_ARCH.minor)
     }
@@ -58,5 +64,6 @@ mod tests {
         assert_eq!(GpuArch::new(12, 0).nvrtc_target(), "sm_120");
         assert!(!GpuArch::new(7, 5).is_supported());
         assert!(GpuArch::new(8, 0).is_supported());
+        assert!(GpuArch::new(9, 0).has_wgmma() && !GpuArch::new(8, 9).has_wgmma());
     }
 }

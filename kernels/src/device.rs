@@ -255,7 +255,7 @@ impl Kernels {
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
-            flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin)?,
+            flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin, arch)?,
         };
         Ok((
             Self {

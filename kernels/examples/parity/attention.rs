@@ -77,6 +77,17 @@ fn cases() -> Vec<Case> {
             shape: s(1, 300, 4, 4, 96, 100),
             rows: vec![vec![150, 140]],
         },
+        // head_dim 128 over an odd number of 64-token blocks (Hopper's 128-key backward has a
+        // last CTA whose second key block lies past T), samples packed across 128-key blocks.
+        Case {
+            shape: s(2, 300, 8, 2, 128, 0),
+            rows: vec![vec![300], vec![128, 44, 100, 28]],
+        },
+        // head_dim 128 with a sliding window shorter than a 128-key block.
+        Case {
+            shape: s(1, 333, 4, 1, 128, 90),
+            rows: vec![vec![333]],
+        },
         // Tiny: a single token, and a row shorter than a block.
         Case {
             shape: s(2, 1, 4, 2, 64, 0),

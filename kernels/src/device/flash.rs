@@ -13,6 +13,7 @@ use cudarc::driver::{
 };
 
 use super::{aligned16, bf16, check_len, grid, launch, shape, to_i32, Kernels, THREADS};
+use crate::arch::GpuArch;
 use crate::KernelError;
 
 /// Queries per query block = keys per key block of every attention kernel (FA_BLOCK).
@@ -32,6 +33,9 @@ pub(super) struct FlashFunctions {
     /// Input stages of each backward kernel: 2 (the next query block loads during the current
     /// one) where the GPU grants the shared memory, else 1.
     bwd_stages: [usize; 2],
+    /// Hopper's backward at d ≤ 128 (`flash_bwd_d128_wide`: 128 keys per CTA, always two
+    /// stages), which replaces `bwd[1]` where the GPU has warpgroup MMAs.
+    bwd_wide: Option<CudaFunction>,
     bwd_prep: CudaFunction,
     dq_convert: CudaFunction,
 }
@@ -47,11 +51,22 @@ fn bwd_smem_bytes(width: usize, stages: usize) -> usize {
 
 const WIDTHS: [usize; 2] = [64, 128];
 
+/// Keys per CTA of Hopper's wide backward.
+const WIDE_KEYS: usize = 2 * FLASH_BLOCK;
+
+/// Dynamic shared memory of `flash_bwd_d128_wide`: K, V [128][128] and dSᵀ [128][64] in bf16,
+/// two [64][64] fp32 dQ tiles, then two stages as in [`bwd_smem_bytes`].
+fn bwd_wide_smem_bytes() -> usize {
+    let (width, stage) = (128, 2 * FLASH_BLOCK * 128 * 2 + 1024);
+    (2 * WIDE_KEYS * width + WIDE_KEYS * FLASH_BLOCK) * 2 + 2 * FLASH_BLOCK * 64 * 4 + 2 * stage
+}
+
 impl FlashFunctions {
     /// `smem_optin`: the device's largest dynamic shared memory per block (bytes) after opt-in.
     pub(super) fn load(
         get: impl Fn(&str) -> Result<CudaFunction, KernelError>,
         smem_optin: usize,
+        arch: GpuArch,
     ) -> Result<Self, KernelError> {
         let bwd = [get("flash_bwd_d64")?, get("flash_bwd_d128")?];
         let mut bwd_stages = [1; 2];
@@ -66,11 +81,21 @@ impl FlashFunctions {
                 bwd_smem_bytes(width, bwd_stages[i]) as i32,
             )?;
         }
+        let mut bwd_wide = None;
+        if arch.has_wgmma() && bwd_wide_smem_bytes() <= smem_optin {
+            let f = get("flash_bwd_d128_wide")?;
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bwd_wide_smem_bytes() as i32,
+            )?;
+            bwd_wide = Some(f);
+        }
         Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
             bwd,
             bwd_stages,
+            bwd_wide,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
         })
@@ -210,7 +235,15 @@ impl Kernels {
     /// Input stages the backward uses for this shape on this GPU (2: the next query block's
     /// inputs load during the current one).
     pub fn flash_bwd_stages(&self, s: &FlashShape) -> usize {
-        self.f.flash.bwd_stages[s.tile()]
+        match self.wide_bwd(s) {
+            Some(_) => 2,
+            None => self.f.flash.bwd_stages[s.tile()],
+        }
+    }
+
+    /// Hopper's 128-key backward, when it serves this shape.
+    fn wide_bwd(&self, s: &FlashShape) -> Option<&CudaFunction> {
+        self.f.flash.bwd_wide.as_ref().filter(|_| s.tile() == 1)
     }
 
     /// `o = softmax(q·kᵀ/√d + mask)·v` and `lse[b, h, i]` = logsumexp of the masked, scaled
@@ -336,9 +369,10 @@ impl Kernels {
         // 2. dK, dV per key block; dQ into the accumulator.
         let scale = s.scale();
         let scale_log2 = scale * std::f32::consts::LOG2_E;
-        let stages = self.f.flash.bwd_stages[s.tile()];
+        let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let mut a = stream.launch_builder(&self.f.flash.bwd[s.tile()]);
+        let wide = self.wide_bwd(s);
+        let mut a = stream.launch_builder(wide.unwrap_or(&self.f.flash.bwd[s.tile()]));
         a.arg(q)
             .arg(k)
             .arg(v)
@@ -355,10 +389,21 @@ impl Kernels {
             .arg(&scale_log2)
             .arg(&scale)
             .arg(&stages_i);
-        let config = LaunchConfig {
-            grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
-            block_dim: (BWD_THREADS, 1, 1),
-            shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()], stages) as u32,
+        let config = match wide {
+            Some(_) => LaunchConfig {
+                grid_dim: (
+                    s.seq.div_ceil(WIDE_KEYS) as u32,
+                    s.kv_heads as u32,
+                    s.batch as u32,
+                ),
+                block_dim: (BWD_THREADS, 1, 1),
+                shared_mem_bytes: bwd_wide_smem_bytes() as u32,
+            },
+            None => LaunchConfig {
+                grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
+                block_dim: (BWD_THREADS, 1, 1),
+                shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()], stages) as u32,
+            },
         };
         launch(a, config)?;
 
@@ -418,5 +463,9 @@ mod tests {
         assert!(bwd_smem_bytes(128, 1) <= 99 * 1024);
         assert!(bwd_smem_bytes(64, 2) <= 99 * 1024);
         assert!(bwd_smem_bytes(128, 2) <= 163 * 1024);
+        // Hopper's wide backward: 1 KiB-aligned tiles, inside sm_90's 227 KiB.
+        assert_eq!(bwd_wide_smem_bytes() % 1024, 0);
+        assert_eq!(bwd_wide_smem_bytes(), 178 * 1024);
+        assert!(bwd_wide_smem_bytes() <= 227 * 1024);
     }
 }
