@@ -895,28 +895,22 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
                    scale_log2, scale, stages);
 }
 
-// Backward, step 2 on Hopper at head_dim <= 128 (sm_90a): one CTA = a 128-key block of one kv
-// head of one batch row, so every query block's Q, dO, lse and delta are loaded, and its dQ is
-// added to dq_acc, once per 128 keys instead of once per 64 (half the loads and half the fp32
-// atomics of flash_bwd<128>), and the products are twice as wide. Warpgroup w (warps 4w..4w+3)
-// owns keys j0 + 64w .. +64 — the 64-key block kb = 2·KB + w, whose masking is flash_bwd's.
-// Per query block of 64 (with wk = warp & 3 picking the accumulator rows, as everywhere):
-//   Sᵀ_w = K_w·Qᵀ, dPᵀ_w = V_w·dOᵀ   m64n64, both operands K-major in shared memory
-//   Pᵀ, dSᵀ = the softmax and its gradient, in registers; dSᵀ also to shared memory
-//   dV_w += Pᵀ_w·dO, dK_w += dSᵀ_w·Q  m64n128, A from registers (the C layout of two adjacent
-//                                     8-column tiles is the A layout of one k16 step)
-//   dQ[:, 64w..+64] = dS·K            m64n64 over all 128 keys (A = dSᵀ read transposed)
-// The dV/dK products run while the CTA waits at the barrier that publishes dSᵀ. Each
-// warpgroup stages its dQ columns through its own fp32 tile and adds them with 16-byte
-// reductions. Shared memory (dynamic, 1024-byte aligned): K, V as two [64][D] tiles each
-// (swh), dSᵀ [128][64] bf16, the two dQ tiles [64][64] fp32, then two stages of Q, dO [64][D]
-// bf16 and lse, delta [64] fp32 padded to 1 KiB (flash_bwd_wide_smem_bytes in flash.rs).
 #ifdef FA_WGMMA
-__device__ __forceinline__ void wg_bar(int wg) {
-    asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-
-__device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const bf16* __restrict__ k,
+// Backward, step 2 on Hopper at head_dim <= 128 (sm_90a): flash_bwd's work split in CTAs of
+// one warpgroup (128 threads, one 64-key block kb), two CTAs per SM. With 255 registers a
+// thread, two independent CTAs let the SM run one's softmax under the other's products, where
+// flash_bwd<128>'s two warpgroups wait for each other at every barrier (and a 128-key CTA of
+// two warpgroups measured 0.73 ms against this kernel's 0.68 ms, docs/perf-notes.md §14).
+// Per query block, with warp = the accumulator's 16-row group:
+//   Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ   m64n64, both operands K-major in shared memory
+//   Pᵀ, dSᵀ = the softmax and its gradient in registers; dSᵀ also to shared memory
+//   dV += Pᵀ·dO, dK += dSᵀ·Q  m64n128, A from registers (the C layout of two adjacent 8-column
+//                             tiles is the A layout of one k16 step), B MN-major
+//   dQ = dS·K                 m64n64 per 64-column half (registers), A = dSᵀ read transposed
+// Shared memory (dynamic, 1024-byte aligned): K, V [64][D], dSᵀ [64][64] bf16, then two stages
+// of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB; the dQ tile [64][D] fp32 is
+// staged in the current stage's Q and dO tiles (106 KiB: two CTAs fit sm_90's 228 KiB).
+__device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                const float* __restrict__ lse,
                                                const float* __restrict__ delta,
@@ -924,55 +918,40 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
                                                bf16* __restrict__ dv, const u32* __restrict__ seg,
                                                const u32* __restrict__ blk, int T, int H, int Hkv,
                                                int d, int window, float scale_log2, float scale) {
-    constexpr int D = 128, NT = 256, KEYS = 2 * FA_BLOCK;
+    constexpr int D = 128, NT = 128;
     constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
     extern __shared__ __align__(1024) unsigned char fa_smem[];
-    bf16* sK = reinterpret_cast<bf16*>(fa_smem);   // [2][64][D]
-    bf16* sV = sK + KEYS * D;                        // [2][64][D]
-    bf16* sS = sV + KEYS * D;                        // dSᵀ [128 keys][64 queries]
-    float* sDq = reinterpret_cast<float*>(sS + KEYS * FA_BLOCK);  // [2][64][64]
-    bf16* stage0 = reinterpret_cast<bf16*>(sDq + 2 * FA_BLOCK * 64);
+    bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [64][D]
+    bf16* sV = sK + FA_BLOCK * D;                   // [64][D]
+    bf16* sS = sV + FA_BLOCK * D;                   // dSᵀ [64 keys][64 queries]
+    bf16* stage0 = sS + FA_BLOCK * FA_BLOCK;
     if (threadIdx.x == 0 && (smem_u32(fa_smem) & 1023)) __trap();  // wgmma's swizzle atoms
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int wk = warp & 3, wg = warp >> 2;
     const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
     int hk, b;
-    const int KB = heaviest_first(hk, b);
+    const int kb = heaviest_first(hk, b);
     const int G = H / Hkv;
-    const int j0 = KB * KEYS;
-    const int kb0 = 2 * KB, kbw = kb0 + wg;  // the CTA's first 64-key block; this warpgroup's
-    const bool kbw_in = kbw < nb;            // the second block may lie past T
+    const int j0 = kb * FA_BLOCK;
     const long long qld = (long long)H * d, kld = (long long)Hkv * d;
     const u32* sg = seg + (long long)b * T;
     const u32* bl = blk + (long long)b * nb * 2;
-    bf16* sKw = sK + wg * FA_BLOCK * D;
-    bf16* sVw = sV + wg * FA_BLOCK * D;
-    float* sDqw = sDq + wg * FA_BLOCK * 64;
 
-    const bf16* kg = k + (long long)b * T * kld + (long long)hk * d;
-    const bf16* vg = v + (long long)b * T * kld + (long long)hk * d;
-    load_tile<D, NT>(sK, kg, kld, j0, T, d, tid);
-    load_tile<D, NT>(sK + FA_BLOCK * D, kg, kld, j0 + FA_BLOCK, T, d, tid);
-    load_tile<D, NT>(sV, vg, kld, j0, T, d, tid);
-    load_tile<D, NT>(sV + FA_BLOCK * D, vg, kld, j0 + FA_BLOCK, T, d, tid);
+    load_tile<D, NT>(sK, k + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
+    load_tile<D, NT>(sV, v + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
 
-    // This thread's two key rows (C fragment rows of the Sᵀ tile).
-    const int jr0 = j0 + wg * FA_BLOCK + wk * 16 + g, jr1 = jr0 + 8;
+    const int jr0 = j0 + warp * 16 + g, jr1 = jr0 + 8;
     const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
-    // Query blocks that can see these keys: from the first block's diagonal up to the window's
-    // end; an item is skipped when the segment mask hides it from both key blocks. The first,
-    // (0, kb0), never is.
     int qb_hi = nb - 1;
-    if (window > 0) qb_hi = min(qb_hi, (j0 + KEYS - 1 + window - 1) / FA_BLOCK);
+    if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
     auto next_item = [&](int& gi, int& qb) -> bool {
         do {
             if (++qb > qb_hi) {
-                qb = kb0;
+                qb = kb;
                 if (++gi >= G) return false;
             }
-        } while (seg_skip(bl, qb, kb0) && (kb0 + 1 >= nb || seg_skip(bl, qb, kb0 + 1)));
+        } while (seg_skip(bl, qb, kb));
         return true;
     };
     auto load_item = [&](bf16* st, int gi, int qb) {
@@ -980,12 +959,10 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
         load_tile<D, NT>(st, q + (long long)b * T * qld + (long long)h * d, qld, i0, T, d, tid);
         load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * qld + (long long)h * d, qld,
                          i0, T, d, tid);
-        if (tid < 2 * FA_BLOCK) {
-            const int r = tid & (FA_BLOCK - 1), i = i0 + r;
-            const float* src = (tid < FA_BLOCK ? lse : delta) + ((long long)b * H + h) * T;
-            float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
-            cp_async4(dst, i < T ? src + i : src, i < T);
-        }
+        const int r = tid & (FA_BLOCK - 1), i = i0 + r;
+        const float* src = (tid < FA_BLOCK ? lse : delta) + ((long long)b * H + h) * T;
+        float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
+        cp_async4(dst, i < T ? src + i : src, i < T);
     };
 
     float dKa[D / 8][4], dVa[D / 8][4];
@@ -994,42 +971,37 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
 #pragma unroll
         for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
 
-    int gi = 0, qb = kb0, stage = 0;
+    int gi = 0, qb = kb, stage = 0;
     load_item(stage0, gi, qb);
     cp_async_commit();
     while (true) {
         cp_async_wait_all();
         proxy_fence();
-        __syncthreads();  // this item's inputs visible; both warpgroups are done with the last
+        __syncthreads();  // this item's inputs visible; every warp is done with the last item
         int ngi = gi, nqb = qb;
         const bool more = next_item(ngi, nqb);
-        if (more) {
-            load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
-            cp_async_commit();
-        }
         bf16* sQ = stage0 + stage * STAGE;
-        const bf16* sO = sQ + FA_BLOCK * D;  // dO
+        bf16* sO = sQ + FA_BLOCK * D;  // dO
         const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
         const float* sD = sL + FA_BLOCK;  // delta
         const int h = hk * G + gi, i0 = qb * FA_BLOCK;
 
-        // Sᵀ and dPᵀ: a k16 step is 32 bytes into the 128-byte rows of a 64-column block.
         float st[8][4], dpt[8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-            wgmma_ss_m64n64<0, 0>(st, wg_desc(sKw + at, 16, 1024), wg_desc(sQ + at, 16, 1024), kk > 0);
-            wgmma_ss_m64n64<0, 0>(dpt, wg_desc(sVw + at, 16, 1024), wg_desc(sO + at, 16, 1024), kk > 0);
+            wgmma_ss_m64n64<0, 0>(st, wg_desc(sK + at, 16, 1024), wg_desc(sQ + at, 16, 1024), kk > 0);
+            wgmma_ss_m64n64<0, 0>(dpt, wg_desc(sV + at, 16, 1024), wg_desc(sO + at, 16, 1024), kk > 0);
         }
         wg_commit_wait();
 
-        const bool full = kbw_in && tile_full(bl, qb, kbw, T, window);
+        const bool full = tile_full(bl, qb, kb, T, window);
 #pragma unroll
         for (int n = 0; n < 8; ++n) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int il = n * 8 + 2 * t + e;  // query within the block
+                const int il = n * 8 + 2 * t + e;
                 const int i = i0 + il;
                 bool v0 = true, v1 = true;
                 if (!full) {
@@ -1048,8 +1020,6 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
                 st[n][2 + e] = p1;
             }
         }
-        // Pᵀ and dSᵀ as A fragments of the four k16 steps over the block's queries; dSᵀ also
-        // to shared memory for the dQ product of both warpgroups.
         u32 pa[4][4], sa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1061,15 +1031,12 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
             sa[kk][1] = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
             sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
             sa[kk][3] = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-            const int row = wg * FA_BLOCK + wk * 16 + g, col = kk * 16 + 2 * t;
+            const int row = warp * 16 + g, col = kk * 16 + 2 * t;
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = sa[kk][0];
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = sa[kk][1];
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col + 8)) = sa[kk][2];
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col + 8)) = sa[kk][3];
         }
-
-        // dV += Pᵀ·dO, dK += dSᵀ·Q: B = dO / Q MN-major, a k16 step is 16 rows (2 KiB), the two
-        // 64-column blocks 8 KiB apart. Left running across the barrier below.
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1077,39 +1044,47 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
             wgmma_rs_m64n128_tb(dKa, sa[kk], wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024));
         }
         wg_commit_wait();
+        // The next item's inputs into the other stage: issued here, where the score registers
+        // are dead (at the top of the item the 255 registers spill).
+        if (more) {
+            load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
+            cp_async_commit();
+        }
         proxy_fence();
-        __syncthreads();  // dSᵀ of both warpgroups in shared memory
+        __syncthreads();  // dSᵀ of every warp in shared memory
 
-        // dQ (unscaled) of the block's queries, columns 64·wg..+64, over the 128 keys: A = dS,
-        // the stored dSᵀ read transposed (MN-major, a k16 step is 16 keys = 16 rows); B = K
-        // MN-major, the k16 step's 16 rows of key tile kk / 4 at 64-column block wg.
-        float dqa[8][4];
-        wg_fence();
+        // dQ (unscaled) over the block's 64 keys, one 64-column half at a time (registers): A =
+        // dS (the stored dSᵀ read transposed), B = K MN-major at the half's column block; the
+        // halves are staged in the stage's Q and dO tiles, free once every warp is past the
+        // first half's product.
+        float* sQd = reinterpret_cast<float*>(sQ);
+#pragma unroll 1
+        for (int half = 0; half < 2; ++half) {
+            float dqa[8][4];
+            wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < KEYS / 16; ++kk) {
-            const int bt = (kk >> 2) * (FA_BLOCK * D) + wg * (FA_BLOCK * 64) + (kk & 3) * 16 * 64;
-            wgmma_ss_m64n64<1, 1>(dqa, wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024),
-                                  wg_desc(sK + bt, FA_BLOCK * 64 * 2, 1024), kk > 0);
+            for (int kk = 0; kk < FA_BLOCK / 16; ++kk)
+                wgmma_ss_m64n64<1, 1>(dqa, wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024),
+                                      wg_desc(sK + half * FA_BLOCK * 64 + kk * 16 * 64,
+                                              FA_BLOCK * 64 * 2, 1024),
+                                      kk > 0);
+            wg_commit_wait();
+            if (half == 0) __syncthreads();  // every warp is done reading sQ and sO
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+                const int c = half * 64 + n * 8 + 2 * t, row = warp * 16 + g;
+                *reinterpret_cast<float2*>(sQd + swz<D>(row, c)) = make_float2(dqa[n][0], dqa[n][1]);
+                *reinterpret_cast<float2*>(sQd + swz<D>(row + 8, c)) = make_float2(dqa[n][2], dqa[n][3]);
+            }
         }
-        wg_commit_wait();  // dQ, and the dV/dK products above
-
-        // This warpgroup's dQ tile through its own shared tile ([64][64] fp32, 32-byte chunks
-        // XOR-swizzled by row), then whole rows of 16-byte reductions.
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-            const int c = n * 8 + 2 * t, row = wk * 16 + g;
-            *reinterpret_cast<float2*>(sDqw + swz<64>(row, c)) = make_float2(dqa[n][0], dqa[n][1]);
-            *reinterpret_cast<float2*>(sDqw + swz<64>(row + 8, c)) = make_float2(dqa[n][2], dqa[n][3]);
-        }
-        wg_bar(wg);
-        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d + wg * 64;
-        const int wtid = tid & 127;
-#pragma unroll
-        for (int it = 0; it < FA_BLOCK * 64 / (4 * 128); ++it) {
-            const int e = (it * 128 + wtid) * 4, row = e / 64, c = e % 64;
-            if (i0 + row < T && wg * 64 + c < d)
+        __syncthreads();
+        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
+#pragma unroll 4  // all 16 unrolled hoist 64 registers of shared loads: spills
+        for (int it = 0; it < FA_BLOCK * D / (4 * NT); ++it) {
+            const int e = (it * NT + tid) * 4, row = e / D, c = e % D;
+            if (i0 + row < T && c < d)
                 red_add_v4(dqg + (long long)(i0 + row) * qld + c,
-                           *reinterpret_cast<const float4*>(sDqw + swz<64>(row, c)));
+                           *reinterpret_cast<const float4*>(sQd + swz<D>(row, c)));
         }
         if (!more) break;
         gi = ngi;
@@ -1142,9 +1117,9 @@ __device__ __forceinline__ void flash_bwd_wide(const bf16* __restrict__ q, const
 
 #ifndef FA_SIM
 // Launched only on sm_90a (flash.rs); elsewhere an entry that traps, so every module has it.
-extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128_wide(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d128_sm90(FA_BWD_ARGS) {
 #ifdef FA_WGMMA
-    flash_bwd_wide(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+    flash_bwd_sm90(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
                    scale_log2, scale);
 #else
     __trap();

@@ -148,7 +148,7 @@ pub const ATTENTION: KernelSource = KernelSource {
         "flash_bwd_prep",
         "flash_bwd_d64",
         "flash_bwd_d128",
-        "flash_bwd_d128_wide",
+        "flash_bwd_d128_sm90",
         "flash_dq_convert",
     ],
     extra_options: &[],

@@ -5,7 +5,8 @@
 //! [`Kernels::flash_attn_fwd`] writes O and the per-(row, head) logsumexp. Backward:
 //! [`Kernels::flash_attn_bwd`] runs the three kernels (delta = rowsum(dO ⊙ O) and dQ-accumulator
 //! reset; dK/dV per key block with dQ by fp32 atomics; dQ to bf16) from O and the logsumexp —
-//! it never needs the forward's scores.
+//! it never needs the forward's scores. On Hopper (sm_90a) the d ≤ 128 backward runs on
+//! warpgroup MMAs in CTAs of one warpgroup, two per SM (`flash_bwd_d128_sm90`).
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -33,9 +34,9 @@ pub(super) struct FlashFunctions {
     /// Input stages of each backward kernel: 2 (the next query block loads during the current
     /// one) where the GPU grants the shared memory, else 1.
     bwd_stages: [usize; 2],
-    /// Hopper's backward at d ≤ 128 (`flash_bwd_d128_wide`: 128 keys per CTA, always two
-    /// stages), which replaces `bwd[1]` where the GPU has warpgroup MMAs.
-    bwd_wide: Option<CudaFunction>,
+    /// Hopper's backward at d ≤ 128 (`flash_bwd_d128_sm90`, two stages), which replaces
+    /// `bwd[1]` where the GPU has warpgroup MMAs.
+    bwd_sm90: Option<CudaFunction>,
     bwd_prep: CudaFunction,
     dq_convert: CudaFunction,
 }
@@ -51,14 +52,15 @@ fn bwd_smem_bytes(width: usize, stages: usize) -> usize {
 
 const WIDTHS: [usize; 2] = [64, 128];
 
-/// Keys per CTA of Hopper's wide backward.
-const WIDE_KEYS: usize = 2 * FLASH_BLOCK;
+/// Threads of Hopper's backward at d ≤ 128 (`flash_bwd_d128_sm90`: one warpgroup, two CTAs
+/// per SM).
+const SM90_THREADS: u32 = 128;
 
-/// Dynamic shared memory of `flash_bwd_d128_wide`: K, V [128][128] and dSᵀ [128][64] in bf16,
-/// two [64][64] fp32 dQ tiles, then two stages as in [`bwd_smem_bytes`].
-fn bwd_wide_smem_bytes() -> usize {
-    let (width, stage) = (128, 2 * FLASH_BLOCK * 128 * 2 + 1024);
-    (2 * WIDE_KEYS * width + WIDE_KEYS * FLASH_BLOCK) * 2 + 2 * FLASH_BLOCK * 64 * 4 + 2 * stage
+/// Dynamic shared memory of `flash_bwd_d128_sm90`: K, V [64][128] and dSᵀ [64][64] in bf16,
+/// then two stages as in [`bwd_smem_bytes`] (dQ is staged in a stage's Q and dO tiles).
+fn bwd_sm90_smem_bytes() -> usize {
+    let stage = 2 * FLASH_BLOCK * 128 * 2 + 1024;
+    (2 * FLASH_BLOCK * 128 + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
 }
 
 impl FlashFunctions {
@@ -81,21 +83,21 @@ impl FlashFunctions {
                 bwd_smem_bytes(width, bwd_stages[i]) as i32,
             )?;
         }
-        let mut bwd_wide = None;
-        if arch.has_wgmma() && bwd_wide_smem_bytes() <= smem_optin {
-            let f = get("flash_bwd_d128_wide")?;
+        let mut bwd_sm90 = None;
+        if arch.has_wgmma() && bwd_sm90_smem_bytes() <= smem_optin {
+            let f = get("flash_bwd_d128_sm90")?;
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bwd_wide_smem_bytes() as i32,
+                bwd_sm90_smem_bytes() as i32,
             )?;
-            bwd_wide = Some(f);
+            bwd_sm90 = Some(f);
         }
         Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
             bwd,
             bwd_stages,
-            bwd_wide,
+            bwd_sm90,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
         })
@@ -235,15 +237,15 @@ impl Kernels {
     /// Input stages the backward uses for this shape on this GPU (2: the next query block's
     /// inputs load during the current one).
     pub fn flash_bwd_stages(&self, s: &FlashShape) -> usize {
-        match self.wide_bwd(s) {
+        match self.sm90_bwd(s) {
             Some(_) => 2,
             None => self.f.flash.bwd_stages[s.tile()],
         }
     }
 
-    /// Hopper's 128-key backward, when it serves this shape.
-    fn wide_bwd(&self, s: &FlashShape) -> Option<&CudaFunction> {
-        self.f.flash.bwd_wide.as_ref().filter(|_| s.tile() == 1)
+    /// Hopper's backward, when it serves this shape.
+    fn sm90_bwd(&self, s: &FlashShape) -> Option<&CudaFunction> {
+        self.f.flash.bwd_sm90.as_ref().filter(|_| s.tile() == 1)
     }
 
     /// `o = softmax(q·kᵀ/√d + mask)·v` and `lse[b, h, i]` = logsumexp of the masked, scaled
@@ -371,8 +373,8 @@ impl Kernels {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let wide = self.wide_bwd(s);
-        let mut a = stream.launch_builder(wide.unwrap_or(&self.f.flash.bwd[s.tile()]));
+        let sm90 = self.sm90_bwd(s);
+        let mut a = stream.launch_builder(sm90.unwrap_or(&self.f.flash.bwd[s.tile()]));
         a.arg(q)
             .arg(k)
             .arg(v)
@@ -389,15 +391,11 @@ impl Kernels {
             .arg(&scale_log2)
             .arg(&scale)
             .arg(&stages_i);
-        let config = match wide {
+        let config = match sm90 {
             Some(_) => LaunchConfig {
-                grid_dim: (
-                    s.seq.div_ceil(WIDE_KEYS) as u32,
-                    s.kv_heads as u32,
-                    s.batch as u32,
-                ),
-                block_dim: (BWD_THREADS, 1, 1),
-                shared_mem_bytes: bwd_wide_smem_bytes() as u32,
+                grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
+                block_dim: (SM90_THREADS, 1, 1),
+                shared_mem_bytes: bwd_sm90_smem_bytes() as u32,
             },
             None => LaunchConfig {
                 grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
@@ -463,9 +461,9 @@ mod tests {
         assert!(bwd_smem_bytes(128, 1) <= 99 * 1024);
         assert!(bwd_smem_bytes(64, 2) <= 99 * 1024);
         assert!(bwd_smem_bytes(128, 2) <= 163 * 1024);
-        // Hopper's wide backward: 1 KiB-aligned tiles, inside sm_90's 227 KiB.
-        assert_eq!(bwd_wide_smem_bytes() % 1024, 0);
-        assert_eq!(bwd_wide_smem_bytes(), 178 * 1024);
-        assert!(bwd_wide_smem_bytes() <= 227 * 1024);
+        // Hopper's backward: 1 KiB-aligned tiles; two CTAs (plus 1 KiB reserved each) inside
+        // sm_90's 228 KiB of shared memory per SM.
+        assert_eq!(bwd_sm90_smem_bytes(), 106 * 1024);
+        assert!(2 * (bwd_sm90_smem_bytes() + 1024) <= 228 * 1024);
     }
 }
