@@ -835,9 +835,8 @@ impl Kernels {
         aligned16(K, "out", &*out, stream)?;
         aligned16(K, "packed", packed, stream)?;
         let n_i = n as i64;
-        // One thread per 32 values (a 16-byte load of codes).
         let config = cfg(
-            grid(n / 32, THREADS as usize, self.stride_cap() * 2),
+            grid(n / 8, THREADS as usize, self.stride_cap() * 2),
             (THREADS, 1),
         );
         match absmax {

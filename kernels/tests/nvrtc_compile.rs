@@ -1,6 +1,7 @@
 //! Compiles every kernel with NVRTC for every CI architecture (sm_80, sm_86, sm_89, sm_90a) and
-//! fails on compiler errors or warnings, on register spills, on stack frames the kernel's
-//! source entry does not accept (`KernelSource::accepted_stack`), and on warpgroup-MMA waits
+//! fails on compiler errors or warnings, on register spills and stack frames the kernel's
+//! source entry does not accept (`KernelSource::accepted_spill`, `accepted_stack`: each a
+//! measured exception), and on warpgroup-MMA waits
 //! ptxas had to inject (C7517: an intended asynchronous overlap lost).
 //!
 //! NVRTC compiles straight to a cubin (its built-in ptxas), and `-Xptxas -v` puts ptxas's
@@ -75,7 +76,8 @@ fn every_kernel_compiles_for_every_ci_arch_without_spills() {
                 }
             }
             for f in &funcs {
-                if f.spill_store_bytes > 0 || f.spill_load_bytes > 0 {
+                let spill = f.spill_store_bytes + f.spill_load_bytes;
+                if spill > src.accepted_spill_bytes(&f.name, &arch.nvrtc_target()) {
                     failures.push(format!(
                         "{at}: {} spills registers ({} B stores, {} B loads)",
                         f.name, f.spill_store_bytes, f.spill_load_bytes

@@ -19,6 +19,7 @@ const PROBE: KernelSource = KernelSource {
     entries: &["wgmma_probe_ss", "wgmma_probe_rs", "wgmma_probe_tb"],
     extra_options: &[],
     accepted_stack: &[],
+    accepted_spill: &[],
 };
 
 /// `[rows, cols]` of small integers (exact in bf16, and their 64-term sums exact in fp32).
