@@ -250,6 +250,7 @@ mod tests {
             entries: &[],
             extra_options: &[],
             accepted_stack: &[],
+            accepted_spill: &[],
         };
         let dir = std::env::temp_dir().join(format!("ft-kernel-src-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
