@@ -555,6 +555,101 @@ extern "C" __global__ void flash_bwd_prep(const bf16* __restrict__ o, const bf16
     }
 }
 
+// Pieces shared by the backward kernels (flash_bwd and, on Hopper, flash_bwd_sm90).
+
+// The next work item (group member gi, query block qb) of the CTA of key block kb: query blocks
+// from the diagonal to qb_hi for each of the G query heads of the kv head, minus the blocks of
+// other samples. False when there is none.
+__device__ __forceinline__ bool bwd_next_item(int& gi, int& qb, int kb, int qb_hi, int G,
+                                              const u32* bl) {
+    do {
+        if (++qb > qb_hi) {
+            qb = kb;
+            if (++gi >= G) return false;
+        }
+    } while (seg_skip(bl, qb, kb));
+    return true;
+}
+
+// Q, dO (swizzled [64][D] tiles), lse and delta (fp32 [64] each, after the tiles) of query
+// block qb of head h into a stage buffer, asynchronously (zeros past T). `qoff` = the batch
+// row's first element of head h in q / dO; `loff` = its first in lse / delta.
+template <int D, int NT>
+__device__ __forceinline__ void bwd_load_item(bf16* st, const bf16* q, const bf16* dout,
+                                              const float* lse, const float* delta,
+                                              long long qoff, long long loff, long long qld,
+                                              int qb, int T, int d, int tid) {
+    const int i0 = qb * FA_BLOCK;
+    load_tile<D, NT>(st, q + qoff, qld, i0, T, d, tid);
+    load_tile<D, NT>(st + FA_BLOCK * D, dout + qoff, qld, i0, T, d, tid);
+    if (tid < 2 * FA_BLOCK) {
+        const int r = tid & (FA_BLOCK - 1), i = i0 + r;
+        const float* src = (tid < FA_BLOCK ? lse : delta) + loff;
+        float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
+        cp_async4(dst, i < T ? src + i : src, i < T);
+    }
+}
+
+// Pᵀ = 2^(Sᵀ·scale·log2e − lse·log2e) (masked to 0) into st and dSᵀ = Pᵀ ⊙ (dPᵀ − delta) into
+// dpt, for this thread's key rows jr0/jr1 (segments sj0/sj1) and the NN 8-column tiles of
+// queries from col0 of query block i0 (C fragment layout). `full`: no element is masked.
+template <int NN>
+__device__ __forceinline__ void bwd_probs(float (&st)[NN][4], float (&dpt)[NN][4], int col0, int i0,
+                                          int jr0, int jr1, u32 sj0, u32 sj1, bool full,
+                                          const u32* sg, int T, int window, const float* sL,
+                                          const float* sD, float scale_log2, int t) {
+#pragma unroll
+    for (int n = 0; n < NN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int il = col0 + n * 8 + 2 * t + e;  // query within the block
+            const int i = i0 + il;
+            bool v0 = true, v1 = true;
+            if (!full) {
+                const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
+                const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
+                const u32 si = (in0 || in1) ? sg[i] : 0u;
+                v0 = in0 && si == sj0;
+                v1 = in1 && si == sj1;
+            }
+            const float li = sL[il] * FA_LOG2E, di = sD[il];
+            const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
+            const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
+            dpt[n][e] = p0 * (dpt[n][e] - di);
+            dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
+            st[n][e] = p0;
+            st[n][2 + e] = p1;
+        }
+    }
+}
+
+// dK (times the softmax scale) and dV of key rows jr0/jr1, the NN 8-column tiles from col0 of
+// the C fragment layout, to bf16 (rows >= T and columns >= d are not stored).
+template <int NN>
+__device__ __forceinline__ void bwd_store_dkdv(bf16* dkg, bf16* dvg, const float (&dKa)[NN][4],
+                                               const float (&dVa)[NN][4], int col0, int jr0,
+                                               int jr1, int T, int d, long long kld, float scale,
+                                               int t) {
+#pragma unroll
+    for (int n = 0; n < NN; ++n) {
+        const int c = col0 + n * 8 + 2 * t;
+        if (c < d) {
+            if (jr0 < T) {
+                *reinterpret_cast<u32*>(dkg + (long long)jr0 * kld + c) =
+                    pack_bf16x2(dKa[n][0] * scale, dKa[n][1] * scale);
+                *reinterpret_cast<u32*>(dvg + (long long)jr0 * kld + c) =
+                    pack_bf16x2(dVa[n][0], dVa[n][1]);
+            }
+            if (jr1 < T) {
+                *reinterpret_cast<u32*>(dkg + (long long)jr1 * kld + c) =
+                    pack_bf16x2(dKa[n][2] * scale, dKa[n][3] * scale);
+                *reinterpret_cast<u32*>(dvg + (long long)jr1 * kld + c) =
+                    pack_bf16x2(dVa[n][2], dVa[n][3]);
+            }
+        }
+    }
+}
+
 // Backward, step 2. One CTA = one 64-key block of one kv head of one batch row; it loops over
 // the G query heads of its group and over the query blocks that see its keys, so dK and dV (the
 // sums over the group included) accumulate in fp32 registers and are written once, bf16.
@@ -630,27 +725,10 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
     // (0, kb), is never skipped (a block shares its own segments).
     int qb_hi = nb - 1;
     if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
-    auto next_item = [&](int& gi, int& qb) -> bool {
-        do {
-            if (++qb > qb_hi) {
-                qb = kb;
-                if (++gi >= G) return false;
-            }
-        } while (seg_skip(bl, qb, kb));
-        return true;
-    };
-    // Q, dO, lse, delta of item (gi, qb) into a stage buffer, asynchronously (zeros past T).
     auto load_item = [&](bf16* st, int gi, int qb) {
-        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
-        load_tile<D, NT>(st, q + (long long)b * T * qld + (long long)h * d, qld, i0, T, d, tid);
-        load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * qld + (long long)h * d, qld,
-                         i0, T, d, tid);
-        if (tid < 2 * FA_BLOCK) {
-            const int r = tid & (FA_BLOCK - 1), i = i0 + r;
-            const float* src = (tid < FA_BLOCK ? lse : delta) + ((long long)b * H + h) * T;
-            float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
-            cp_async4(dst, i < T ? src + i : src, i < T);
-        }
+        const int h = hk * G + gi;
+        bwd_load_item<D, NT>(st, q, dout, lse, delta, (long long)b * T * qld + (long long)h * d,
+                               ((long long)b * H + h) * T, qld, qb, T, d, tid);
     };
 
     float dKa[D / 16][4], dVa[D / 16][4];
@@ -669,7 +747,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #endif
         __syncthreads();  // this item's inputs visible; every warp is done with the last item
         int ngi = gi, nqb = qb;
-        const bool more = next_item(ngi, nqb);
+        const bool more = bwd_next_item(ngi, nqb, kb, qb_hi, G, bl);
         if (more && two) {
             load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
             cp_async_commit();
@@ -719,29 +797,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #endif
 
         const bool full = tile_full(bl, qb, kb, T, window);
-#pragma unroll
-        for (int n = 0; n < 4; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int il = wn * 32 + n * 8 + 2 * t + e;  // query within the block
-                const int i = i0 + il;
-                bool v0 = true, v1 = true;
-                if (!full) {
-                    const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
-                    const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
-                    const u32 si = (in0 || in1) ? sg[i] : 0u;
-                    v0 = in0 && si == sj0;
-                    v1 = in1 && si == sj1;
-                }
-                const float li = sL[il] * FA_LOG2E, di = sD[il];
-                const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
-                const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
-                dpt[n][e] = p0 * (dpt[n][e] - di);
-                dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
-                st[n][e] = p0;
-                st[n][2 + e] = p1;
-            }
-        }
+        bwd_probs(st, dpt, wn * 32, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, sD,
+                  scale_log2, t);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
             const int col = wn * 32 + n * 8 + 2 * t;
@@ -866,24 +923,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 
     bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
     bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
-#pragma unroll
-    for (int n = 0; n < D / 16; ++n) {
-        const int c = wn * HD + n * 8 + 2 * t;
-        if (c < d) {
-            if (jr0 < T) {
-                *reinterpret_cast<u32*>(dkg + (long long)jr0 * kld + c) =
-                    pack_bf16x2(dKa[n][0] * scale, dKa[n][1] * scale);
-                *reinterpret_cast<u32*>(dvg + (long long)jr0 * kld + c) =
-                    pack_bf16x2(dVa[n][0], dVa[n][1]);
-            }
-            if (jr1 < T) {
-                *reinterpret_cast<u32*>(dkg + (long long)jr1 * kld + c) =
-                    pack_bf16x2(dKa[n][2] * scale, dKa[n][3] * scale);
-                *reinterpret_cast<u32*>(dvg + (long long)jr1 * kld + c) =
-                    pack_bf16x2(dVa[n][2], dVa[n][3]);
-            }
-        }
-    }
+    bwd_store_dkdv(dkg, dvg, dKa, dVa, wn * HD, jr0, jr1, T, d, kld, scale, t);
 }
 
 #define FA_BWD_ARGS                                                                            \
@@ -952,24 +992,10 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
     int qb_hi = nb - 1;
     if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
-    auto next_item = [&](int& gi, int& qb) -> bool {
-        do {
-            if (++qb > qb_hi) {
-                qb = kb;
-                if (++gi >= G) return false;
-            }
-        } while (seg_skip(bl, qb, kb));
-        return true;
-    };
     auto load_item = [&](bf16* st, int gi, int qb) {
-        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
-        load_tile<D, NT>(st, q + (long long)b * T * qld + (long long)h * d, qld, i0, T, d, tid);
-        load_tile<D, NT>(st + FA_BLOCK * D, dout + (long long)b * T * qld + (long long)h * d, qld,
-                         i0, T, d, tid);
-        const int r = tid & (FA_BLOCK - 1), i = i0 + r;
-        const float* src = (tid < FA_BLOCK ? lse : delta) + ((long long)b * H + h) * T;
-        float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
-        cp_async4(dst, i < T ? src + i : src, i < T);
+        const int h = hk * G + gi;
+        bwd_load_item<D, NT>(st, q, dout, lse, delta, (long long)b * T * qld + (long long)h * d,
+                               ((long long)b * H + h) * T, qld, qb, T, d, tid);
     };
 
     float dKa[D / 8][4], dVa[D / 8][4];
@@ -986,7 +1012,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         proxy_fence();
         __syncthreads();  // this item's inputs visible; every warp is done with the last item
         int ngi = gi, nqb = qb;
-        const bool more = next_item(ngi, nqb);
+        const bool more = bwd_next_item(ngi, nqb, kb, qb_hi, G, bl);
         bf16* sQ = stage0 + stage * STAGE;
         bf16* sO = sQ + FA_BLOCK * D;  // dO
         const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
@@ -1004,29 +1030,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         wg_commit_wait();
 
         const bool full = tile_full(bl, qb, kb, T, window);
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int il = n * 8 + 2 * t + e;
-                const int i = i0 + il;
-                bool v0 = true, v1 = true;
-                if (!full) {
-                    const bool in0 = jr0 <= i && i < T && (window <= 0 || i - jr0 < window);
-                    const bool in1 = jr1 <= i && i < T && (window <= 0 || i - jr1 < window);
-                    const u32 si = (in0 || in1) ? sg[i] : 0u;
-                    v0 = in0 && si == sj0;
-                    v1 = in1 && si == sj1;
-                }
-                const float li = sL[il] * FA_LOG2E, di = sD[il];
-                const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
-                const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
-                dpt[n][e] = p0 * (dpt[n][e] - di);
-                dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
-                st[n][e] = p0;
-                st[n][2 + e] = p1;
-            }
-        }
+        bwd_probs(st, dpt, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, sD,
+                  scale_log2, t);
         u32 pa[4][4], sa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1101,24 +1106,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
 
     bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
     bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-        const int c = n * 8 + 2 * t;
-        if (c < d) {
-            if (jr0 < T) {
-                *reinterpret_cast<u32*>(dkg + (long long)jr0 * kld + c) =
-                    pack_bf16x2(dKa[n][0] * scale, dKa[n][1] * scale);
-                *reinterpret_cast<u32*>(dvg + (long long)jr0 * kld + c) =
-                    pack_bf16x2(dVa[n][0], dVa[n][1]);
-            }
-            if (jr1 < T) {
-                *reinterpret_cast<u32*>(dkg + (long long)jr1 * kld + c) =
-                    pack_bf16x2(dKa[n][2] * scale, dKa[n][3] * scale);
-                *reinterpret_cast<u32*>(dvg + (long long)jr1 * kld + c) =
-                    pack_bf16x2(dVa[n][2], dVa[n][3]);
-            }
-        }
-    }
+    bwd_store_dkdv(dkg, dvg, dKa, dVa, 0, jr0, jr1, T, d, kld, scale, t);
 }
 #endif
 
