@@ -943,20 +943,23 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
 }
 
 #ifdef FA_WGMMA
-// Backward, step 2 on Hopper at head_dim <= 128 (sm_90a): flash_bwd's work split in CTAs of
-// one warpgroup (128 threads, one 64-key block kb), two CTAs per SM. With 255 registers a
-// thread, two independent CTAs let the SM run one's softmax under the other's products, where
-// flash_bwd<128>'s two warpgroups wait for each other at every barrier (and a 128-key CTA of
-// two warpgroups measured 0.73 ms against this kernel's 0.68 ms, docs/perf-notes.md §14).
+// Backward, step 2 on Hopper (sm_90a): flash_bwd's work split in CTAs of one warpgroup (128
+// threads, one 64-key block kb), two CTAs per SM. Two independent CTAs let the SM run one's
+// softmax under the other's products, where flash_bwd's two warpgroups wait for each other at
+// every barrier (at d 128: 0.68 ms against 0.83 at the 8B shape; a 128-key CTA of two
+// warpgroups measured 0.73 ms; docs/perf-notes.md §14).
 // Per query block, with warp = the accumulator's 16-row group:
 //   Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ   m64n64, both operands K-major in shared memory
 //   Pᵀ, dSᵀ = the softmax and its gradient in registers; dSᵀ also to shared memory
-//   dV += Pᵀ·dO, dK += dSᵀ·Q  m64n128, A from registers (the C layout of two adjacent 8-column
+//   dV += Pᵀ·dO, dK += dSᵀ·Q  m64nD, A from registers (the C layout of two adjacent 8-column
 //                             tiles is the A layout of one k16 step), B MN-major
-//   dQ = dS·K                 m64n64 per 64-column half (registers), A = dSᵀ read transposed
+//   dQ = dS·K                 m64n64 per 64-column block (registers), A = dSᵀ read transposed
 // Shared memory (dynamic, 1024-byte aligned): K, V [64][D], dSᵀ [64][64] bf16, then two stages
 // of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB; the dQ tile [64][D] fp32 is
-// staged in the current stage's Q and dO tiles (106 KiB: two CTAs fit sm_90's 228 KiB).
+// staged in the current stage's Q and dO tiles (106 KiB at d 128: two CTAs fit sm_90's 228
+// KiB). Reducing dQ straight from the accumulators (8-byte reductions, no staging) measured
+// 0.78 ms against 0.68.
+template <int D>
 __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
                                                const float* __restrict__ lse,
@@ -965,7 +968,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
                                                bf16* __restrict__ dv, const u32* __restrict__ seg,
                                                const u32* __restrict__ blk, int T, int H, int Hkv,
                                                int d, int window, float scale_log2, float scale) {
-    constexpr int D = 128, NT = 128;
+    constexpr int NT = 128;
     constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
     extern __shared__ __align__(1024) unsigned char fa_smem[];
     bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [64][D]
@@ -1052,8 +1055,15 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            wgmma_rs_m64n128_tb(dVa, pa[kk], wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024));
-            wgmma_rs_m64n128_tb(dKa, sa[kk], wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024));
+            const u64 od = wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            const u64 qd = wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            if constexpr (D == 64) {
+                wgmma_rs_m64n64_tb(dVa, pa[kk], od);
+                wgmma_rs_m64n64_tb(dKa, sa[kk], qd);
+            } else {
+                wgmma_rs_m64n128_tb(dVa, pa[kk], od);
+                wgmma_rs_m64n128_tb(dKa, sa[kk], qd);
+            }
         }
         wg_commit_wait();
         // The next item's inputs into the other stage: issued here, where the score registers
@@ -1071,7 +1081,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         // first half's product.
         float* sQd = reinterpret_cast<float*>(sQ);
 #pragma unroll 1
-        for (int half = 0; half < 2; ++half) {
+        for (int half = 0; half < D / 64; ++half) {
             float dqa[8][4];
             wg_fence();
 #pragma unroll
@@ -1111,10 +1121,20 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
 #endif
 
 #ifndef FA_SIM
-// Launched only on sm_90a (flash.rs); elsewhere an entry that traps, so every module has it.
+// Launched only on sm_90a (flash.rs); elsewhere entries that trap, so every module has them.
+// Two CTAs per SM at d 64 as at d 128: three (158 registers) measured 0.46 ms at the 1B shape
+// against two's 0.42 (docs/gpu.md session 8, call 8).
+extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d64_sm90(FA_BWD_ARGS) {
+#ifdef FA_WGMMA
+    flash_bwd_sm90<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                       scale_log2, scale);
+#else
+    __trap();
+#endif
+}
 extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d128_sm90(FA_BWD_ARGS) {
 #ifdef FA_WGMMA
-    flash_bwd_sm90(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+    flash_bwd_sm90<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
                    scale_log2, scale);
 #else
     __trap();

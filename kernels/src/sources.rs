@@ -168,6 +168,7 @@ pub const ATTENTION: KernelSource = KernelSource {
         "flash_bwd_prep",
         "flash_bwd_d64",
         "flash_bwd_d128",
+        "flash_bwd_d64_sm90",
         "flash_bwd_d128_sm90",
         "flash_dq_convert",
     ],

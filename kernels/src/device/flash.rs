@@ -5,8 +5,8 @@
 //! [`Kernels::flash_attn_fwd`] writes O and the per-(row, head) logsumexp. Backward:
 //! [`Kernels::flash_attn_bwd`] runs the three kernels (delta = rowsum(dO ⊙ O) and dQ-accumulator
 //! reset; dK/dV per key block with dQ by fp32 atomics; dQ to bf16) from O and the logsumexp —
-//! it never needs the forward's scores. On Hopper (sm_90a) the d ≤ 128 backward runs on
-//! warpgroup MMAs in CTAs of one warpgroup, two per SM (`flash_bwd_d128_sm90`).
+//! it never needs the forward's scores. On Hopper (sm_90a) the backward runs on warpgroup
+//! MMAs in CTAs of one warpgroup, several per SM (`flash_bwd_d{64,128}_sm90`).
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -34,9 +34,9 @@ pub(super) struct FlashFunctions {
     /// Input stages of each backward kernel: 2 (the next query block loads during the current
     /// one) where the GPU grants the shared memory, else 1.
     bwd_stages: [usize; 2],
-    /// Hopper's backward at d ≤ 128 (`flash_bwd_d128_sm90`, two stages), which replaces
-    /// `bwd[1]` where the GPU has warpgroup MMAs.
-    bwd_sm90: Option<CudaFunction>,
+    /// Hopper's backward kernels (`flash_bwd_d{64,128}_sm90`, two stages), which replace
+    /// `bwd` where the GPU has warpgroup MMAs.
+    bwd_sm90: Option<[CudaFunction; 2]>,
     bwd_prep: CudaFunction,
     dq_convert: CudaFunction,
 }
@@ -52,15 +52,15 @@ fn bwd_smem_bytes(width: usize, stages: usize) -> usize {
 
 const WIDTHS: [usize; 2] = [64, 128];
 
-/// Threads of Hopper's backward at d ≤ 128 (`flash_bwd_d128_sm90`: one warpgroup, two CTAs
+/// Threads of Hopper's backward (`flash_bwd_d{64,128}_sm90`: one warpgroup per CTA, two CTAs
 /// per SM).
 const SM90_THREADS: u32 = 128;
 
-/// Dynamic shared memory of `flash_bwd_d128_sm90`: K, V [64][128] and dSᵀ [64][64] in bf16,
-/// then two stages as in [`bwd_smem_bytes`] (dQ is staged in a stage's Q and dO tiles).
-fn bwd_sm90_smem_bytes() -> usize {
-    let stage = 2 * FLASH_BLOCK * 128 * 2 + 1024;
-    (2 * FLASH_BLOCK * 128 + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
+/// Dynamic shared memory of `flash_bwd_d{width}_sm90`: K, V [64][width] and dSᵀ [64][64] in
+/// bf16, then two stages as in [`bwd_smem_bytes`] (dQ is staged in a stage's Q and dO tiles).
+fn bwd_sm90_smem_bytes(width: usize) -> usize {
+    let stage = 2 * FLASH_BLOCK * width * 2 + 1024;
+    (2 * FLASH_BLOCK * width + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
 }
 
 impl FlashFunctions {
@@ -84,13 +84,15 @@ impl FlashFunctions {
             )?;
         }
         let mut bwd_sm90 = None;
-        if arch.has_wgmma() && bwd_sm90_smem_bytes() <= smem_optin {
-            let f = get("flash_bwd_d128_sm90")?;
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bwd_sm90_smem_bytes() as i32,
-            )?;
-            bwd_sm90 = Some(f);
+        if arch.has_wgmma() && bwd_sm90_smem_bytes(128) <= smem_optin {
+            let fs = [get("flash_bwd_d64_sm90")?, get("flash_bwd_d128_sm90")?];
+            for (f, width) in fs.iter().zip(WIDTHS) {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bwd_sm90_smem_bytes(width) as i32,
+                )?;
+            }
+            bwd_sm90 = Some(fs);
         }
         Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
@@ -243,9 +245,9 @@ impl Kernels {
         }
     }
 
-    /// Hopper's backward, when it serves this shape.
+    /// Hopper's backward for this shape, where the GPU has one.
     fn sm90_bwd(&self, s: &FlashShape) -> Option<&CudaFunction> {
-        self.f.flash.bwd_sm90.as_ref().filter(|_| s.tile() == 1)
+        self.f.flash.bwd_sm90.as_ref().map(|fs| &fs[s.tile()])
     }
 
     /// `o = softmax(q·kᵀ/√d + mask)·v` and `lse[b, h, i]` = logsumexp of the masked, scaled
@@ -395,7 +397,7 @@ impl Kernels {
             Some(_) => LaunchConfig {
                 grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
                 block_dim: (SM90_THREADS, 1, 1),
-                shared_mem_bytes: bwd_sm90_smem_bytes() as u32,
+                shared_mem_bytes: bwd_sm90_smem_bytes(WIDTHS[s.tile()]) as u32,
             },
             None => LaunchConfig {
                 grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
@@ -463,7 +465,8 @@ mod tests {
         assert!(bwd_smem_bytes(128, 2) <= 163 * 1024);
         // Hopper's backward: 1 KiB-aligned tiles; two CTAs (plus 1 KiB reserved each) inside
         // sm_90's 228 KiB of shared memory per SM.
-        assert_eq!(bwd_sm90_smem_bytes(), 106 * 1024);
-        assert!(2 * (bwd_sm90_smem_bytes() + 1024) <= 228 * 1024);
+        assert_eq!(bwd_sm90_smem_bytes(128), 106 * 1024);
+        assert!(2 * (bwd_sm90_smem_bytes(128) + 1024) <= 228 * 1024);
+        assert_eq!(bwd_sm90_smem_bytes(64), 58 * 1024);
     }
 }
