@@ -83,7 +83,7 @@ fn every_kernel_compiles_for_every_ci_arch_without_spills() {
                         f.name, f.spill_store_bytes, f.spill_load_bytes
                     ));
                 }
-                let accepted = src.accepted_stack_bytes(&f.name);
+                let accepted = src.accepted_stack_bytes(&f.name, &arch.nvrtc_target());
                 if f.stack_frame_bytes > accepted {
                     failures.push(format!(
                         "{at}: {} uses a {} B stack frame (accepted: {accepted} B)",

@@ -77,8 +77,8 @@ fn cases() -> Vec<Case> {
             shape: s(1, 300, 4, 4, 96, 100),
             rows: vec![vec![150, 140]],
         },
-        // head_dim 128 over an odd number of 64-token blocks (Hopper's 128-key backward has a
-        // last CTA whose second key block lies past T), samples packed across 128-key blocks.
+        // head_dim 128 over an odd number of 64-token blocks, with samples packed across
+        // block boundaries (whole-block skips next to per-element masks).
         Case {
             shape: s(2, 300, 8, 2, 128, 0),
             rows: vec![vec![300], vec![128, 44, 100, 28]],

@@ -393,17 +393,15 @@ impl Kernels {
             .arg(&scale_log2)
             .arg(&scale)
             .arg(&stages_i);
-        let config = match sm90 {
-            Some(_) => LaunchConfig {
-                grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
-                block_dim: (SM90_THREADS, 1, 1),
-                shared_mem_bytes: bwd_sm90_smem_bytes(WIDTHS[s.tile()]) as u32,
-            },
-            None => LaunchConfig {
-                grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
-                block_dim: (BWD_THREADS, 1, 1),
-                shared_mem_bytes: bwd_smem_bytes(WIDTHS[s.tile()], stages) as u32,
-            },
+        let width = WIDTHS[s.tile()];
+        let (threads, smem) = match sm90 {
+            Some(_) => (SM90_THREADS, bwd_sm90_smem_bytes(width)),
+            None => (BWD_THREADS, bwd_smem_bytes(width, stages)),
+        };
+        let config = LaunchConfig {
+            grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         launch(a, config)?;
 
