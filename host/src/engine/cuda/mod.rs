@@ -669,8 +669,18 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Layer `l` forward, second half: from its attention output (in `acts[slot]`) on — o_proj plus the residual,
-    /// RMSNorm, gate/up, SwiGLU and down_proj into the next layer's input (`to_next`) or, for a
+    /// Layer `l`'s o_proj plus the residual: `h = x + o_proj(attn)` (in `acts[slot]`).
+    fn o_proj(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+        let s = self.stream.clone();
+        let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
+        let x = ptr16(&b.xs[b.x_index(l)]);
+        let [.., o, _, _, _] = self.linears(l, b.sizes.tokens, &b.acts[slot]);
+        let (attn, h) = (ptr16(&b.acts[slot].attn), ptr16(&b.acts[slot].h));
+        o.forward(&mut self.gemm, &self.kernels, attn, h, Some(x))
+    }
+
+    /// Layer `l` forward, MLP half: from the residual `h` (in `acts[slot]`) on — RMSNorm,
+    /// gate/up, SwiGLU and down_proj into the next layer's input (`to_next`) or, for a
     /// checkpointing recompute, only as far as the backward reads: the next layer's input is
     /// already stored, so the down projection computes just its adapter's `low` (its frozen
     /// GEMM, a sixth of the layer's forward FLOPs, is skipped).
@@ -679,11 +689,9 @@ impl CudaBackend {
         let sz = b.sizes;
         let (n, i) = (sz.tokens, sz.inter);
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let x = ptr16(&b.xs[b.x_index(l)]);
         let y = to_next.then(|| ptr16(&b.xs[b.x_index(l + 1)]));
-        let [.., o, gate, up, down] = self.linears(l, n, &b.acts[slot]);
-        let (attn, h) = (ptr16(&b.acts[slot].attn), ptr16(&b.acts[slot].h));
-        o.forward(&mut self.gemm, &self.kernels, attn, h, Some(x))?;
+        let [.., gate, up, down] = self.linears(l, n, &b.acts[slot]);
+        let h = ptr16(&b.acts[slot].h);
         self.layer_norm(b, l, slot, Norm::Mlp)?;
         let (a, norm) = (&b.acts[slot], ptr16(&b.norm));
         gate.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.gate), None)?;
@@ -1052,11 +1060,15 @@ impl CudaBackend {
         )?;
         // Offload: layer l's input goes out right after it is produced; layer l then writes
         // its output over layer l-1's input, which must have reached the host by then. With the
-        // attention parked too, its results go out after the layer's attention and the next
-        // layer waits for them before overwriting them. The last layer parks nothing: its
+        // attention parked too, its results go out after the layer's attention (the next
+        // layer waits for them before its attention overwrites them) and the residual after
+        // o_proj (awaited before the next layer's o_proj). The last layer parks nothing: its
         // backward comes first and finds everything still on the GPU.
-        let (mut input_out, mut attention_out): (Option<CudaEvent>, Option<CudaEvent>) =
-            (None, None);
+        let (mut input_out, mut attention_out, mut residual_out): (
+            Option<CudaEvent>,
+            Option<CudaEvent>,
+            Option<CudaEvent>,
+        ) = (None, None, None);
         for l in 0..layers {
             let slot = if keep_all { l } else { 0 };
             let last = l + 1 == layers;
@@ -1074,16 +1086,26 @@ impl CudaBackend {
             if attention_parked && !last {
                 attention_out = Some(self.park(b, l, &ATTENTION_GROUPS)?);
             }
+            if let Some(done) = residual_out.take() {
+                self.stream.wait(&done)?;
+            }
+            self.o_proj(b, l, slot)?;
+            if attention_parked && !last {
+                residual_out = Some(self.park(b, l, &[Group::Residual])?);
+            }
             self.mlp_half(b, l, slot, true)?;
         }
         let loss = self.head(b, loss_scale)?;
         if train {
             // Offload: each layer's backward fetches the layer below's input as it starts (into
-            // the xs buffer it no longer needs); with the attention parked, the attention output
-            // and operands right after its attention backward (their buffers are dead from
-            // there) and the q/k/v lows at its end. Each is awaited right before its first read.
+            // the xs buffer it no longer needs); with the attention parked, the residual and
+            // o_proj's low after its MLP backward (their last reader), the attention output and
+            // operands right after its attention backward (their buffers are dead from there)
+            // and the q/k/v lows at its end. Each is awaited right before its first read: the
+            // residual by the recompute, which then starts at the second RMSNorm.
             let mut input_in: Option<CudaEvent> = None;
-            let (mut output_in, mut operands_in, mut lows_in) = (None, None, None);
+            let (mut residual_in, mut output_in, mut operands_in, mut lows_in) =
+                (None, None, None, None);
             for l in (0..layers).rev() {
                 if parked.is_some() {
                     if let Some(ready) = input_in.take() {
@@ -1098,18 +1120,26 @@ impl CudaBackend {
                 // head touches none of its activations, they are still the forward's.
                 if !keep_all && l + 1 < layers {
                     if attention_parked {
-                        if let Some(ready) = output_in.take() {
+                        if let Some(ready) = residual_in.take() {
                             self.stream.wait(&ready)?;
                         }
                     } else {
                         self.attention_half(b, l, 0)?;
+                        self.o_proj(b, l, 0)?;
                     }
                     self.mlp_half(b, l, 0, false)?;
+                }
+                // o_proj's dA reads the attention output at the end of the MLP backward.
+                if let Some(ready) = output_in.take() {
+                    self.stream.wait(&ready)?;
                 }
                 // `norm` still holds this layer's second norm output when its recompute ran
                 // last, or its forward (the last layer; the head writes `hn`).
                 let norm2_current = !keep_all || l + 1 == layers;
                 self.mlp_half_backward(b, l, slot, norm2_current)?;
+                if attention_parked && l > 0 {
+                    residual_in = Some(self.fetch(b, l - 1, &[Group::Residual])?);
+                }
                 for ready in [operands_in.take(), lows_in.take()].into_iter().flatten() {
                     self.stream.wait(&ready)?;
                 }
@@ -1146,6 +1176,16 @@ impl CudaBackend {
         match g {
             Group::Input => vec![whole(s, &b.xs[b.x_index(l)])],
             Group::Output => vec![whole(s, &a.attn)],
+            Group::Residual => {
+                let (n, r) = (b.sizes.tokens, b.sizes.rank.max(1));
+                vec![
+                    whole(s, &a.h),
+                    Range {
+                        ptr: a.low(s, O_PROJ, n, r),
+                        bytes: n * r * std::mem::size_of::<bf16>(),
+                    },
+                ]
+            }
             Group::Operands => vec![
                 whole(s, &a.q),
                 whole(s, &a.k),
@@ -1184,6 +1224,7 @@ impl CudaBackend {
         let groups: Vec<(Group, Vec<Range>)> = [Group::Input]
             .into_iter()
             .chain(ATTENTION_GROUPS)
+            .chain([Group::Residual])
             .map(|g| (g, self.parcels(b, 0, g)))
             .collect();
         let layout = |n: usize| {
@@ -1257,8 +1298,12 @@ enum Norm {
     Mlp,
 }
 
-/// What [`Parked::Attention`] parks besides the layer input, in the order it is copied.
+/// What [`Parked::Attention`] parks right after a layer's attention, in the order it is copied
+/// (after o_proj it also parks [`Group::Residual`]).
 const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Lows];
+
+/// Index of o_proj in [`PROJECTIONS`] (its `low` is parked with the residual).
+const O_PROJ: usize = 3;
 
 impl CudaBackend {
     /// Joins a data-parallel group as `rank` of `world` (every rank calls this with the same
@@ -1415,6 +1460,11 @@ impl Backend for CudaBackend {
 mod tests {
     use super::*;
     use crate::cli::choices::Bias;
+
+    #[test]
+    fn o_proj_is_the_projection_its_index_names() {
+        assert_eq!(PROJECTIONS[O_PROJ], "o_proj");
+    }
 
     fn cfg(model_type: &str, extra: &str) -> ModelConfig {
         ModelConfig::from_json_str(&format!(

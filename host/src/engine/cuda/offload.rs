@@ -5,10 +5,11 @@
 //! overlap the compute; events order the two streams. What is parked ([`Parked`]):
 //! - always the layer input (the recompute's starting point);
 //! - with [`Parked::Attention`] also the attention half's results — q, k, v after RoPE, the
-//!   attention output and its logsumexp, the q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k —
-//!   so the recompute starts at o_proj: it skips the q/k/v GEMMs, RoPE and the attention
-//!   forward (≈ 0.67 ms of a Llama-3-8B layer at 2 × 2048) for 3.5× the host memory and PCIe
-//!   traffic. Chosen when the host has the room (see [`plan`]).
+//!   attention output and its logsumexp, the q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k,
+//!   the residual after o_proj and o_proj's `x·Aᵀ` — so the recompute starts at the second
+//!   RMSNorm: it skips the q/k/v and o GEMMs, RoPE and the attention forward (≈ 0.9 ms of a
+//!   Llama-3-8B layer at 2 × 2048) for 4.5× the host memory and PCIe traffic. Chosen when the
+//!   host has the room (see [`plan`]).
 //!
 //! Each layer owns one pinned buffer holding its [`Group`]s back to back; the device side of a
 //! group is a list of [`Range`]s the engine names at each copy (the activation buffers are
@@ -31,7 +32,8 @@ pub const OFFLOAD_ENV: &str = "FERROTUNE_OFFLOAD";
 pub enum Parked {
     /// The layer input only: the backward recomputes the whole layer.
     Inputs,
-    /// Also the attention half's results: the recompute starts at o_proj.
+    /// Also the attention half's results and the residual after it: the recompute starts at
+    /// the second RMSNorm.
     Attention,
 }
 
@@ -205,6 +207,9 @@ pub enum Group {
     /// The q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k with their rstd: read by the q/k/v
     /// backward, after the attention backward.
     Lows,
+    /// The residual after attention `h = x + o_proj(attn)` and o_proj's `x·Aᵀ`: the recompute
+    /// starts from them at the second RMSNorm.
+    Residual,
 }
 
 /// `bytes` of device memory at `ptr`.
