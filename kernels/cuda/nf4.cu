@@ -63,9 +63,18 @@ __device__ __forceinline__ void nf4_expand(u32 word, float scale, const float* l
     }
 }
 
+// Where group gi (8 values) of a weight with rows of cols8 groups lands in an output whose rows
+// are ld8 groups apart (ld8 > cols8: the gate/up buffers keep columns for the folded LoRA B).
+// 32-bit arithmetic: the launcher checks that the groups fit.
+__device__ __forceinline__ unsigned out_group(unsigned gi, unsigned cols8, unsigned ld8) {
+    const unsigned row = gi / cols8;
+    return row * ld8 + (gi - row * cols8);
+}
+
 // One thread per 8 values: a 4-byte load of codes, a 16-byte store of bf16.
 extern "C" __global__ void nf4_dequantize(const u8* __restrict__ packed, const float* __restrict__ absmax,
-                                          long long n, bf16* __restrict__ out) {
+                                          long long n, unsigned cols8, unsigned ld8,
+                                          bf16* __restrict__ out) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_LEVELS[threadIdx.x];
     __syncthreads();
@@ -74,7 +83,7 @@ extern "C" __global__ void nf4_dequantize(const u8* __restrict__ packed, const f
          gi += (long long)gridDim.x * blockDim.x) {
         float f[8];
         nf4_expand(reinterpret_cast<const u32*>(packed)[gi], absmax[gi >> 3], lut, f);
-        reinterpret_cast<uint4*>(out)[gi] = pack8(f);
+        reinterpret_cast<uint4*>(out)[out_group((unsigned)gi, cols8, ld8)] = pack8(f);
     }
 }
 
@@ -83,7 +92,7 @@ extern "C" __global__ void nf4_dequantize(const u8* __restrict__ packed, const f
 extern "C" __global__ void nf4_dequantize_dq(const u8* __restrict__ packed, const u8* __restrict__ qabsmax,
                                              const float* __restrict__ absmax2, const float* __restrict__ code2,
                                              const float* __restrict__ offset, long long n,
-                                             bf16* __restrict__ out) {
+                                             unsigned cols8, unsigned ld8, bf16* __restrict__ out) {
     __shared__ float lut[16], code[256];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_LEVELS[threadIdx.x];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) code[i] = code2[i];
@@ -97,7 +106,7 @@ extern "C" __global__ void nf4_dequantize_dq(const u8* __restrict__ packed, cons
         const float a = __fadd_rn(__fmul_rn(code[qabsmax[blk]], absmax2[blk >> 8]), off);
         float f[8];
         nf4_expand(reinterpret_cast<const u32*>(packed)[gi], a, lut, f);
-        reinterpret_cast<uint4*>(out)[gi] = pack8(f);
+        reinterpret_cast<uint4*>(out)[out_group((unsigned)gi, cols8, ld8)] = pack8(f);
     }
 }
 

@@ -2,7 +2,9 @@
 //
 // Layout: x, y, dy, dx are [rows, dim] bf16, rows contiguous; w is [dim] bf16 (frozen, so the
 // backward produces dX only); rstd is [rows] fp32, saved by the forward for the backward.
-// dim % 8 == 0 and dim <= 8 * RMS_VECS * blockDim.x (the launcher picks blockDim.x).
+// dim % 8 == 0 and dim <= 8 * RMS_VECS * blockDim.x (the launcher picks blockDim.x). The
+// forward's y may have a longer row stride y_ld (% 8 == 0): the MLP's norm output sits between
+// the LoRA columns that fold the gate/up adapters into their frozen GEMMs.
 // One block per row; each thread keeps its RMS_VECS 16-byte vectors in registers, so x (and dy)
 // are read from memory once.
 
@@ -10,7 +12,7 @@
 
 extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                        bf16* __restrict__ y, float* __restrict__ rstd, int rows,
-                                       int dim, float eps) {
+                                       int dim, int y_ld, float eps) {
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     if (row >= rows) return;  // uniform across the block
@@ -33,7 +35,7 @@ extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* _
     const float r = rsqrtf(ss / (float)dim + eps);
     if (threadIdx.x == 0) rstd[row] = r;
     const uint4* wv = reinterpret_cast<const uint4*>(w);
-    uint4* yr = reinterpret_cast<uint4*>(y + (size_t)row * dim);
+    uint4* yr = reinterpret_cast<uint4*>(y + (size_t)row * y_ld);
 #pragma unroll
     for (int k = 0; k < RMS_VECS; k++) {
         const int i = threadIdx.x + k * blockDim.x;

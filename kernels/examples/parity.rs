@@ -134,6 +134,16 @@ struct Gpu {
     rng: ChaCha8Rng,
 }
 
+/// `rows` rows of `cols` values (`want`) laid `ld` apart from element `at` of a buffer of
+/// `len`, everything else NaN (the poison a strided kernel must leave alone).
+fn strided_want(want: &[f32], cols: usize, ld: usize, at: usize, len: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; len];
+    for (r, row) in want.chunks_exact(cols).enumerate() {
+        out[at + r * ld..at + r * ld + cols].copy_from_slice(row);
+    }
+    out
+}
+
 fn bits_eq(a: &[f32], b: &[f32]) -> (Vec<u32>, Vec<u32>) {
     (
         a.iter().map(|x| x.to_bits()).collect(),
@@ -230,6 +240,27 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &rstd_gpu,
             &rstd_ref,
             F32_TOL,
+        );
+        // Into rows 32 apart, 16 in (the MLP's norm between the folded LoRA columns): the
+        // same values, nothing else written.
+        let (ld, at) = (dim + 32, 16);
+        let mut ys = g.poison_bf16(rows * ld)?;
+        g.k.rmsnorm_fwd_strided(
+            &g.stream,
+            &xd.as_view(),
+            &wd.as_view(),
+            (&mut ys.slice_mut(at..), ld),
+            &mut rstd.as_view_mut(),
+            rows,
+            dim,
+            1e-5,
+        )?;
+        let want = strided_want(&g.down_bf16(&y)?, dim, ld, at, rows * ld);
+        let (a, b) = bits_eq(&g.down_bf16(&ys)?, &want);
+        c.exact(
+            &format!("rmsnorm_fwd y [{rows}x{dim}] rows {ld} apart"),
+            &a,
+            &b,
         );
 
         let dy = g.randn_bf16(rows * dim, 0.5);
@@ -766,6 +797,28 @@ fn check_nf4(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             .collect();
         let (a, b) = bits_eq(&g.down_bf16(&out2)?, &deq2);
         c.exact(&format!("nf4_dequantize_dq [{n}]"), &a, &b);
+        // Rows of 4096 (or 64) values, 16 more apart, at 16 in and at 0: the layouts of the
+        // folded gate and up weights.
+        let cols = if n.is_multiple_of(4096) { 4096 } else { 64 };
+        let ld = cols + 16;
+        for at in [16, 0] {
+            let len = n / cols * ld;
+            let mut rows = g.poison_bf16(len)?;
+            g.k.nf4_dequantize_rows(
+                &g.stream,
+                &packed.as_view(),
+                Nf4Absmax::Double(&dq, &maps),
+                (&mut rows.slice_mut(at..), cols, ld),
+                n,
+            )?;
+            let want = strided_want(&deq2, cols, ld, at, len);
+            let (a, b) = bits_eq(&g.down_bf16(&rows)?, &want);
+            c.exact(
+                &format!("nf4_dequantize_dq [{n}] rows of {cols} {ld} apart at {at}"),
+                &a,
+                &b,
+            );
+        }
     }
     Ok(())
 }

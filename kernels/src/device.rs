@@ -294,19 +294,46 @@ impl Kernels {
         dim: usize,
         eps: f32,
     ) -> Result<(), KernelError> {
+        self.rmsnorm_fwd_strided(stream, x, w, (y, dim), rstd, rows, dim, eps)
+    }
+
+    /// [`Kernels::rmsnorm_fwd`] into rows of `y` that are `y.1` (≥ dim, a multiple of 8)
+    /// elements apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_fwd_strided(
+        &self,
+        stream: &CudaStream,
+        x: &CudaView<bf16>,
+        w: &CudaView<bf16>,
+        (y, y_ld): (&mut CudaViewMut<bf16>, usize),
+        rstd: &mut CudaViewMut<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), KernelError> {
         const K: &str = "rmsnorm_fwd";
         if rows == 0 {
             return Ok(());
         }
         let threads = rms_threads(K, dim)?;
+        if y_ld < dim || !y_ld.is_multiple_of(8) {
+            return Err(shape(
+                K,
+                format!("y's row stride {y_ld} must be a multiple of 8 and at least dim {dim}"),
+            ));
+        }
         check_len(K, "x", x.len(), rows * dim)?;
-        check_len(K, "y", y.len(), rows * dim)?;
+        check_len(K, "y", y.len(), (rows - 1) * y_ld + dim)?;
         check_len(K, "w", w.len(), dim)?;
         check_len(K, "rstd", rstd.len(), rows)?;
         aligned16(K, "x", x, stream)?;
         aligned16(K, "w", w, stream)?;
         aligned16(K, "y", y, stream)?;
-        let (rows_i, dim_i) = (to_i32(K, "rows", rows)?, to_i32(K, "dim", dim)?);
+        let (rows_i, dim_i, ld_i) = (
+            to_i32(K, "rows", rows)?,
+            to_i32(K, "dim", dim)?,
+            to_i32(K, "y_ld", y_ld)?,
+        );
         let mut a = stream.launch_builder(&self.f.rmsnorm_fwd);
         a.arg(x)
             .arg(w)
@@ -314,6 +341,7 @@ impl Kernels {
             .arg(rstd)
             .arg(&rows_i)
             .arg(&dim_i)
+            .arg(&ld_i)
             .arg(&eps);
         launch(a, cfg(rows as u32, (threads, 1)))
     }
@@ -823,18 +851,51 @@ impl Kernels {
         absmax: Nf4Absmax<'_, '_>,
         out: &mut CudaViewMut<bf16>,
     ) -> Result<(), KernelError> {
-        const K: &str = "nf4_dequantize";
         let n = out.len();
+        self.nf4_dequantize_rows(stream, packed, absmax, (out, n, n), n)
+    }
+
+    /// [`Kernels::nf4_dequantize`] of `n` values, rows of `cols`, into `out`'s rows `ld`
+    /// elements apart (`(out, cols, ld)`; both multiples of 8, `cols` of `n`).
+    pub fn nf4_dequantize_rows(
+        &self,
+        stream: &CudaStream,
+        packed: &CudaView<u8>,
+        absmax: Nf4Absmax<'_, '_>,
+        (out, cols, ld): (&mut CudaViewMut<bf16>, usize, usize),
+        n: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "nf4_dequantize";
         if !n.is_multiple_of(NF4_BLOCK) {
             return Err(shape(
                 K,
                 format!("{n} values: NF4 needs a multiple of {NF4_BLOCK}"),
             ));
         }
+        if cols == 0
+            || !cols.is_multiple_of(8)
+            || !n.is_multiple_of(cols)
+            || ld < cols
+            || !ld.is_multiple_of(8)
+        {
+            return Err(shape(
+                K,
+                format!("rows of {cols} values {ld} apart: both need to be multiples of 8, {cols} of {n}, and {ld} ≥ {cols}"),
+            ));
+        }
+        let rows = n / cols;
+        let groups_out = ((rows - 1) * ld + cols) / 8;
+        if u32::try_from(groups_out).is_err() {
+            return Err(shape(
+                K,
+                format!("{n} values exceed the kernel's 32-bit indexing"),
+            ));
+        }
+        check_len(K, "out", out.len(), (rows - 1) * ld + cols)?;
         check_len(K, "packed", packed.len(), n / 2)?;
         aligned16(K, "out", &*out, stream)?;
         aligned16(K, "packed", packed, stream)?;
-        let n_i = n as i64;
+        let (n_i, cols8, ld8) = (n as i64, (cols / 8) as u32, (ld / 8) as u32);
         let config = cfg(
             grid(n / 8, THREADS as usize, self.stride_cap() * 2),
             (THREADS, 1),
@@ -843,7 +904,12 @@ impl Kernels {
             Nf4Absmax::Plain(absmax) => {
                 check_len(K, "absmax", absmax.len(), n / NF4_BLOCK)?;
                 let mut a = stream.launch_builder(&self.f.nf4_dequantize);
-                a.arg(packed).arg(absmax).arg(&n_i).arg(out);
+                a.arg(packed)
+                    .arg(absmax)
+                    .arg(&n_i)
+                    .arg(&cols8)
+                    .arg(&ld8)
+                    .arg(out);
                 launch(a, config)
             }
             Nf4Absmax::Double(dq, maps) => {
@@ -856,7 +922,7 @@ impl Kernels {
                     .arg(&dq.qabsmax)
                     .arg(&dq.absmax2)
                     .arg(&maps.signed);
-                a.arg(&dq.offset).arg(&n_i).arg(out);
+                a.arg(&dq.offset).arg(&n_i).arg(&cols8).arg(&ld8).arg(out);
                 launch(a, config)
             }
         }

@@ -135,7 +135,8 @@ pub struct Buffers {
     pub offload: Option<Offload>,
     /// One per layer, or one shared with gradient checkpointing.
     pub acts: Vec<LayerActs>,
-    /// RMSNorm output of the half being computed `[N, hidden]` (forward and recompute).
+    /// RMSNorm output of the half being computed `[N, hidden]` (forward and recompute); room
+    /// for `[N, r + hidden + r]`, the MLP's layout with its gate/up adapters folded.
     pub norm: CudaSlice<bf16>,
     /// Scratch that four users take in turn, never two at once (one allocation instead of
     /// four): during a layer's MLP, `act` = `[0, N·I)` (the SwiGLU output, down_proj's input,
@@ -194,7 +195,7 @@ impl Buffers {
             xs_take_turns: offload,
             offload: None,
             acts,
-            norm: z16(n * s.hidden)?,
+            norm: z16(n * (s.hidden + 2 * s.rank))?,
             mlp: z16((2 * n * s.inter).max(s.ce_rows * s.vocab))?,
             // fp32 [N, H·d] in the bf16 [N, I] act half: 4·qd ≤ 2·inter bytes per token.
             attn: Scratch::new(stream, dims, 2 * s.qd > s.inter)?,

@@ -13,6 +13,9 @@
 //! NF4 weights (`--load_in_4bit`) are dequantised into a shared bf16 buffer right before each
 //! GEMM that reads them (the forward and the input gradient); the dropout mask is regenerated
 //! from its seed wherever it is needed, never stored.
+//!
+//! With a [`Fold`] the adapter's output term rides in the frozen GEMM along K instead of a
+//! second GEMM that reads and rewrites `y` (perf-notes §16): `y = [x | s·low]·[W | B]ᵀ`.
 
 use std::sync::Arc;
 
@@ -22,7 +25,7 @@ use ferrotune_kernels::device::{bf16, Kernels};
 
 use super::gemm::{Gemm, Operand, OutType, Output, Problem};
 use super::nf4::Nf4Ptrs;
-use super::raw::Borrowed;
+use super::raw::{copy_rows_bf16, Borrowed};
 
 /// LoRA dropout of one adapter in one pass: the kernel's mask parameters, the seed of this
 /// (pass, layer, projection), and a scratch buffer of `[N, in]` bf16 for the dropped input.
@@ -58,17 +61,33 @@ pub struct Bias {
     pub grad: Option<(u64, u64)>,
 }
 
-/// One projection of `n` rows: `inp → out` features, weight `w` (bf16 `[out, in]`; with `nf4`
-/// the buffer it is dequantised into before use).
+/// Where an adapter's `r` columns sit when its output term is folded into the frozen GEMM
+/// along K: `y = [s·low | x]·[B | W]ᵀ` (`Before`) or `[x | s·low]·[W | B]ᵀ` (`After`) — one
+/// fp32 accumulation and one rounding, no read-modify-write of `y`, for `r/in` more FLOPs. The
+/// input buffer has the `r` columns beside `x` (rows `x_ld` apart), the weight beside `W` (rows
+/// `w_ld` apart), on the same side, so the GEMM reads one contiguous span of each row. The
+/// gate and up projections share one input buffer `[s·low_gate | x | s·low_up]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    Before,
+    After,
+}
+
+/// One projection of `n` rows: `inp → out` features, weight `w` (bf16 `[out, in]`, rows `w_ld`
+/// apart; with `nf4` the buffer it is dequantised into before use), inputs `x_ld` apart.
 #[derive(Debug, Clone, Copy)]
 pub struct Linear {
     pub n: usize,
     pub inp: usize,
     pub out: usize,
     pub w: u64,
+    pub w_ld: usize,
+    pub x_ld: usize,
     pub nf4: Option<Nf4Ptrs>,
     pub bias: Option<Bias>,
     pub lora: Option<Lora>,
+    /// Set only with an adapter and without dropout.
+    pub fold: Option<Fold>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -126,11 +145,49 @@ fn dropout(
     Ok(())
 }
 
+/// Byte offset of `cols` bf16 columns.
+fn cols(cols: usize) -> u64 {
+    (cols * std::mem::size_of::<bf16>()) as u64
+}
+
 impl Linear {
-    fn dequantize(&self, g: &Gemm, k: &Kernels) -> Result<()> {
-        match &self.nf4 {
-            Some(q) => q.dequantize(g.stream(), k, self.w),
-            None => Ok(()),
+    /// NF4: `W` into the shared buffer (and, folded, `B` beside it for the forward).
+    fn dequantize(&self, g: &Gemm, k: &Kernels, with_b: bool) -> Result<()> {
+        let Some(q) = &self.nf4 else {
+            return Ok(());
+        };
+        q.dequantize(g.stream(), k, (self.w, self.inp, self.w_ld))?;
+        if with_b {
+            self.fill_b_columns(g.stream())?;
+        }
+        Ok(())
+    }
+
+    /// Folded: copies the adapter's `B` shadow into the weight's `r` columns (after every
+    /// change of the shadow and every NF4 dequantisation). Nothing to do otherwise.
+    pub fn fill_b_columns(&self, stream: &CudaStream) -> Result<()> {
+        if let (Some(fold), Some(l)) = (self.fold, self.lora) {
+            let side = self.w_side(fold, l.r);
+            // SAFETY: `B` is the `[out, r]` shadow; the weight's `r` columns lie inside its
+            // `[out, w_ld]` buffer (`w_ld = in + r`); both live, ordered by this stream.
+            unsafe { copy_rows_bf16(stream, (side, self.w_ld), (l.b, l.r), l.r, self.out)? };
+        }
+        Ok(())
+    }
+
+    /// First of the weight's `r` adapter columns.
+    fn w_side(&self, fold: Fold, r: usize) -> u64 {
+        match fold {
+            Fold::Before => self.w - cols(r),
+            Fold::After => self.w + cols(self.inp),
+        }
+    }
+
+    /// First of the input's `r` adapter columns beside `x`.
+    fn x_side(&self, fold: Fold, r: usize, x: u64) -> u64 {
+        match fold {
+            Fold::Before => x - cols(r),
+            Fold::After => x + cols(self.inp),
         }
     }
 
@@ -145,7 +202,7 @@ impl Linear {
         residual: Option<u64>,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
-        self.dequantize(g, k)?;
+        self.dequantize(g, k, true)?;
         let mut d = Output::new(y, o, OutType::Bf16);
         if let Some(b) = self.bias {
             d = d.bias(b.value);
@@ -157,13 +214,47 @@ impl Linear {
             }
             None => 0.0,
         };
+        if let (Some(fold), Some(l)) = (self.fold, self.lora) {
+            // s·low into the input's adapter columns, copied out for the backward's dB (which
+            // then needs no scale); then one GEMM over [x | s·low] and [W | B].
+            let side = self.x_side(fold, l.r, x);
+            mm(
+                g,
+                n,
+                l.r,
+                i,
+                Operand::new(x, self.x_ld),
+                Operand::new(l.a, i).t(),
+                Output::new(side, self.x_ld, OutType::Bf16),
+                l.scale,
+                0.0,
+            )?;
+            // SAFETY: `low` is `[N, r]`; the side columns lie in the input buffer (`x_ld` ≥
+            // in + r); both live, ordered by this stream.
+            unsafe { copy_rows_bf16(g.stream(), (l.low, l.r), (side, self.x_ld), l.r, n)? };
+            let (a, w) = match fold {
+                Fold::Before => (side, self.w_side(fold, l.r)),
+                Fold::After => (x, self.w),
+            };
+            return mm(
+                g,
+                n,
+                o,
+                i + l.r,
+                Operand::new(a, self.x_ld),
+                Operand::new(w, self.w_ld).t(),
+                d,
+                1.0,
+                beta,
+            );
+        }
         mm(
             g,
             n,
             o,
             i,
-            Operand::new(x, i),
-            Operand::new(self.w, i).t(),
+            Operand::new(x, self.x_ld),
+            Operand::new(self.w, self.w_ld).t(),
             d,
             1.0,
             beta,
@@ -185,36 +276,39 @@ impl Linear {
         Ok(())
     }
 
-    /// Only what the backward keeps from the forward: the adapter's `low = drop(x)·Aᵀ` (nothing
-    /// without an adapter). For a checkpointing recompute of a projection whose output nothing
-    /// reads, it skips the frozen GEMM (and its NF4 dequantisation).
+    /// Only what the backward keeps from the forward: the adapter's `low = drop(x)·Aᵀ` (`s·low`
+    /// when folded; nothing without an adapter). For a checkpointing recompute of a projection
+    /// whose output nothing reads, it skips the frozen GEMM (and its NF4 dequantisation).
     pub fn forward_low(&self, g: &mut Gemm, k: &Kernels, x: u64) -> Result<()> {
         let (n, i) = (self.n, self.inp);
         if let Some(l) = self.lora {
-            let xa = self.adapter_input(g, k, &l, x)?;
+            let scale = if self.fold.is_some() { l.scale } else { 1.0 };
+            let (xa, ld) = self.adapter_input(g, k, &l, x)?;
             mm(
                 g,
                 n,
                 l.r,
                 i,
-                Operand::new(xa, i),
+                Operand::new(xa, ld),
                 Operand::new(l.a, i).t(),
                 Output::new(l.low, l.r, OutType::Bf16),
-                1.0,
+                scale,
                 0.0,
             )?;
         }
         Ok(())
     }
 
-    /// The adapter's input: `x`, or `drop(x)` written to the dropout scratch.
-    fn adapter_input(&self, g: &Gemm, k: &Kernels, l: &Lora, x: u64) -> Result<u64> {
+    /// The adapter's input and its row stride: `x`, or `drop(x)` written to the dropout
+    /// scratch (dropout runs only on dense inputs: it disables folding).
+    fn adapter_input(&self, g: &Gemm, k: &Kernels, l: &Lora, x: u64) -> Result<(u64, usize)> {
         match &l.dropout {
             Some(d) => {
+                anyhow::ensure!(self.x_ld == self.inp, "LoRA dropout needs dense inputs");
                 dropout(g.stream(), k, d, x, d.scratch, self.n * self.inp, false)?;
-                Ok(d.scratch)
+                Ok((d.scratch, self.inp))
             }
-            None => Ok(x),
+            None => Ok((x, self.x_ld)),
         }
     }
 
@@ -232,7 +326,7 @@ impl Linear {
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
         if let Some((dx, acc)) = dx {
-            self.dequantize(g, k)?;
+            self.dequantize(g, k, false)?;
             let beta = if acc { 1.0 } else { 0.0 };
             mm(
                 g,
@@ -240,7 +334,7 @@ impl Linear {
                 i,
                 o,
                 Operand::new(dy, o),
-                Operand::new(self.w, i),
+                Operand::new(self.w, self.w_ld),
                 Output::new(dx, i, OutType::Bf16),
                 1.0,
                 beta,
@@ -302,7 +396,8 @@ impl Linear {
                     )?,
                 }
             }
-            // dB [out, r] += s·dyᵀ·low
+            // dB [out, r] += s·dyᵀ·low (folded, `low` holds s·low already)
+            let scale = if self.fold.is_some() { 1.0 } else { l.scale };
             mm(
                 g,
                 o,
@@ -311,7 +406,7 @@ impl Linear {
                 Operand::new(dy, o).t(),
                 Operand::new(l.low, l.r),
                 Output::new(l.grad_b, l.r, OutType::F32),
-                l.scale,
+                scale,
                 1.0,
             )?;
         }
@@ -323,14 +418,14 @@ impl Linear {
     pub fn grad_a(&self, g: &mut Gemm, k: &Kernels, x: u64, t: u64) -> Result<()> {
         if let Some(l) = self.lora {
             let (n, i) = (self.n, self.inp);
-            let xa = self.adapter_input(g, k, &l, x)?;
+            let (xa, ld) = self.adapter_input(g, k, &l, x)?;
             mm(
                 g,
                 l.r,
                 i,
                 n,
                 Operand::new(t, l.r).t(),
-                Operand::new(xa, i),
+                Operand::new(xa, ld),
                 Output::new(l.grad_a, i, OutType::F32),
                 l.scale,
                 1.0,

@@ -39,7 +39,7 @@ use rand_chacha::ChaCha8Rng;
 use self::buffers::{Buffers, LayerActs, Sizes};
 use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
-use self::linear::{Dropout, Linear, Lora};
+use self::linear::{Dropout, Fold, Linear, Lora};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
 pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
@@ -91,7 +91,8 @@ pub fn probe() -> std::result::Result<String, String> {
 struct LayerWeights {
     norm1: CudaSlice<bf16>,
     norm2: CudaSlice<bf16>,
-    /// In [`PROJECTIONS`] order, `[out, in]`.
+    /// In [`PROJECTIONS`] order, `[out, in]`; a folded projection's bf16 weight is `[out, in +
+    /// r]` with its adapter's `B` in the `r` columns ([`Fold`]).
     proj: Vec<ProjWeight>,
     /// Per projection: its bias, if the architecture has one.
     bias: Vec<Option<BiasWeight>>,
@@ -145,6 +146,9 @@ pub struct CudaBackend {
     /// `--load_in_4bit`: the quantisation maps and the bf16 buffer every NF4 weight is
     /// dequantised into right before a GEMM reads it (sized for the largest projection).
     nf4: Option<(Nf4Quantizer, CudaSlice<bf16>)>,
+    /// The LoRA rank when the gate/up adapters' output terms are folded into their frozen
+    /// GEMMs ([`Fold`], [`fold_rank`]).
+    fold_r: Option<usize>,
     /// Dropout scratch, bias-gradient ones, Qwen3 q/k pre-norm activations (per batch shape).
     extras: Option<Extras>,
     /// Training passes so far: with the seed, the LoRA dropout masks' only state (exported with
@@ -300,6 +304,7 @@ impl CudaBackend {
             None
         };
         let d = cfg.head_dim;
+        let fold_r = fold_rank(&options);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -314,15 +319,28 @@ impl CudaBackend {
                 };
                 let (inp, out) = cfg.projection_shape(name).expect("known projection");
                 let hf = format!("{p}.{group}.{name}");
-                proj.push(nf4::load_projection(
+                let peft = format!("base_model.model.{hf}");
+                let adapter = slot(&format!("{peft}.lora_A.weight"))
+                    .zip(slot(&format!("{peft}.lora_B.weight")));
+                let weight = nf4::load_projection(
                     &stream,
                     &kernels,
                     &files,
                     quantizer.as_mut(),
                     &format!("{hf}.weight"),
                     &[out, inp],
-                )?);
-                let peft = format!("base_model.model.{hf}");
+                )?;
+                let fold = fold_of(fold_r, proj.len(), adapter.is_some());
+                proj.push(match (weight, fold) {
+                    (ProjWeight::Bf16(w), Some(f)) => ProjWeight::Bf16(with_fold_columns(
+                        &stream,
+                        w,
+                        (out, inp),
+                        fold_r.expect("folds need a rank"),
+                        f,
+                    )?),
+                    (w, _) => w,
+                });
                 bias.push(if cfg.projection_has_bias(name) {
                     match slot(&format!("{peft}.base_layer.bias"))
                         .or_else(|| slot(&format!("{peft}.bias")))
@@ -337,10 +355,7 @@ impl CudaBackend {
                 } else {
                     None
                 });
-                lora.push(
-                    slot(&format!("{peft}.lora_A.weight"))
-                        .zip(slot(&format!("{peft}.lora_B.weight"))),
-                );
+                lora.push(adapter);
             }
             let qk_norm = if cfg.qk_norm {
                 Some((
@@ -365,11 +380,14 @@ impl CudaBackend {
         }
         let nf4 = match quantizer {
             Some(q) => {
+                // Folded weights are dequantised with their adapter's columns beside them.
                 let largest = PROJECTIONS
                     .iter()
-                    .map(|n| {
+                    .enumerate()
+                    .map(|(j, n)| {
                         let (i, o) = cfg.projection_shape(n).expect("known projection");
-                        i * o
+                        let r = fold_of(fold_r, j, true).and(fold_r).unwrap_or(0);
+                        (i + r) * o
                     })
                     .max()
                     .unwrap_or(0);
@@ -407,6 +425,7 @@ impl CudaBackend {
             reducer: None,
             reduce_in_pass: false,
             nf4,
+            fold_r,
             extras: None,
             passes: 0,
             dropout_pass: None,
@@ -523,12 +542,24 @@ impl CudaBackend {
             .expect("known projection");
         let s = &self.stream;
         let layer = &self.layers[l];
-        let (w, nf4) = match (&layer.proj[j], &self.nf4) {
+        let (base, nf4) = match (&layer.proj[j], &self.nf4) {
             (ProjWeight::Bf16(w), _) => (w.device_ptr(s).0, None),
             (ProjWeight::Nf4(q), Some((quant, buf))) => {
                 (buf.device_ptr(s).0, Some(q.ptrs(s, &quant.maps)))
             }
             (ProjWeight::Nf4(_), None) => unreachable!("NF4 weights are loaded with their buffer"),
+        };
+        let fold = fold_of(self.fold_r, j, layer.lora[j].is_some());
+        let r = self.options.r;
+        let (w, w_ld) = match fold {
+            Some(Fold::Before) => (base + (2 * r) as u64, inp + r),
+            Some(Fold::After) => (base, inp + r),
+            None => (base, inp),
+        };
+        // gate and up read the MLP's norm output, which sits between the fold columns.
+        let x_ld = match j {
+            GATE_PROJ | UP_PROJ => self.norm2_layout().1,
+            _ => inp,
         };
         let extras = self.extras.as_ref().expect("prepared with the buffers");
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(s).0;
@@ -584,9 +615,12 @@ impl CudaBackend {
             inp,
             out,
             w,
+            w_ld,
+            x_ld,
             nf4,
             bias,
             lora,
+            fold,
         }
     }
 
@@ -693,7 +727,7 @@ impl CudaBackend {
         let [.., gate, up, down] = self.linears(l, n, &b.acts[slot]);
         let h = ptr16(&b.acts[slot].h);
         self.layer_norm(b, l, slot, Norm::Mlp)?;
-        let (a, norm) = (&b.acts[slot], ptr16(&b.norm));
+        let (a, norm) = (&b.acts[slot], self.norm2_ptr(b));
         gate.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.gate), None)?;
         up.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.up), None)?;
         self.kernels.swiglu_fwd(
@@ -711,21 +745,33 @@ impl CudaBackend {
         }
     }
 
+    /// Where the MLP's norm output sits in [`Buffers::norm`]: (first column, row stride). With
+    /// folded gate/up adapters the rows are `[s·low_gate | x | s·low_up]` ([`Fold`]).
+    fn norm2_layout(&self) -> (usize, usize) {
+        let h = self.cfg.hidden_size;
+        self.fold_r.map_or((0, h), |r| (r, h + 2 * r))
+    }
+
+    /// Address of the MLP's norm output (the gate/up input) in [`Buffers::norm`].
+    fn norm2_ptr(&self, b: &Buffers) -> u64 {
+        b.norm.device_ptr(&self.stream).0 + (2 * self.norm2_layout().0) as u64
+    }
+
     /// `norm` ← layer `l`'s first RMSNorm (of its input) or second (of the residual after
-    /// attention, `h`), its rstd into `acts[slot]`.
+    /// attention, `h`, laid out as [`Self::norm2_layout`]), its rstd into `acts[slot]`.
     fn layer_norm(&self, b: &mut Buffers, l: usize, slot: usize, which: Norm) -> Result<()> {
         let sz = b.sizes;
         let (x, a) = (&b.xs[b.x_index(l)], &mut b.acts[slot]);
         let w = &self.layers[l];
-        let (input, weight, rstd) = match which {
-            Norm::Attention => (x, &w.norm1, &mut a.rstd1),
-            Norm::Mlp => (&a.h, &w.norm2, &mut a.rstd2),
+        let (input, weight, rstd, (col, ld)) = match which {
+            Norm::Attention => (x, &w.norm1, &mut a.rstd1, (0, sz.hidden)),
+            Norm::Mlp => (&a.h, &w.norm2, &mut a.rstd2, self.norm2_layout()),
         };
-        self.kernels.rmsnorm_fwd(
+        self.kernels.rmsnorm_fwd_strided(
             &self.stream,
             &input.slice(..),
             &weight.slice(..),
-            &mut b.norm.slice_mut(..),
+            (&mut b.norm.slice_mut(col..), ld),
             &mut rstd.slice_mut(..),
             sz.tokens,
             sz.hidden,
@@ -776,11 +822,12 @@ impl CudaBackend {
             // n2 again (each layer's is not kept); rstd2 is rewritten with the same values.
             self.layer_norm(b, l, slot, Norm::Mlp)?;
         }
+        let norm = self.norm2_ptr(b);
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
-        gate.grad_a(g, kr, p16(&b.norm), t)?;
+        gate.grad_a(g, kr, norm, t)?;
         up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
-        up.grad_a(g, kr, p16(&b.norm), t)?;
+        up.grad_a(g, kr, norm, t)?;
         self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
@@ -1046,6 +1093,13 @@ impl CudaBackend {
 
     fn pass_in(&mut self, b: &mut Buffers, loss_scale: Option<f32>) -> Result<f64> {
         let layers = self.cfg.num_hidden_layers;
+        // Folded bf16 weights take the adapters' current B (NF4 ones at each dequantisation).
+        for l in 0..layers {
+            let [.., gate, up, _] = self.linears(l, b.sizes.tokens, &b.acts[0]);
+            for lin in [gate, up].iter().filter(|lin| lin.nf4.is_none()) {
+                lin.fill_b_columns(&self.stream)?;
+            }
+        }
         let train = loss_scale.is_some();
         let keep_all = train && !self.options.gradient_checkpointing;
         let parked = b.offload.as_ref().filter(|_| train).map(|o| o.parked);
@@ -1302,8 +1356,57 @@ enum Norm {
 /// (after o_proj it also parks [`Group::Residual`]).
 const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Lows];
 
-/// Index of o_proj in [`PROJECTIONS`] (its `low` is parked with the residual).
+/// Indices in [`PROJECTIONS`]: o_proj (its `low` is parked with the residual), gate and up
+/// (their adapters fold into the frozen GEMMs).
 const O_PROJ: usize = 3;
+const GATE_PROJ: usize = 4;
+const UP_PROJ: usize = 5;
+
+/// The LoRA rank when the gate/up adapters fold into their frozen GEMMs ([`Fold`]): their
+/// `r` columns must keep 16-byte rows (`r % 8 == 0`) and the input dense for dropout.
+fn fold_rank(o: &EngineOptions) -> Option<usize> {
+    (o.r > 0 && o.r.is_multiple_of(8) && o.lora_dropout == 0.0).then_some(o.r)
+}
+
+/// How projection `j` folds its adapter (`has_lora`) when folding is on (`fold_r`): gate's
+/// columns before its input, up's after, so both read one span of `[s·low_gate | x | s·low_up]`.
+fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
+    match (fold_r, j, has_lora) {
+        (Some(_), GATE_PROJ, true) => Some(Fold::Before),
+        (Some(_), UP_PROJ, true) => Some(Fold::After),
+        _ => None,
+    }
+}
+
+/// A bf16 weight `[out, in]` moved into `[out, in + r]` with `r` free columns on `fold`'s side
+/// (filled with the adapter's `B` before each pass).
+fn with_fold_columns(
+    stream: &Arc<CudaStream>,
+    w: CudaSlice<bf16>,
+    (out, inp): (usize, usize),
+    r: usize,
+    fold: Fold,
+) -> Result<CudaSlice<bf16>> {
+    let padded = stream.alloc_zeros::<bf16>(out * (inp + r))?;
+    let at = match fold {
+        Fold::Before => r,
+        Fold::After => 0,
+    };
+    let dst = padded.device_ptr(stream).0 + (2 * at) as u64;
+    // SAFETY: `out` rows of `inp` values from `w` into rows `inp + r` apart starting `at` in, all
+    // inside `padded`; both live until the stream is synchronised below.
+    unsafe {
+        raw::copy_rows_bf16(
+            stream,
+            (dst, inp + r),
+            (w.device_ptr(stream).0, inp),
+            inp,
+            out,
+        )?
+    };
+    stream.synchronize()?;
+    Ok(padded)
+}
 
 impl CudaBackend {
     /// Joins a data-parallel group as `rank` of `world` (every rank calls this with the same
@@ -1462,8 +1565,27 @@ mod tests {
     use crate::cli::choices::Bias;
 
     #[test]
-    fn o_proj_is_the_projection_its_index_names() {
+    fn projection_indices_name_their_projections() {
         assert_eq!(PROJECTIONS[O_PROJ], "o_proj");
+        assert_eq!(PROJECTIONS[GATE_PROJ], "gate_proj");
+        assert_eq!(PROJECTIONS[UP_PROJ], "up_proj");
+    }
+
+    #[test]
+    fn gate_and_up_fold_on_either_side_of_their_input_only_with_an_aligned_rank_and_no_dropout() {
+        let mut o = opts();
+        o.r = 16;
+        assert_eq!(fold_rank(&o), Some(16));
+        assert_eq!(fold_of(Some(16), GATE_PROJ, true), Some(Fold::Before));
+        assert_eq!(fold_of(Some(16), UP_PROJ, true), Some(Fold::After));
+        assert_eq!(fold_of(Some(16), UP_PROJ, false), None);
+        assert_eq!(fold_of(Some(16), O_PROJ, true), None);
+        assert_eq!(fold_of(None, GATE_PROJ, true), None);
+        o.r = 12;
+        assert_eq!(fold_rank(&o), None);
+        o.r = 16;
+        o.lora_dropout = 0.05;
+        assert_eq!(fold_rank(&o), None);
     }
 
     fn cfg(model_type: &str, extra: &str) -> ModelConfig {

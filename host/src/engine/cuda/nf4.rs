@@ -277,16 +277,24 @@ impl CudaBackend {
 }
 
 impl Nf4Ptrs {
-    /// Dequantises into the bf16 buffer at `out` (`numel` values).
-    pub fn dequantize(&self, stream: &Arc<CudaStream>, kernels: &Kernels, out: u64) -> Result<()> {
+    /// Dequantises into the bf16 buffer at `out`: rows of `cols` values, `ld` apart (`ld >
+    /// cols` leaves the folded LoRA B's columns between them).
+    pub fn dequantize(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernels: &Kernels,
+        (out, cols, ld): (u64, usize, usize),
+    ) -> Result<()> {
         let n = self.numel;
+        let out_len = (n / cols - 1) * ld + cols;
         let blocks = n / NF4_BLOCK;
         // SAFETY: every pointer comes from a live `Nf4Weight` (owned by the backend for its whole
-        // life) or the shared dequantisation buffer sized for the largest projection; all on
+        // life) or the shared dequantisation buffer sized for the largest projection with its folded
+        // LoRA columns; all on
         // this stream, so no launch races with another.
         unsafe {
             let packed = Borrowed::<u8>::new(stream, self.packed, n / 2);
-            let mut w = Borrowed::<bf16>::new(stream, out, n);
+            let mut w = Borrowed::<bf16>::new(stream, out, out_len);
             match self.scales {
                 ScalePtrs::Double {
                     qabsmax,
@@ -303,20 +311,22 @@ impl Nf4Ptrs {
                         absmax2: absmax2.view(),
                         offset: offset.view(),
                     };
-                    kernels.nf4_dequantize(
+                    kernels.nf4_dequantize_rows(
                         stream,
                         &packed.view(),
                         Nf4Absmax::Double(&dq, &maps.maps),
-                        &mut w.view_mut(),
+                        (&mut w.view_mut(), cols, ld),
+                        n,
                     )?;
                 }
                 ScalePtrs::Plain(absmax) => {
                     let absmax = Borrowed::<f32>::new(stream, absmax, blocks);
-                    kernels.nf4_dequantize(
+                    kernels.nf4_dequantize_rows(
                         stream,
                         &packed.view(),
                         Nf4Absmax::Plain(&absmax.view()),
-                        &mut w.view_mut(),
+                        (&mut w.view_mut(), cols, ld),
+                        n,
                     )?;
                 }
             }
