@@ -159,21 +159,35 @@ fn compare(
     want: &[(String, HostTensor)],
     tol: f64,
 ) -> f64 {
-    compare_by_name(what, got, want, |_| tol)
+    compare_by_name(what, got, want, |_, _| tol)
 }
 
-/// [`compare`] with a tolerance per tensor name.
+/// [`compare`] with a tolerance per tensor (from its name and the reference values). A tensor
+/// past 1e-2 also reports how many of its elements are more than one Adam step apart.
 fn compare_by_name(
     what: &str,
     got: &[(String, HostTensor)],
     want: &[(String, HostTensor)],
-    tol: impl Fn(&str) -> f64,
+    tol: impl Fn(&str, &[f32]) -> f64,
 ) -> f64 {
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
     for ((gn, g), (wn, w)) in got.iter().zip(want) {
         assert_eq!(gn, wn);
-        let (e, tol) = (rel_l2(values(g), values(w)), tol(gn));
+        let (g, w) = (values(g), values(w));
+        let (e, tol) = (rel_l2(g, w), tol(gn, w));
+        if e > 1e-2 {
+            let apart = g
+                .iter()
+                .zip(w)
+                .filter(|(a, b)| (*a - *b).abs() > LR)
+                .count();
+            eprintln!(
+                "{what} {gn}: relative L2 error {e:.3e} (bound {tol:.3e}), {apart} of {} \
+                 elements more than lr apart",
+                w.len()
+            );
+        }
         assert!(e <= tol, "{what} {gn}: relative L2 error {e:.3e} > {tol:e}");
         worst = worst.max(e);
     }
@@ -184,18 +198,24 @@ fn compare_by_name(
     worst
 }
 
-/// Tolerance for parameters after a few Adam steps. A trained bias is tiny (k_proj's has
-/// kv_heads·head_dim = 32 values here) and its gradient sums over every token, so an element
-/// can sit within bf16 noise of zero; Adam's first update is ±lr whatever the gradient's size,
-/// so that element steps the other way on one engine — one such element is 3.5e-2 relative
-/// L2 of the tensor (seen on the H200). The bias gradients themselves are held to the
-/// gradient tolerance before any step; LoRA matrices keep the tight bound.
-fn after_steps_tol(name: &str) -> f64 {
-    if name.ends_with(".bias") {
-        1e-1
-    } else {
-        1e-2
-    }
+/// The learning rate and number of steps of the after-steps comparisons.
+const LR: f32 = 1e-3;
+const STEPS: u64 = 3;
+
+/// Tolerance for parameters after [`STEPS`] Adam steps. Adam's first updates are ±lr whatever
+/// a gradient's size, so an element whose gradient sits within bf16 noise of zero steps the
+/// other way on one engine and ends up to 2·lr per step away. In a small tensor one such
+/// element is more than 1e-2 relative L2: layer 2's k_proj lora_B here (256 values of rms
+/// 0.029) measured 1.07e-2 whenever the bf16 rounding order of the MLP changed (docs/gpu.md,
+/// session 7 call 3 and session 9 call 1), and a trained bias (k_proj's has 32 values, its
+/// gradient sums over every token) 3.5e-2. So each tensor may be one flipped element apart
+/// beyond the 1e-2 bound; trained biases get 1e-1. The gradients themselves are held to the
+/// gradient tolerance before any step.
+fn after_steps_tol(name: &str, want: &[f32]) -> f64 {
+    let norm = want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    let one_flip = 2.0 * LR as f64 * STEPS as f64 / norm.max(1e-30);
+    let bound = if name.ends_with(".bias") { 1e-1 } else { 1e-2 };
+    f64::max(bound, one_flip)
 }
 
 fn cpu_grads(cpu: &CpuBackend) -> Vec<(String, HostTensor)> {
@@ -269,7 +289,7 @@ fn cuda_step_matches_the_cpu_engine() {
         let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
         cpu.import_trainable(&init).unwrap();
         gpu.import_trainable(&init).unwrap();
-        for step in 0..3u64 {
+        for step in 0..STEPS {
             let batch = packed_batch(cfg.vocab_size as u32, 100 + step);
             let scale = 1.0 / batch.trainable_tokens() as f32;
             let c = cpu.forward_backward(&batch, scale).unwrap();
@@ -300,14 +320,14 @@ fn cuda_step_matches_the_cpu_engine() {
             }
             let (nc, ng) = (cpu.grad_norm().unwrap(), gpu.grad_norm().unwrap());
             assert!((nc - ng).abs() / nc < 3e-2, "grad norm cpu {nc} cuda {ng}");
-            cpu.optimizer_step(1e-3, 1.0).unwrap();
-            gpu.optimizer_step(1e-3, 1.0).unwrap();
+            cpu.optimizer_step(LR as f64, 1.0).unwrap();
+            gpu.optimizer_step(LR as f64, 1.0).unwrap();
         }
-        compare(
+        compare_by_name(
             &format!("ckpt={checkpointing} params after 3 AdamW steps"),
             &gpu.export_trainable().unwrap(),
             &cpu.export_trainable().unwrap(),
-            1e-2,
+            after_steps_tol,
         );
         // Optimizer state moves between backends (same format as the host AdamW).
         let (t, s) = gpu.export_optimizer().unwrap();
@@ -451,7 +471,7 @@ fn run_case(c: &Case) {
     let init = random_trainable(&trainable_shapes(&cfg, &c.opts).unwrap(), 9);
     cpu.import_trainable(&init).unwrap();
     gpu.import_trainable(&init).unwrap();
-    for step in 0..3u64 {
+    for step in 0..STEPS {
         let batch = packed_batch(cfg.vocab_size as u32, 100 + step);
         let scale = 1.0 / batch.trainable_tokens() as f32;
         let cs = cpu.forward_backward(&batch, scale).unwrap();
@@ -481,8 +501,8 @@ fn run_case(c: &Case) {
             (nc - ng).abs() / nc < 3e-2,
             "{label}: grad norm cpu {nc} cuda {ng}"
         );
-        cpu.optimizer_step(1e-3, 1.0).unwrap();
-        gpu.optimizer_step(1e-3, 1.0).unwrap();
+        cpu.optimizer_step(LR as f64, 1.0).unwrap();
+        gpu.optimizer_step(LR as f64, 1.0).unwrap();
     }
     compare_by_name(
         &format!("{label} params after 3 {:?} steps", c.optim),

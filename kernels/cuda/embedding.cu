@@ -1,3 +1,5 @@
+// Row copies: the token embedding lookup, and strided row copies.
+//
 // Token embedding lookup (the embedding table is frozen, so there is no backward).
 // out[t, :] = table[ids[t], :]; table [vocab, dim], out [tokens, dim], bf16, dim % 8 == 0.
 // An id outside the vocabulary yields a zero row (the host validates ids before upload; this
@@ -14,5 +16,19 @@ extern "C" __global__ void embedding_gather(const u32* __restrict__ ids, const b
         uint4 val = make_uint4(0u, 0u, 0u, 0u);
         if (id < (u32)vocab) val = reinterpret_cast<const uint4*>(table + (size_t)id * dim)[c];
         reinterpret_cast<uint4*>(out + t * dim)[c] = val;
+    }
+}
+
+// dst[r, :cols] = src[r, :cols] for each of `rows` rows, rows src_ld8 / dst_ld8 16-byte vectors
+// apart in each buffer, cols8 vectors wide: the LoRA columns folded into the gate/up GEMMs (an
+// adapter's B into its weight's spare columns, s·low out of the input's).
+extern "C" __global__ void copy_rows(const bf16* __restrict__ src, int src_ld8, bf16* __restrict__ dst,
+                                     int dst_ld8, int rows, int cols8) {
+    const long long total = (long long)rows * cols8;
+    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < total;
+         v += (long long)gridDim.x * blockDim.x) {
+        const long long r = v / cols8;
+        const int c = (int)(v - r * cols8);
+        reinterpret_cast<uint4*>(dst)[r * dst_ld8 + c] = reinterpret_cast<const uint4*>(src)[r * src_ld8 + c];
     }
 }

@@ -851,6 +851,44 @@ fn check_embedding(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         .collect();
     let (a, b) = bits_eq(&g.down_bf16(&out)?, &want);
     c.exact(&format!("embedding_gather [{tokens}x{dim}]"), &a, &b);
+
+    // Strided row copies both ways: 16 columns out of rows 264 apart (from column 8) into a
+    // dense buffer, and back into rows 24 apart (at column 8); nothing else written.
+    let (cols, src_ld, at) = (16usize, dim, 8usize);
+    let mut dense = g.poison_bf16(tokens * cols)?;
+    g.k.copy_rows(
+        &g.stream,
+        (&out.slice(at..), src_ld),
+        (&mut dense.as_view_mut(), cols),
+        tokens,
+        cols,
+    )?;
+    let picked: Vec<f32> = want
+        .chunks_exact(dim)
+        .flat_map(|row| row[at..at + cols].to_vec())
+        .collect();
+    let (a, b) = bits_eq(&g.down_bf16(&dense)?, &picked);
+    c.exact(
+        &format!("copy_rows [{tokens}x{cols}] from rows {src_ld} apart"),
+        &a,
+        &b,
+    );
+    let dst_ld = 24;
+    let mut sparse = g.poison_bf16(tokens * dst_ld)?;
+    g.k.copy_rows(
+        &g.stream,
+        (&dense.as_view(), cols),
+        (&mut sparse.slice_mut(at..), dst_ld),
+        tokens,
+        cols,
+    )?;
+    let want = strided_want(&picked, cols, dst_ld, at, tokens * dst_ld);
+    let (a, b) = bits_eq(&g.down_bf16(&sparse)?, &want);
+    c.exact(
+        &format!("copy_rows [{tokens}x{cols}] into rows {dst_ld} apart"),
+        &a,
+        &b,
+    );
     Ok(())
 }
 

@@ -69,6 +69,7 @@ struct Functions {
     nf4_dequantize_dq: CudaFunction,
     quantize_blockwise_8bit: CudaFunction,
     embedding_gather: CudaFunction,
+    copy_rows: CudaFunction,
     dropout_apply: CudaFunction,
     flash: flash::FlashFunctions,
 }
@@ -254,6 +255,7 @@ impl Kernels {
             nf4_dequantize_dq: get(&NF4, "nf4_dequantize_dq")?,
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
+            copy_rows: get(&EMBEDDING, "copy_rows")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
             flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin, arch)?,
         };
@@ -993,6 +995,57 @@ impl Kernels {
             a,
             cfg(
                 grid(tokens * dim / 8, THREADS as usize, self.stride_cap()),
+                (THREADS, 1),
+            ),
+        )
+    }
+
+    /// Copies `rows` rows of `cols` values from `src` (rows `src.1` apart) into `dst` (rows
+    /// `dst.1` apart); `cols` and both strides multiples of 8.
+    pub fn copy_rows(
+        &self,
+        stream: &CudaStream,
+        (src, src_ld): (&CudaView<bf16>, usize),
+        (dst, dst_ld): (&mut CudaViewMut<bf16>, usize),
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        const K: &str = "copy_rows";
+        if rows == 0 {
+            return Ok(());
+        }
+        if cols == 0 || [cols, src_ld, dst_ld].iter().any(|v| !v.is_multiple_of(8)) {
+            return Err(shape(
+                K,
+                format!("cols {cols} and row strides {src_ld}, {dst_ld} must be multiples of 8"),
+            ));
+        }
+        if src_ld < cols || dst_ld < cols {
+            return Err(shape(
+                K,
+                format!("row strides {src_ld}, {dst_ld} below cols {cols}"),
+            ));
+        }
+        check_len(K, "src", src.len(), (rows - 1) * src_ld + cols)?;
+        check_len(K, "dst", dst.len(), (rows - 1) * dst_ld + cols)?;
+        aligned16(K, "src", src, stream)?;
+        aligned16(K, "dst", &*dst, stream)?;
+        let (src8, dst8) = (
+            to_i32(K, "src_ld", src_ld / 8)?,
+            to_i32(K, "dst_ld", dst_ld / 8)?,
+        );
+        let (rows_i, cols8) = (to_i32(K, "rows", rows)?, to_i32(K, "cols", cols / 8)?);
+        let mut a = stream.launch_builder(&self.f.copy_rows);
+        a.arg(src)
+            .arg(&src8)
+            .arg(dst)
+            .arg(&dst8)
+            .arg(&rows_i)
+            .arg(&cols8);
+        launch(
+            a,
+            cfg(
+                grid(rows * cols / 8, THREADS as usize, self.stride_cap()),
                 (THREADS, 1),
             ),
         )

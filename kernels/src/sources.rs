@@ -167,7 +167,7 @@ pub const DROPOUT: KernelSource = KernelSource {
 pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     source: include_str!("../cuda/embedding.cu"),
-    entries: &["embedding_gather"],
+    entries: &["embedding_gather", "copy_rows"],
     extra_options: &[],
     accepted_stack: &[],
     accepted_spill: &[],

@@ -158,19 +158,19 @@ impl Linear {
         };
         q.dequantize(g.stream(), k, (self.w, self.inp, self.w_ld))?;
         if with_b {
-            self.fill_b_columns(g.stream())?;
+            self.fill_b_columns(g.stream(), k)?;
         }
         Ok(())
     }
 
     /// Folded: copies the adapter's `B` shadow into the weight's `r` columns (after every
     /// change of the shadow and every NF4 dequantisation). Nothing to do otherwise.
-    pub fn fill_b_columns(&self, stream: &CudaStream) -> Result<()> {
+    pub fn fill_b_columns(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
         if let (Some(fold), Some(l)) = (self.fold, self.lora) {
             let side = self.w_side(fold, l.r);
             // SAFETY: `B` is the `[out, r]` shadow; the weight's `r` columns lie inside its
             // `[out, w_ld]` buffer (`w_ld = in + r`); both live, ordered by this stream.
-            unsafe { copy_rows_bf16(stream, (side, self.w_ld), (l.b, l.r), l.r, self.out)? };
+            unsafe { copy_rows_bf16(stream, k, (side, self.w_ld), (l.b, l.r), l.r, self.out)? };
         }
         Ok(())
     }
@@ -231,7 +231,7 @@ impl Linear {
             )?;
             // SAFETY: `low` is `[N, r]`; the side columns lie in the input buffer (`x_ld` ≥
             // in + r); both live, ordered by this stream.
-            unsafe { copy_rows_bf16(g.stream(), (l.low, l.r), (side, self.x_ld), l.r, n)? };
+            unsafe { copy_rows_bf16(g.stream(), k, (l.low, l.r), (side, self.x_ld), l.r, n)? };
             let (a, w) = match fold {
                 Fold::Before => (side, self.w_side(fold, l.r)),
                 Fold::After => (x, self.w),

@@ -334,6 +334,7 @@ impl CudaBackend {
                 proj.push(match (weight, fold) {
                     (ProjWeight::Bf16(w), Some(f)) => ProjWeight::Bf16(with_fold_columns(
                         &stream,
+                        &kernels,
                         w,
                         (out, inp),
                         fold_r.expect("folds need a rank"),
@@ -1097,7 +1098,7 @@ impl CudaBackend {
         for l in 0..layers {
             let [.., gate, up, _] = self.linears(l, b.sizes.tokens, &b.acts[0]);
             for lin in [gate, up].iter().filter(|lin| lin.nf4.is_none()) {
-                lin.fill_b_columns(&self.stream)?;
+                lin.fill_b_columns(&self.stream, &self.kernels)?;
             }
         }
         let train = loss_scale.is_some();
@@ -1382,6 +1383,7 @@ fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
 /// (filled with the adapter's `B` before each pass).
 fn with_fold_columns(
     stream: &Arc<CudaStream>,
+    kernels: &Kernels,
     w: CudaSlice<bf16>,
     (out, inp): (usize, usize),
     r: usize,
@@ -1398,6 +1400,7 @@ fn with_fold_columns(
     unsafe {
         raw::copy_rows_bf16(
             stream,
+            kernels,
             (dst, inp + r),
             (w.device_ptr(stream).0, inp),
             inp,

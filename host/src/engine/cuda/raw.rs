@@ -8,7 +8,8 @@ use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 use anyhow::Result;
-use cudarc::driver::{sys, CudaSlice, CudaStream, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+use ferrotune_kernels::device::{bf16, Kernels};
 
 /// `len` values of `T` at a device address owned elsewhere.
 pub struct Borrowed<T> {
@@ -43,37 +44,30 @@ impl<T> Drop for Borrowed<T> {
 }
 
 /// Copies `rows` rows of `cols` bf16 values from `src` (rows `src_ld` apart) to `dst` (rows
-/// `dst_ld` apart), device to device, on `stream`.
+/// `dst_ld` apart) on `stream` (the `copy_rows` kernel: `cols` and strides multiples of 8).
 ///
 /// # Safety
 /// Both ranges must be live device memory of the stream's context, `(rows-1)·ld + cols`
 /// values each, not overlapping, and ordered with their other users by the stream.
 pub unsafe fn copy_rows_bf16(
-    stream: &CudaStream,
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
     (dst, dst_ld): (u64, usize),
     (src, src_ld): (u64, usize),
     cols: usize,
     rows: usize,
 ) -> Result<()> {
-    const B: usize = std::mem::size_of::<u16>();
-    let copy = sys::CUDA_MEMCPY2D {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        srcHost: std::ptr::null(),
-        srcDevice: src,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: src_ld * B,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dst,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: dst_ld * B,
-        WidthInBytes: cols * B,
-        Height: rows,
-    };
-    sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()).result()?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let src = Borrowed::<bf16>::new(stream, src, (rows - 1) * src_ld + cols);
+    let mut dst = Borrowed::<bf16>::new(stream, dst, (rows - 1) * dst_ld + cols);
+    kernels.copy_rows(
+        stream,
+        (&src.view(), src_ld),
+        (&mut dst.view_mut(), dst_ld),
+        rows,
+        cols,
+    )?;
     Ok(())
 }
