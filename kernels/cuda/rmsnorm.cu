@@ -52,10 +52,12 @@ extern "C" __global__ void rmsnorm_fwd(const bf16* __restrict__ x, const bf16* _
 
 // dx = rstd * (dy*w - xhat * mean(dy*w*xhat)), xhat = x*rstd.
 // With `accumulate` != 0 the result is added to what dx holds (the residual stream's gradient),
-// which saves a separate add kernel in the decoder-layer backward.
+// which saves a separate add kernel in the decoder-layer backward. dx's rows are dx_ld apart
+// (% 8 == 0): the residual gradient keeps spare columns for the folded LoRA input gradients.
 extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* __restrict__ w,
                                        const float* __restrict__ rstd, const bf16* __restrict__ dy,
-                                       bf16* __restrict__ dx, int rows, int dim, int accumulate) {
+                                       bf16* __restrict__ dx, int rows, int dim, int dx_ld,
+                                       int accumulate) {
     __shared__ float scratch[32];
     const int row = blockIdx.x;
     if (row >= rows) return;
@@ -82,7 +84,7 @@ extern "C" __global__ void rmsnorm_bwd(const bf16* __restrict__ x, const bf16* _
     }
     // mean(dy*w*xhat) = rstd * mean(dy*w*x)
     const float c = block_sum(dot, scratch) * r / (float)dim;
-    uint4* dxr = reinterpret_cast<uint4*>(dx + (size_t)row * dim);
+    uint4* dxr = reinterpret_cast<uint4*>(dx + (size_t)row * dx_ld);
 #pragma unroll
     for (int k = 0; k < RMS_VECS; k++) {
         const int i = threadIdx.x + k * blockDim.x;

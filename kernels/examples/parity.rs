@@ -305,6 +305,28 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &want,
             BF16_TOL,
         );
+        // The same into rows 16 apart (the residual gradient's spare columns for the folded
+        // input gradients): bit for bit the dense result, nothing else written.
+        let ld = dim + 16;
+        let mut accs = g.up_bf16(&strided_want(&res, dim, ld, 0, rows * ld))?;
+        g.k.rmsnorm_bwd_strided(
+            &g.stream,
+            &xd.as_view(),
+            &wd.as_view(),
+            &rstd.as_view(),
+            &dyd.as_view(),
+            (&mut accs.as_view_mut(), ld),
+            rows,
+            dim,
+            true,
+        )?;
+        let want = strided_want(&g.down_bf16(&acc)?, dim, ld, 0, rows * ld);
+        let (a, b) = bits_eq(&g.down_bf16(&accs)?, &want);
+        c.exact(
+            &format!("rmsnorm_bwd dx += [{rows}x{dim}] rows {ld} apart"),
+            &a,
+            &b,
+        );
     }
     Ok(())
 }

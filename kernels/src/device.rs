@@ -362,21 +362,50 @@ impl Kernels {
         dim: usize,
         accumulate: bool,
     ) -> Result<(), KernelError> {
+        self.rmsnorm_bwd_strided(stream, x, w, rstd, dy, (dx, dim), rows, dim, accumulate)
+    }
+
+    /// [`Kernels::rmsnorm_bwd`] into rows of `dx` that are `dx.1` (≥ dim, a multiple of 8)
+    /// elements apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_bwd_strided(
+        &self,
+        stream: &CudaStream,
+        x: &CudaView<bf16>,
+        w: &CudaView<bf16>,
+        rstd: &CudaView<f32>,
+        dy: &CudaView<bf16>,
+        (dx, dx_ld): (&mut CudaViewMut<bf16>, usize),
+        rows: usize,
+        dim: usize,
+        accumulate: bool,
+    ) -> Result<(), KernelError> {
         const K: &str = "rmsnorm_bwd";
         if rows == 0 {
             return Ok(());
         }
         let threads = rms_threads(K, dim)?;
-        for (what, len) in [("x", x.len()), ("dy", dy.len()), ("dx", dx.len())] {
+        if dx_ld < dim || !dx_ld.is_multiple_of(8) {
+            return Err(shape(
+                K,
+                format!("dx's row stride {dx_ld} must be a multiple of 8 and at least dim {dim}"),
+            ));
+        }
+        for (what, len) in [("x", x.len()), ("dy", dy.len())] {
             check_len(K, what, len, rows * dim)?;
         }
+        check_len(K, "dx", dx.len(), (rows - 1) * dx_ld + dim)?;
         check_len(K, "w", w.len(), dim)?;
         check_len(K, "rstd", rstd.len(), rows)?;
         aligned16(K, "x", x, stream)?;
         aligned16(K, "w", w, stream)?;
         aligned16(K, "dy", dy, stream)?;
         aligned16(K, "dx", dx, stream)?;
-        let (rows_i, dim_i) = (to_i32(K, "rows", rows)?, to_i32(K, "dim", dim)?);
+        let (rows_i, dim_i, ld_i) = (
+            to_i32(K, "rows", rows)?,
+            to_i32(K, "dim", dim)?,
+            to_i32(K, "dx_ld", dx_ld)?,
+        );
         let acc = accumulate as i32;
         let mut a = stream.launch_builder(&self.f.rmsnorm_bwd);
         a.arg(x)
@@ -386,6 +415,7 @@ impl Kernels {
             .arg(dx)
             .arg(&rows_i)
             .arg(&dim_i)
+            .arg(&ld_i)
             .arg(&acc);
         launch(a, cfg(rows as u32, (threads, 1)))
     }

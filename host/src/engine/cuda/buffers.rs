@@ -155,7 +155,8 @@ pub struct Buffers {
     pub loss_sum: CudaSlice<f32>,
     pub partials: CudaSlice<f32>,
     // Backward.
-    /// Gradient of the residual stream, updated in place layer by layer.
+    /// Gradient of the residual stream, updated in place layer by layer; room for `[N, hidden
+    /// + r]`, `r` spare columns for the folded o/down input gradients.
     pub dres: CudaSlice<bf16>,
     /// Gradient of a norm output `[N, hidden]`.
     pub dn: CudaSlice<bf16>,
@@ -205,7 +206,7 @@ impl Buffers {
             losses: stream.alloc_zeros(n)?,
             loss_sum: stream.alloc_zeros(1)?,
             partials: stream.alloc_zeros(REDUCE_PARTS)?,
-            dres: z16(n * s.hidden)?,
+            dres: z16(n * (s.hidden + s.rank))?,
             dn: z16(n * s.hidden)?,
             d_attn: z16(n * s.qd)?,
             dq: z16(n * s.qd)?,

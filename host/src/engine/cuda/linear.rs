@@ -74,7 +74,8 @@ pub enum Fold {
 }
 
 /// One projection of `n` rows: `inp → out` features, weight `w` (bf16 `[out, in]`, rows `w_ld`
-/// apart; with `nf4` the buffer it is dequantised into before use), inputs `x_ld` apart.
+/// apart; with `nf4` the buffer it is dequantised into before use), inputs `x_ld` apart,
+/// output gradients `dy_ld` apart.
 #[derive(Debug, Clone, Copy)]
 pub struct Linear {
     pub n: usize,
@@ -83,11 +84,33 @@ pub struct Linear {
     pub w: u64,
     pub w_ld: usize,
     pub x_ld: usize,
+    pub dy_ld: usize,
     pub nf4: Option<Nf4Ptrs>,
     pub bias: Option<Bias>,
     pub lora: Option<Lora>,
     /// Set only with an adapter and without dropout.
     pub fold: Option<Fold>,
+    /// The adapter's input-gradient term rides in the frozen `dy·W` GEMM along K: `dx = [dy |
+    /// s·t]·[W ; A]`, with `s·t` in `r` spare columns of `dy` (`dy_ld ≥ out + r`) and `A` in `r`
+    /// spare rows below `W`. Set only with an adapter and without dropout.
+    pub dx_fold: bool,
+}
+
+/// Where [`Linear::backward`] left the adapter's `t = dy·B` `[N, r]` for [`Linear::grad_a`]:
+/// rows `ld` apart, and the factor `dA` still applies (`s`, or 1 when it holds `s·t`).
+#[derive(Debug, Clone, Copy)]
+pub struct LowGrad {
+    pub ptr: u64,
+    pub ld: usize,
+    pub alpha: f32,
+}
+
+/// Which pass a dequantised weight serves: the forward reads a folded adapter's `B` columns,
+/// the input gradient its `A` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Forward,
+    InputGradient,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -151,26 +174,43 @@ fn cols(cols: usize) -> u64 {
 }
 
 impl Linear {
-    /// NF4: `W` into the shared buffer (and, folded, `B` beside it for the forward).
-    fn dequantize(&self, g: &Gemm, k: &Kernels, with_b: bool) -> Result<()> {
+    /// NF4: `W` into the shared buffer, with the folded adapter copies its use reads.
+    fn dequantize(&self, g: &Gemm, k: &Kernels, with: Use) -> Result<()> {
         let Some(q) = &self.nf4 else {
             return Ok(());
         };
         q.dequantize(g.stream(), k, (self.w, self.inp, self.w_ld))?;
-        if with_b {
-            self.fill_b_columns(g.stream(), k)?;
+        match with {
+            Use::Forward => self.fill_b_columns(g.stream(), k),
+            Use::InputGradient => self.fill_a_rows(g.stream(), k),
         }
-        Ok(())
     }
 
-    /// Folded: copies the adapter's `B` shadow into the weight's `r` columns (after every
-    /// change of the shadow and every NF4 dequantisation). Nothing to do otherwise.
-    pub fn fill_b_columns(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
+    /// Copies the adapter's current shadows where the folds read them: `B` into the weight's
+    /// columns, `A` into its rows (after every change of the shadows; NF4 weights take them at
+    /// each dequantisation instead). Nothing to do without folds.
+    pub fn fill_folds(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
+        self.fill_b_columns(stream, k)?;
+        self.fill_a_rows(stream, k)
+    }
+
+    fn fill_b_columns(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
         if let (Some(fold), Some(l)) = (self.fold, self.lora) {
             let side = self.w_side(fold, l.r);
             // SAFETY: `B` is the `[out, r]` shadow; the weight's `r` columns lie inside its
             // `[out, w_ld]` buffer (`w_ld = in + r`); both live, ordered by this stream.
             unsafe { copy_rows_bf16(stream, k, (side, self.w_ld), (l.b, l.r), l.r, self.out)? };
+        }
+        Ok(())
+    }
+
+    fn fill_a_rows(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
+        if let (true, Some(l)) = (self.dx_fold, self.lora) {
+            let below = self.w + cols(self.out * self.w_ld);
+            let len = l.r * self.inp;
+            // SAFETY: `A` is the `[r, in]` shadow; the weight buffer has `r` rows of `in` after
+            // its `out` (`[out + r, in]`); both live, ordered by this stream.
+            unsafe { copy_rows_bf16(stream, k, (below, len), (l.a, len), len, 1)? };
         }
         Ok(())
     }
@@ -202,7 +242,7 @@ impl Linear {
         residual: Option<u64>,
     ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
-        self.dequantize(g, k, true)?;
+        self.dequantize(g, k, Use::Forward)?;
         let mut d = Output::new(y, o, OutType::Bf16);
         if let Some(b) = self.bias {
             d = d.bias(b.value);
@@ -313,9 +353,9 @@ impl Linear {
     }
 
     /// Input gradient into `dx` (`accumulate`: add to it), the adapter's `t = dy·B` into
-    /// `t`, `dB` and the bias gradient. `dA` needs the layer input and is [`Linear::grad_a`],
-    /// called with the same `t` (separate because the down projection's input is recomputed
-    /// only after `dx`).
+    /// `t` (into `dy`'s spare columns when the input gradient is folded), `dB` and the bias
+    /// gradient. `dA` needs the layer input and is [`Linear::grad_a`], called with what this
+    /// returns (separate because the down projection's input is recomputed only after `dx`).
     pub fn backward(
         &self,
         g: &mut Gemm,
@@ -323,50 +363,52 @@ impl Linear {
         dy: u64,
         dx: Option<(u64, bool)>,
         t: u64,
-    ) -> Result<()> {
+    ) -> Result<Option<LowGrad>> {
         let (n, i, o) = (self.n, self.inp, self.out);
+        let dy_op = Operand::new(dy, self.dy_ld);
+        let fold_r = self.lora.filter(|_| self.dx_fold).map_or(0, |l| l.r);
+        // t = dy·B, as s·t in dy's spare columns when dx folds it in.
+        let low_grad = match self.lora {
+            Some(l) => {
+                let (t, ld, alpha) = if fold_r > 0 {
+                    (dy + cols(o), self.dy_ld, l.scale)
+                } else {
+                    (t, l.r, 1.0)
+                };
+                mm(
+                    g,
+                    n,
+                    l.r,
+                    o,
+                    dy_op,
+                    Operand::new(l.b, l.r),
+                    Output::new(t, ld, OutType::Bf16),
+                    alpha,
+                    0.0,
+                )?;
+                Some(LowGrad {
+                    ptr: t,
+                    ld,
+                    alpha: if fold_r > 0 { 1.0 } else { l.scale },
+                })
+            }
+            None => None,
+        };
         if let Some((dx, acc)) = dx {
-            self.dequantize(g, k, false)?;
+            self.dequantize(g, k, Use::InputGradient)?;
             let beta = if acc { 1.0 } else { 0.0 };
             mm(
                 g,
                 n,
                 i,
-                o,
-                Operand::new(dy, o),
+                o + fold_r,
+                dy_op,
                 Operand::new(self.w, self.w_ld),
                 Output::new(dx, i, OutType::Bf16),
                 1.0,
                 beta,
             )?;
-        }
-        if let Some((grad, ones)) = self.bias.and_then(|b| b.grad) {
-            // db [1, out] += ones[1, N]·dy
-            mm(
-                g,
-                1,
-                o,
-                n,
-                Operand::new(ones, n),
-                Operand::new(dy, o),
-                Output::new(grad, o, OutType::F32),
-                1.0,
-                1.0,
-            )?;
-        }
-        if let Some(l) = self.lora {
-            mm(
-                g,
-                n,
-                l.r,
-                o,
-                Operand::new(dy, o),
-                Operand::new(l.b, l.r),
-                Output::new(t, l.r, OutType::Bf16),
-                1.0,
-                0.0,
-            )?;
-            if let Some((dx, _)) = dx {
+            if let (Some(l), Some(t), 0) = (self.lora, low_grad, fold_r) {
                 match &l.dropout {
                     // dx += s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
                     Some(d) => {
@@ -375,7 +417,7 @@ impl Linear {
                             n,
                             i,
                             l.r,
-                            Operand::new(t, l.r),
+                            Operand::new(t.ptr, t.ld),
                             Operand::new(l.a, i),
                             Output::new(d.scratch, i, OutType::Bf16),
                             l.scale,
@@ -388,7 +430,7 @@ impl Linear {
                         n,
                         i,
                         l.r,
-                        Operand::new(t, l.r),
+                        Operand::new(t.ptr, t.ld),
                         Operand::new(l.a, i),
                         Output::new(dx, i, OutType::Bf16),
                         l.scale,
@@ -396,27 +438,43 @@ impl Linear {
                     )?,
                 }
             }
-            // dB [out, r] += s·dyᵀ·low (folded, `low` holds s·low already)
+        }
+        if let Some((grad, ones)) = self.bias.and_then(|b| b.grad) {
+            // db [1, out] += ones[1, N]·dy
+            mm(
+                g,
+                1,
+                o,
+                n,
+                Operand::new(ones, n),
+                dy_op,
+                Output::new(grad, o, OutType::F32),
+                1.0,
+                1.0,
+            )?;
+        }
+        if let Some(l) = self.lora {
+            // dB [out, r] += s·dyᵀ·low (folded forward: `low` holds s·low already)
             let scale = if self.fold.is_some() { 1.0 } else { l.scale };
             mm(
                 g,
                 o,
                 l.r,
                 n,
-                Operand::new(dy, o).t(),
+                dy_op.t(),
                 Operand::new(l.low, l.r),
                 Output::new(l.grad_b, l.r, OutType::F32),
                 scale,
                 1.0,
             )?;
         }
-        Ok(())
+        Ok(low_grad)
     }
 
     /// `dA [r, in] += s·tᵀ·drop(x)` with `t` from [`Linear::backward`] (the dropout mask is
-    /// regenerated from its seed).
-    pub fn grad_a(&self, g: &mut Gemm, k: &Kernels, x: u64, t: u64) -> Result<()> {
-        if let Some(l) = self.lora {
+    /// regenerated from its seed). Nothing without an adapter.
+    pub fn grad_a(&self, g: &mut Gemm, k: &Kernels, x: u64, t: Option<LowGrad>) -> Result<()> {
+        if let (Some(l), Some(t)) = (self.lora, t) {
             let (n, i) = (self.n, self.inp);
             let (xa, ld) = self.adapter_input(g, k, &l, x)?;
             mm(
@@ -424,10 +482,10 @@ impl Linear {
                 l.r,
                 i,
                 n,
-                Operand::new(t, l.r).t(),
+                Operand::new(t.ptr, t.ld).t(),
                 Operand::new(xa, ld),
                 Output::new(l.grad_a, i, OutType::F32),
-                l.scale,
+                t.alpha,
                 1.0,
             )?;
         }

@@ -330,17 +330,17 @@ impl CudaBackend {
                     &format!("{hf}.weight"),
                     &[out, inp],
                 )?;
-                let fold = fold_of(fold_r, proj.len(), adapter.is_some());
-                proj.push(match (weight, fold) {
-                    (ProjWeight::Bf16(w), Some(f)) => ProjWeight::Bf16(with_fold_columns(
-                        &stream,
-                        &kernels,
-                        w,
-                        (out, inp),
-                        fold_r.expect("folds need a rank"),
-                        f,
-                    )?),
-                    (w, _) => w,
+                let (j, r) = (proj.len(), fold_r.unwrap_or(0));
+                let fold = fold_of(fold_r, j, adapter.is_some());
+                let dx_fold = dx_folds(fold_r, j, adapter.is_some());
+                proj.push(match (weight, fold, dx_fold) {
+                    (ProjWeight::Bf16(w), Some(f), _) => {
+                        ProjWeight::Bf16(with_fold_columns(&stream, &kernels, w, (out, inp), r, f)?)
+                    }
+                    (ProjWeight::Bf16(w), None, true) => {
+                        ProjWeight::Bf16(with_fold_rows(&stream, w, (out, inp), r)?)
+                    }
+                    (w, _, _) => w,
                 });
                 bias.push(if cfg.projection_has_bias(name) {
                     match slot(&format!("{peft}.base_layer.bias"))
@@ -387,8 +387,12 @@ impl CudaBackend {
                     .enumerate()
                     .map(|(j, n)| {
                         let (i, o) = cfg.projection_shape(n).expect("known projection");
-                        let r = fold_of(fold_r, j, true).and(fold_r).unwrap_or(0);
-                        (i + r) * o
+                        let r = fold_r.unwrap_or(0);
+                        match (fold_of(fold_r, j, true), dx_folds(fold_r, j, true)) {
+                            (Some(_), _) => (i + r) * o,
+                            (None, true) => i * (o + r),
+                            (None, false) => i * o,
+                        }
                     })
                     .max()
                     .unwrap_or(0);
@@ -557,11 +561,17 @@ impl CudaBackend {
             Some(Fold::After) => (base, inp + r),
             None => (base, inp),
         };
-        // gate and up read the MLP's norm output, which sits between the fold columns.
+        // gate and up read the MLP's norm output, which sits between the fold columns; o and
+        // down's output gradient is the residual's, with spare columns for the dx folds.
         let x_ld = match j {
             GATE_PROJ | UP_PROJ => self.norm2_layout().1,
             _ => inp,
         };
+        let dy_ld = match j {
+            O_PROJ | DOWN_PROJ => self.dres_ld(),
+            _ => out,
+        };
+        let dx_fold = dx_folds(self.fold_r, j, layer.lora[j].is_some());
         let extras = self.extras.as_ref().expect("prepared with the buffers");
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(s).0;
         let bias = layer.bias[j].as_ref().map(|b| match b {
@@ -618,10 +628,12 @@ impl CudaBackend {
             w,
             w_ld,
             x_ld,
+            dy_ld,
             nf4,
             bias,
             lora,
             fold,
+            dx_fold,
         }
     }
 
@@ -753,6 +765,12 @@ impl CudaBackend {
         self.fold_r.map_or((0, h), |r| (r, h + 2 * r))
     }
 
+    /// Row stride of [`Buffers::dres`]: with folds, `r` spare columns after the hidden ones
+    /// hold `s·t` for the o/down input gradients ([`Linear::dx_fold`]).
+    fn dres_ld(&self) -> usize {
+        self.cfg.hidden_size + self.fold_r.unwrap_or(0)
+    }
+
     /// Address of the MLP's norm output (the gate/up input) in [`Buffers::norm`].
     fn norm2_ptr(&self, b: &Buffers) -> u64 {
         b.norm.device_ptr(&self.stream).0 + (2 * self.norm2_layout().0) as u64
@@ -793,6 +811,7 @@ impl CudaBackend {
         norm2_current: bool,
     ) -> Result<()> {
         let s = self.stream.clone();
+        let dres_ld = self.dres_ld();
         let sz = b.sizes;
         let (n, hd, i) = (sz.tokens, sz.hidden, sz.inter);
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
@@ -806,7 +825,7 @@ impl CudaBackend {
         // MLP half: d_act = dOut·Wd (+LoRA); SwiGLU backward in place (gate/up become their
         // gradients, act is recomputed for dA of the down projection).
         let d_act = p16(&b.mlp) + (2 * n * i) as u64;
-        down.backward(g, kr, p16(&b.dres), Some((d_act, false)), t)?;
+        let t_down = down.backward(g, kr, p16(&b.dres), Some((d_act, false)), t)?;
         let (mut act, d_act) = b.mlp.split_at_mut(n * i);
         self.kernels.swiglu_bwd(
             &s,
@@ -818,32 +837,32 @@ impl CudaBackend {
             i,
         )?;
         // act is the first half of `mlp`.
-        down.grad_a(g, kr, p16(&b.mlp), t)?;
+        down.grad_a(g, kr, p16(&b.mlp), t_down)?;
         if !norm2_current {
             // n2 again (each layer's is not kept); rstd2 is rewritten with the same values.
             self.layer_norm(b, l, slot, Norm::Mlp)?;
         }
         let norm = self.norm2_ptr(b);
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
-        gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
-        gate.grad_a(g, kr, norm, t)?;
-        up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
-        up.grad_a(g, kr, norm, t)?;
-        self.kernels.rmsnorm_bwd(
+        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
+        gate.grad_a(g, kr, norm, t_gate)?;
+        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
+        up.grad_a(g, kr, norm, t_up)?;
+        self.kernels.rmsnorm_bwd_strided(
             &s,
             &a.h.slice(..),
             &w.norm2.slice(..),
             &a.rstd2.slice(..),
             &b.dn.slice(..),
-            &mut b.dres.slice_mut(..),
+            (&mut b.dres.slice_mut(..), dres_ld),
             n,
             hd,
             true,
         )?;
 
         // o_proj: into the attention output's gradient.
-        o.backward(g, kr, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
-        o.grad_a(g, kr, p16(&a.attn), t)?;
+        let t_o = o.backward(g, kr, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
+        o.grad_a(g, kr, p16(&a.attn), t_o)?;
         Ok(())
     }
 
@@ -938,18 +957,18 @@ impl CudaBackend {
         self.layer_norm(b, l, slot, Norm::Attention)?;
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         for (lin, dy, acc) in [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)] {
-            lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
+            let t = lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
             lin.grad_a(g, kr, p16(&b.norm), t)?;
         }
         if need_dx {
             let x = &b.xs[xi];
-            self.kernels.rmsnorm_bwd(
+            self.kernels.rmsnorm_bwd_strided(
                 &s,
                 &x.slice(..),
                 &w.norm1.slice(..),
                 &a.rstd1.slice(..),
                 &b.dn.slice(..),
-                &mut b.dres.slice_mut(..),
+                (&mut b.dres.slice_mut(..), self.dres_ld()),
                 n,
                 hd,
                 true,
@@ -1050,13 +1069,13 @@ impl CudaBackend {
             r0 += rows;
         }
         if loss_scale.is_some() {
-            self.kernels.rmsnorm_bwd(
+            self.kernels.rmsnorm_bwd_strided(
                 &s,
                 &last.slice(..),
                 &self.final_norm.slice(..),
                 &b.rstd_f.slice(..),
                 &b.dn.slice(..),
-                &mut b.dres.slice_mut(..),
+                (&mut b.dres.slice_mut(..), self.dres_ld()),
                 n,
                 hd,
                 false,
@@ -1094,11 +1113,14 @@ impl CudaBackend {
 
     fn pass_in(&mut self, b: &mut Buffers, loss_scale: Option<f32>) -> Result<f64> {
         let layers = self.cfg.num_hidden_layers;
-        // Folded bf16 weights take the adapters' current B (NF4 ones at each dequantisation).
-        for l in 0..layers {
-            let [.., gate, up, _] = self.linears(l, b.sizes.tokens, &b.acts[0]);
-            for lin in [gate, up].iter().filter(|lin| lin.nf4.is_none()) {
-                lin.fill_b_columns(&self.stream, &self.kernels)?;
+        // Folded bf16 weights take the adapters' current A and B (NF4 ones at each
+        // dequantisation).
+        if self.fold_r.is_some() {
+            for l in 0..layers {
+                let linears = self.linears(l, b.sizes.tokens, &b.acts[0]);
+                for lin in linears.iter().filter(|lin| lin.nf4.is_none()) {
+                    lin.fill_folds(&self.stream, &self.kernels)?;
+                }
             }
         }
         let train = loss_scale.is_some();
@@ -1362,6 +1384,7 @@ const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Low
 const O_PROJ: usize = 3;
 const GATE_PROJ: usize = 4;
 const UP_PROJ: usize = 5;
+const DOWN_PROJ: usize = 6;
 
 /// The LoRA rank when the gate/up adapters fold into their frozen GEMMs ([`Fold`]): their
 /// `r` columns must keep 16-byte rows (`r % 8 == 0`) and the input dense for dropout.
@@ -1377,6 +1400,26 @@ fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
         (Some(_), UP_PROJ, true) => Some(Fold::After),
         _ => None,
     }
+}
+
+/// Whether projection `j`'s adapter (`has_lora`) folds into its input gradient when folding is
+/// on (`fold_r`): o and down, whose output gradient is the residual's ([`Linear::dx_fold`]).
+fn dx_folds(fold_r: Option<usize>, j: usize, has_lora: bool) -> bool {
+    fold_r.is_some() && has_lora && matches!(j, O_PROJ | DOWN_PROJ)
+}
+
+/// A bf16 weight `[out, in]` moved into `[out + r, in]`, `r` free rows below (filled with the
+/// adapter's `A` before each pass).
+fn with_fold_rows(
+    stream: &Arc<CudaStream>,
+    w: CudaSlice<bf16>,
+    (out, inp): (usize, usize),
+    r: usize,
+) -> Result<CudaSlice<bf16>> {
+    let mut padded = stream.alloc_zeros::<bf16>((out + r) * inp)?;
+    stream.memcpy_dtod(&w, &mut padded.slice_mut(..out * inp))?;
+    stream.synchronize()?;
+    Ok(padded)
 }
 
 /// A bf16 weight `[out, in]` moved into `[out, in + r]` with `r` free columns on `fold`'s side
@@ -1572,6 +1615,7 @@ mod tests {
         assert_eq!(PROJECTIONS[O_PROJ], "o_proj");
         assert_eq!(PROJECTIONS[GATE_PROJ], "gate_proj");
         assert_eq!(PROJECTIONS[UP_PROJ], "up_proj");
+        assert_eq!(PROJECTIONS[DOWN_PROJ], "down_proj");
     }
 
     #[test]
@@ -1584,6 +1628,9 @@ mod tests {
         assert_eq!(fold_of(Some(16), UP_PROJ, false), None);
         assert_eq!(fold_of(Some(16), O_PROJ, true), None);
         assert_eq!(fold_of(None, GATE_PROJ, true), None);
+        assert!(dx_folds(Some(16), O_PROJ, true) && dx_folds(Some(16), DOWN_PROJ, true));
+        assert!(!dx_folds(Some(16), DOWN_PROJ, false) && !dx_folds(None, O_PROJ, true));
+        assert!(!dx_folds(Some(16), GATE_PROJ, true));
         o.r = 12;
         assert_eq!(fold_rank(&o), None);
         o.r = 16;
