@@ -727,22 +727,22 @@ impl CudaBackend {
     }
 
     /// Layer `l` forward, MLP half: from the residual `h` (in `acts[slot]`) on — RMSNorm,
-    /// gate/up, SwiGLU and down_proj into the next layer's input (`to_next`) or, for a
-    /// checkpointing recompute, only as far as the backward reads: the next layer's input is
-    /// already stored, so the down projection computes just its adapter's `low` (its frozen
-    /// GEMM, a sixth of the layer's forward FLOPs, is skipped).
-    fn mlp_half(&mut self, b: &mut Buffers, l: usize, slot: usize, to_next: bool) -> Result<()> {
+    /// gate/up, SwiGLU and down_proj, as far as `upto` (see [`MlpUpTo`]).
+    fn mlp_half(&mut self, b: &mut Buffers, l: usize, slot: usize, upto: MlpUpTo) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, i) = (sz.tokens, sz.inter);
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
-        let y = to_next.then(|| ptr16(&b.xs[b.x_index(l + 1)]));
+        let y = (upto == MlpUpTo::NextInput).then(|| ptr16(&b.xs[b.x_index(l + 1)]));
         let [.., gate, up, down] = self.linears(l, n, &b.acts[slot]);
         let h = ptr16(&b.acts[slot].h);
         self.layer_norm(b, l, slot, Norm::Mlp)?;
         let (a, norm) = (&b.acts[slot], self.norm2_ptr(b));
         gate.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.gate), None)?;
         up.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.up), None)?;
+        if upto == MlpUpTo::GateUp {
+            return Ok(());
+        }
         self.kernels.swiglu_fwd(
             &s,
             (&a.gate.slice(..), i),
@@ -1138,9 +1138,10 @@ impl CudaBackend {
         // Offload: layer l's input goes out right after it is produced; layer l then writes
         // its output over layer l-1's input, which must have reached the host by then. With the
         // attention parked too, its results go out after the layer's attention (the next
-        // layer waits for them before its attention overwrites them) and the residual after
-        // o_proj (awaited before the next layer's o_proj). The last layer parks nothing: its
-        // backward comes first and finds everything still on the GPU.
+        // layer waits for them before its attention overwrites them) and the residual with
+        // o_proj's and down's `x·Aᵀ` after the MLP (awaited before the next layer's o_proj).
+        // The last layer parks nothing: its backward comes first and finds everything still on
+        // the GPU.
         let (mut input_out, mut attention_out, mut residual_out): (
             Option<CudaEvent>,
             Option<CudaEvent>,
@@ -1167,16 +1168,16 @@ impl CudaBackend {
                 self.stream.wait(&done)?;
             }
             self.o_proj(b, l, slot)?;
+            self.mlp_half(b, l, slot, MlpUpTo::NextInput)?;
             if attention_parked && !last {
                 residual_out = Some(self.park(b, l, &[Group::Residual])?);
             }
-            self.mlp_half(b, l, slot, true)?;
         }
         let loss = self.head(b, loss_scale)?;
         if train {
             // Offload: each layer's backward fetches the layer below's input as it starts (into
             // the xs buffer it no longer needs); with the attention parked, the residual and
-            // o_proj's low after its MLP backward (their last reader), the attention output and
+            // the o/down lows after its MLP backward (their last reader), the attention output and
             // operands right after its attention backward (their buffers are dead from there)
             // and the q/k/v lows at its end. Each is awaited right before its first read: the
             // residual by the recompute, which then starts at the second RMSNorm.
@@ -1200,11 +1201,12 @@ impl CudaBackend {
                         if let Some(ready) = residual_in.take() {
                             self.stream.wait(&ready)?;
                         }
+                        self.mlp_half(b, l, 0, MlpUpTo::GateUp)?;
                     } else {
                         self.attention_half(b, l, 0)?;
                         self.o_proj(b, l, 0)?;
+                        self.mlp_half(b, l, 0, MlpUpTo::DownLow)?;
                     }
-                    self.mlp_half(b, l, 0, false)?;
                 }
                 // o_proj's dA reads the attention output at the end of the MLP backward.
                 if let Some(ready) = output_in.take() {
@@ -1255,13 +1257,11 @@ impl CudaBackend {
             Group::Output => vec![whole(s, &a.attn)],
             Group::Residual => {
                 let (n, r) = (b.sizes.tokens, b.sizes.rank.max(1));
-                vec![
-                    whole(s, &a.h),
-                    Range {
-                        ptr: a.low(s, O_PROJ, n, r),
-                        bytes: n * r * std::mem::size_of::<bf16>(),
-                    },
-                ]
+                let low = |j| Range {
+                    ptr: a.low(s, j, n, r),
+                    bytes: n * r * std::mem::size_of::<bf16>(),
+                };
+                vec![whole(s, &a.h), low(O_PROJ), low(DOWN_PROJ)]
             }
             Group::Operands => vec![
                 whole(s, &a.q),
@@ -1368,6 +1368,20 @@ impl CudaBackend {
     }
 }
 
+/// How far [`CudaBackend::mlp_half`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MlpUpTo {
+    /// The whole MLP into the next layer's input (the forward).
+    NextInput,
+    /// A checkpointing recompute: the next layer's input is already stored, so the down
+    /// projection computes just its adapter's `low` (its frozen GEMM, a sixth of the layer's
+    /// forward FLOPs, is skipped).
+    DownLow,
+    /// A recompute with down's `low` parked ([`Group::Residual`]): only the gate/up outputs the
+    /// SwiGLU backward reads (which recomputes the SwiGLU output itself).
+    GateUp,
+}
+
 /// A decoder layer's two RMSNorms: before attention and before the MLP.
 #[derive(Debug, Clone, Copy)]
 enum Norm {
@@ -1379,8 +1393,9 @@ enum Norm {
 /// (after o_proj it also parks [`Group::Residual`]).
 const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Lows];
 
-/// Indices in [`PROJECTIONS`]: o_proj (its `low` is parked with the residual), gate and up
-/// (their adapters fold into the frozen GEMMs).
+/// Indices in [`PROJECTIONS`]: o_proj and down_proj (their `low`s are parked with the residual;
+/// their input gradients fold their adapters), gate and up (their adapters fold into the
+/// frozen GEMMs).
 const O_PROJ: usize = 3;
 const GATE_PROJ: usize = 4;
 const UP_PROJ: usize = 5;

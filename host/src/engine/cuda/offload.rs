@@ -6,10 +6,10 @@
 //! - always the layer input (the recompute's starting point);
 //! - with [`Parked::Attention`] also the attention half's results — q, k, v after RoPE, the
 //!   attention output and its logsumexp, the q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k,
-//!   the residual after o_proj and o_proj's `x·Aᵀ` — so the recompute starts at the second
-//!   RMSNorm: it skips the q/k/v and o GEMMs, RoPE and the attention forward (≈ 0.9 ms of a
-//!   Llama-3-8B layer at 2 × 2048) for 4.5× the host memory and PCIe traffic. Chosen when the
-//!   host has the room (see [`plan`]).
+//!   the residual after o_proj and the o/down adapters' `x·Aᵀ` — so the recompute is the second
+//!   RMSNorm and the gate/up GEMMs only: it skips the q/k/v and o GEMMs, RoPE, the attention
+//!   forward, the SwiGLU and down's `x·Aᵀ` (≈ 1 ms of a Llama-3-8B layer at 2 × 2048) for 4.5×
+//!   the host memory and PCIe traffic. Chosen when the host has the room (see [`plan`]).
 //!
 //! Each layer owns one pinned buffer holding its [`Group`]s back to back; the device side of a
 //! group is a list of [`Range`]s the engine names at each copy (the activation buffers are
@@ -207,8 +207,8 @@ pub enum Group {
     /// The q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k with their rstd: read by the q/k/v
     /// backward, after the attention backward.
     Lows,
-    /// The residual after attention `h = x + o_proj(attn)` and o_proj's `x·Aᵀ`: the recompute
-    /// starts from them at the second RMSNorm.
+    /// The residual after attention `h = x + o_proj(attn)` and the o/down adapters' `x·Aᵀ`
+    /// (parked after the MLP): the recompute starts from them at the second RMSNorm.
     Residual,
 }
 
