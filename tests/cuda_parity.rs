@@ -183,15 +183,14 @@ const STEPS: u64 = 3;
 /// step the other way on one engine and end up to 2·lr per step away: with the gradients held
 /// to 4e-2 relative L2, about 0.8 × 4e-2 ≈ 3% of a Gaussian gradient's elements are that close
 /// to zero. So a LoRA matrix may have that share of elements (at least one) more than lr
-/// apart, and the rest must agree to 1e-2 relative L2 — layer 2's k_proj lora_B (256 values)
-/// measured 5 such elements whenever the bf16 rounding of the MLP changed (docs/gpu.md,
-/// session 9 calls 1–2; session 7 call 3). A trained bias is tiny (k_proj's has 32 values) and
-/// its gradient sums over every token, so many of its elements sit near zero: 1e-1 relative
-/// L2 over all of them (3.5e-2 seen). The gradients themselves are held to the gradient
-/// tolerance before any step.
+/// apart, and the rest must agree to 5e-3 relative L2 (measured on the H200: at most 2.0% of
+/// elements apart — 5 of layer 2's k_proj lora_B's 256 — and the rest within 1.9e-3; docs/gpu.md
+/// session 9 call 4). A trained bias is tiny (k_proj's has 32 values) and its gradient sums
+/// over every token, so many of its elements sit near zero: 1e-1 relative L2 over all of them
+/// (3.5e-2 seen). The gradients themselves are held to the gradient tolerance before any step.
 fn compare_after_steps(what: &str, got: &[(String, HostTensor)], want: &[(String, HostTensor)]) {
     assert_eq!(got.len(), want.len());
-    let mut worst = 0f64;
+    let (mut worst_rest, mut worst_share) = (0f64, (0usize, 1usize));
     for ((gn, g), (wn, w)) in got.iter().zip(want) {
         assert_eq!(gn, wn);
         let (g, w) = (values(g), values(w));
@@ -213,26 +212,27 @@ fn compare_after_steps(what: &str, got: &[(String, HostTensor)], want: &[(String
                 d += (a as f64 - b as f64).powi(2);
             }
         }
-        let e = (d / n.max(1e-30)).sqrt();
-        if apart > 0 {
-            eprintln!(
-                "{what} {gn}: {apart} of {} elements more than lr apart (allowed {allowed}), \
-                 the rest {e:.3e} relative L2, all {:.3e}",
-                w.len(),
-                rel_l2(g, w)
-            );
-        }
+        let rest = (d / n.max(1e-30)).sqrt();
         assert!(
             apart <= allowed,
             "{what} {gn}: {apart} of {} elements more than lr apart (allowed {allowed})",
             w.len()
         );
-        assert!(e <= 1e-2, "{what} {gn}: relative L2 error {e:.3e} > 1e-2");
-        worst = worst.max(e);
+        assert!(
+            rest <= 5e-3,
+            "{what} {gn}: the elements within lr differ by {rest:.3e} relative L2 > 5e-3"
+        );
+        worst_rest = worst_rest.max(rest);
+        if apart * worst_share.1 > worst_share.0 * w.len() {
+            worst_share = (apart, w.len());
+        }
     }
     eprintln!(
-        "{what}: {} tensors, worst relative L2 error {worst:.3e} (LoRA, elements within lr)",
-        got.len()
+        "{what}: {} tensors; LoRA elements within lr: worst relative L2 error {worst_rest:.3e}; \
+         most elements more than lr apart: {} of {}",
+        got.len(),
+        worst_share.0,
+        worst_share.1
     );
 }
 
