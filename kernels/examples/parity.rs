@@ -221,7 +221,7 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &g.stream,
             &xd.as_view(),
             &wd.as_view(),
-            &mut y.as_view_mut(),
+            (&mut y.as_view_mut(), dim),
             &mut rstd.as_view_mut(),
             rows,
             dim,
@@ -245,7 +245,7 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         // same values, nothing else written.
         let (ld, at) = (dim + 32, 16);
         let mut ys = g.poison_bf16(rows * ld)?;
-        g.k.rmsnorm_fwd_strided(
+        g.k.rmsnorm_fwd(
             &g.stream,
             &xd.as_view(),
             &wd.as_view(),
@@ -264,20 +264,25 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         );
 
         let dy = g.randn_bf16(rows * dim, 0.5);
+        let res = g.randn_bf16(rows * dim, 0.5);
         let dyd = g.up_bf16(&dy)?;
         let dx_ref = norm::rmsnorm_bwd(&x, &w, &rstd_gpu, &dy, dim);
+        // dx (rows `ld` apart) = or += the gradient.
+        let bwd = |dx: &mut CudaSlice<bf16>, ld: usize, accumulate: bool| {
+            g.k.rmsnorm_bwd(
+                &g.stream,
+                &xd.as_view(),
+                &wd.as_view(),
+                &rstd.as_view(),
+                &dyd.as_view(),
+                (&mut dx.as_view_mut(), ld),
+                rows,
+                dim,
+                accumulate,
+            )
+        };
         let mut dx = g.poison_bf16(rows * dim)?;
-        g.k.rmsnorm_bwd(
-            &g.stream,
-            &xd.as_view(),
-            &wd.as_view(),
-            &rstd.as_view(),
-            &dyd.as_view(),
-            &mut dx.as_view_mut(),
-            rows,
-            dim,
-            false,
-        )?;
+        bwd(&mut dx, dim, false)?;
         c.close(
             &format!("rmsnorm_bwd dx [{rows}x{dim}]"),
             &g.down_bf16(&dx)?,
@@ -285,19 +290,8 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             BF16_TOL,
         );
         // Accumulating into an existing residual gradient.
-        let res = g.randn_bf16(rows * dim, 0.5);
         let mut acc = g.up_bf16(&res)?;
-        g.k.rmsnorm_bwd(
-            &g.stream,
-            &xd.as_view(),
-            &wd.as_view(),
-            &rstd.as_view(),
-            &dyd.as_view(),
-            &mut acc.as_view_mut(),
-            rows,
-            dim,
-            true,
-        )?;
+        bwd(&mut acc, dim, true)?;
         let want: Vec<f32> = res.iter().zip(&dx_ref).map(|(a, b)| a + b).collect();
         c.close(
             &format!("rmsnorm_bwd dx += [{rows}x{dim}]"),
@@ -309,17 +303,7 @@ fn check_rmsnorm(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         // input gradients): bit for bit the dense result, nothing else written.
         let ld = dim + 16;
         let mut accs = g.up_bf16(&strided_want(&res, dim, ld, 0, rows * ld))?;
-        g.k.rmsnorm_bwd_strided(
-            &g.stream,
-            &xd.as_view(),
-            &wd.as_view(),
-            &rstd.as_view(),
-            &dyd.as_view(),
-            (&mut accs.as_view_mut(), ld),
-            rows,
-            dim,
-            true,
-        )?;
+        bwd(&mut accs, ld, true)?;
         let want = strided_want(&g.down_bf16(&acc)?, dim, ld, 0, rows * ld);
         let (a, b) = bits_eq(&g.down_bf16(&accs)?, &want);
         c.exact(
@@ -953,7 +937,7 @@ fn bench(g: &mut Gpu) -> Res<()> {
             &g.stream,
             &x.as_view(),
             &w.as_view(),
-            &mut y.as_view_mut(),
+            (&mut y.as_view_mut(), d),
             &mut rstd.as_view_mut(),
             t,
             d,
@@ -969,7 +953,7 @@ fn bench(g: &mut Gpu) -> Res<()> {
             &w.as_view(),
             &rstd.as_view(),
             &dy.as_view(),
-            &mut y.as_view_mut(),
+            (&mut y.as_view_mut(), d),
             t,
             d,
             false,

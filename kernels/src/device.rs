@@ -283,26 +283,10 @@ impl Kernels {
         self.sm_count.max(1) * 16
     }
 
-    /// RMSNorm forward: y = x * rstd * w over rows of `dim`; rstd [rows] saved for backward.
+    /// RMSNorm forward: y = x * rstd * w over rows of `dim`, into rows of `y` that are `y.1`
+    /// (≥ dim, a multiple of 8) elements apart; rstd [rows] saved for backward.
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_fwd(
-        &self,
-        stream: &CudaStream,
-        x: &CudaView<bf16>,
-        w: &CudaView<bf16>,
-        y: &mut CudaViewMut<bf16>,
-        rstd: &mut CudaViewMut<f32>,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(), KernelError> {
-        self.rmsnorm_fwd_strided(stream, x, w, (y, dim), rstd, rows, dim, eps)
-    }
-
-    /// [`Kernels::rmsnorm_fwd`] into rows of `y` that are `y.1` (≥ dim, a multiple of 8)
-    /// elements apart.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_fwd_strided(
         &self,
         stream: &CudaStream,
         x: &CudaView<bf16>,
@@ -317,25 +301,12 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
-        let threads = rms_threads(K, dim)?;
-        if y_ld < dim || !y_ld.is_multiple_of(8) {
-            return Err(shape(
-                K,
-                format!("y's row stride {y_ld} must be a multiple of 8 and at least dim {dim}"),
-            ));
-        }
+        let (threads, rows_i, dim_i, ld_i) =
+            rms_rows(K, rows, dim, ("y", y.len(), y_ld), (w.len(), rstd.len()))?;
         check_len(K, "x", x.len(), rows * dim)?;
-        check_len(K, "y", y.len(), (rows - 1) * y_ld + dim)?;
-        check_len(K, "w", w.len(), dim)?;
-        check_len(K, "rstd", rstd.len(), rows)?;
         aligned16(K, "x", x, stream)?;
         aligned16(K, "w", w, stream)?;
         aligned16(K, "y", y, stream)?;
-        let (rows_i, dim_i, ld_i) = (
-            to_i32(K, "rows", rows)?,
-            to_i32(K, "dim", dim)?,
-            to_i32(K, "y_ld", y_ld)?,
-        );
         let mut a = stream.launch_builder(&self.f.rmsnorm_fwd);
         a.arg(x)
             .arg(w)
@@ -348,27 +319,10 @@ impl Kernels {
         launch(a, cfg(rows as u32, (threads, 1)))
     }
 
-    /// RMSNorm input gradient. With `accumulate`, dx += result (the residual's gradient).
+    /// RMSNorm input gradient into rows of `dx` that are `dx.1` (≥ dim, a multiple of 8)
+    /// elements apart. With `accumulate`, dx += result (the residual's gradient).
     #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm_bwd(
-        &self,
-        stream: &CudaStream,
-        x: &CudaView<bf16>,
-        w: &CudaView<bf16>,
-        rstd: &CudaView<f32>,
-        dy: &CudaView<bf16>,
-        dx: &mut CudaViewMut<bf16>,
-        rows: usize,
-        dim: usize,
-        accumulate: bool,
-    ) -> Result<(), KernelError> {
-        self.rmsnorm_bwd_strided(stream, x, w, rstd, dy, (dx, dim), rows, dim, accumulate)
-    }
-
-    /// [`Kernels::rmsnorm_bwd`] into rows of `dx` that are `dx.1` (≥ dim, a multiple of 8)
-    /// elements apart.
-    #[allow(clippy::too_many_arguments)]
-    pub fn rmsnorm_bwd_strided(
         &self,
         stream: &CudaStream,
         x: &CudaView<bf16>,
@@ -384,28 +338,15 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
-        let threads = rms_threads(K, dim)?;
-        if dx_ld < dim || !dx_ld.is_multiple_of(8) {
-            return Err(shape(
-                K,
-                format!("dx's row stride {dx_ld} must be a multiple of 8 and at least dim {dim}"),
-            ));
-        }
+        let (threads, rows_i, dim_i, ld_i) =
+            rms_rows(K, rows, dim, ("dx", dx.len(), dx_ld), (w.len(), rstd.len()))?;
         for (what, len) in [("x", x.len()), ("dy", dy.len())] {
             check_len(K, what, len, rows * dim)?;
         }
-        check_len(K, "dx", dx.len(), (rows - 1) * dx_ld + dim)?;
-        check_len(K, "w", w.len(), dim)?;
-        check_len(K, "rstd", rstd.len(), rows)?;
         aligned16(K, "x", x, stream)?;
         aligned16(K, "w", w, stream)?;
         aligned16(K, "dy", dy, stream)?;
         aligned16(K, "dx", dx, stream)?;
-        let (rows_i, dim_i, ld_i) = (
-            to_i32(K, "rows", rows)?,
-            to_i32(K, "dim", dim)?,
-            to_i32(K, "dx_ld", dx_ld)?,
-        );
         let acc = accumulate as i32;
         let mut a = stream.launch_builder(&self.f.rmsnorm_bwd);
         a.arg(x)
@@ -1153,6 +1094,34 @@ fn push_opt<'a>(a: &mut LaunchArgs<'a>, v: Option<&'a CudaView<'_, f32>>) {
         Some(v) => a.arg(v),
         None => a.arg(&NULL_PTR),
     };
+}
+
+/// What both RMSNorm launchers check about their shape — `dim`, the output's row stride `ld`
+/// (≥ dim, a multiple of 8) and length, the weight's and rstd's lengths `(w, rstd)` — and the
+/// launch's block size and integer arguments `(threads, rows, dim, ld)`.
+fn rms_rows(
+    kernel: &'static str,
+    rows: usize,
+    dim: usize,
+    (out, out_len, ld): (&str, usize, usize),
+    (w_len, rstd_len): (usize, usize),
+) -> Result<(u32, i32, i32, i32), KernelError> {
+    let threads = rms_threads(kernel, dim)?;
+    if ld < dim || !ld.is_multiple_of(8) {
+        return Err(shape(
+            kernel,
+            format!("{out}'s row stride {ld} must be a multiple of 8 and at least dim {dim}"),
+        ));
+    }
+    check_len(kernel, out, out_len, (rows - 1) * ld + dim)?;
+    check_len(kernel, "w", w_len, dim)?;
+    check_len(kernel, "rstd", rstd_len, rows)?;
+    Ok((
+        threads,
+        to_i32(kernel, "rows", rows)?,
+        to_i32(kernel, "dim", dim)?,
+        to_i32(kernel, "row stride", ld)?,
+    ))
 }
 
 fn rms_threads(kernel: &'static str, dim: usize) -> Result<u32, KernelError> {

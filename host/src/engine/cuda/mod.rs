@@ -674,7 +674,7 @@ impl CudaBackend {
                 &s,
                 &x.q_raw.slice(..),
                 &qn.slice(..),
-                &mut a.q.slice_mut(..),
+                (&mut a.q.slice_mut(..), d),
                 &mut x.rstd_q.slice_mut(..),
                 n * nh,
                 d,
@@ -684,7 +684,7 @@ impl CudaBackend {
                 &s,
                 &x.k_raw.slice(..),
                 &kn.slice(..),
-                &mut a.k.slice_mut(..),
+                (&mut a.k.slice_mut(..), d),
                 &mut x.rstd_k.slice_mut(..),
                 n * nkv,
                 d,
@@ -786,7 +786,7 @@ impl CudaBackend {
             Norm::Attention => (x, &w.norm1, &mut a.rstd1, (0, sz.hidden)),
             Norm::Mlp => (&a.h, &w.norm2, &mut a.rstd2, self.norm2_layout()),
         };
-        self.kernels.rmsnorm_fwd_strided(
+        self.kernels.rmsnorm_fwd(
             &self.stream,
             &input.slice(..),
             &weight.slice(..),
@@ -848,7 +848,7 @@ impl CudaBackend {
         gate.grad_a(g, kr, norm, t_gate)?;
         let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
         up.grad_a(g, kr, norm, t_up)?;
-        self.kernels.rmsnorm_bwd_strided(
+        self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
             &w.norm2.slice(..),
@@ -931,7 +931,7 @@ impl CudaBackend {
                     &qn.slice(..),
                     &x.rstd_q.slice(..),
                     &b.dq.slice(..),
-                    &mut dq_raw.slice_mut(..),
+                    (&mut dq_raw.slice_mut(..), d),
                     n * nh,
                     d,
                     false,
@@ -942,7 +942,7 @@ impl CudaBackend {
                     &kn.slice(..),
                     &x.rstd_k.slice(..),
                     &b.dk.slice(..),
-                    &mut dk_raw.slice_mut(..),
+                    (&mut dk_raw.slice_mut(..), d),
                     n * nkv,
                     d,
                     false,
@@ -962,7 +962,7 @@ impl CudaBackend {
         }
         if need_dx {
             let x = &b.xs[xi];
-            self.kernels.rmsnorm_bwd_strided(
+            self.kernels.rmsnorm_bwd(
                 &s,
                 &x.slice(..),
                 &w.norm1.slice(..),
@@ -989,7 +989,7 @@ impl CudaBackend {
             &s,
             &last.slice(..),
             &self.final_norm.slice(..),
-            &mut b.hn.slice_mut(..),
+            (&mut b.hn.slice_mut(..), hd),
             &mut b.rstd_f.slice_mut(..),
             n,
             hd,
@@ -1069,7 +1069,7 @@ impl CudaBackend {
             r0 += rows;
         }
         if loss_scale.is_some() {
-            self.kernels.rmsnorm_bwd_strided(
+            self.kernels.rmsnorm_bwd(
                 &s,
                 &last.slice(..),
                 &self.final_norm.slice(..),
