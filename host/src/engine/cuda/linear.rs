@@ -15,7 +15,9 @@
 //! from its seed wherever it is needed, never stored.
 //!
 //! With a [`Fold`] the adapter's output term rides in the frozen GEMM along K instead of a
-//! second GEMM that reads and rewrites `y` (perf-notes §16): `y = [x | s·low]·[W | B]ᵀ`.
+//! second GEMM that reads and rewrites `y` (perf-notes §16–17): `y = [x | s·low]·[W | B]ᵀ`;
+//! with [`Linear::dx_fold`] its input-gradient term does the same in the backward:
+//! `dx = [dy | s·t]·[W ; A]`.
 
 use std::sync::Arc;
 
