@@ -330,17 +330,12 @@ impl CudaBackend {
                     &format!("{hf}.weight"),
                     &[out, inp],
                 )?;
-                let (j, r) = (proj.len(), fold_r.unwrap_or(0));
-                let fold = fold_of(fold_r, j, adapter.is_some());
-                let dx_fold = dx_folds(fold_r, j, adapter.is_some());
-                proj.push(match (weight, fold, dx_fold) {
-                    (ProjWeight::Bf16(w), Some(f), _) => {
-                        ProjWeight::Bf16(with_fold_columns(&stream, &kernels, w, (out, inp), r, f)?)
+                let layout = WeightLayout::of(fold_r, proj.len(), adapter.is_some(), (out, inp));
+                proj.push(match weight {
+                    ProjWeight::Bf16(w) if layout.padded(out * inp) => {
+                        ProjWeight::Bf16(layout.place(&stream, &kernels, w, (out, inp))?)
                     }
-                    (ProjWeight::Bf16(w), None, true) => {
-                        ProjWeight::Bf16(with_fold_rows(&stream, w, (out, inp), r)?)
-                    }
-                    (w, _, _) => w,
+                    w => w,
                 });
                 bias.push(if cfg.projection_has_bias(name) {
                     match slot(&format!("{peft}.base_layer.bias"))
@@ -387,12 +382,7 @@ impl CudaBackend {
                     .enumerate()
                     .map(|(j, n)| {
                         let (i, o) = cfg.projection_shape(n).expect("known projection");
-                        let r = fold_r.unwrap_or(0);
-                        match (fold_of(fold_r, j, true), dx_folds(fold_r, j, true)) {
-                            (Some(_), _) => (i + r) * o,
-                            (None, true) => i * (o + r),
-                            (None, false) => i * o,
-                        }
+                        WeightLayout::of(fold_r, j, true, (o, i)).len
                     })
                     .max()
                     .unwrap_or(0);
@@ -554,13 +544,9 @@ impl CudaBackend {
             }
             (ProjWeight::Nf4(_), None) => unreachable!("NF4 weights are loaded with their buffer"),
         };
-        let fold = fold_of(self.fold_r, j, layer.lora[j].is_some());
-        let r = self.options.r;
-        let (w, w_ld) = match fold {
-            Some(Fold::Before) => (base + (2 * r) as u64, inp + r),
-            Some(Fold::After) => (base, inp + r),
-            None => (base, inp),
-        };
+        let has_lora = layer.lora[j].is_some();
+        let layout = WeightLayout::of(self.fold_r, j, has_lora, (out, inp));
+        let (w, w_ld) = (base + (2 * layout.at) as u64, layout.ld);
         // gate and up read the MLP's norm output, which sits between the fold columns; o and
         // down's output gradient is the residual's, with spare columns for the dx folds.
         let x_ld = match j {
@@ -571,7 +557,10 @@ impl CudaBackend {
             O_PROJ | DOWN_PROJ => self.dres_ld(),
             _ => out,
         };
-        let dx_fold = dx_folds(self.fold_r, j, layer.lora[j].is_some());
+        let (fold, dx_fold) = (
+            fold_of(self.fold_r, j, has_lora),
+            dx_folds(self.fold_r, j, has_lora),
+        );
         let extras = self.extras.as_ref().expect("prepared with the buffers");
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(s).0;
         let bias = layer.bias[j].as_ref().map(|b| match b {
@@ -1423,50 +1412,65 @@ fn dx_folds(fold_r: Option<usize>, j: usize, has_lora: bool) -> bool {
     fold_r.is_some() && has_lora && matches!(j, O_PROJ | DOWN_PROJ)
 }
 
-/// A bf16 weight `[out, in]` moved into `[out + r, in]`, `r` free rows below (filled with the
-/// adapter's `A` before each pass).
-fn with_fold_rows(
-    stream: &Arc<CudaStream>,
-    w: CudaSlice<bf16>,
-    (out, inp): (usize, usize),
-    r: usize,
-) -> Result<CudaSlice<bf16>> {
-    let mut padded = stream.alloc_zeros::<bf16>((out + r) * inp)?;
-    stream.memcpy_dtod(&w, &mut padded.slice_mut(..out * inp))?;
-    stream.synchronize()?;
-    Ok(padded)
+/// Where projection `j`'s weight `[out, in]` sits in its device buffer with its folds: `W`
+/// starts `at` elements in, its rows `ld` apart, the buffer `len` elements — `r` spare columns
+/// on the side of a [`Fold`] (for `B`), `r` spare rows below for a [`dx_folds`] (for `A`). The
+/// bf16 weights are stored so; NF4 ones are dequantised into this layout.
+struct WeightLayout {
+    at: usize,
+    ld: usize,
+    len: usize,
 }
 
-/// A bf16 weight `[out, in]` moved into `[out, in + r]` with `r` free columns on `fold`'s side
-/// (filled with the adapter's `B` before each pass).
-fn with_fold_columns(
-    stream: &Arc<CudaStream>,
-    kernels: &Kernels,
-    w: CudaSlice<bf16>,
-    (out, inp): (usize, usize),
-    r: usize,
-    fold: Fold,
-) -> Result<CudaSlice<bf16>> {
-    let padded = stream.alloc_zeros::<bf16>(out * (inp + r))?;
-    let at = match fold {
-        Fold::Before => r,
-        Fold::After => 0,
-    };
-    let dst = padded.device_ptr(stream).0 + (2 * at) as u64;
-    // SAFETY: `out` rows of `inp` values from `w` into rows `inp + r` apart starting `at` in, all
-    // inside `padded`; both live until the stream is synchronised below.
-    unsafe {
-        raw::copy_rows_bf16(
-            stream,
-            kernels,
-            (dst, inp + r),
-            (w.device_ptr(stream).0, inp),
-            inp,
-            out,
-        )?
-    };
-    stream.synchronize()?;
-    Ok(padded)
+impl WeightLayout {
+    fn of(fold_r: Option<usize>, j: usize, has_lora: bool, (out, inp): (usize, usize)) -> Self {
+        let r = fold_r.unwrap_or(0);
+        let (at, ld, len) = match fold_of(fold_r, j, has_lora) {
+            Some(Fold::Before) => (r, inp + r, out * (inp + r)),
+            Some(Fold::After) => (0, inp + r, out * (inp + r)),
+            None if dx_folds(fold_r, j, has_lora) => (0, inp, (out + r) * inp),
+            None => (0, inp, out * inp),
+        };
+        WeightLayout { at, ld, len }
+    }
+
+    /// Whether the buffer is larger than the weight's `numel` values.
+    fn padded(&self, numel: usize) -> bool {
+        self.len > numel
+    }
+
+    /// A bf16 weight `[out, in]` moved into a buffer of this layout (the spare columns/rows take
+    /// the adapter's B/A before each pass).
+    fn place(
+        &self,
+        stream: &Arc<CudaStream>,
+        kernels: &Kernels,
+        w: CudaSlice<bf16>,
+        (out, inp): (usize, usize),
+    ) -> Result<CudaSlice<bf16>> {
+        let mut buf = stream.alloc_zeros::<bf16>(self.len)?;
+        if self.ld == inp {
+            // Spare rows only: W is the buffer's dense head.
+            stream.memcpy_dtod(&w, &mut buf.slice_mut(..out * inp))?;
+            stream.synchronize()?;
+            return Ok(buf);
+        }
+        let dst = buf.device_ptr(stream).0 + (2 * self.at) as u64;
+        // SAFETY: `out` rows of `inp` values from `w` into rows `ld` apart starting `at` in, all
+        // inside `buf` (`len` covers them); both live until the stream is synchronised below.
+        unsafe {
+            raw::copy_rows_bf16(
+                stream,
+                kernels,
+                (dst, self.ld),
+                (w.device_ptr(stream).0, inp),
+                inp,
+                out,
+            )?
+        };
+        stream.synchronize()?;
+        Ok(buf)
+    }
 }
 
 impl CudaBackend {
@@ -1631,6 +1635,22 @@ mod tests {
         assert_eq!(PROJECTIONS[GATE_PROJ], "gate_proj");
         assert_eq!(PROJECTIONS[UP_PROJ], "up_proj");
         assert_eq!(PROJECTIONS[DOWN_PROJ], "down_proj");
+    }
+
+    #[test]
+    fn folded_weights_are_laid_out_with_their_spare_columns_or_rows() {
+        let (r, shape) = (Some(16), (100, 64));
+        let at_ld_len = |j| {
+            let l = WeightLayout::of(r, j, true, shape);
+            (l.at, l.ld, l.len)
+        };
+        assert_eq!(at_ld_len(GATE_PROJ), (16, 80, 100 * 80));
+        assert_eq!(at_ld_len(UP_PROJ), (0, 80, 100 * 80));
+        assert_eq!(at_ld_len(DOWN_PROJ), (0, 64, 116 * 64));
+        assert_eq!(at_ld_len(0), (0, 64, 100 * 64));
+        let plain = WeightLayout::of(None, GATE_PROJ, true, shape);
+        assert_eq!((plain.at, plain.ld, plain.len), (0, 64, 100 * 64));
+        assert!(!plain.padded(100 * 64) && WeightLayout::of(r, O_PROJ, true, shape).padded(6400));
     }
 
     #[test]
