@@ -20,15 +20,38 @@ extern "C" __global__ void embedding_gather(const u32* __restrict__ ids, const b
 }
 
 // dst[r, :cols] = src[r, :cols] for each of `rows` rows, rows src_ld8 / dst_ld8 16-byte vectors
-// apart in each buffer, cols8 vectors wide: the LoRA columns folded into the gate/up GEMMs (an
-// adapter's B into its weight's spare columns, s·low out of the input's).
-extern "C" __global__ void copy_rows(const bf16* __restrict__ src, int src_ld8, bf16* __restrict__ dst,
-                                     int dst_ld8, int rows, int cols8) {
+// apart in each buffer, cols8 vectors wide, by threads first, first + step, ...
+__device__ __forceinline__ void copy_rows_strided(const uint4* __restrict__ src, int src_ld8,
+                                                  uint4* __restrict__ dst, int dst_ld8, int rows,
+                                                  int cols8, long long first, long long step) {
     const long long total = (long long)rows * cols8;
-    for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < total;
-         v += (long long)gridDim.x * blockDim.x) {
+    for (long long v = first; v < total; v += step) {
         const long long r = v / cols8;
         const int c = (int)(v - r * cols8);
-        reinterpret_cast<uint4*>(dst)[r * dst_ld8 + c] = reinterpret_cast<const uint4*>(src)[r * src_ld8 + c];
+        dst[r * dst_ld8 + c] = src[r * src_ld8 + c];
     }
+}
+
+// One strided row copy: the LoRA columns folded into the gate/up GEMMs (an adapter's B into its
+// weight's spare columns, s·low in or out of the input's).
+extern "C" __global__ void copy_rows(const bf16* __restrict__ src, int src_ld8, bf16* __restrict__ dst,
+                                     int dst_ld8, int rows, int cols8) {
+    copy_rows_strided(reinterpret_cast<const uint4*>(src), src_ld8, reinterpret_cast<uint4*>(dst),
+                      dst_ld8, rows, cols8, (long long)blockIdx.x * blockDim.x + threadIdx.x,
+                      (long long)gridDim.x * blockDim.x);
+}
+
+// Many strided row copies in one launch, one per blockIdx.y, from a table the host uploads
+// once (their addresses never change): every adapter copy the folded and stacked GEMMs read,
+// refreshed before each pass. Layout: the host's `CopyJob` (32 bytes).
+struct CopyJob {
+    const uint4* src;
+    uint4* dst;
+    int src_ld8, dst_ld8, rows, cols8;
+};
+
+extern "C" __global__ void copy_rows_batch(const CopyJob* __restrict__ jobs) {
+    const CopyJob j = jobs[blockIdx.y];
+    copy_rows_strided(j.src, j.src_ld8, j.dst, j.dst_ld8, j.rows, j.cols8,
+                      (long long)blockIdx.x * blockDim.x + threadIdx.x, (long long)gridDim.x * blockDim.x);
 }

@@ -20,11 +20,11 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use ferrotune_kernels::cache::{default_dir, KernelCache};
 use ferrotune_kernels::device::{
-    bf16, Adam8bitStates, CrossEntropyRows, Kernels, Nf4Absmax, Nf4DoubleQuant, QuantMaps,
-    REDUCE_PARTS,
+    bf16, Adam8bitStates, CopyJob, CopyTable, CrossEntropyRows, Kernels, Nf4Absmax, Nf4DoubleQuant,
+    QuantMaps, REDUCE_PARTS,
 };
 use ferrotune_kernels::reference::adamw::{self as radam, Adam8bitState, AdamStep};
 use ferrotune_kernels::reference::{
@@ -892,6 +892,43 @@ fn check_embedding(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     let (a, b) = bits_eq(&g.down_bf16(&sparse)?, &want);
     c.exact(
         &format!("copy_rows [{tokens}x{cols}] into rows {dst_ld} apart"),
+        &a,
+        &b,
+    );
+
+    // The same two copies as one batched launch (jobs of different sizes: the second also
+    // takes one row of 8 more), into fresh poisoned buffers.
+    let (dense2, sparse2) = (
+        g.poison_bf16(tokens * cols)?,
+        g.poison_bf16(tokens * dst_ld)?,
+    );
+    let ptr = |x: &CudaSlice<bf16>| x.device_ptr(&g.stream).0;
+    let jobs = [
+        CopyJob::new(
+            (ptr(&dense2), cols),
+            (ptr(&out) + 2 * at as u64, src_ld),
+            cols,
+            tokens,
+        )?,
+        CopyJob::new(
+            (ptr(&sparse2) + 2 * at as u64, dst_ld),
+            (ptr(&dense), cols),
+            cols,
+            tokens,
+        )?,
+        CopyJob::new((ptr(&sparse2), dst_ld), (ptr(&dense), cols), 8, 1)?,
+    ];
+    // SAFETY: each job stays inside its buffers (the shapes of the single copies above; the
+    // third writes the 8 values before column `at` of row 0), all alive until the reads below.
+    let table = unsafe { CopyTable::new(&g.stream, &jobs)? };
+    g.k.copy_rows_batch(&g.stream, &table)?;
+    let (a, b) = bits_eq(&g.down_bf16(&dense2)?, &picked);
+    c.exact(&format!("copy_rows_batch [{tokens}x{cols}] gather"), &a, &b);
+    let mut want = want;
+    want[..8].copy_from_slice(&picked[..8]);
+    let (a, b) = bits_eq(&g.down_bf16(&sparse2)?, &want);
+    c.exact(
+        &format!("copy_rows_batch [{tokens}x{cols}] scatter"),
         &a,
         &b,
     );

@@ -70,6 +70,7 @@ struct Functions {
     quantize_blockwise_8bit: CudaFunction,
     embedding_gather: CudaFunction,
     copy_rows: CudaFunction,
+    copy_rows_batch: CudaFunction,
     dropout_apply: CudaFunction,
     flash: flash::FlashFunctions,
 }
@@ -256,6 +257,7 @@ impl Kernels {
             quantize_blockwise_8bit: get(&NF4, "quantize_blockwise_8bit")?,
             embedding_gather: get(&EMBEDDING, "embedding_gather")?,
             copy_rows: get(&EMBEDDING, "copy_rows")?,
+            copy_rows_batch: get(&EMBEDDING, "copy_rows_batch")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
             flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin, arch)?,
         };
@@ -1019,6 +1021,129 @@ impl Kernels {
                 grid(rows * cols / 8, THREADS as usize, self.stride_cap()),
                 (THREADS, 1),
             ),
+        )
+    }
+}
+
+/// One strided row copy of a [`CopyTable`]: `rows` rows of `cols` bf16 values from `src` (rows
+/// `src_ld` apart) to `dst` (rows `dst_ld` apart), in 16-byte vectors (the kernel's `CopyJob`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyJob {
+    src: u64,
+    dst: u64,
+    src_ld8: i32,
+    dst_ld8: i32,
+    rows: i32,
+    cols8: i32,
+}
+
+impl CopyJob {
+    /// Checks what the kernel needs: `cols` and both strides multiples of 8 (strides at least
+    /// `cols`), both addresses 16-byte aligned.
+    pub fn new(
+        (dst, dst_ld): (u64, usize),
+        (src, src_ld): (u64, usize),
+        cols: usize,
+        rows: usize,
+    ) -> Result<Self, KernelError> {
+        const K: &str = "copy_rows_batch";
+        if cols == 0 || [cols, src_ld, dst_ld].iter().any(|v| !v.is_multiple_of(8)) {
+            return Err(shape(
+                K,
+                format!("cols {cols} and row strides {src_ld}, {dst_ld} must be multiples of 8"),
+            ));
+        }
+        if src_ld < cols || dst_ld < cols {
+            return Err(shape(
+                K,
+                format!("row strides {src_ld}, {dst_ld} below cols {cols}"),
+            ));
+        }
+        if !src.is_multiple_of(16) || !dst.is_multiple_of(16) {
+            return Err(shape(K, "addresses must be 16-byte aligned".to_string()));
+        }
+        Ok(CopyJob {
+            src,
+            dst,
+            src_ld8: to_i32(K, "src_ld", src_ld / 8)?,
+            dst_ld8: to_i32(K, "dst_ld", dst_ld / 8)?,
+            rows: to_i32(K, "rows", rows)?,
+            cols8: to_i32(K, "cols", cols / 8)?,
+        })
+    }
+
+    fn vectors(&self) -> usize {
+        self.rows as usize * self.cols8 as usize
+    }
+
+    /// The kernel's 32-byte `CopyJob` as four little-endian words.
+    fn words(&self) -> [u64; 4] {
+        let pair = |lo: i32, hi: i32| lo as u32 as u64 | (hi as u32 as u64) << 32;
+        [
+            self.src,
+            self.dst,
+            pair(self.src_ld8, self.dst_ld8),
+            pair(self.rows, self.cols8),
+        ]
+    }
+}
+
+/// A table of [`CopyJob`]s on the device, run by one [`Kernels::copy_rows_batch`] launch.
+pub struct CopyTable {
+    jobs: CudaSlice<u64>,
+    count: usize,
+    widest: usize,
+}
+
+impl CopyTable {
+    /// Uploads `jobs`.
+    ///
+    /// # Safety
+    /// Every job's `src` and `dst` must address live device buffers of the job's extent
+    /// (`(rows - 1) * ld + cols` values), not overlapping, whenever the table is launched.
+    pub unsafe fn new(stream: &Arc<CudaStream>, jobs: &[CopyJob]) -> Result<Self, KernelError> {
+        let words: Vec<u64> = jobs.iter().flat_map(|j| j.words()).collect();
+        Ok(CopyTable {
+            jobs: stream.clone_htod(&words)?,
+            count: jobs.len(),
+            widest: jobs.iter().map(CopyJob::vectors).max().unwrap_or(0),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+impl Kernels {
+    /// Runs every copy of `table` in one launch (a grid row per job).
+    pub fn copy_rows_batch(
+        &self,
+        stream: &CudaStream,
+        table: &CopyTable,
+    ) -> Result<(), KernelError> {
+        const K: &str = "copy_rows_batch";
+        if table.is_empty() {
+            return Ok(());
+        }
+        let jobs = to_i32(K, "jobs", table.count)?;
+        if jobs > 65_535 {
+            return Err(shape(K, format!("{jobs} jobs, at most 65,535 per launch")));
+        }
+        let mut a = stream.launch_builder(&self.f.copy_rows_batch);
+        a.arg(&table.jobs);
+        let x = grid(table.widest, THREADS as usize, self.stride_cap());
+        launch(
+            a,
+            LaunchConfig {
+                grid_dim: (x, jobs as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
         )
     }
 }

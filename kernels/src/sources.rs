@@ -167,7 +167,7 @@ pub const DROPOUT: KernelSource = KernelSource {
 pub const EMBEDDING: KernelSource = KernelSource {
     name: "embedding",
     source: include_str!("../cuda/embedding.cu"),
-    entries: &["embedding_gather", "copy_rows"],
+    entries: &["embedding_gather", "copy_rows", "copy_rows_batch"],
     extra_options: &[],
     accepted_stack: &[],
     accepted_spill: &[],

@@ -212,7 +212,8 @@ impl Buffers {
             dq: z16(n * s.qd)?,
             dk: z16(n * s.kvd)?,
             dv: z16(n * s.kvd)?,
-            t: z16(n * s.rank.max(1))?,
+            // Up to three adapters' t's side by side (the stacked q/k/v).
+            t: z16(3 * n * s.rank.max(1))?,
             sizes: s,
         })
     }

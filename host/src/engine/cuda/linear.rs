@@ -16,8 +16,10 @@
 //!
 //! With a [`Fold`] the adapter's output term rides in the frozen GEMM along K instead of a
 //! second GEMM that reads and rewrites `y` (perf-notes §16–17): `y = [x | s·low]·[W | B]ᵀ`;
-//! with [`Linear::dx_fold`] its input-gradient term does the same in the backward:
-//! `dx = [dy | s·t]·[W ; A]`.
+//! with [`DxTerm::Folded`] its input-gradient term does the same in the backward:
+//! `dx = [dy | s·t]·[W ; A]`. Projections that share an input (q/k/v, gate/up) can stack their
+//! `A`s ([`stacked_lows`], [`DxTerm::Stacked`]): one GEMM for all their `x·Aᵀ`, one for all
+//! their input-gradient terms.
 
 use std::sync::Arc;
 
@@ -48,8 +50,10 @@ pub struct Lora {
     /// fp32 gradients of `A` and `B`.
     pub grad_a: u64,
     pub grad_b: u64,
-    /// bf16 `x·Aᵀ` `[N, r]`, written by the forward.
+    /// bf16 `x·Aᵀ` `[N, r]`, rows `low_ld` apart (the stacked projections' side by side),
+    /// written by the forward.
     pub low: u64,
+    pub low_ld: usize,
     pub r: usize,
     pub scale: f32,
     pub dropout: Option<Dropout>,
@@ -92,10 +96,25 @@ pub struct Linear {
     pub lora: Option<Lora>,
     /// Set only with an adapter and without dropout.
     pub fold: Option<Fold>,
-    /// The adapter's input-gradient term rides in the frozen `dy·W` GEMM along K: `dx = [dy |
-    /// s·t]·[W ; A]`, with `s·t` in `r` spare columns of `dy` (`dy_ld ≥ out + r`) and `A` in `r`
-    /// spare rows below `W`. Set only with an adapter and without dropout.
-    pub dx_fold: bool,
+    /// How the backward adds the adapter's input-gradient term `s·(t·A)`.
+    pub dx_term: DxTerm,
+    /// With `nf4`: the shared buffer already holds this weight as the input gradient reads it
+    /// (a checkpointing recompute dequantised it last), so the backward skips the
+    /// dequantisation. Not with [`DxTerm::Folded`], whose `A` rows the forward does not fill.
+    pub nf4_ready: bool,
+}
+
+/// How [`Linear::backward`] adds the adapter's input-gradient term `s·(t·A)` to `dx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DxTerm {
+    /// A second GEMM after the frozen `dy·W` (`beta = 1`; with dropout, through the mask).
+    Add,
+    /// In the frozen GEMM along K: `dx = [dy | s·t]·[W ; A]`, with `s·t` in `r` spare columns
+    /// of `dy` (`dy_ld ≥ out + r`) and `A` in `r` spare rows below `W` (no dropout).
+    Folded,
+    /// Left to the caller, which adds the terms of the projections sharing this input in one
+    /// GEMM over their stacked `A`s ([`stacked_dx`]; no dropout).
+    Stacked,
 }
 
 /// Where [`Linear::backward`] left the adapter's `t = dy·B` `[N, r]` for [`Linear::grad_a`]:
@@ -113,6 +132,23 @@ pub struct LowGrad {
 enum Use {
     Forward,
     InputGradient,
+}
+
+/// A strided bf16 row copy: `rows` rows of `cols` values, `(address, row stride)` each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowCopy {
+    pub dst: (u64, usize),
+    pub src: (u64, usize),
+    pub cols: usize,
+    pub rows: usize,
+}
+
+/// Whether [`Linear::forward_from`] computes the adapter's `low` or finds it in place (parked
+/// and fetched back by the offload, so a checkpointing recompute skips the `x·Aᵀ` GEMM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Low {
+    Compute,
+    Ready,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -181,6 +217,13 @@ impl Linear {
         let Some(q) = &self.nf4 else {
             return Ok(());
         };
+        if self.nf4_ready && with == Use::InputGradient {
+            anyhow::ensure!(
+                self.dx_term != DxTerm::Folded,
+                "a reused NF4 weight lacks its adapter's A rows"
+            );
+            return Ok(());
+        }
         q.dequantize(g.stream(), k, (self.w, self.inp, self.w_ld))?;
         match with {
             Use::Forward => self.fill_b_columns(g.stream(), k),
@@ -188,33 +231,64 @@ impl Linear {
         }
     }
 
-    /// Copies the adapter's current shadows where the folds read them: `B` into the weight's
-    /// columns, `A` into its rows (after every change of the shadows; NF4 weights take them at
-    /// each dequantisation instead). Nothing to do without folds.
-    pub fn fill_folds(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
-        self.fill_b_columns(stream, k)?;
-        self.fill_a_rows(stream, k)
+    /// The copies that put the adapter's current shadows where the folds read them: `B` into
+    /// the weight's columns, `A` into its rows, as `(dst, src, cols, rows)` with strides (none
+    /// without folds). Needed after every change of the shadows (the engine batches them for
+    /// every bf16 weight before each pass); NF4 weights take them at each dequantisation.
+    pub fn fold_copies(&self) -> Vec<RowCopy> {
+        let mut out = Vec::new();
+        if let (Some(fold), Some(l)) = (self.fold, self.lora) {
+            out.push(self.b_columns(fold, &l));
+        }
+        if let (DxTerm::Folded, Some(l)) = (self.dx_term, self.lora) {
+            out.push(self.a_rows(&l));
+        }
+        out
+    }
+
+    /// `B` `[out, r]` into the weight's `r` columns (inside its `[out, w_ld]` buffer).
+    fn b_columns(&self, fold: Fold, l: &Lora) -> RowCopy {
+        RowCopy {
+            dst: (self.w_side(fold, l.r), self.w_ld),
+            src: (l.b, l.r),
+            cols: l.r,
+            rows: self.out,
+        }
+    }
+
+    /// `A` `[r, in]` into the `r` rows after the weight's `out` (`[out + r, in]`).
+    fn a_rows(&self, l: &Lora) -> RowCopy {
+        RowCopy {
+            dst: (self.w + cols(self.out * self.w_ld), self.inp),
+            src: (l.a, self.inp),
+            cols: self.inp,
+            rows: l.r,
+        }
+    }
+
+    fn fill(&self, stream: &Arc<CudaStream>, k: &Kernels, c: Option<RowCopy>) -> Result<()> {
+        if let Some(c) = c {
+            // SAFETY: `RowCopy`s of a Linear address its live weight buffer and adapter shadows
+            // (see `b_columns`, `a_rows`), ordered by this stream.
+            unsafe { copy_rows_bf16(stream, k, c.dst, c.src, c.cols, c.rows)? };
+        }
+        Ok(())
     }
 
     fn fill_b_columns(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
-        if let (Some(fold), Some(l)) = (self.fold, self.lora) {
-            let side = self.w_side(fold, l.r);
-            // SAFETY: `B` is the `[out, r]` shadow; the weight's `r` columns lie inside its
-            // `[out, w_ld]` buffer (`w_ld = in + r`); both live, ordered by this stream.
-            unsafe { copy_rows_bf16(stream, k, (side, self.w_ld), (l.b, l.r), l.r, self.out)? };
-        }
-        Ok(())
+        let c = match (self.fold, &self.lora) {
+            (Some(fold), Some(l)) => Some(self.b_columns(fold, l)),
+            _ => None,
+        };
+        self.fill(stream, k, c)
     }
 
     fn fill_a_rows(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
-        if let (true, Some(l)) = (self.dx_fold, self.lora) {
-            let below = self.w + cols(self.out * self.w_ld);
-            let len = l.r * self.inp;
-            // SAFETY: `A` is the `[r, in]` shadow; the weight buffer has `r` rows of `in` after
-            // its `out` (`[out + r, in]`); both live, ordered by this stream.
-            unsafe { copy_rows_bf16(stream, k, (below, len), (l.a, len), len, 1)? };
-        }
-        Ok(())
+        let c = match (self.dx_term, &self.lora) {
+            (DxTerm::Folded, Some(l)) => Some(self.a_rows(l)),
+            _ => None,
+        };
+        self.fill(stream, k, c)
     }
 
     /// First of the weight's `r` adapter columns.
@@ -243,6 +317,19 @@ impl Linear {
         y: u64,
         residual: Option<u64>,
     ) -> Result<()> {
+        self.forward_from(g, k, x, y, residual, Low::Compute)
+    }
+
+    /// [`Linear::forward`], with the adapter's `low` computed or already in place (`Low`).
+    pub fn forward_from(
+        &self,
+        g: &mut Gemm,
+        k: &Kernels,
+        x: u64,
+        y: u64,
+        residual: Option<u64>,
+        low: Low,
+    ) -> Result<()> {
         let (n, i, o) = (self.n, self.inp, self.out);
         self.dequantize(g, k, Use::Forward)?;
         let mut d = Output::new(y, o, OutType::Bf16);
@@ -258,22 +345,29 @@ impl Linear {
         };
         if let (Some(fold), Some(l)) = (self.fold, self.lora) {
             // s·low into the input's adapter columns, copied out for the backward's dB (which
-            // then needs no scale); then one GEMM over [x | s·low] and [W | B].
+            // then needs no scale), or a parked s·low copied in; then one GEMM over [x | s·low]
+            // and [W | B].
             let side = self.x_side(fold, l.r, x);
-            mm(
-                g,
-                n,
-                l.r,
-                i,
-                Operand::new(x, self.x_ld),
-                Operand::new(l.a, i).t(),
-                Output::new(side, self.x_ld, OutType::Bf16),
-                l.scale,
-                0.0,
-            )?;
+            let (from, to) = match low {
+                Low::Compute => {
+                    mm(
+                        g,
+                        n,
+                        l.r,
+                        i,
+                        Operand::new(x, self.x_ld),
+                        Operand::new(l.a, i).t(),
+                        Output::new(side, self.x_ld, OutType::Bf16),
+                        l.scale,
+                        0.0,
+                    )?;
+                    ((side, self.x_ld), (l.low, l.low_ld))
+                }
+                Low::Ready => ((l.low, l.low_ld), (side, self.x_ld)),
+            };
             // SAFETY: `low` is `[N, r]`; the side columns lie in the input buffer (`x_ld` ≥
             // in + r); both live, ordered by this stream.
-            unsafe { copy_rows_bf16(g.stream(), k, (l.low, l.r), (side, self.x_ld), l.r, n)? };
+            unsafe { copy_rows_bf16(g.stream(), k, to, from, l.r, n)? };
             let (a, w) = match fold {
                 Fold::Before => (side, self.w_side(fold, l.r)),
                 Fold::After => (x, self.w),
@@ -301,14 +395,16 @@ impl Linear {
             1.0,
             beta,
         )?;
-        self.forward_low(g, k, x)?;
+        if low == Low::Compute {
+            self.forward_low(g, k, x)?;
+        }
         if let Some(l) = self.lora {
             mm(
                 g,
                 n,
                 o,
                 l.r,
-                Operand::new(l.low, l.r),
+                Operand::new(l.low, l.low_ld),
                 Operand::new(l.b, l.r).t(),
                 Output::new(y, o, OutType::Bf16),
                 l.scale,
@@ -333,7 +429,7 @@ impl Linear {
                 i,
                 Operand::new(xa, ld),
                 Operand::new(l.a, i).t(),
-                Output::new(l.low, l.r, OutType::Bf16),
+                Output::new(l.low, l.low_ld, OutType::Bf16),
                 scale,
                 0.0,
             )?;
@@ -355,27 +451,31 @@ impl Linear {
     }
 
     /// Input gradient into `dx` (`accumulate`: add to it), the adapter's `t = dy·B` into
-    /// `t` (into `dy`'s spare columns when the input gradient is folded), `dB` and the bias
-    /// gradient. `dA` needs the layer input and is [`Linear::grad_a`], called with what this
-    /// returns (separate because the down projection's input is recomputed only after `dx`).
+    /// `t` (address, row stride; into `dy`'s spare columns when the input gradient is folded),
+    /// `dB` and the bias gradient. `dA` needs the layer input and is [`Linear::grad_a`], called
+    /// with what this returns (separate because the down projection's input is recomputed only
+    /// after `dx`).
     pub fn backward(
         &self,
         g: &mut Gemm,
         k: &Kernels,
         dy: u64,
         dx: Option<(u64, bool)>,
-        t: u64,
+        t: (u64, usize),
     ) -> Result<Option<LowGrad>> {
         let (n, i, o) = (self.n, self.inp, self.out);
         let dy_op = Operand::new(dy, self.dy_ld);
-        let fold_r = self.lora.filter(|_| self.dx_fold).map_or(0, |l| l.r);
+        let fold_r = match (self.dx_term, self.lora) {
+            (DxTerm::Folded, Some(l)) => l.r,
+            _ => 0,
+        };
         // t = dy·B, as s·t in dy's spare columns when dx folds it in.
         let low_grad = match self.lora {
             Some(l) => {
                 let (t, ld, alpha) = if fold_r > 0 {
                     (dy + cols(o), self.dy_ld, l.scale)
                 } else {
-                    (t, l.r, 1.0)
+                    (t.0, t.1, 1.0)
                 };
                 mm(
                     g,
@@ -410,7 +510,7 @@ impl Linear {
                 1.0,
                 beta,
             )?;
-            if let (Some(l), Some(t), 0) = (self.lora, low_grad, fold_r) {
+            if let (Some(l), Some(t), DxTerm::Add) = (self.lora, low_grad, self.dx_term) {
                 match &l.dropout {
                     // dx += s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
                     Some(d) => {
@@ -464,7 +564,7 @@ impl Linear {
                 l.r,
                 n,
                 dy_op.t(),
-                Operand::new(l.low, l.r),
+                Operand::new(l.low, l.low_ld),
                 Output::new(l.grad_b, l.r, OutType::F32),
                 scale,
                 1.0,
@@ -493,4 +593,55 @@ impl Linear {
         }
         Ok(())
     }
+}
+
+/// The `x·Aᵀ` of the `count` adapters whose `A`s are stacked at `stack` (`[count·r, in]`) and
+/// share the input `x` (`[N, in]`, rows `x_ld` apart), in one GEMM: `low = alpha·x·stackᵀ`,
+/// `[N, count·r]`, each adapter's `r` columns side by side (what their [`Lora::low`] address
+/// with `low_ld = count·r`).
+pub fn stacked_lows(
+    g: &mut Gemm,
+    (n, inp): (usize, usize),
+    x: (u64, usize),
+    stack: u64,
+    rows: usize,
+    low: u64,
+    alpha: f32,
+) -> Result<()> {
+    mm(
+        g,
+        n,
+        rows,
+        inp,
+        Operand::new(x.0, x.1),
+        Operand::new(stack, inp).t(),
+        Output::new(low, rows, OutType::Bf16),
+        alpha,
+        0.0,
+    )
+}
+
+/// The input-gradient terms of the adapters left by their backward as [`DxTerm::Stacked`], in
+/// one GEMM: `dx += s·T·stack`, with `T` `[N, rows]` their `t`s side by side (rows `rows`
+/// apart) and `stack` their `A`s `[rows, in]`.
+pub fn stacked_dx(
+    g: &mut Gemm,
+    (n, inp): (usize, usize),
+    t: u64,
+    stack: u64,
+    rows: usize,
+    dx: u64,
+    scale: f32,
+) -> Result<()> {
+    mm(
+        g,
+        n,
+        inp,
+        rows,
+        Operand::new(t, rows),
+        Operand::new(stack, inp),
+        Output::new(dx, inp, OutType::Bf16),
+        scale,
+        1.0,
+    )
 }

@@ -24,6 +24,7 @@ mod pool;
 mod raw;
 mod reducer;
 pub mod replica;
+mod stacks;
 mod trainable;
 mod weights;
 
@@ -32,17 +33,18 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use ferrotune_kernels::cache::KernelCache;
-use ferrotune_kernels::device::{bf16, FlashShape, Kernels};
+use ferrotune_kernels::device::{bf16, CopyJob, CopyTable, FlashShape, Kernels};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use self::buffers::{Buffers, LayerActs, Sizes};
 use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
-use self::linear::{Dropout, Fold, Linear, Lora};
+use self::linear::{Dropout, DxTerm, Fold, Linear, Lora, Low, LowGrad};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
 pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
+use self::stacks::{Stack, Stacks};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::engine::cpu::dropout::{site_seed, Site};
@@ -149,6 +151,12 @@ pub struct CudaBackend {
     /// The LoRA rank when the gate/up adapters' output terms are folded into their frozen
     /// GEMMs ([`Fold`], [`fold_rank`]).
     fold_r: Option<usize>,
+    /// The stacked `A`s of the q/k/v and gate/up adapters (with folding on, when every layer
+    /// adapts all of a group).
+    stacks: Option<Stacks>,
+    /// Every copy of the adapters' shadows the folds and stacks read (bf16 weights), run before
+    /// each pass; built at the first pass (its addresses never change).
+    refresh: Option<CopyTable>,
     /// Dropout scratch, bias-gradient ones, Qwen3 q/k pre-norm activations (per batch shape).
     extras: Option<Extras>,
     /// Training passes so far: with the seed, the LoRA dropout masks' only state (exported with
@@ -374,6 +382,17 @@ impl CudaBackend {
                 lora,
             });
         }
+        // A group is stacked when every layer adapts all of it (folding on: no dropout).
+        let present = Stack::ALL.map(|st| {
+            fold_r.is_some()
+                && layers
+                    .iter()
+                    .all(|w| st.members().all(|j| w.lora[j].is_some()))
+        });
+        let stacks = match fold_r {
+            Some(r) => Stacks::new(&stream, cfg.num_hidden_layers, h, r, present)?,
+            None => None,
+        };
         let nf4 = match quantizer {
             Some(q) => {
                 // Folded weights are dequantised with their adapter's columns beside them.
@@ -421,6 +440,8 @@ impl CudaBackend {
             reduce_in_pass: false,
             nf4,
             fold_r,
+            stacks,
+            refresh: None,
             extras: None,
             passes: 0,
             dropout_pass: None,
@@ -557,10 +578,24 @@ impl CudaBackend {
             O_PROJ | DOWN_PROJ => self.dres_ld(),
             _ => out,
         };
-        let (fold, dx_fold) = (
-            fold_of(self.fold_r, j, has_lora),
-            dx_folds(self.fold_r, j, has_lora),
-        );
+        let fold = fold_of(self.fold_r, j, has_lora);
+        let stack = self.stacks.as_ref().and_then(|st| st.of(j));
+        let dx_term = match stack {
+            _ if dx_folds(self.fold_r, j, has_lora) => DxTerm::Folded,
+            // The gate/up input-gradient terms stay per projection (their t's land apart).
+            Some(Stack::Qkv) => DxTerm::Stacked,
+            _ => DxTerm::Add,
+        };
+        let r = self.options.r;
+        // A stacked group's `low`s sit side by side in the first member's block.
+        let (low, low_ld) = match stack {
+            Some(st) => {
+                let first = st.members().start;
+                let at = (2 * (j - first) * r) as u64;
+                (acts.low(s, first, tokens, r) + at, st.members().len() * r)
+            }
+            None => (acts.low(s, j, tokens, r), r),
+        };
         let extras = self.extras.as_ref().expect("prepared with the buffers");
         let ptr16 = |x: &CudaSlice<bf16>| x.device_ptr(s).0;
         let bias = layer.bias[j].as_ref().map(|b| match b {
@@ -604,8 +639,9 @@ impl CudaBackend {
                 b,
                 grad_a,
                 grad_b,
-                low: acts.low(s, j, tokens, self.options.r),
-                r: self.options.r,
+                low,
+                low_ld,
+                r,
                 scale: self.options.lora_scale() as f32,
                 dropout,
             }
@@ -622,7 +658,8 @@ impl CudaBackend {
             bias,
             lora,
             fold,
-            dx_fold,
+            dx_term,
+            nf4_ready: false,
         }
     }
 
@@ -645,6 +682,25 @@ impl CudaBackend {
             self.cfg.head_dim,
         );
         let kern = &self.kernels;
+        // Stacked adapters: all three x·Aᵀ in one GEMM, into their side-by-side `low`s.
+        let low = match self.stacks.as_ref().filter(|st| st.has(Stack::Qkv)) {
+            Some(st) => {
+                let rows = st.rows(Stack::Qkv);
+                let a_qkv = st.ptr(&s, l, Stack::Qkv);
+                let low = q.lora.expect("stacked adapters").low;
+                linear::stacked_lows(
+                    &mut self.gemm,
+                    (n, sz.hidden),
+                    (n1, sz.hidden),
+                    a_qkv,
+                    rows,
+                    low,
+                    1.0,
+                )?;
+                Low::Ready
+            }
+            None => Low::Compute,
+        };
         // Qwen3: q/k land pre-norm in the extras, and their per-head RMSNorm writes a.q/a.k.
         let qk = match (&w.qk_norm, self.extras.as_mut()) {
             (Some(norms), Some(e)) => Some((norms, &mut e.qk[slot])),
@@ -654,9 +710,9 @@ impl CudaBackend {
             Some((_, x)) => (ptr16(&x.q_raw), ptr16(&x.k_raw)),
             None => (qp, kp),
         };
-        q.forward(&mut self.gemm, kern, n1, qo, None)?;
-        k.forward(&mut self.gemm, kern, n1, ko, None)?;
-        v.forward(&mut self.gemm, kern, n1, vp, None)?;
+        q.forward_from(&mut self.gemm, kern, n1, qo, None, low)?;
+        k.forward_from(&mut self.gemm, kern, n1, ko, None, low)?;
+        v.forward_from(&mut self.gemm, kern, n1, vp, None, low)?;
         if let Some(((qn, kn), x)) = qk {
             // Rows of head_dim: [N, H·d] is [N·H, d].
             kern.rmsnorm_fwd(
@@ -727,8 +783,25 @@ impl CudaBackend {
         let h = ptr16(&b.acts[slot].h);
         self.layer_norm(b, l, slot, Norm::Mlp)?;
         let (a, norm) = (&b.acts[slot], self.norm2_ptr(b));
-        gate.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.gate), None)?;
-        up.forward(&mut self.gemm, &self.kernels, norm, ptr16(&a.up), None)?;
+        // The parked recompute finds the gate/up adapters' `low`s fetched back; stacked ones
+        // are computed in one GEMM (as s·low: the folds read them so).
+        let stack = self.stacks.as_ref().filter(|st| st.has(Stack::GateUp));
+        let low = match (upto, stack) {
+            (MlpUpTo::GateUp, _) => Low::Ready,
+            (_, Some(st)) => {
+                let rows = st.rows(Stack::GateUp);
+                let a_gu = st.ptr(&s, l, Stack::GateUp);
+                let low = gate.lora.expect("stacked adapters").low;
+                let scale = self.options.lora_scale() as f32;
+                let x = (norm, self.norm2_layout().1);
+                linear::stacked_lows(&mut self.gemm, (n, sz.hidden), x, a_gu, rows, low, scale)?;
+                Low::Ready
+            }
+            (_, None) => Low::Compute,
+        };
+        let (g, kr) = (&mut self.gemm, &self.kernels);
+        gate.forward_from(g, kr, norm, ptr16(&a.gate), None, low)?;
+        up.forward_from(g, kr, norm, ptr16(&a.up), None, low)?;
         if upto == MlpUpTo::GateUp {
             return Ok(());
         }
@@ -755,7 +828,7 @@ impl CudaBackend {
     }
 
     /// Row stride of [`Buffers::dres`]: with folds, `r` spare columns after the hidden ones
-    /// hold `s·t` for the o/down input gradients ([`Linear::dx_fold`]).
+    /// hold `s·t` for the o/down input gradients ([`DxTerm::Folded`]).
     fn dres_ld(&self) -> usize {
         self.cfg.hidden_size + self.fold_r.unwrap_or(0)
     }
@@ -788,16 +861,44 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// [`Self::mlp_half`] backward: from ∂L/∂xs[l+1] in `dres` to the attention output's
-    /// gradient in `d_attn` (`dres` then holds ∂L/∂h, the residual's part of ∂L/∂xs[l]).
-    /// `norm2_current`: `norm` still holds this layer's second RMSNorm output (its forward or
-    /// recompute wrote it last), so the backward does not compute it again.
+    /// Where [`Self::down_backward`] leaves `d_act`: the second half of `mlp` (the first takes
+    /// the SwiGLU output that down's `dA` reads).
+    fn d_act_ptr(&self, b: &Buffers) -> u64 {
+        b.mlp.device_ptr(&self.stream).0 + (2 * b.sizes.tokens * b.sizes.inter) as u64
+    }
+
+    /// The down projection's backward from ∂L/∂xs[l+1] in `dres`: `d_act` (see
+    /// [`Self::d_act_ptr`]), its adapter's `t` (returned, for its `dA` once the SwiGLU output is
+    /// recomputed) and `dB`. It reads nothing a recompute writes, so with the residual parked it
+    /// runs before the recompute ([`Self::mlp_half_backward`]'s `up_ready`).
+    fn down_backward(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<Option<LowGrad>> {
+        let s = self.stream.clone();
+        let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
+        let [.., down] = self.linears(l, b.sizes.tokens, &b.acts[slot]);
+        let d_act = self.d_act_ptr(b);
+        down.backward(
+            &mut self.gemm,
+            &self.kernels,
+            p16(&b.dres),
+            Some((d_act, false)),
+            (p16(&b.t), self.options.r),
+        )
+    }
+
+    /// [`Self::mlp_half`] backward after [`Self::down_backward`] (`t_down`): from `d_act` to the
+    /// attention output's gradient in `d_attn` (`dres` then holds ∂L/∂h, the residual's part of
+    /// ∂L/∂xs[l]). `norm2_current`: `norm` still holds this layer's second RMSNorm output (its
+    /// forward or recompute wrote it last), so the backward does not compute it again.
+    /// `up_ready`: the recompute ran after `down_backward`, so an NF4 buffer still holds up's
+    /// weight, dequantised last — up's backward goes first and reuses it.
     fn mlp_half_backward(
         &mut self,
         b: &mut Buffers,
         l: usize,
         slot: usize,
         norm2_current: bool,
+        t_down: Option<LowGrad>,
+        up_ready: bool,
     ) -> Result<()> {
         let s = self.stream.clone();
         let dres_ld = self.dres_ld();
@@ -806,15 +907,12 @@ impl CudaBackend {
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
         let a = &mut b.acts[slot];
         let w = &self.layers[l];
-        let [.., o, gate, up, down] = self.linears(l, n, a);
-        let g = &mut self.gemm;
-        let kr = &self.kernels;
-        let t = p16(&b.t);
+        let [.., o, gate, mut up, down] = self.linears(l, n, a);
+        up.nf4_ready = up_ready;
+        let t = (p16(&b.t), self.options.r);
 
-        // MLP half: d_act = dOut·Wd (+LoRA); SwiGLU backward in place (gate/up become their
-        // gradients, act is recomputed for dA of the down projection).
-        let d_act = p16(&b.mlp) + (2 * n * i) as u64;
-        let t_down = down.backward(g, kr, p16(&b.dres), Some((d_act, false)), t)?;
+        // SwiGLU backward in place (gate/up become their gradients, act is recomputed for dA of
+        // the down projection).
         let (mut act, d_act) = b.mlp.split_at_mut(n * i);
         self.kernels.swiglu_bwd(
             &s,
@@ -826,17 +924,17 @@ impl CudaBackend {
             i,
         )?;
         // act is the first half of `mlp`.
-        down.grad_a(g, kr, p16(&b.mlp), t_down)?;
+        down.grad_a(&mut self.gemm, &self.kernels, p16(&b.mlp), t_down)?;
         if !norm2_current {
             // n2 again (each layer's is not kept); rstd2 is rewritten with the same values.
             self.layer_norm(b, l, slot, Norm::Mlp)?;
         }
         let norm = self.norm2_ptr(b);
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
-        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), false)), t)?;
-        gate.grad_a(g, kr, norm, t_gate)?;
-        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), true)), t)?;
+        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), false)), t)?;
         up.grad_a(g, kr, norm, t_up)?;
+        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), true)), t)?;
+        gate.grad_a(g, kr, norm, t_gate)?;
         self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
@@ -891,6 +989,7 @@ impl CudaBackend {
         let [q, k, v, ..] = self.linears(l, n, a);
         let kr = &self.kernels;
         let t = p16(&b.t);
+        let r = self.options.r;
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
             self.cfg.num_key_value_heads,
@@ -945,9 +1044,23 @@ impl CudaBackend {
         // n1 again, for the q/k/v adapters' dA.
         self.layer_norm(b, l, slot, Norm::Attention)?;
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
-        for (lin, dy, acc) in [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)] {
-            let t = lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), t)?;
+        // Stacked adapters keep their t's side by side, for one GEMM of their dx terms.
+        let stack = (self.stacks.as_ref()).filter(|st| st.has(Stack::Qkv));
+        let t_ld = stack.map_or(r, |st| st.rows(Stack::Qkv));
+        let projections = [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)];
+        for (j, (lin, dy, acc)) in projections.into_iter().enumerate() {
+            let t_at = if stack.is_some() {
+                t + (2 * j * r) as u64
+            } else {
+                t
+            };
+            let t = lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), (t_at, t_ld))?;
             lin.grad_a(g, kr, p16(&b.norm), t)?;
+        }
+        if let (Some(st), true) = (stack, need_dx) {
+            let scale = self.options.lora_scale() as f32;
+            let a_qkv = st.ptr(&s, l, Stack::Qkv);
+            linear::stacked_dx(g, (n, hd), t, a_qkv, t_ld, dn, scale)?;
         }
         if need_dx {
             let x = &b.xs[xi];
@@ -1102,15 +1215,14 @@ impl CudaBackend {
 
     fn pass_in(&mut self, b: &mut Buffers, loss_scale: Option<f32>) -> Result<f64> {
         let layers = self.cfg.num_hidden_layers;
-        // Folded bf16 weights take the adapters' current A and B (NF4 ones at each
-        // dequantisation).
+        // Folded bf16 weights and the stacks take the adapters' current A and B (NF4 weights
+        // at each dequantisation), in one launch.
         if self.fold_r.is_some() {
-            for l in 0..layers {
-                let linears = self.linears(l, b.sizes.tokens, &b.acts[0]);
-                for lin in linears.iter().filter(|lin| lin.nf4.is_none()) {
-                    lin.fill_folds(&self.stream, &self.kernels)?;
-                }
+            if self.refresh.is_none() {
+                self.refresh = Some(self.refresh_table(b)?);
             }
+            let table = self.refresh.as_ref().expect("built above");
+            self.kernels.copy_rows_batch(&self.stream, table)?;
         }
         let train = loss_scale.is_some();
         let keep_all = train && !self.options.gradient_checkpointing;
@@ -1184,19 +1296,27 @@ impl CudaBackend {
                 }
                 let slot = if keep_all { l } else { 0 };
                 // Checkpointing recomputes each layer before its backward, except the last: the
-                // head touches none of its activations, they are still the forward's.
-                if !keep_all && l + 1 < layers {
-                    if attention_parked {
-                        if let Some(ready) = residual_in.take() {
-                            self.stream.wait(&ready)?;
-                        }
-                        self.mlp_half(b, l, 0, MlpUpTo::GateUp)?;
-                    } else {
+                // head touches none of its activations, they are still the forward's. With the
+                // residual parked (and down's `low` with it), down's backward needs nothing the
+                // recompute writes and goes first, so the recompute's last NF4 dequantisation,
+                // up's, is still in the buffer for up's backward.
+                let recompute = !keep_all && l + 1 < layers;
+                let up_ready = recompute && attention_parked;
+                let t_down = if up_ready {
+                    if let Some(ready) = residual_in.take() {
+                        self.stream.wait(&ready)?;
+                    }
+                    let t_down = self.down_backward(b, l, slot)?;
+                    self.mlp_half(b, l, 0, MlpUpTo::GateUp)?;
+                    t_down
+                } else {
+                    if recompute {
                         self.attention_half(b, l, 0)?;
                         self.o_proj(b, l, 0)?;
                         self.mlp_half(b, l, 0, MlpUpTo::DownLow)?;
                     }
-                }
+                    self.down_backward(b, l, slot)?
+                };
                 // o_proj's dA reads the attention output at the end of the MLP backward.
                 if let Some(ready) = output_in.take() {
                     self.stream.wait(&ready)?;
@@ -1204,7 +1324,7 @@ impl CudaBackend {
                 // `norm` still holds this layer's second norm output when its recompute ran
                 // last, or its forward (the last layer; the head writes `hn`).
                 let norm2_current = !keep_all || l + 1 == layers;
-                self.mlp_half_backward(b, l, slot, norm2_current)?;
+                self.mlp_half_backward(b, l, slot, norm2_current, t_down, up_ready)?;
                 if attention_parked && l > 0 {
                     residual_in = Some(self.fetch(b, l - 1, &[Group::Residual])?);
                 }
@@ -1230,6 +1350,30 @@ impl CudaBackend {
         Ok(loss)
     }
 
+    /// Every copy [`Self::pass_in`] refreshes before a pass: the folds of the bf16 weights
+    /// ([`Linear::fold_copies`]) and the stacks.
+    fn refresh_table(&self, b: &Buffers) -> Result<CopyTable> {
+        let mut jobs = Vec::new();
+        for l in 0..self.cfg.num_hidden_layers {
+            let linears = self.linears(l, b.sizes.tokens, &b.acts[0]);
+            let mut copies: Vec<linear::RowCopy> = linears
+                .iter()
+                .filter(|lin| lin.nf4.is_none())
+                .flat_map(Linear::fold_copies)
+                .collect();
+            if let Some(st) = &self.stacks {
+                let a_of = |j: usize| linears[j].lora.expect("stacked adapters").a;
+                copies.extend(st.copies(&self.stream, l, a_of));
+            }
+            for c in copies {
+                jobs.push(CopyJob::new(c.dst, c.src, c.cols, c.rows)?);
+            }
+        }
+        // SAFETY: the jobs address the weight buffers, the trainable shadows and the stacks,
+        // which live (unmoved) as long as the backend that owns this table.
+        Ok(unsafe { CopyTable::new(&self.stream, &jobs)? })
+    }
+
     /// The device side of a parked group: the activation buffers of slot 0 (offload runs with
     /// checkpointing) and, for [`Group::Input`], layer `l`'s `xs` buffer.
     fn parcels(&self, b: &Buffers, l: usize, g: Group) -> Vec<Range> {
@@ -1246,11 +1390,12 @@ impl CudaBackend {
             Group::Output => vec![whole(s, &a.attn)],
             Group::Residual => {
                 let (n, r) = (b.sizes.tokens, b.sizes.rank.max(1));
-                let low = |j| Range {
-                    ptr: a.low(s, j, n, r),
-                    bytes: n * r * std::mem::size_of::<bf16>(),
+                let lows = |j: std::ops::Range<usize>| Range {
+                    ptr: a.low(s, j.start, n, r),
+                    bytes: j.len() * n * r * std::mem::size_of::<bf16>(),
                 };
-                vec![whole(s, &a.h), low(O_PROJ), low(DOWN_PROJ)]
+                // o, gate, up, down are consecutive in PROJECTIONS: their lows are one block.
+                vec![whole(s, &a.h), lows(O_PROJ..DOWN_PROJ + 1)]
             }
             Group::Operands => vec![
                 whole(s, &a.q),
@@ -1366,8 +1511,9 @@ enum MlpUpTo {
     /// projection computes just its adapter's `low` (its frozen GEMM, a sixth of the layer's
     /// forward FLOPs, is skipped).
     DownLow,
-    /// A recompute with down's `low` parked ([`Group::Residual`]): only the gate/up outputs the
-    /// SwiGLU backward reads (which recomputes the SwiGLU output itself).
+    /// A recompute with the residual and the gate/up/down adapters' `low`s parked
+    /// ([`Group::Residual`]): only the gate/up outputs the SwiGLU backward reads (which
+    /// recomputes the SwiGLU output itself), their frozen GEMMs without the `x·Aᵀ` ones.
     GateUp,
 }
 
@@ -1407,7 +1553,7 @@ fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
 }
 
 /// Whether projection `j`'s adapter (`has_lora`) folds into its input gradient when folding is
-/// on (`fold_r`): o and down, whose output gradient is the residual's ([`Linear::dx_fold`]).
+/// on (`fold_r`): o and down, whose output gradient is the residual's ([`DxTerm::Folded`]).
 fn dx_folds(fold_r: Option<usize>, j: usize, has_lora: bool) -> bool {
     fold_r.is_some() && has_lora && matches!(j, O_PROJ | DOWN_PROJ)
 }

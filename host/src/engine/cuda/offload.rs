@@ -207,8 +207,9 @@ pub enum Group {
     /// The q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k with their rstd: read by the q/k/v
     /// backward, after the attention backward.
     Lows,
-    /// The residual after attention `h = x + o_proj(attn)` and the o/down adapters' `x·Aᵀ`
-    /// (parked after the MLP): the recompute starts from them at the second RMSNorm.
+    /// The residual after attention `h = x + o_proj(attn)` and the o/gate/up/down adapters'
+    /// `x·Aᵀ` (parked after the MLP): the recompute starts from them at the second RMSNorm and
+    /// runs only the gate/up frozen GEMMs.
     Residual,
 }
 

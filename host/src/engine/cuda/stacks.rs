@@ -1,0 +1,129 @@
+//! The LoRA `A`s of the projections that read one input (q/k/v the first RMSNorm's output,
+//! gate/up the second's), stacked per layer, so one GEMM computes all their `x·Aᵀ` in the
+//! forward and one adds all their input-gradient terms in the backward, instead of one skinny
+//! GEMM each (perf-notes §18). The stacks are copies of the bf16 shadows, refreshed before each
+//! pass together with the fold copies ([`super::linear::Linear::fold_copies`]) by one batched
+//! launch.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+use ferrotune_kernels::device::bf16;
+
+use super::linear::RowCopy;
+
+/// A group of projections (consecutive indices in `PROJECTIONS`) that share their input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    Qkv,
+    GateUp,
+}
+
+impl Stack {
+    pub const ALL: [Stack; 2] = [Stack::Qkv, Stack::GateUp];
+
+    /// The projections it stacks, in order.
+    pub fn members(self) -> Range<usize> {
+        match self {
+            Stack::Qkv => 0..3,
+            Stack::GateUp => 4..6,
+        }
+    }
+}
+
+/// Per layer `[A_q; A_k; A_v]` then `[A_gate; A_up]` (each present group; rows `hidden` wide).
+pub struct Stacks {
+    buf: CudaSlice<bf16>,
+    r: usize,
+    hidden: usize,
+    present: [bool; 2],
+}
+
+impl Stacks {
+    /// Stacks for the groups in `present` (indexed as [`Stack::ALL`]) of `layers` layers; `None`
+    /// when no group is stacked.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        layers: usize,
+        hidden: usize,
+        r: usize,
+        present: [bool; 2],
+    ) -> Result<Option<Self>> {
+        if !present.contains(&true) {
+            return Ok(None);
+        }
+        let rows: usize = Stack::ALL
+            .iter()
+            .filter(|&&st| present[st as usize])
+            .map(|st| st.members().len() * r)
+            .sum();
+        Ok(Some(Stacks {
+            buf: stream.alloc_zeros(layers * rows * hidden)?,
+            r,
+            hidden,
+            present,
+        }))
+    }
+
+    fn per_layer(&self) -> usize {
+        Stack::ALL
+            .iter()
+            .filter(|&&st| self.has(st))
+            .map(|&st| self.rows(st) * self.hidden)
+            .sum()
+    }
+
+    pub fn has(&self, st: Stack) -> bool {
+        self.present[st as usize]
+    }
+
+    /// Whether projection `j` is stacked, and in which group.
+    pub fn of(&self, j: usize) -> Option<Stack> {
+        Stack::ALL
+            .into_iter()
+            .find(|&st| self.has(st) && st.members().contains(&j))
+    }
+
+    /// Rows of a group's stack (`members · r`): also its `x·Aᵀ` columns.
+    pub fn rows(&self, st: Stack) -> usize {
+        st.members().len() * self.r
+    }
+
+    /// Address of layer `l`'s stack of `st` (which must be present).
+    pub fn ptr(&self, stream: &CudaStream, l: usize, st: Stack) -> u64 {
+        debug_assert!(self.has(st));
+        let before = match st {
+            Stack::Qkv => 0,
+            Stack::GateUp if self.has(Stack::Qkv) => self.rows(Stack::Qkv) * self.hidden,
+            Stack::GateUp => 0,
+        };
+        let at = l * self.per_layer() + before;
+        self.buf.device_ptr(stream).0 + (at * std::mem::size_of::<bf16>()) as u64
+    }
+
+    /// The copies that refresh layer `l`'s stacks from the shadows (`a_of(j)`: projection `j`'s
+    /// `A` `[r, hidden]`).
+    pub fn copies(
+        &self,
+        stream: &CudaStream,
+        l: usize,
+        a_of: impl Fn(usize) -> u64,
+    ) -> Vec<RowCopy> {
+        let mut out = Vec::new();
+        for st in Stack::ALL.into_iter().filter(|&st| self.has(st)) {
+            let base = self.ptr(stream, l, st);
+            for (i, j) in st.members().enumerate() {
+                let at = (i * self.r * self.hidden * std::mem::size_of::<bf16>()) as u64;
+                out.push(RowCopy {
+                    dst: (base + at, self.hidden),
+                    src: (a_of(j), self.hidden),
+                    cols: self.hidden,
+                    rows: self.r,
+                });
+            }
+        }
+        out
+    }
+}
