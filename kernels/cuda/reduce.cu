@@ -44,3 +44,15 @@ extern "C" __global__ void grad_norm_final(const float* __restrict__ partial, in
         coef[0] = max_norm > 0.0f ? fminf(1.0f, max_norm / (nrm + 1e-6f)) : 1.0f;
     }
 }
+
+// dst_p[i] += src[p * n + i] for each part p < gridDim.y (at most 3): the stacked adapters'
+// dA, computed by one GEMM into consecutive blocks of `src`, added to each adapter's gradient.
+extern "C" __global__ void add_blocks_f32(const float* __restrict__ src, long long n,
+                                          float* __restrict__ d0, float* __restrict__ d1,
+                                          float* __restrict__ d2) {
+    float* dst = blockIdx.y == 0 ? d0 : (blockIdx.y == 1 ? d1 : d2);
+    const float* part = src + blockIdx.y * n;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        dst[i] += part[i];
+}

@@ -573,6 +573,27 @@ fn check_adamw(g: &mut Gpu, c: &mut Checks) -> Res<()> {
     );
     assert!(coefg < 1.0, "the test gradients should be clipped");
 
+    // Stacked dA blocks added into three gradients of one arena (at uneven offsets), bitwise
+    // the host's fp32 adds; the arena's other values untouched.
+    let (blk, at) = (1_000usize, [0usize, 1_256, 3_000]);
+    let src = g.randn(3 * blk, 0.05);
+    let arena = g.randn(4_000, 0.05);
+    let (srcd, mut arenad) = (g.up(&src)?, g.up(&arena)?);
+    {
+        let (mut a, mut rest) = arenad.split_at_mut(at[1]);
+        let (mut b, mut c2) = rest.split_at_mut(at[2] - at[1]);
+        let mut dsts = [a.slice_mut(..blk), b.slice_mut(..blk), c2.slice_mut(..blk)];
+        g.k.add_blocks_f32(&g.stream, &srcd.as_view(), &mut dsts)?;
+    }
+    let mut want = arena.clone();
+    for (p, &o) in at.iter().enumerate() {
+        for i in 0..blk {
+            want[o + i] += src[p * blk + i];
+        }
+    }
+    let (a, b) = bits_eq(&g.down(&arenad)?, &want);
+    c.exact(&format!("add_blocks_f32 3x[{blk}]"), &a, &b);
+
     for bnb in [false, true] {
         let mut p = g.randn(n, 0.1);
         let mut m = g.randn(n, 0.01);

@@ -64,6 +64,7 @@ struct Functions {
     reduce_partial: CudaFunction,
     reduce_final: CudaFunction,
     grad_norm_final: CudaFunction,
+    add_blocks_f32: CudaFunction,
     nf4_quantize: CudaFunction,
     nf4_dequantize: CudaFunction,
     nf4_dequantize_dq: CudaFunction,
@@ -251,6 +252,7 @@ impl Kernels {
             reduce_partial: get(&REDUCE, "reduce_partial")?,
             reduce_final: get(&REDUCE, "reduce_final")?,
             grad_norm_final: get(&REDUCE, "grad_norm_final")?,
+            add_blocks_f32: get(&REDUCE, "add_blocks_f32")?,
             nf4_quantize: get(&NF4, "nf4_quantize")?,
             nf4_dequantize: get(&NF4, "nf4_dequantize")?,
             nf4_dequantize_dq: get(&NF4, "nf4_dequantize_dq")?,
@@ -794,6 +796,49 @@ impl Kernels {
             .arg(norm)
             .arg(coef);
         launch(a, cfg(1, (32, 1)))
+    }
+
+    /// `dsts[p] += src[p·n..(p+1)·n]` for each of the (one to three) destinations, `n` values
+    /// each: one launch for the blocks of a stacked product.
+    pub fn add_blocks_f32(
+        &self,
+        stream: &CudaStream,
+        src: &CudaView<f32>,
+        dsts: &mut [CudaViewMut<f32>],
+    ) -> Result<(), KernelError> {
+        const K: &str = "add_blocks_f32";
+        let parts = dsts.len();
+        if !(1..=3).contains(&parts) {
+            return Err(shape(K, format!("{parts} destinations, 1 to 3 per launch")));
+        }
+        let n = dsts[0].len();
+        if dsts.iter().any(|d| d.len() != n) {
+            return Err(shape(K, "destinations of different lengths".to_string()));
+        }
+        check_len(K, "src", src.len(), parts * n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n_i = n as i64;
+        let mut a = stream.launch_builder(&self.f.add_blocks_f32);
+        a.arg(src).arg(&n_i);
+        for d in dsts.iter_mut() {
+            a.arg(d);
+        }
+        // Unused destinations are null: the grid's rows stop at `parts`.
+        let null: u64 = 0;
+        for _ in parts..3 {
+            a.arg(&null);
+        }
+        let x = grid(n, THREADS as usize, self.stride_cap());
+        launch(
+            a,
+            LaunchConfig {
+                grid_dim: (x, parts as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            },
+        )
     }
 
     /// NF4-quantises bf16 weights (n % 64 == 0): packed [n/2], absmax [n/64].

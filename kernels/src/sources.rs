@@ -135,7 +135,12 @@ pub const ADAMW: KernelSource = KernelSource {
 pub const REDUCE: KernelSource = KernelSource {
     name: "reduce",
     source: include_str!("../cuda/reduce.cu"),
-    entries: &["reduce_partial", "reduce_final", "grad_norm_final"],
+    entries: &[
+        "reduce_partial",
+        "reduce_final",
+        "grad_norm_final",
+        "add_blocks_f32",
+    ],
     extra_options: &[],
     accepted_stack: &[],
     accepted_spill: &[],

@@ -645,3 +645,28 @@ pub fn stacked_dx(
         1.0,
     )
 }
+
+/// The `dA`s of stacked adapters in one GEMM: `scratch = alpha·Tᵀ·x` `[rows, in]`, with `T`
+/// `[N, rows]` their `t`s side by side and `x` their shared input — each adapter's `[r, in]`
+/// block then goes to its gradient ([`super::stacks::Stacks::grad_a`]).
+pub fn stacked_grad_a(
+    g: &mut Gemm,
+    (n, inp): (usize, usize),
+    t: u64,
+    x: (u64, usize),
+    rows: usize,
+    scratch: u64,
+    alpha: f32,
+) -> Result<()> {
+    mm(
+        g,
+        rows,
+        inp,
+        n,
+        Operand::new(t, rows).t(),
+        Operand::new(x.0, x.1),
+        Output::new(scratch, inp, OutType::F32),
+        alpha,
+        0.0,
+    )
+}

@@ -930,11 +930,30 @@ impl CudaBackend {
             self.layer_norm(b, l, slot, Norm::Mlp)?;
         }
         let norm = self.norm2_ptr(b);
+        let x_ld = self.norm2_layout().1;
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
-        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), false)), t)?;
-        up.grad_a(g, kr, norm, t_up)?;
-        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), true)), t)?;
-        gate.grad_a(g, kr, norm, t_gate)?;
+        // Stacked adapters keep their t's side by side (gate's, then up's) for one dA GEMM.
+        let stack = self.stacks.as_mut().filter(|st| st.has(Stack::GateUp));
+        let (t_gate_at, t_up_at) = match &stack {
+            Some(st) => {
+                let ld = st.rows(Stack::GateUp);
+                ((t.0, ld), (t.0 + (2 * self.options.r) as u64, ld))
+            }
+            None => (t, t),
+        };
+        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), false)), t_up_at)?;
+        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), true)), t_gate_at)?;
+        match stack {
+            Some(st) => {
+                let scale = self.options.lora_scale() as f32;
+                let grads = [&gate, &up].map(|lin| lin.lora.expect("stacked adapters").grad_a);
+                st.grad_a(g, kr, Stack::GateUp, n, t.0, (norm, x_ld), &grads, scale)?;
+            }
+            None => {
+                up.grad_a(g, kr, norm, t_up)?;
+                gate.grad_a(g, kr, norm, t_gate)?;
+            }
+        }
         self.kernels.rmsnorm_bwd(
             &s,
             &a.h.slice(..),
@@ -1044,9 +1063,11 @@ impl CudaBackend {
         // n1 again, for the q/k/v adapters' dA.
         self.layer_norm(b, l, slot, Norm::Attention)?;
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
-        // Stacked adapters keep their t's side by side, for one GEMM of their dx terms.
-        let stack = (self.stacks.as_ref()).filter(|st| st.has(Stack::Qkv));
-        let t_ld = stack.map_or(r, |st| st.rows(Stack::Qkv));
+        // Stacked adapters keep their t's side by side, for one GEMM of their dx terms and
+        // one of their dA.
+        let norm = p16(&b.norm);
+        let stack = self.stacks.as_mut().filter(|st| st.has(Stack::Qkv));
+        let t_ld = stack.as_ref().map_or(r, |st| st.rows(Stack::Qkv));
         let projections = [(&q, dqp, false), (&k, dkp, true), (&v, p16(&b.dv), true)];
         for (j, (lin, dy, acc)) in projections.into_iter().enumerate() {
             let t_at = if stack.is_some() {
@@ -1055,12 +1076,18 @@ impl CudaBackend {
                 t
             };
             let t = lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), (t_at, t_ld))?;
-            lin.grad_a(g, kr, p16(&b.norm), t)?;
+            if stack.is_none() {
+                lin.grad_a(g, kr, norm, t)?;
+            }
         }
-        if let (Some(st), true) = (stack, need_dx) {
+        if let Some(st) = stack {
             let scale = self.options.lora_scale() as f32;
-            let a_qkv = st.ptr(&s, l, Stack::Qkv);
-            linear::stacked_dx(g, (n, hd), t, a_qkv, t_ld, dn, scale)?;
+            if need_dx {
+                let a_qkv = st.ptr(&s, l, Stack::Qkv);
+                linear::stacked_dx(g, (n, hd), t, a_qkv, t_ld, dn, scale)?;
+            }
+            let grads = [&q, &k, &v].map(|lin| lin.lora.expect("stacked adapters").grad_a);
+            st.grad_a(g, kr, Stack::Qkv, n, t, (norm, hd), &grads, scale)?;
         }
         if need_dx {
             let x = &b.xs[xi];

@@ -10,9 +10,11 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use ferrotune_kernels::device::bf16;
+use ferrotune_kernels::device::{bf16, Kernels};
 
-use super::linear::RowCopy;
+use super::gemm::Gemm;
+use super::linear::{self, RowCopy};
+use super::raw::Borrowed;
 
 /// A group of projections (consecutive indices in `PROJECTIONS`) that share their input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +38,8 @@ impl Stack {
 /// Per layer `[A_q; A_k; A_v]` then `[A_gate; A_up]` (each present group; rows `hidden` wide).
 pub struct Stacks {
     buf: CudaSlice<bf16>,
+    /// fp32 `[rows, hidden]` of the largest group: its stacked `dA` before it is split.
+    grad_scratch: CudaSlice<f32>,
     r: usize,
     hidden: usize,
     present: [bool; 2],
@@ -59,8 +63,15 @@ impl Stacks {
             .filter(|&&st| present[st as usize])
             .map(|st| st.members().len() * r)
             .sum();
+        let widest = Stack::ALL
+            .iter()
+            .filter(|&&st| present[st as usize])
+            .map(|st| st.members().len() * r)
+            .max()
+            .unwrap_or(0);
         Ok(Some(Stacks {
             buf: stream.alloc_zeros(layers * rows * hidden)?,
+            grad_scratch: stream.alloc_zeros(widest * hidden)?,
             r,
             hidden,
             present,
@@ -125,5 +136,43 @@ impl Stacks {
             }
         }
         out
+    }
+}
+
+impl Stacks {
+    /// The group's `dA`s from its `t`s side by side (`[N, rows]` at `t`) and its shared input
+    /// `x` (address, row stride): one GEMM into the scratch (`alpha`: the LoRA scale, the `t`s
+    /// being unscaled), one launch adding each member's block to its gradient (`grads`, fp32
+    /// `[r, hidden]` each, in member order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_a(
+        &mut self,
+        g: &mut Gemm,
+        k: &Kernels,
+        st: Stack,
+        n: usize,
+        t: u64,
+        x: (u64, usize),
+        grads: &[u64],
+        alpha: f32,
+    ) -> Result<()> {
+        let stream = g.stream().clone();
+        let (rows, block) = (self.rows(st), self.r * self.hidden);
+        anyhow::ensure!(grads.len() == st.members().len(), "one gradient per member");
+        let scratch = self.grad_scratch.device_ptr(&stream).0;
+        linear::stacked_grad_a(g, (n, self.hidden), t, x, rows, scratch, alpha)?;
+        // SAFETY: the scratch holds `rows · hidden` values (sized for the widest group); each
+        // gradient is a distinct `[r, hidden]` slot of the trainable arena; all live, ordered by
+        // this stream.
+        unsafe {
+            let src = Borrowed::<f32>::new(&stream, scratch, rows * self.hidden);
+            let mut dst: Vec<Borrowed<f32>> = grads
+                .iter()
+                .map(|&p| Borrowed::<f32>::new(&stream, p, block))
+                .collect();
+            let mut views: Vec<_> = dst.iter_mut().map(|d| d.view_mut()).collect();
+            k.add_blocks_f32(&stream, &src.view(), &mut views)?;
+        }
+        Ok(())
     }
 }
