@@ -941,16 +941,20 @@ impl CudaBackend {
             }
             None => (t, t),
         };
-        let t_up = up.backward(g, kr, p16(&a.up), Some((p16(&b.dn), false)), t_up_at)?;
-        let t_gate = gate.backward(g, kr, p16(&a.gate), Some((p16(&b.dn), true)), t_gate_at)?;
+        let (d_gate, d_up, dn) = (p16(&a.gate), p16(&a.up), p16(&b.dn));
         match stack {
             Some(st) => {
+                up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
+                gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
                 let scale = self.options.lora_scale() as f32;
                 let grads = [&gate, &up].map(|lin| lin.lora.expect("stacked adapters").grad_a);
                 st.grad_a(g, kr, Stack::GateUp, n, t.0, (norm, x_ld), &grads, scale)?;
             }
+            // One t buffer (and dropout scratch): each dA right after its backward.
             None => {
+                let t_up = up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
                 up.grad_a(g, kr, norm, t_up)?;
+                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
                 gate.grad_a(g, kr, norm, t_gate)?;
             }
         }
