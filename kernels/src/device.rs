@@ -1426,6 +1426,28 @@ mod tests {
     }
 
     #[test]
+    fn copy_jobs_check_their_shape_and_pack_the_kernels_struct() {
+        let job = CopyJob::new((0x1000, 4128), (0x2000, 16), 16, 4096).unwrap();
+        // src, dst, (src_ld8 | dst_ld8 << 32), (rows | cols8 << 32): the kernel's CopyJob.
+        assert_eq!(job.words(), [0x2000, 0x1000, 2 | 516 << 32, 4096 | 2 << 32]);
+        assert_eq!(job.vectors(), 4096 * 2);
+        // Columns or strides off the 16-byte grid, a stride shorter than a row, a misaligned
+        // address: each would make the kernel read or write outside the rows it was given.
+        for (dst, src, cols) in [
+            ((0x1000, 4128), (0x2000, 16), 12),
+            ((0x1000, 4124), (0x2000, 16), 16),
+            ((0x1000, 8), (0x2000, 16), 16),
+            ((0x1008, 4128), (0x2000, 16), 16),
+            ((0x1000, 4128), (0x2000, 16), 0),
+        ] {
+            assert!(
+                CopyJob::new(dst, src, cols, 1).is_err(),
+                "{dst:?} {src:?} {cols}"
+            );
+        }
+    }
+
+    #[test]
     fn layout_contracts_reject_what_the_kernels_cannot_read() {
         assert!(swiglu_check("t", 16, 2, &[("g", 32, 16)]).is_ok());
         // Strided rows need (rows-1)*stride + cols elements, not rows*stride.

@@ -44,7 +44,7 @@ use self::linear::{Dropout, DxTerm, Fold, Linear, Lora, Low, LowGrad};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
 pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
-use self::stacks::{Stack, Stacks};
+use self::stacks::{Stack, StackLayout, Stacks};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::engine::cpu::dropout::{site_seed, Site};
@@ -390,7 +390,10 @@ impl CudaBackend {
                     .all(|w| st.members().all(|j| w.lora[j].is_some()))
         });
         let stacks = match fold_r {
-            Some(r) => Stacks::new(&stream, cfg.num_hidden_layers, h, r, present)?,
+            Some(r) => {
+                let layout = StackLayout::new(r, h, present);
+                Stacks::new(&stream, cfg.num_hidden_layers, layout)?
+            }
             None => None,
         };
         let nf4 = match quantizer {
@@ -579,7 +582,7 @@ impl CudaBackend {
             _ => out,
         };
         let fold = fold_of(self.fold_r, j, has_lora);
-        let stack = self.stacks.as_ref().and_then(|st| st.of(j));
+        let stack = self.stacks.as_ref().and_then(|st| st.layout.of(j));
         let dx_term = match stack {
             _ if dx_folds(self.fold_r, j, has_lora) => DxTerm::Folded,
             // The gate/up input-gradient terms stay per projection (their t's land apart).
