@@ -1032,18 +1032,7 @@ impl Kernels {
         if rows == 0 {
             return Ok(());
         }
-        if cols == 0 || [cols, src_ld, dst_ld].iter().any(|v| !v.is_multiple_of(8)) {
-            return Err(shape(
-                K,
-                format!("cols {cols} and row strides {src_ld}, {dst_ld} must be multiples of 8"),
-            ));
-        }
-        if src_ld < cols || dst_ld < cols {
-            return Err(shape(
-                K,
-                format!("row strides {src_ld}, {dst_ld} below cols {cols}"),
-            ));
-        }
+        copy_shape(K, cols, src_ld, dst_ld)?;
         check_len(K, "src", src.len(), (rows - 1) * src_ld + cols)?;
         check_len(K, "dst", dst.len(), (rows - 1) * dst_ld + cols)?;
         aligned16(K, "src", src, stream)?;
@@ -1070,6 +1059,29 @@ impl Kernels {
     }
 }
 
+/// What the row-copy kernels need of a copy's shape: `cols` and both row strides multiples of 8
+/// (16-byte vectors), strides at least `cols`.
+fn copy_shape(
+    kernel: &'static str,
+    cols: usize,
+    src_ld: usize,
+    dst_ld: usize,
+) -> Result<(), KernelError> {
+    if cols == 0 || [cols, src_ld, dst_ld].iter().any(|v| !v.is_multiple_of(8)) {
+        return Err(shape(
+            kernel,
+            format!("cols {cols} and row strides {src_ld}, {dst_ld} must be multiples of 8"),
+        ));
+    }
+    if src_ld < cols || dst_ld < cols {
+        return Err(shape(
+            kernel,
+            format!("row strides {src_ld}, {dst_ld} below cols {cols}"),
+        ));
+    }
+    Ok(())
+}
+
 /// One strided row copy of a [`CopyTable`]: `rows` rows of `cols` bf16 values from `src` (rows
 /// `src_ld` apart) to `dst` (rows `dst_ld` apart), in 16-byte vectors (the kernel's `CopyJob`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1092,18 +1104,7 @@ impl CopyJob {
         rows: usize,
     ) -> Result<Self, KernelError> {
         const K: &str = "copy_rows_batch";
-        if cols == 0 || [cols, src_ld, dst_ld].iter().any(|v| !v.is_multiple_of(8)) {
-            return Err(shape(
-                K,
-                format!("cols {cols} and row strides {src_ld}, {dst_ld} must be multiples of 8"),
-            ));
-        }
-        if src_ld < cols || dst_ld < cols {
-            return Err(shape(
-                K,
-                format!("row strides {src_ld}, {dst_ld} below cols {cols}"),
-            ));
-        }
+        copy_shape(K, cols, src_ld, dst_ld)?;
         if !src.is_multiple_of(16) || !dst.is_multiple_of(16) {
             return Err(shape(K, "addresses must be 16-byte aligned".to_string()));
         }
