@@ -1,7 +1,7 @@
 //! The LoRA `A`s of the projections that read one input (q/k/v the first RMSNorm's output,
 //! gate/up the second's), stacked per layer, so one GEMM computes all their `x·Aᵀ` in the
-//! forward and one adds all their input-gradient terms in the backward, instead of one skinny
-//! GEMM each (perf-notes §18). The stacks are copies of the bf16 shadows, refreshed before each
+//! forward and one all their `dA` in the backward (and, for q/k/v, one adds their three
+//! input-gradient terms to `dn`), instead of one skinny GEMM each (perf-notes §18). The stacks are copies of the bf16 shadows, refreshed before each
 //! pass together with the fold copies ([`super::linear::Linear::fold_copies`]) by one batched
 //! launch.
 
