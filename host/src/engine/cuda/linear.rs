@@ -18,8 +18,8 @@
 //! second GEMM that reads and rewrites `y` (perf-notes §16–17): `y = [x | s·low]·[W | B]ᵀ`;
 //! with [`DxTerm::Folded`] its input-gradient term does the same in the backward:
 //! `dx = [dy | s·t]·[W ; A]`. Projections that share an input (q/k/v, gate/up) can stack their
-//! `A`s ([`stacked_lows`], [`DxTerm::Stacked`]): one GEMM for all their `x·Aᵀ`, one for all
-//! their input-gradient terms.
+//! `A`s (`super::stacks`, [`DxTerm::Stacked`]): the same adapter products ([`lows_product`],
+//! [`dx_product`], [`grad_a_product`]) then run once for the whole stack.
 
 use std::sync::Arc;
 
@@ -113,7 +113,7 @@ pub enum DxTerm {
     /// of `dy` (`dy_ld ≥ out + r`) and `A` in `r` spare rows below `W` (no dropout).
     Folded,
     /// Left to the caller, which adds the terms of the projections sharing this input in one
-    /// GEMM over their stacked `A`s ([`stacked_dx`]; no dropout).
+    /// GEMM over their stacked `A`s ([`dx_product`]; no dropout).
     Stacked,
 }
 
@@ -226,8 +226,8 @@ impl Linear {
         }
         q.dequantize(g.stream(), k, (self.w, self.inp, self.w_ld))?;
         match with {
-            Use::Forward => self.fill_b_columns(g.stream(), k),
-            Use::InputGradient => self.fill_a_rows(g.stream(), k),
+            Use::Forward => self.fill(g.stream(), k, self.b_columns()),
+            Use::InputGradient => self.fill(g.stream(), k, self.a_rows()),
         }
     }
 
@@ -236,36 +236,37 @@ impl Linear {
     /// without folds). Needed after every change of the shadows (the engine batches them for
     /// every bf16 weight before each pass); NF4 weights take them at each dequantisation.
     pub fn fold_copies(&self) -> Vec<RowCopy> {
-        let mut out = Vec::new();
-        if let (Some(fold), Some(l)) = (self.fold, self.lora) {
-            out.push(self.b_columns(fold, &l));
-        }
-        if let (DxTerm::Folded, Some(l)) = (self.dx_term, self.lora) {
-            out.push(self.a_rows(&l));
-        }
-        out
+        [self.b_columns(), self.a_rows()]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
-    /// `B` `[out, r]` into the weight's `r` columns (inside its `[out, w_ld]` buffer).
-    fn b_columns(&self, fold: Fold, l: &Lora) -> RowCopy {
-        RowCopy {
+    /// With a [`Fold`]: `B` `[out, r]` into the weight's `r` columns (inside its `[out, w_ld]`
+    /// buffer).
+    fn b_columns(&self) -> Option<RowCopy> {
+        let (fold, l) = self.fold.zip(self.lora)?;
+        Some(RowCopy {
             dst: (self.w_side(fold, l.r), self.w_ld),
             src: (l.b, l.r),
             cols: l.r,
             rows: self.out,
-        }
+        })
     }
 
-    /// `A` `[r, in]` into the `r` rows after the weight's `out` (`[out + r, in]`).
-    fn a_rows(&self, l: &Lora) -> RowCopy {
-        RowCopy {
+    /// With [`DxTerm::Folded`]: `A` `[r, in]` into the `r` rows after the weight's `out`
+    /// (`[out + r, in]`).
+    fn a_rows(&self) -> Option<RowCopy> {
+        let l = self.lora.filter(|_| self.dx_term == DxTerm::Folded)?;
+        Some(RowCopy {
             dst: (self.w + cols(self.out * self.w_ld), self.inp),
             src: (l.a, self.inp),
             cols: self.inp,
             rows: l.r,
-        }
+        })
     }
 
+    /// Runs one of [`Linear::b_columns`] / [`Linear::a_rows`] (nothing when it is `None`).
     fn fill(&self, stream: &Arc<CudaStream>, k: &Kernels, c: Option<RowCopy>) -> Result<()> {
         if let Some(c) = c {
             // SAFETY: `RowCopy`s of a Linear address its live weight buffer and adapter shadows
@@ -273,22 +274,6 @@ impl Linear {
             unsafe { copy_rows_bf16(stream, k, c.dst, c.src, c.cols, c.rows)? };
         }
         Ok(())
-    }
-
-    fn fill_b_columns(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
-        let c = match (self.fold, &self.lora) {
-            (Some(fold), Some(l)) => Some(self.b_columns(fold, l)),
-            _ => None,
-        };
-        self.fill(stream, k, c)
-    }
-
-    fn fill_a_rows(&self, stream: &Arc<CudaStream>, k: &Kernels) -> Result<()> {
-        let c = match (self.dx_term, &self.lora) {
-            (DxTerm::Folded, Some(l)) => Some(self.a_rows(l)),
-            _ => None,
-        };
-        self.fill(stream, k, c)
     }
 
     /// First of the weight's `r` adapter columns.
@@ -350,17 +335,8 @@ impl Linear {
             let side = self.x_side(fold, l.r, x);
             let (from, to) = match low {
                 Low::Compute => {
-                    mm(
-                        g,
-                        n,
-                        l.r,
-                        i,
-                        Operand::new(x, self.x_ld),
-                        Operand::new(l.a, i).t(),
-                        Output::new(side, self.x_ld, OutType::Bf16),
-                        l.scale,
-                        0.0,
-                    )?;
+                    let x = (x, self.x_ld);
+                    lows_product(g, (n, i), x, l.a, l.r, (side, self.x_ld), l.scale)?;
                     ((side, self.x_ld), (l.low, l.low_ld))
                 }
                 Low::Ready => ((l.low, l.low_ld), (side, self.x_ld)),
@@ -421,18 +397,8 @@ impl Linear {
         let (n, i) = (self.n, self.inp);
         if let Some(l) = self.lora {
             let scale = if self.fold.is_some() { l.scale } else { 1.0 };
-            let (xa, ld) = self.adapter_input(g, k, &l, x)?;
-            mm(
-                g,
-                n,
-                l.r,
-                i,
-                Operand::new(xa, ld),
-                Operand::new(l.a, i).t(),
-                Output::new(l.low, l.low_ld, OutType::Bf16),
-                scale,
-                0.0,
-            )?;
+            let xa = self.adapter_input(g, k, &l, x)?;
+            lows_product(g, (n, i), xa, l.a, l.r, (l.low, l.low_ld), scale)?;
         }
         Ok(())
     }
@@ -514,30 +480,11 @@ impl Linear {
                 match &l.dropout {
                     // dx += s·(t·A) ⊙ mask: the product goes to the scratch, the mask adds it.
                     Some(d) => {
-                        mm(
-                            g,
-                            n,
-                            i,
-                            l.r,
-                            Operand::new(t.ptr, t.ld),
-                            Operand::new(l.a, i),
-                            Output::new(d.scratch, i, OutType::Bf16),
-                            l.scale,
-                            0.0,
-                        )?;
+                        let to = (d.scratch, 0.0);
+                        dx_product(g, (n, i), (t.ptr, t.ld), l.a, l.r, to, l.scale)?;
                         dropout(g.stream(), k, d, d.scratch, dx, n * i, true)?;
                     }
-                    None => mm(
-                        g,
-                        n,
-                        i,
-                        l.r,
-                        Operand::new(t.ptr, t.ld),
-                        Operand::new(l.a, i),
-                        Output::new(dx, i, OutType::Bf16),
-                        l.scale,
-                        1.0,
-                    )?,
+                    None => dx_product(g, (n, i), (t.ptr, t.ld), l.a, l.r, (dx, 1.0), l.scale)?,
                 }
             }
         }
@@ -578,34 +525,24 @@ impl Linear {
     pub fn grad_a(&self, g: &mut Gemm, k: &Kernels, x: u64, t: Option<LowGrad>) -> Result<()> {
         if let (Some(l), Some(t)) = (self.lora, t) {
             let (n, i) = (self.n, self.inp);
-            let (xa, ld) = self.adapter_input(g, k, &l, x)?;
-            mm(
-                g,
-                l.r,
-                i,
-                n,
-                Operand::new(t.ptr, t.ld).t(),
-                Operand::new(xa, ld),
-                Output::new(l.grad_a, i, OutType::F32),
-                t.alpha,
-                1.0,
-            )?;
+            let xa = self.adapter_input(g, k, &l, x)?;
+            let to = (l.grad_a, 1.0);
+            grad_a_product(g, (n, i), (t.ptr, t.ld), xa, l.r, to, t.alpha)?;
         }
         Ok(())
     }
 }
 
-/// The `x·Aᵀ` of the `count` adapters whose `A`s are stacked at `stack` (`[count·r, in]`) and
-/// share the input `x` (`[N, in]`, rows `x_ld` apart), in one GEMM: `low = alpha·x·stackᵀ`,
-/// `[N, count·r]`, each adapter's `r` columns side by side (what their [`Lora::low`] address
-/// with `low_ld = count·r`).
-pub fn stacked_lows(
+/// `low = alpha·x·Aᵀ` `[N, rows]` (rows `low.1` apart), with `x` `[N, inp]` (address, row
+/// stride) and `A` `[rows, inp]`: one adapter's (`rows = r`) or a stack of adapters sharing `x`
+/// (`rows = count·r`, their `low`s side by side).
+pub fn lows_product(
     g: &mut Gemm,
     (n, inp): (usize, usize),
     x: (u64, usize),
-    stack: u64,
+    a: u64,
     rows: usize,
-    low: u64,
+    low: (u64, usize),
     alpha: f32,
 ) -> Result<()> {
     mm(
@@ -614,48 +551,49 @@ pub fn stacked_lows(
         rows,
         inp,
         Operand::new(x.0, x.1),
-        Operand::new(stack, inp).t(),
-        Output::new(low, rows, OutType::Bf16),
+        Operand::new(a, inp).t(),
+        Output::new(low.0, low.1, OutType::Bf16),
         alpha,
         0.0,
     )
 }
 
-/// The input-gradient terms of the adapters left by their backward as [`DxTerm::Stacked`], in
-/// one GEMM: `dx += s·T·stack`, with `T` `[N, rows]` their `t`s side by side (rows `rows`
-/// apart) and `stack` their `A`s `[rows, in]`.
-pub fn stacked_dx(
+/// `dx = alpha·T·A + beta·dx` `[N, inp]` (`dx`: address and `beta`), with `T` `[N, rows]`
+/// (address, row stride) and `A` `[rows, inp]`: one adapter's input-gradient term or a stack's
+/// ([`DxTerm::Stacked`], their `t`s side by side).
+pub fn dx_product(
     g: &mut Gemm,
     (n, inp): (usize, usize),
-    t: u64,
-    stack: u64,
+    t: (u64, usize),
+    a: u64,
     rows: usize,
-    dx: u64,
-    scale: f32,
+    (dx, beta): (u64, f32),
+    alpha: f32,
 ) -> Result<()> {
     mm(
         g,
         n,
         inp,
         rows,
-        Operand::new(t, rows),
-        Operand::new(stack, inp),
+        Operand::new(t.0, t.1),
+        Operand::new(a, inp),
         Output::new(dx, inp, OutType::Bf16),
-        scale,
-        1.0,
+        alpha,
+        beta,
     )
 }
 
-/// The `dA`s of stacked adapters in one GEMM: `scratch = alpha·Tᵀ·x` `[rows, in]`, with `T`
-/// `[N, rows]` their `t`s side by side and `x` their shared input — each adapter's `[r, in]`
-/// block then goes to its gradient ([`super::stacks::Stacks::grad_a`]).
-pub fn stacked_grad_a(
+/// `out = alpha·Tᵀ·x + beta·out`, fp32 `[rows, inp]` (`out`: address and `beta`), with `T`
+/// `[N, rows]` and `x` `[N, inp]` (address, row stride each): one adapter's `dA` or a stack's,
+/// whose `[r, inp]` blocks then go to each adapter's gradient
+/// ([`super::stacks::Stacks::grad_a`]).
+pub fn grad_a_product(
     g: &mut Gemm,
     (n, inp): (usize, usize),
-    t: u64,
+    t: (u64, usize),
     x: (u64, usize),
     rows: usize,
-    scratch: u64,
+    (out, beta): (u64, f32),
     alpha: f32,
 ) -> Result<()> {
     mm(
@@ -663,10 +601,10 @@ pub fn stacked_grad_a(
         rows,
         inp,
         n,
-        Operand::new(t, rows).t(),
+        Operand::new(t.0, t.1).t(),
         Operand::new(x.0, x.1),
-        Output::new(scratch, inp, OutType::F32),
+        Output::new(out, inp, OutType::F32),
         alpha,
-        0.0,
+        beta,
     )
 }

@@ -688,18 +688,9 @@ impl CudaBackend {
         // Stacked adapters: all three x·Aᵀ in one GEMM, into their side-by-side `low`s.
         let low = match self.stacks.as_ref().filter(|st| st.has(Stack::Qkv)) {
             Some(st) => {
-                let rows = st.rows(Stack::Qkv);
-                let a_qkv = st.ptr(&s, l, Stack::Qkv);
                 let low = q.lora.expect("stacked adapters").low;
-                linear::stacked_lows(
-                    &mut self.gemm,
-                    (n, sz.hidden),
-                    (n1, sz.hidden),
-                    a_qkv,
-                    rows,
-                    low,
-                    1.0,
-                )?;
+                let x = (n1, sz.hidden);
+                st.lows(&mut self.gemm, (l, Stack::Qkv), n, x, low, 1.0)?;
                 Low::Ready
             }
             None => Low::Compute,
@@ -792,12 +783,10 @@ impl CudaBackend {
         let low = match (upto, stack) {
             (MlpUpTo::GateUp, _) => Low::Ready,
             (_, Some(st)) => {
-                let rows = st.rows(Stack::GateUp);
-                let a_gu = st.ptr(&s, l, Stack::GateUp);
                 let low = gate.lora.expect("stacked adapters").low;
                 let scale = self.options.lora_scale() as f32;
                 let x = (norm, self.norm2_layout().1);
-                linear::stacked_lows(&mut self.gemm, (n, sz.hidden), x, a_gu, rows, low, scale)?;
+                st.lows(&mut self.gemm, (l, Stack::GateUp), n, x, low, scale)?;
                 Low::Ready
             }
             (_, None) => Low::Compute,
@@ -1090,8 +1079,7 @@ impl CudaBackend {
         if let Some(st) = stack {
             let scale = self.options.lora_scale() as f32;
             if need_dx {
-                let a_qkv = st.ptr(&s, l, Stack::Qkv);
-                linear::stacked_dx(g, (n, hd), t, a_qkv, t_ld, dn, scale)?;
+                st.dx(g, (l, Stack::Qkv), n, t, dn, scale)?;
             }
             let grads = [&q, &k, &v].map(|lin| lin.lora.expect("stacked adapters").grad_a);
             st.grad_a(g, kr, Stack::Qkv, n, t, (norm, hd), &grads, scale)?;

@@ -161,6 +161,44 @@ impl Stacks {
 }
 
 impl Stacks {
+    /// The group's `x·Aᵀ` of its shared input `x` (address, row stride) in one GEMM, scaled by
+    /// `alpha`, into `low`: its members' `low`s side by side (`[N, rows]`).
+    pub fn lows(
+        &self,
+        g: &mut Gemm,
+        (l, st): (usize, Stack),
+        n: usize,
+        x: (u64, usize),
+        low: u64,
+        alpha: f32,
+    ) -> Result<()> {
+        let (rows, a) = (self.rows(st), self.ptr(g.stream(), l, st));
+        linear::lows_product(g, (n, self.layout.hidden), x, a, rows, (low, rows), alpha)
+    }
+
+    /// The group's input-gradient terms in one GEMM: `dx += scale·T·[A…]`, with `T` its
+    /// members' `t`s side by side (`[N, rows]` at `t`).
+    pub fn dx(
+        &self,
+        g: &mut Gemm,
+        (l, st): (usize, Stack),
+        n: usize,
+        t: u64,
+        dx: u64,
+        scale: f32,
+    ) -> Result<()> {
+        let (rows, a) = (self.rows(st), self.ptr(g.stream(), l, st));
+        linear::dx_product(
+            g,
+            (n, self.layout.hidden),
+            (t, rows),
+            a,
+            rows,
+            (dx, 1.0),
+            scale,
+        )
+    }
+
     /// The group's `dA`s from its `t`s side by side (`[N, rows]` at `t`) and its shared input
     /// `x` (address, row stride): one GEMM into the scratch (`alpha`: the LoRA scale, the `t`s
     /// being unscaled), one launch adding each member's block to its gradient (`grads`, fp32
@@ -182,7 +220,8 @@ impl Stacks {
         let (rows, block) = (self.rows(st), r * hidden);
         anyhow::ensure!(grads.len() == st.members().len(), "one gradient per member");
         let scratch = self.grad_scratch.device_ptr(&stream).0;
-        linear::stacked_grad_a(g, (n, hidden), t, x, rows, scratch, alpha)?;
+        let to = (scratch, 0.0);
+        linear::grad_a_product(g, (n, hidden), (t, rows), x, rows, to, alpha)?;
         // SAFETY: the scratch holds `rows · hidden` values (sized for the widest group); each
         // gradient is a distinct `[r, hidden]` slot of the trainable arena; all live, ordered by
         // this stream.
