@@ -24,7 +24,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, 
 use ferrotune_kernels::cache::{default_dir, KernelCache};
 use ferrotune_kernels::device::{
     bf16, Adam8bitStates, CopyJob, CopyTable, CrossEntropyRows, Kernels, Nf4Absmax, Nf4DoubleQuant,
-    QuantMaps, REDUCE_PARTS,
+    QuantMaps, SwigluLoraAdapter, REDUCE_PARTS,
 };
 use ferrotune_kernels::reference::adamw::{self as radam, Adam8bitState, AdamStep};
 use ferrotune_kernels::reference::{
@@ -458,6 +458,128 @@ fn check_swiglu(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &strip(&g.down_bf16(&h2)?),
             &hr,
             BF16_TOL,
+        );
+    }
+    Ok(())
+}
+
+/// The SwiGLU backward fused with the gate/up adapters' products: its dg, du, h as
+/// `swiglu_bwd`'s, `t` and `dB` against the products of the dg/du it stored, `t_acc` left zero.
+/// Shapes with row and column tails (neither a multiple of 64), strided inputs and `low`s
+/// rows apart as in the engine's MLP norm buffer.
+fn check_swiglu_lora(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for (rows, cols, r) in [
+        (130usize, 8 * 37usize, 16usize),
+        (257, 1024, 32),
+        (70, 320, 64),
+        (4100, 256, 16),
+    ] {
+        let s = cols + 8;
+        let (dh, gate, up) = (
+            g.randn_bf16(rows * s, 0.5),
+            g.randn_bf16(rows * s, 2.0),
+            g.randn_bf16(rows * s, 1.0),
+        );
+        let (dhd, mut gd, mut ud) = (g.up_bf16(&dh)?, g.up_bf16(&gate)?, g.up_bf16(&up)?);
+        let mut hd = g.poison_bf16(rows * s)?;
+        let low_ld = 3 * r + 8;
+        let (bs, lows): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (0..2)
+            .map(|_| {
+                (
+                    g.randn_bf16(cols * r, 0.3),
+                    g.randn_bf16(rows * low_ld, 1.0),
+                )
+            })
+            .unzip();
+        let dbs0: Vec<Vec<f32>> = (0..2).map(|_| g.randn(cols * r, 1.0)).collect();
+        let (b_dev, low_dev) = (
+            [g.up_bf16(&bs[0])?, g.up_bf16(&bs[1])?],
+            [g.up_bf16(&lows[0])?, g.up_bf16(&lows[1])?],
+        );
+        let mut db_dev = [g.up(&dbs0[0])?, g.up(&dbs0[1])?];
+        let mut t_acc = g.up(&vec![0f32; rows * 2 * r])?;
+        let scale = 0.75f32;
+        {
+            let [db0, db1] = &mut db_dev;
+            let mut gate_a = SwigluLoraAdapter {
+                b: b_dev[0].as_view(),
+                low: (low_dev[0].as_view(), low_ld),
+                grad_b: db0.as_view_mut(),
+            };
+            let mut up_a = SwigluLoraAdapter {
+                b: b_dev[1].as_view(),
+                low: (low_dev[1].as_view(), low_ld),
+                grad_b: db1.as_view_mut(),
+            };
+            g.k.swiglu_lora_bwd(
+                &g.stream,
+                (&dhd.as_view(), s),
+                (&mut gd.as_view_mut(), s),
+                (&mut ud.as_view_mut(), s),
+                Some((&mut hd.as_view_mut(), s)),
+                [&mut gate_a, &mut up_a],
+                &mut t_acc.as_view_mut(),
+                (r, scale),
+                rows,
+                cols,
+            )?;
+        }
+        let t_ld = 2 * r + 8;
+        let mut t = g.poison_bf16(rows * t_ld)?;
+        g.k.swiglu_lora_t_store(
+            &g.stream,
+            &mut t_acc.as_view_mut(),
+            (&mut t.as_view_mut(), t_ld),
+            rows,
+            2 * r,
+        )?;
+
+        let strip = |v: &[f32], w: usize, ld: usize| -> Vec<f32> {
+            v.chunks(ld).flat_map(|x| x[..w].to_vec()).collect()
+        };
+        let (dg_want, du_want, h_want) = swiglu::swiglu_bwd(
+            &strip(&dh, cols, s),
+            &strip(&gate, cols, s),
+            &strip(&up, cols, s),
+        );
+        let (dg, du) = (
+            strip(&g.down_bf16(&gd)?, cols, s),
+            strip(&g.down_bf16(&ud)?, cols, s),
+        );
+        let name = format!("swiglu_lora_bwd [{rows}x{cols}] r{r}");
+        c.close(&format!("{name} dg"), &dg, &dg_want, BF16_TOL);
+        c.close(&format!("{name} du"), &du, &du_want, BF16_TOL);
+        c.close(
+            &format!("{name} h"),
+            &strip(&g.down_bf16(&hd)?, cols, s),
+            &h_want,
+            BF16_TOL,
+        );
+        let t_got = g.down_bf16(&t)?;
+        for (p, (dy, which)) in [(&dg, "gate"), (&du, "up")].into_iter().enumerate() {
+            let (t_want, db_term) =
+                swiglu::lora_products(dy, (rows, cols), &bs[p], (&lows[p], low_ld), r);
+            let t_p: Vec<f32> = t_got
+                .chunks(t_ld)
+                .flat_map(|x| x[p * r..(p + 1) * r].to_vec())
+                .collect();
+            c.close(&format!("{name} {which} t"), &t_p, &t_want, BF16_TOL);
+            let db_want: Vec<f32> = dbs0[p]
+                .iter()
+                .zip(&db_term)
+                .map(|(a, b)| a + scale * b)
+                .collect();
+            c.close(
+                &format!("{name} {which} dB"),
+                &g.down(&db_dev[p])?,
+                &db_want,
+                1e-4,
+            );
+        }
+        c.exact(
+            &format!("{name} t_acc zeroed"),
+            &g.down(&t_acc)?,
+            &vec![0f32; rows * 2 * r],
         );
     }
     Ok(())
@@ -1295,6 +1417,7 @@ fn main() -> Res<()> {
         check_rmsnorm(&mut g, &mut c)?;
         check_rope(&mut g, &mut c)?;
         check_swiglu(&mut g, &mut c)?;
+        check_swiglu_lora(&mut g, &mut c)?;
         check_cross_entropy(&mut g, &mut c)?;
         check_adamw(&mut g, &mut c)?;
         check_nf4(&mut g, &mut c)?;

@@ -26,7 +26,9 @@ use crate::sources::{self, compile_options, KernelSource};
 use crate::{nvrtc, KernelError};
 
 mod flash;
+mod swiglu_lora;
 pub use flash::{FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_MAX_HEAD_DIM};
+pub use swiglu_lora::{SwigluLoraAdapter, SWIGLU_LORA_RANKS};
 
 /// Threads per block of the row kernels and elementwise kernels.
 const THREADS: u32 = 256;
@@ -74,6 +76,7 @@ struct Functions {
     copy_rows_batch: CudaFunction,
     dropout_apply: CudaFunction,
     flash: flash::FlashFunctions,
+    swiglu_lora: swiglu_lora::SwigluLoraFunctions,
 }
 
 /// Every kernel, loaded for one device.
@@ -262,6 +265,7 @@ impl Kernels {
             copy_rows_batch: get(&EMBEDDING, "copy_rows_batch")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
             flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin, arch)?,
+            swiglu_lora: swiglu_lora::SwigluLoraFunctions::load(|name| get(&SWIGLU, name))?,
         };
         Ok((
             Self {

@@ -107,7 +107,14 @@ pub const ROPE: KernelSource = KernelSource {
 pub const SWIGLU: KernelSource = KernelSource {
     name: "swiglu",
     source: include_str!("../cuda/swiglu.cu"),
-    entries: &["swiglu_fwd", "swiglu_bwd"],
+    entries: &[
+        "swiglu_fwd",
+        "swiglu_bwd",
+        "swiglu_lora_bwd_r16",
+        "swiglu_lora_bwd_r32",
+        "swiglu_lora_bwd_r64",
+        "swiglu_lora_t_store",
+    ],
     extra_options: &[],
     accepted_stack: &[],
     accepted_spill: &[],

@@ -166,6 +166,9 @@ pub struct Buffers {
     pub dv: CudaSlice<bf16>,
     /// `dy·B` of the projection being differentiated `[N, r]`.
     pub t: CudaSlice<bf16>,
+    /// fp32 `[N, 2r]`, zero between uses: the fused SwiGLU backward's gate/up `t` sums
+    /// (`super::swiglu_lora`).
+    pub t_acc: CudaSlice<f32>,
 }
 
 impl Buffers {
@@ -214,6 +217,7 @@ impl Buffers {
             dv: z16(n * s.kvd)?,
             // Up to three adapters' t's side by side (the stacked q/k/v).
             t: z16(3 * n * s.rank.max(1))?,
+            t_acc: stream.alloc_zeros(2 * n * s.rank.max(1))?,
             sizes: s,
         })
     }

@@ -429,16 +429,13 @@ impl Linear {
         dx: Option<(u64, bool)>,
         t: (u64, usize),
     ) -> Result<Option<LowGrad>> {
-        let (n, i, o) = (self.n, self.inp, self.out);
+        let (n, o) = (self.n, self.out);
         let dy_op = Operand::new(dy, self.dy_ld);
-        let fold_r = match (self.dx_term, self.lora) {
-            (DxTerm::Folded, Some(l)) => l.r,
-            _ => 0,
-        };
+        let folded = self.dx_term == DxTerm::Folded;
         // t = dy·B, as s·t in dy's spare columns when dx folds it in.
         let low_grad = match self.lora {
             Some(l) => {
-                let (t, ld, alpha) = if fold_r > 0 {
+                let (t, ld, alpha) = if folded {
                     (dy + cols(o), self.dy_ld, l.scale)
                 } else {
                     (t.0, t.1, 1.0)
@@ -457,10 +454,54 @@ impl Linear {
                 Some(LowGrad {
                     ptr: t,
                     ld,
-                    alpha: if fold_r > 0 { 1.0 } else { l.scale },
+                    alpha: if folded { 1.0 } else { l.scale },
                 })
             }
             None => None,
+        };
+        self.backward_input(g, k, dy, dx, low_grad)?;
+        if let Some(l) = self.lora {
+            // dB [out, r] += s·dyᵀ·low
+            mm(
+                g,
+                o,
+                l.r,
+                n,
+                dy_op.t(),
+                Operand::new(l.low, l.low_ld),
+                Output::new(l.grad_b, l.r, OutType::F32),
+                self.grad_b_scale(&l),
+                1.0,
+            )?;
+        }
+        Ok(low_grad)
+    }
+
+    /// The factor of `dB = ·dyᵀ·low`: `s`, or 1 when the folded forward kept `s·low`.
+    pub fn grad_b_scale(&self, l: &Lora) -> f32 {
+        if self.fold.is_some() {
+            1.0
+        } else {
+            l.scale
+        }
+    }
+
+    /// The part of [`Linear::backward`] after the adapter's `t` (at `low_grad`) and `dB`: the
+    /// input gradient into `dx` and the bias gradient. Called alone where something else
+    /// computed `t` and `dB` (the fused SwiGLU backward, `super::swiglu_lora`).
+    pub fn backward_input(
+        &self,
+        g: &mut Gemm,
+        k: &Kernels,
+        dy: u64,
+        dx: Option<(u64, bool)>,
+        low_grad: Option<LowGrad>,
+    ) -> Result<()> {
+        let (n, i, o) = (self.n, self.inp, self.out);
+        let dy_op = Operand::new(dy, self.dy_ld);
+        let fold_r = match (self.dx_term, self.lora) {
+            (DxTerm::Folded, Some(l)) => l.r,
+            _ => 0,
         };
         if let Some((dx, acc)) = dx {
             self.dequantize(g, k, Use::InputGradient)?;
@@ -502,22 +543,7 @@ impl Linear {
                 1.0,
             )?;
         }
-        if let Some(l) = self.lora {
-            // dB [out, r] += s·dyᵀ·low (folded forward: `low` holds s·low already)
-            let scale = if self.fold.is_some() { 1.0 } else { l.scale };
-            mm(
-                g,
-                o,
-                l.r,
-                n,
-                dy_op.t(),
-                Operand::new(l.low, l.low_ld),
-                Output::new(l.grad_b, l.r, OutType::F32),
-                scale,
-                1.0,
-            )?;
-        }
-        Ok(low_grad)
+        Ok(())
     }
 
     /// `dA [r, in] += s·tᵀ·drop(x)` with `t` from [`Linear::backward`] (the dropout mask is

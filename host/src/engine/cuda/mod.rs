@@ -25,6 +25,7 @@ mod raw;
 mod reducer;
 pub mod replica;
 mod stacks;
+mod swiglu_lora;
 mod trainable;
 mod weights;
 
@@ -904,17 +905,42 @@ impl CudaBackend {
         let t = (p16(&b.t), self.options.r);
 
         // SwiGLU backward in place (gate/up become their gradients, act is recomputed for dA of
-        // the down projection).
+        // the down projection); fused with the gate/up adapters' t and dB where it applies, which
+        // then leaves both t's side by side.
+        let fused = swiglu_lora::applies(&gate, &up);
         let (mut act, d_act) = b.mlp.split_at_mut(n * i);
-        self.kernels.swiglu_bwd(
-            &s,
-            (&d_act.slice(..n * i), i),
-            (&mut a.gate.slice_mut(..), i),
-            (&mut a.up.slice_mut(..), i),
-            Some((&mut act, i)),
-            n,
-            i,
-        )?;
+        let fused_t = if fused {
+            let tensors = swiglu_lora::MlpTensors {
+                d_act: d_act.slice(..n * i),
+                gate: a.gate.slice_mut(..),
+                up: a.up.slice_mut(..),
+                act: act.slice_mut(..),
+            };
+            // After the `t` of down's backward (`[N, r]` at the start of `b.t`), which its `dA`
+            // reads below: `b.t` holds 3·N·r.
+            let t_pair = t.0 + (2 * n * self.options.r) as u64;
+            let pair = [&gate, &up];
+            let k = &self.kernels;
+            Some(swiglu_lora::backward(
+                &s,
+                k,
+                pair,
+                tensors,
+                &mut b.t_acc,
+                t_pair,
+            )?)
+        } else {
+            self.kernels.swiglu_bwd(
+                &s,
+                (&d_act.slice(..n * i), i),
+                (&mut a.gate.slice_mut(..), i),
+                (&mut a.up.slice_mut(..), i),
+                Some((&mut act, i)),
+                n,
+                i,
+            )?;
+            None
+        };
         // act is the first half of `mlp`.
         down.grad_a(&mut self.gemm, &self.kernels, p16(&b.mlp), t_down)?;
         if !norm2_current {
@@ -934,8 +960,26 @@ impl CudaBackend {
             None => (t, t),
         };
         let (d_gate, d_up, dn) = (p16(&a.gate), p16(&a.up), p16(&b.dn));
-        match stack {
-            Some(st) => {
+        match (fused_t, stack) {
+            (Some([t_gate, t_up]), stack) => {
+                up.backward_input(g, kr, d_up, Some((dn, false)), Some(t_up))?;
+                gate.backward_input(g, kr, d_gate, Some((dn, true)), Some(t_gate))?;
+                match stack {
+                    Some(st) => {
+                        let scale = self.options.lora_scale() as f32;
+                        let grads =
+                            [&gate, &up].map(|lin| lin.lora.expect("stacked adapters").grad_a);
+                        // gate's t first: the pair's layout is the stack's.
+                        let t_pair = t_gate.ptr;
+                        st.grad_a(g, kr, Stack::GateUp, n, t_pair, (norm, x_ld), &grads, scale)?;
+                    }
+                    None => {
+                        up.grad_a(g, kr, norm, Some(t_up))?;
+                        gate.grad_a(g, kr, norm, Some(t_gate))?;
+                    }
+                }
+            }
+            (None, Some(st)) => {
                 up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
                 gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
                 let scale = self.options.lora_scale() as f32;
@@ -943,7 +987,7 @@ impl CudaBackend {
                 st.grad_a(g, kr, Stack::GateUp, n, t.0, (norm, x_ld), &grads, scale)?;
             }
             // One t buffer (and dropout scratch): each dA right after its backward.
-            None => {
+            (None, None) => {
                 let t_up = up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
                 up.grad_a(g, kr, norm, t_up)?;
                 let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
