@@ -24,10 +24,19 @@ extern "C" __global__ void swiglu_fwd(const bf16* __restrict__ g, int g_stride,
     }
 }
 
+// The SwiGLU backward of one value: dg, du and the recomputed h.
+__device__ __forceinline__ void swiglu_grad1(float d, float g, float u, float& dg, float& du,
+                                             float& h) {
+    const float s = sigmoidf_(g);
+    const float silu = g * s;
+    h = silu * u;
+    du = d * silu;
+    dg = d * u * s * (1.0f + g * (1.0f - s));
+}
+
 // In place: g becomes dL/dg and u becomes dL/du (the forward inputs are dead after the
 // backward). If h is not null it receives the recomputed forward output, which the down
 // projection's LoRA backward needs when activations were not kept.
-//   du = dh * silu(g);  dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
 extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride,
                                       bf16* __restrict__ g, int g_stride, bf16* __restrict__ u,
                                       int u_stride, bf16* __restrict__ h, int h_stride, int rows,
@@ -45,13 +54,7 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride
         unpack8(*gp, gf);
         unpack8(*up, uf);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            const float s = sigmoidf_(gf[j]);
-            const float silu = gf[j] * s;
-            hf[j] = silu * uf[j];
-            du[j] = df[j] * silu;
-            dg[j] = df[j] * uf[j] * s * (1.0f + gf[j] * (1.0f - s));
-        }
+        for (int j = 0; j < 8; j++) swiglu_grad1(df[j], gf[j], uf[j], dg[j], du[j], hf[j]);
         *gp = pack8(dg);
         *up = pack8(du);
         if (h != nullptr) *reinterpret_cast<uint4*>(h + r * h_stride + c) = pack8(hf);
@@ -243,13 +246,7 @@ __device__ __forceinline__ void swiglu_lora_bwd(
             unpack8(*reinterpret_cast<const uint4*>(st + TILE + at), gf);
             unpack8(*reinterpret_cast<const uint4*>(st + 2 * TILE + at), uf);
 #pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const float sg = sigmoidf_(gf[j]);
-                const float silu = gf[j] * sg;
-                hf[j] = silu * uf[j];
-                du[j] = df[j] * silu;
-                dg[j] = df[j] * uf[j] * sg * (1.0f + gf[j] * (1.0f - sg));
-            }
+            for (int j = 0; j < 8; j++) swiglu_grad1(df[j], gf[j], uf[j], dg[j], du[j], hf[j]);
             const uint4 pg = pack8(dg), pu = pack8(du);
             if (n < rows && c < cols) {
                 *reinterpret_cast<uint4*>(g + (long long)n * g_ld + c) = pg;

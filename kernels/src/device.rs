@@ -531,18 +531,8 @@ impl Kernels {
         cols: usize,
     ) -> Result<(), KernelError> {
         const K: &str = "swiglu_bwd";
-        let mut bufs = vec![
-            ("dh", dh.0.len(), dh.1),
-            ("g", g.0.len(), g.1),
-            ("u", u.0.len(), u.1),
-        ];
-        if let Some((h, hs)) = &h {
-            bufs.push(("h", h.len(), *hs));
-        }
-        swiglu_check(K, cols, rows, &bufs)?;
-        aligned16(K, "dh", dh.0, stream)?;
-        aligned16(K, "g", &*g.0, stream)?;
-        aligned16(K, "u", &*u.0, stream)?;
+        let hv = h.as_ref().map(|(h, hs)| (&**h, *hs));
+        swiglu_bwd_check(K, stream, dh, (&*g.0, g.1), (&*u.0, u.1), hv, rows, cols)?;
         let (ds, gs, us) = (dh.1 as i32, g.1 as i32, u.1 as i32);
         let (r_i, c_i) = (to_i32(K, "rows", rows)?, to_i32(K, "cols", cols)?);
         let mut a = stream.launch_builder(&self.f.swiglu_bwd);
@@ -550,7 +540,6 @@ impl Kernels {
         let hs;
         match h {
             Some((h, stride)) => {
-                aligned16(K, "h", &*h, stream)?;
                 hs = stride as i32;
                 a.arg(h);
             }
@@ -1311,6 +1300,37 @@ fn rms_threads(kernel: &'static str, dim: usize) -> Result<u32, KernelError> {
     }
     let per_thread = (dim / 8).div_ceil(RMS_VECS);
     Ok((per_thread.div_ceil(32) * 32).clamp(32, 1024) as u32)
+}
+
+/// The SwiGLU backward's layout contract (`swiglu_bwd`, `swiglu_lora_bwd`): `dh`, `g`, `u` and
+/// the optional `h` `[rows, cols]` at their row strides, each 16-byte aligned.
+#[allow(clippy::too_many_arguments)]
+fn swiglu_bwd_check(
+    kernel: &'static str,
+    stream: &CudaStream,
+    dh: (&CudaView<bf16>, usize),
+    g: (&CudaViewMut<bf16>, usize),
+    u: (&CudaViewMut<bf16>, usize),
+    h: Option<(&CudaViewMut<bf16>, usize)>,
+    rows: usize,
+    cols: usize,
+) -> Result<(), KernelError> {
+    let mut bufs = vec![
+        ("dh", dh.0.len(), dh.1),
+        ("g", g.0.len(), g.1),
+        ("u", u.0.len(), u.1),
+    ];
+    if let Some((h, hs)) = &h {
+        bufs.push(("h", h.len(), *hs));
+    }
+    swiglu_check(kernel, cols, rows, &bufs)?;
+    aligned16(kernel, "dh", dh.0, stream)?;
+    aligned16(kernel, "g", g.0, stream)?;
+    aligned16(kernel, "u", u.0, stream)?;
+    if let Some((h, _)) = h {
+        aligned16(kernel, "h", h, stream)?;
+    }
+    Ok(())
 }
 
 fn swiglu_check(

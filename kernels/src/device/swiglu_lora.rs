@@ -11,7 +11,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
 
 use super::{
-    aligned16, bf16, check_len, grid, launch, shape, swiglu_check, to_i32, Kernels, NULL_PTR,
+    aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, to_i32, Kernels, NULL_PTR,
     THREADS,
 };
 use crate::KernelError;
@@ -126,21 +126,8 @@ impl Kernels {
                 format!("rank {r} is not one of {SWIGLU_LORA_RANKS:?}"),
             ));
         };
-        let mut bufs = vec![
-            ("dh", dh.0.len(), dh.1),
-            ("g", g.0.len(), g.1),
-            ("u", u.0.len(), u.1),
-        ];
-        if let Some((h, hs)) = &h {
-            bufs.push(("h", h.len(), *hs));
-        }
-        swiglu_check(K, cols, rows, &bufs)?;
-        aligned16(K, "dh", dh.0, stream)?;
-        aligned16(K, "g", &*g.0, stream)?;
-        aligned16(K, "u", &*u.0, stream)?;
-        if let Some((h, _)) = &h {
-            aligned16(K, "h", &**h, stream)?;
-        }
+        let hv = h.as_ref().map(|(h, hs)| (&**h, *hs));
+        swiglu_bwd_check(K, stream, dh, (&*g.0, g.1), (&*u.0, u.1), hv, rows, cols)?;
         for (name, a) in ["gate", "up"].iter().zip(adapters.iter()) {
             check_len(K, &format!("{name} B"), a.b.len(), cols * r)?;
             check_len(K, &format!("{name} dB"), a.grad_b.len(), cols * r)?;
