@@ -516,7 +516,7 @@ fn check_swiglu_lora(g: &mut Gpu, c: &mut Checks) -> Res<()> {
                 (&dhd.as_view(), s),
                 (&mut gd.as_view_mut(), s),
                 (&mut ud.as_view_mut(), s),
-                Some((&mut hd.as_view_mut(), s)),
+                (&mut hd.as_view_mut(), s),
                 [&mut gate_a, &mut up_a],
                 &mut t_acc.as_view_mut(),
                 (r, scale),

@@ -11,8 +11,7 @@ use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
 
 use super::{
-    aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, to_i32, Kernels, NULL_PTR,
-    THREADS,
+    aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, to_i32, Kernels, THREADS,
 };
 use crate::KernelError;
 
@@ -101,7 +100,8 @@ impl Kernels {
         SWIGLU_LORA_RANKS.contains(&r)
     }
 
-    /// [`Kernels::swiglu_bwd`] in place (`g` → dg, `u` → du, `h` ← the recomputed output), and
+    /// [`Kernels::swiglu_bwd`] in place (`g` → dg, `u` → du, `h` ← the recomputed output, which
+    /// the down projection's `dA` reads whenever this runs), and
     /// for the gate (`dy` = dg) and up (`dy` = du) adapters of rank `r`:
     /// `t_acc[:, p·r..(p+1)·r] += dy·B` and `dB += scale·dyᵀ·low`. `t_acc` is fp32
     /// `[rows, 2r]` and must be zero on entry ([`Kernels::swiglu_lora_t_store`] leaves it so).
@@ -112,7 +112,7 @@ impl Kernels {
         dh: (&CudaView<bf16>, usize),
         g: (&mut CudaViewMut<bf16>, usize),
         u: (&mut CudaViewMut<bf16>, usize),
-        h: Option<(&mut CudaViewMut<bf16>, usize)>,
+        h: (&mut CudaViewMut<bf16>, usize),
         adapters: [&mut SwigluLoraAdapter; 2],
         t_acc: &mut CudaViewMut<f32>,
         (r, scale): (usize, f32),
@@ -126,7 +126,7 @@ impl Kernels {
                 format!("rank {r} is not one of {SWIGLU_LORA_RANKS:?}"),
             ));
         };
-        let hv = h.as_ref().map(|(h, hs)| (&**h, *hs));
+        let hv = Some((&*h.0, h.1));
         swiglu_bwd_check(K, stream, dh, (&*g.0, g.1), (&*u.0, u.1), hv, rows, cols)?;
         for (name, a) in ["gate", "up"].iter().zip(adapters.iter()) {
             check_len(K, &format!("{name} B"), a.b.len(), cols * r)?;
@@ -159,17 +159,8 @@ impl Kernels {
         let (lg, lu) = (gate.low.1 as i32, up.low.1 as i32);
         let mut a = stream.launch_builder(f);
         a.arg(dh.0).arg(&ds).arg(g.0).arg(&gs).arg(u.0).arg(&us);
-        let hs;
-        match h {
-            Some((h, stride)) => {
-                hs = stride as i32;
-                a.arg(h);
-            }
-            None => {
-                hs = 0;
-                a.arg(&NULL_PTR);
-            }
-        }
+        let hs = h.1 as i32;
+        a.arg(h.0);
         a.arg(&hs)
             .arg(&gate.b)
             .arg(&up.b)

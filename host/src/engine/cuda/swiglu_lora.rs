@@ -95,7 +95,7 @@ pub fn backward(
         (&d_act, inter),
         (&mut g_out, gate.dy_ld),
         (&mut u_out, up.dy_ld),
-        Some((&mut act, inter)),
+        (&mut act, inter),
         [&mut gate_a, &mut up_a],
         &mut t_acc.slice_mut(..),
         (r, scales[0]),
