@@ -62,7 +62,8 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride
 }
 
 // ---------------------------------------------------------------------------------------------
-// swiglu_bwd fused with the gate and up adapters' products that read its outputs. With
+// swiglu_bwd (h, the recomputed output, always written) fused with the gate and up adapters'
+// products that read its outputs. With
 // y = dg (gate) or du (up), each as the bf16 value stored:
 //   t_acc[n, p·R + j] += Σ_c y[n, c] · B_p[c, j]            (t = dy·B; p = 0 gate, 1 up)
 //   grad_B_p[c, j]    += scale · Σ_n y[n, c] · low_p[n, j]  (dB = s·dyᵀ·low)
@@ -251,7 +252,7 @@ __device__ __forceinline__ void swiglu_lora_bwd(
             if (n < rows && c < cols) {
                 *reinterpret_cast<uint4*>(g + (long long)n * g_ld + c) = pg;
                 *reinterpret_cast<uint4*>(u + (long long)n * u_ld + c) = pu;
-                if (h != nullptr) *reinterpret_cast<uint4*>(h + (long long)n * h_ld + c) = pack8(hf);
+                *reinterpret_cast<uint4*>(h + (long long)n * h_ld + c) = pack8(hf);
             }
             // Out of range the tiles were zero-filled, so dg = du = 0 there.
             *reinterpret_cast<uint4*>(st + TILE + at) = pg;

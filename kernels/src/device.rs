@@ -177,11 +177,22 @@ fn aligned16<T, P: DevicePtr<T>>(
     buf: &P,
     stream: &CudaStream,
 ) -> Result<(), KernelError> {
+    aligned(kernel, what, buf, stream, 16)
+}
+
+/// `buf` starts on a `bytes` boundary (the widest access a kernel makes to it).
+fn aligned<T, P: DevicePtr<T>>(
+    kernel: &'static str,
+    what: &str,
+    buf: &P,
+    stream: &CudaStream,
+    bytes: u64,
+) -> Result<(), KernelError> {
     let (ptr, _sync) = buf.device_ptr(stream);
-    if !ptr.is_multiple_of(16) {
+    if !ptr.is_multiple_of(bytes) {
         return Err(shape(
             kernel,
-            format!("{what} must start on a 16-byte boundary"),
+            format!("{what} must start on a {bytes}-byte boundary"),
         ));
     }
     Ok(())

@@ -8,10 +8,11 @@
 //! next layer.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaStream, CudaView, CudaViewMut, PushKernelArg};
 
 use super::{
-    aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, to_i32, Kernels, THREADS,
+    aligned, aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, to_i32, Kernels,
+    THREADS,
 };
 use crate::KernelError;
 
@@ -79,21 +80,6 @@ pub struct SwigluLoraAdapter<'a> {
     pub grad_b: CudaViewMut<'a, f32>,
 }
 
-fn aligned8<P: DevicePtr<f32>>(
-    kernel: &'static str,
-    what: &str,
-    buf: &P,
-    stream: &CudaStream,
-) -> Result<(), KernelError> {
-    if !buf.device_ptr(stream).0.is_multiple_of(8) {
-        return Err(shape(
-            kernel,
-            format!("{what} must start on an 8-byte boundary"),
-        ));
-    }
-    Ok(())
-}
-
 impl Kernels {
     /// Whether [`Kernels::swiglu_lora_bwd`] takes adapters of rank `r`.
     pub fn swiglu_lora_supports(r: usize) -> bool {
@@ -143,10 +129,10 @@ impl Kernels {
             check_len(K, &format!("{name} low"), a.low.0.len(), need)?;
             aligned16(K, &format!("{name} B"), &a.b, stream)?;
             aligned16(K, &format!("{name} low"), &a.low.0, stream)?;
-            aligned8(K, &format!("{name} dB"), &a.grad_b, stream)?;
+            aligned(K, &format!("{name} dB"), &a.grad_b, stream, 8)?;
         }
         check_len(K, "t_acc", t_acc.len(), rows * 2 * r)?;
-        aligned8(K, "t_acc", &*t_acc, stream)?;
+        aligned(K, "t_acc", &*t_acc, stream, 8)?;
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -211,7 +197,7 @@ impl Kernels {
             (rows - 1) * t.1 + width
         };
         check_len(K, "t", t.0.len(), need)?;
-        aligned8(K, "t_acc", &*t_acc, stream)?;
+        aligned(K, "t_acc", &*t_acc, stream, 8)?;
         let (ld, rows_i, width_i) = (
             to_i32(K, "t row stride", t.1)?,
             to_i32(K, "rows", rows)?,

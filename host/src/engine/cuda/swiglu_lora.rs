@@ -61,9 +61,9 @@ pub fn backward(
     } = m;
     let low_len = |ld: usize| if n == 0 { 0 } else { (n - 1) * ld + r };
     // SAFETY: each adapter's `B` and `dB` are `[inter, r]` shadows/gradients in the trainable
-    // arena and its `low` `[N, r]` (rows `low_ld` apart) the forward's activation; `t` the
-    // caller's; all live for the pass and ordered by this stream.
-    // `t` is `[N, 2r]` bf16 of the caller's `t` buffer, apart from the `t` down's backward left.
+    // arena and its `low` `[N, r]` (rows `low_ld` apart) the forward's activation; `t` is
+    // `[N, 2r]` of the caller's `t` buffer, clear of the `t` down's backward left there; all
+    // live for the pass and ordered by this stream.
     let (bg, bu, lg, lu, mut dbg, mut dbu, mut tv) = unsafe {
         (
             Borrowed::<bf16>::new(stream, gl.b, inter * r),
