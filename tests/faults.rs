@@ -178,6 +178,15 @@ fn uploaded_line(line: &str) -> bool {
     line.contains("uploaded") && line.contains("key=")
 }
 
+/// The checkpoint an upload log line is about (`key=…/checkpoint-N/…`), if any.
+fn uploaded_checkpoint(line: &str) -> Option<u64> {
+    if !uploaded_line(line) {
+        return None;
+    }
+    let rest = &line[line.find("checkpoint-")? + "checkpoint-".len()..];
+    rest.split('/').next()?.parse().ok()
+}
+
 /// Newest remote checkpoint whose manifest is there (0 when none).
 fn remote_resume_point(store: &dyn ObjectStore) -> u64 {
     remote_checkpoints(store, "checkpoints")
@@ -208,8 +217,10 @@ fn check_remote(store: &dyn ObjectStore, scratch: &Path) -> usize {
 enum Kill {
     /// SIGKILL once step N is logged (uploads of earlier checkpoints may be in flight).
     AfterStep(u64),
-    /// SIGKILL while checkpoint-N is half uploaded: on its first uploaded file the proxy
-    /// freezes storage traffic, so the manifest (uploaded last) cannot follow.
+    /// SIGKILL while the first checkpoint at or after step N that gets uploaded is half
+    /// uploaded: on its first uploaded file the proxy freezes storage traffic, so the manifest
+    /// (uploaded last) cannot follow. "At or after": with `--save_total_limit` the uploader
+    /// rightly skips a checkpoint a newer save rotated away before its upload began.
     MidUpload(u64),
     /// Abort while checkpoint-N is half written (`FERROTUNE_CRASH_IN_SAVE`, a test hook in the
     /// checkpoint writer: the process dies at that exact point, as a kill would leave it).
@@ -281,6 +292,8 @@ fn killed_at_random_points_and_restarted_on_an_empty_disk_loses_nothing() {
         };
         let mut trainer = Trainer::spawn(&args_for(&node), &storage.env(), &crash);
         let within = Duration::from_secs(60);
+        // The checkpoint whose upload a `MidUpload` kill cut.
+        let mut cut_upload = None;
         match kill {
             Kill::AfterStep(step) => {
                 assert!(
@@ -291,11 +304,15 @@ fn killed_at_random_points_and_restarted_on_an_empty_disk_loses_nothing() {
                 trainer.child.kill().unwrap();
             }
             Kill::MidUpload(step) => {
-                let dir = format!("checkpoint-{step}/");
-                let hit = trainer.wait_for(within, |l| uploaded_line(l) && l.contains(&dir));
+                let hit = trainer.wait_for(within, |l| uploaded_checkpoint(l) >= Some(step));
                 storage.proxy.freeze();
-                assert!(hit, "checkpoint-{step} never uploaded:\n{}", trainer.tail());
+                assert!(
+                    hit,
+                    "no checkpoint from step {step} on was uploaded:\n{}",
+                    trainer.tail()
+                );
                 trainer.child.kill().unwrap();
+                cut_upload = trainer.log.last().and_then(|l| uploaded_checkpoint(l));
             }
             Kill::MidSave(_) => {}
         }
@@ -315,7 +332,7 @@ fn killed_at_random_points_and_restarted_on_an_empty_disk_loses_nothing() {
             trainer.tail()
         );
         check_remote(&store, tmp.path());
-        if let Kill::MidUpload(step) = kill {
+        if let Some(step) = cut_upload {
             let remote = remote_checkpoints(&store, "checkpoints");
             caught_mid_upload += usize::from(remote.contains(&(step, false)));
         }
