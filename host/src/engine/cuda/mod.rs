@@ -952,47 +952,52 @@ impl CudaBackend {
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         // Stacked adapters keep their t's side by side (gate's, then up's) for one dA GEMM.
         let stack = self.stacks.as_mut().filter(|st| st.has(Stack::GateUp));
-        let (t_gate_at, t_up_at) = match &stack {
-            Some(st) => {
-                let ld = st.rows(Stack::GateUp);
-                ((t.0, ld), (t.0 + (2 * self.options.r) as u64, ld))
-            }
-            None => (t, t),
-        };
         let (d_gate, d_up, dn) = (p16(&a.gate), p16(&a.up), p16(&b.dn));
-        match (fused_t, stack) {
-            (Some([t_gate, t_up]), stack) => {
+        // Both t's (gate's, up's) when they sit side by side: from the fused kernel, or from
+        // the projections' backward into the stack's layout. Otherwise there is one t buffer
+        // (and dropout scratch), so each dA runs right after its own backward.
+        let pair = match (fused_t, &stack) {
+            (Some([t_gate, t_up]), _) => {
                 up.backward_input(g, kr, d_up, Some((dn, false)), Some(t_up))?;
                 gate.backward_input(g, kr, d_gate, Some((dn, true)), Some(t_gate))?;
-                match stack {
-                    Some(st) => {
-                        let scale = self.options.lora_scale() as f32;
-                        let grads =
-                            [&gate, &up].map(|lin| lin.lora.expect("stacked adapters").grad_a);
-                        // gate's t first: the pair's layout is the stack's.
-                        let t_pair = t_gate.ptr;
-                        st.grad_a(g, kr, Stack::GateUp, n, t_pair, (norm, x_ld), &grads, scale)?;
-                    }
-                    None => {
-                        up.grad_a(g, kr, norm, Some(t_up))?;
-                        gate.grad_a(g, kr, norm, Some(t_gate))?;
-                    }
-                }
+                Some([t_gate, t_up])
             }
             (None, Some(st)) => {
-                up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
-                gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
+                let ld = st.rows(Stack::GateUp);
+                let up_at = (t.0 + (2 * self.options.r) as u64, ld);
+                let t_up = up.backward(g, kr, d_up, Some((dn, false)), up_at)?;
+                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), (t.0, ld))?;
+                Some([t_gate, t_up].map(|t| t.expect("stacked adapters")))
+            }
+            (None, None) => {
+                let t_up = up.backward(g, kr, d_up, Some((dn, false)), t)?;
+                up.grad_a(g, kr, norm, t_up)?;
+                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t)?;
+                gate.grad_a(g, kr, norm, t_gate)?;
+                None
+            }
+        };
+        match (pair, stack) {
+            (Some([t_gate, _]), Some(st)) => {
                 let scale = self.options.lora_scale() as f32;
                 let grads = [&gate, &up].map(|lin| lin.lora.expect("stacked adapters").grad_a);
-                st.grad_a(g, kr, Stack::GateUp, n, t.0, (norm, x_ld), &grads, scale)?;
+                // gate's t first: the pair's layout is the stack's.
+                st.grad_a(
+                    g,
+                    kr,
+                    Stack::GateUp,
+                    n,
+                    t_gate.ptr,
+                    (norm, x_ld),
+                    &grads,
+                    scale,
+                )?;
             }
-            // One t buffer (and dropout scratch): each dA right after its backward.
-            (None, None) => {
-                let t_up = up.backward(g, kr, d_up, Some((dn, false)), t_up_at)?;
-                up.grad_a(g, kr, norm, t_up)?;
-                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t_gate_at)?;
-                gate.grad_a(g, kr, norm, t_gate)?;
+            (Some([t_gate, t_up]), None) => {
+                up.grad_a(g, kr, norm, Some(t_up))?;
+                gate.grad_a(g, kr, norm, Some(t_gate))?;
             }
+            (None, _) => {}
         }
         self.kernels.rmsnorm_bwd(
             &s,
