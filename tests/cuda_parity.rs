@@ -290,6 +290,7 @@ fn cuda_step_matches_the_cpu_engine() {
         (true, None),
         (true, Some(Parked::Inputs)),
         (true, Some(Parked::Attention)),
+        (true, Some(Parked::AttentionOutput)),
     ] {
         let opts = options(checkpointing);
         let mut cpu = cpu_backend(&dir, opts.clone());
@@ -652,38 +653,43 @@ fn offload_keeps_its_host_buffers_across_batch_shapes() {
     let cfg = ModelConfig::from_dir(&dir).unwrap();
     let opts = options(true);
     let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
-    let mut parked = cuda_backend(&dir, opts.clone());
-    parked.set_offload(Some(Parked::Attention)).unwrap();
-    let mut plain = cuda_backend(&dir, opts);
-    parked.import_trainable(&init).unwrap();
-    plain.import_trainable(&init).unwrap();
-    let mut held = Vec::new();
-    for (step, t) in [40, 24, 64].into_iter().enumerate() {
-        let batch = plain_batch(cfg.vocab_size as u32, 50 + step as u64, 2, t);
-        let scale = 1.0 / batch.trainable_tokens() as f32;
-        let (a, b) = (
-            parked.forward_backward(&batch, scale).unwrap(),
-            plain.forward_backward(&batch, scale).unwrap(),
+    for mode in [Parked::Attention, Parked::AttentionOutput] {
+        let mut parked = cuda_backend(&dir, opts.clone());
+        parked.set_offload(Some(mode)).unwrap();
+        let mut plain = cuda_backend(&dir, opts.clone());
+        parked.import_trainable(&init).unwrap();
+        plain.import_trainable(&init).unwrap();
+        let mut held = Vec::new();
+        for (step, t) in [40, 24, 64].into_iter().enumerate() {
+            let batch = plain_batch(cfg.vocab_size as u32, 50 + step as u64, 2, t);
+            let scale = 1.0 / batch.trainable_tokens() as f32;
+            let (a, b) = (
+                parked.forward_backward(&batch, scale).unwrap(),
+                plain.forward_backward(&batch, scale).unwrap(),
+            );
+            assert!((a.loss_sum - b.loss_sum).abs() / b.loss_sum < 1e-4);
+            assert_eq!(parked.parked(), Some(mode));
+            // Only the attention backward's dQ atomics and the fused SwiGLU/LoRA backward's
+            // `t` and `dB` reductions may add in another order.
+            compare(
+                &format!("unsloth/{mode:?} vs ckpt=true, T {t}, gradients"),
+                &parked.gradients().unwrap(),
+                &plain.gradients().unwrap(),
+                2e-3,
+            );
+            held.push(parked.pinned_bytes().unwrap());
+            parked.optimizer_step(1e-3, 1.0).unwrap();
+            plain.optimizer_step(1e-3, 1.0).unwrap();
+        }
+        assert_eq!(
+            held[1], held[0],
+            "{mode:?}: a shorter batch reuses the pinned buffers"
         );
-        assert!((a.loss_sum - b.loss_sum).abs() / b.loss_sum < 1e-4);
-        assert_eq!(parked.parked(), Some(Parked::Attention));
-        // Only the attention backward's dQ atomics and the fused SwiGLU/LoRA backward's `t`
-        // and `dB` reductions may add in another order.
-        compare(
-            &format!("unsloth/Attention vs ckpt=true, T {t}, gradients"),
-            &parked.gradients().unwrap(),
-            &plain.gradients().unwrap(),
-            2e-3,
+        assert!(
+            held[2] > held[0],
+            "{mode:?}: a longer one grows them: {held:?}"
         );
-        held.push(parked.pinned_bytes().unwrap());
-        parked.optimizer_step(1e-3, 1.0).unwrap();
-        plain.optimizer_step(1e-3, 1.0).unwrap();
     }
-    assert_eq!(
-        held[1], held[0],
-        "a shorter batch reuses the pinned buffers"
-    );
-    assert!(held[2] > held[0], "a longer one grows them: {held:?}");
 }
 
 #[test]
@@ -710,6 +716,15 @@ fn qwen3_qk_norm_matches_the_cpu_engine() {
         parked: Some(Parked::Attention),
         ..case("qwen3 qk-norm (unsloth/Attention)", &qwen3, options(true))
     });
+    // Without q/k/v: the recompute reruns the q/k norm.
+    run_case(&Case {
+        parked: Some(Parked::AttentionOutput),
+        ..case(
+            "qwen3 qk-norm (unsloth/AttentionOutput)",
+            &qwen3,
+            options(true),
+        )
+    });
 }
 
 #[test]
@@ -733,21 +748,28 @@ fn lora_dropout_draws_the_cpu_engines_masks() {
         ..options(true)
     };
     let mut cpu = cpu_backend(&dir, opts.clone());
-    let mut gpu = cuda_backend(&dir, opts.clone());
-    gpu.set_offload(Some(Parked::Attention)).unwrap();
     let init = random_trainable(&trainable_shapes(&cfg, &opts).unwrap(), 9);
     cpu.import_trainable(&init).unwrap();
-    gpu.import_trainable(&init).unwrap();
     let batch = packed_batch(cfg.vocab_size as u32, 3);
     let scale = 1.0 / batch.trainable_tokens() as f32;
     cpu.forward_backward(&batch, scale).unwrap();
-    gpu.forward_backward(&batch, scale).unwrap();
-    compare(
-        "dropout 0.25 unsloth gradients",
-        &gpu.gradients().unwrap(),
-        &cpu_grads(&cpu),
-        4e-2,
-    );
+    // Both parking modes recompute from the parked `low`s, which hold the forward's masks
+    // (each on a fresh engine: the masks are drawn per pass).
+    let parked_pass = |mode| {
+        let mut gpu = cuda_backend(&dir, opts.clone());
+        gpu.set_offload(Some(mode)).unwrap();
+        gpu.import_trainable(&init).unwrap();
+        gpu.forward_backward(&batch, scale).unwrap();
+        compare(
+            &format!("dropout 0.25 unsloth/{mode:?} gradients"),
+            &gpu.gradients().unwrap(),
+            &cpu_grads(&cpu),
+            4e-2,
+        );
+        gpu
+    };
+    parked_pass(Parked::AttentionOutput);
+    let gpu = parked_pass(Parked::Attention);
     // Without dropout the adapters' gradients are clearly different: the masks did something.
     let mut plain = cuda_backend(&dir, options(true));
     plain.import_trainable(&init).unwrap();
@@ -801,6 +823,11 @@ fn qlora_nf4_base_weights_match_the_cpu_engine_on_dequantised_weights() {
         ("nf4 ckpt=false", false, None),
         ("nf4 ckpt=true", true, None),
         ("nf4 unsloth/Attention", true, Some(Parked::Attention)),
+        (
+            "nf4 unsloth/AttentionOutput",
+            true,
+            Some(Parked::AttentionOutput),
+        ),
     ] {
         let mut c = case(name, &dir, options(ckpt));
         c.cpu_dir = deq.clone();

@@ -84,7 +84,7 @@ fn cuda_backend(
         0.0,
         args.load_in_4bit,
     )?;
-    b.set_offload(crate::engine::cuda::Parked::for_checkpointing(
+    b.set_parking(crate::engine::cuda::Parking::for_checkpointing(
         args.use_gradient_checkpointing,
     )?)?;
     Ok(b)

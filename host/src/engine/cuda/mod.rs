@@ -43,8 +43,8 @@ use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
 use self::linear::{Dropout, DxTerm, Fold, Linear, Lora, Low, LowGrad};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
-pub use self::offload::Parked;
 use self::offload::{Group, Layout, Offload, Range};
+pub use self::offload::{Parked, Parking};
 use self::stacks::{Stack, StackLayout, Stacks};
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
@@ -135,7 +135,7 @@ pub struct CudaBackend {
     train: Trainable,
     bufs: Option<Buffers>,
     /// What `--use_gradient_checkpointing unsloth` parks in pinned host memory (`None`: nothing).
-    offload: Option<Parked>,
+    offload: Option<Parking>,
     frozen_numel: usize,
     /// Device memory free before this backend allocated anything (bytes).
     free_at_start: usize,
@@ -186,25 +186,30 @@ impl CudaBackend {
             job.training.weight_decay,
             job.model.load_in_4bit,
         )?;
-        backend.set_offload(Parked::for_checkpointing(
+        backend.set_parking(Parking::for_checkpointing(
             job.lora.use_gradient_checkpointing,
         )?)?;
         Ok(backend)
     }
 
-    /// `--use_gradient_checkpointing unsloth`: keep each layer's input (and with
-    /// [`Parked::Attention`] its attention results, when the host has the memory) in pinned
-    /// host memory instead of on the GPU (copies overlap the compute on a side stream).
-    pub fn set_offload(&mut self, parked: Option<Parked>) -> Result<()> {
+    /// `--use_gradient_checkpointing unsloth`: keep each layer's input (and its attention
+    /// results, when the host has the memory) in pinned host memory instead of on the GPU
+    /// (copies overlap the compute on a side stream).
+    pub fn set_parking(&mut self, parking: Option<Parking>) -> Result<()> {
         ensure!(
-            parked.is_none() || self.options.gradient_checkpointing,
+            parking.is_none() || self.options.gradient_checkpointing,
             "offloading layer inputs needs gradient checkpointing"
         );
-        if parked != self.offload {
-            self.offload = parked;
+        if parking != self.offload {
+            self.offload = parking;
             self.bufs = None;
         }
         Ok(())
+    }
+
+    /// [`Self::set_parking`] with one mode (still subject to the host's memory).
+    pub fn set_offload(&mut self, parked: Option<Parked>) -> Result<()> {
+        self.set_parking(parked.map(Parking::Only))
     }
 
     /// What the current activation buffers park (`None`: no offload or no buffers yet).
@@ -670,6 +675,24 @@ impl CudaBackend {
     /// Layer `l` forward, first half: from its input to its attention output — RMSNorm, q/k/v
     /// (with Qwen3's q/k norm), RoPE, attention. Activations go to `acts[slot]`.
     fn attention_half(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+        self.qkv(b, l, slot, Low::Compute)?;
+        let a = &mut b.acts[slot];
+        let dims = self.dims(b.sizes.batch, b.sizes.seq);
+        attention::forward(
+            &self.stream,
+            &self.kernels,
+            &dims,
+            (&a.q, &a.k, &a.v),
+            (&mut a.attn, &mut a.lse),
+            &b.segments,
+            &mut b.attn,
+        )
+    }
+
+    /// Layer `l`'s attention operands into `acts[slot]`: RMSNorm (left in `norm`), q/k/v (with
+    /// Qwen3's q/k norm) and RoPE. `Low::Ready`: the q/k/v adapters' `low`s are in place (a
+    /// recompute with [`Parked::AttentionOutput`], which parks them but not q/k/v).
+    fn qkv(&mut self, b: &mut Buffers, l: usize, slot: usize, low: Low) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let n = sz.tokens;
@@ -687,14 +710,14 @@ impl CudaBackend {
         );
         let kern = &self.kernels;
         // Stacked adapters: all three x·Aᵀ in one GEMM, into their side-by-side `low`s.
-        let low = match self.stacks.as_ref().filter(|st| st.has(Stack::Qkv)) {
-            Some(st) => {
+        let low = match (low, self.stacks.as_ref().filter(|st| st.has(Stack::Qkv))) {
+            (Low::Compute, Some(st)) => {
                 let low = q.lora.expect("stacked adapters").low;
                 let x = (n1, sz.hidden);
                 st.lows(&mut self.gemm, (l, Stack::Qkv), n, x, low, 1.0)?;
                 Low::Ready
             }
-            None => Low::Compute,
+            (low, _) => low,
         };
         // Qwen3: q/k land pre-norm in the extras, and their per-head RMSNorm writes a.q/a.k.
         let qk = match (&w.qk_norm, self.extras.as_mut()) {
@@ -742,16 +765,6 @@ impl CudaBackend {
             n,
             d,
             false,
-        )?;
-        let dims = self.dims(sz.batch, sz.seq);
-        attention::forward(
-            &s,
-            &self.kernels,
-            &dims,
-            (&a.q, &a.k, &a.v),
-            (&mut a.attn, &mut a.lse),
-            &b.segments,
-            &mut b.attn,
         )?;
         Ok(())
     }
@@ -1041,8 +1054,15 @@ impl CudaBackend {
     /// [`Self::attention_half`] backward after the attention's: RoPE, Qwen3's q/k norm and the
     /// q/k/v projections into ∂L/∂xs[l] (added to `dres`; layer 0 stops at the adapters: the
     /// embedding is frozen). The layer's backward is [`Self::mlp_half_backward`],
-    /// [`Self::attention_backward`], then this.
-    fn qkv_backward(&mut self, b: &mut Buffers, l: usize, slot: usize) -> Result<()> {
+    /// [`Self::attention_backward`], then this. `norm1_current`: `norm` still holds the
+    /// layer's first RMSNorm output (a q/k/v recompute left it there).
+    fn qkv_backward(
+        &mut self,
+        b: &mut Buffers,
+        l: usize,
+        slot: usize,
+        norm1_current: bool,
+    ) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
         let (n, hd) = (sz.tokens, sz.hidden);
@@ -1106,7 +1126,9 @@ impl CudaBackend {
         let need_dx = l > 0;
         let dn = p16(&b.dn);
         // n1 again, for the q/k/v adapters' dA.
-        self.layer_norm(b, l, slot, Norm::Attention)?;
+        if !norm1_current {
+            self.layer_norm(b, l, slot, Norm::Attention)?;
+        }
         let (a, g, kr) = (&b.acts[slot], &mut self.gemm, &self.kernels);
         // Stacked adapters keep their t's side by side, for one GEMM of their dx terms and
         // one of their dA.
@@ -1298,7 +1320,8 @@ impl CudaBackend {
         let train = loss_scale.is_some();
         let keep_all = train && !self.options.gradient_checkpointing;
         let parked = b.offload.as_ref().filter(|_| train).map(|o| o.parked);
-        let attention_parked = parked == Some(Parked::Attention);
+        let attention_groups = parked.and_then(Parked::attention_groups);
+        let attention_parked = attention_groups.is_some();
         let x0 = b.x_index(0);
         self.kernels.embedding_gather(
             &self.stream,
@@ -1333,8 +1356,8 @@ impl CudaBackend {
                 }
             }
             self.attention_half(b, l, slot)?;
-            if attention_parked && !last {
-                attention_out = Some(self.park(b, l, &ATTENTION_GROUPS)?);
+            if let (Some(groups), false) = (&attention_groups, last) {
+                attention_out = Some(self.park(b, l, groups)?);
             }
             if let Some(done) = residual_out.take() {
                 self.stream.wait(&done)?;
@@ -1402,14 +1425,21 @@ impl CudaBackend {
                 for ready in [operands_in.take(), lows_in.take()].into_iter().flatten() {
                     self.stream.wait(&ready)?;
                 }
-                self.attention_backward(b, slot)?;
-                if attention_parked && l > 0 {
-                    output_in = Some(self.fetch(b, l - 1, &[Group::Output])?);
-                    operands_in = Some(self.fetch(b, l - 1, &[Group::Operands])?);
+                // Parked without q/k/v: they are recomputed from the input and the fetched
+                // `low`s, leaving n1 in `norm` for the q/k/v backward.
+                let qkv_recomputed = up_ready && parked.is_some_and(Parked::recomputes_qkv);
+                if qkv_recomputed {
+                    self.qkv(b, l, 0, Low::Ready)?;
                 }
-                self.qkv_backward(b, l, slot)?;
-                if attention_parked && l > 0 {
-                    lows_in = Some(self.fetch(b, l - 1, &[Group::Lows])?);
+                self.attention_backward(b, slot)?;
+                let below = attention_groups.filter(|_| l > 0);
+                if let Some([output, operands, _]) = below {
+                    output_in = Some(self.fetch(b, l - 1, &[output])?);
+                    operands_in = Some(self.fetch(b, l - 1, &[operands])?);
+                }
+                self.qkv_backward(b, l, slot, qkv_recomputed)?;
+                if let Some([_, _, lows]) = below {
+                    lows_in = Some(self.fetch(b, l - 1, &[lows])?);
                 }
                 if self.reduce_in_pass {
                     if let Some(r) = self.reducer.as_mut() {
@@ -1474,14 +1504,16 @@ impl CudaBackend {
                 whole(s, &a.v),
                 whole(s, &a.lse),
             ],
-            Group::Lows => {
+            Group::Logsumexp => vec![whole(s, &a.lse)],
+            Group::Lows | Group::QkvLows => {
                 let (n, r) = (b.sizes.tokens, b.sizes.rank.max(1));
                 // q, k, v come first in PROJECTIONS: their lows are one block.
                 let mut v = vec![Range {
                     ptr: a.low(s, 0, n, r),
                     bytes: 3 * n * r * std::mem::size_of::<bf16>(),
                 }];
-                if let Some(x) = self.extras.as_ref().and_then(|e| e.qk.first()) {
+                let qk = self.extras.as_ref().and_then(|e| e.qk.first());
+                if let (Group::Lows, Some(x)) = (g, qk) {
                     v.extend([
                         whole(s, &x.q_raw),
                         whole(s, &x.k_raw),
@@ -1500,25 +1532,23 @@ impl CudaBackend {
     fn offload_buffers(
         &self,
         b: &Buffers,
-        wanted: Parked,
+        parking: Parking,
         previous: Option<Offload>,
     ) -> Result<Offload> {
-        let groups: Vec<(Group, Vec<Range>)> = [Group::Input]
-            .into_iter()
-            .chain(ATTENTION_GROUPS)
-            .chain([Group::Residual])
-            .map(|g| (g, self.parcels(b, 0, g)))
-            .collect();
-        let layout = |n: usize| {
-            let named: Vec<(Group, &[Range])> =
-                groups[..n].iter().map(|(g, r)| (*g, &r[..])).collect();
+        let layout = |parked: Parked| {
+            let parcels: Vec<(Group, Vec<Range>)> = self.group_parcels(b, 0, parked.groups());
+            let named: Vec<(Group, &[Range])> = parcels.iter().map(|(g, r)| (*g, &r[..])).collect();
             Layout::new(&named)
         };
         let layers = self.cfg.num_hidden_layers;
-        let (all, inputs) = (layout(groups.len()), layout(1));
         let need = offload::Need {
-            inputs: inputs.total(),
-            attention: all.total(),
+            inputs: layout(Parked::Inputs).total(),
+            attention: layout(Parked::Attention).total(),
+            attention_output: layout(Parked::AttentionOutput).total(),
+        };
+        let wanted = match parking {
+            Parking::Only(parked) => parked,
+            Parking::Auto => offload::preferred(need, self.layer_flops(&b.sizes)),
         };
         // Data-parallel ranks share the host's memory: count all of them.
         let ranks = self.reducer.as_ref().map_or(1, |r| r.rank_of().1);
@@ -1530,10 +1560,7 @@ impl CudaBackend {
             previous.as_ref().map_or(0, Offload::host_bytes),
             offload::host_available_bytes(),
         );
-        let layout = match plan.parked {
-            Parked::Attention => all,
-            Parked::Inputs => inputs,
-        };
+        let layout = layout(plan.parked);
         let previous = match previous {
             Some(held) if plan.reuse => return Ok(held.relaid(plan.parked, layout)),
             other => other,
@@ -1544,7 +1571,7 @@ impl CudaBackend {
                 "offload: parking the attention results too would pin {:.1} GiB (all ranks), \
                  more than half of the host's available memory; parking the layer inputs only \
                  (the backward recomputes the attention)",
-                (ranks * layers * need.attention) as f64 / GIB
+                (ranks * layers * need.of(wanted)) as f64 / GIB
             );
         }
         // The old buffers go first: their pinned memory is free before the new allocation.
@@ -1556,6 +1583,20 @@ impl CudaBackend {
             offload.host_bytes() as f64 / GIB
         );
         Ok(offload)
+    }
+
+    /// A decoder layer's forward FLOPs at `sz` (the frozen GEMMs and the causal attention;
+    /// the adapters and elementwise work are small), and those of its q/k/v projections.
+    fn layer_flops(&self, sz: &Sizes) -> offload::LayerFlops {
+        let (n, hidden) = (sz.tokens as f64, sz.hidden as f64);
+        let qkv = 2.0 * n * hidden * (sz.qd + 2 * sz.kvd) as f64;
+        let o_mlp = 2.0 * n * hidden * (sz.qd + 3 * sz.inter) as f64;
+        // QKᵀ and PV, 2·T²·d each per head and sequence, half of them masked.
+        let attention = 2.0 * (sz.batch * sz.seq * sz.seq * sz.qd) as f64;
+        offload::LayerFlops {
+            forward: qkv + o_mlp + attention,
+            qkv,
+        }
     }
 
     fn park(&self, b: &Buffers, l: usize, groups: &[Group]) -> Result<CudaEvent> {
@@ -1594,10 +1635,6 @@ enum Norm {
     Attention,
     Mlp,
 }
-
-/// What [`Parked::Attention`] parks right after a layer's attention, in the order it is copied
-/// (after o_proj it also parks [`Group::Residual`]).
-const ATTENTION_GROUPS: [Group; 3] = [Group::Output, Group::Operands, Group::Lows];
 
 /// Indices in [`PROJECTIONS`]: o_proj and down_proj (their `low`s are parked with the residual;
 /// their input gradients fold their adapters), gate and up (their adapters fold into the

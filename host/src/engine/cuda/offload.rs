@@ -9,7 +9,11 @@
 //!   the residual after o_proj and the o/down adapters' `x·Aᵀ` — so the recompute is the second
 //!   RMSNorm and the gate/up GEMMs only: it skips the q/k/v and o GEMMs, RoPE, the attention
 //!   forward, the SwiGLU and down's `x·Aᵀ` (≈ 1 ms of a Llama-3-8B layer at 2 × 2048) for 4.5×
-//!   the host memory and PCIe traffic. Chosen when the host has the room (see [`plan`]).
+//!   the host memory and PCIe traffic. Chosen when the host has the room (see [`plan`]);
+//! - with [`Parked::AttentionOutput`] the same but q, k and v: the recompute reruns the q/k/v
+//!   projections and RoPE from the layer input it fetches anyway, for a third fewer bytes per
+//!   layer over PCIe — for models whose layer copies outrun their compute (Llama-3.2-1B on
+//!   PCIe 5, docs/perf-notes.md §22).
 //!
 //! Each layer owns one pinned buffer holding its [`Group`]s back to back; the device side of a
 //! group is a list of [`Range`]s the engine names at each copy (the activation buffers are
@@ -23,9 +27,43 @@ use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
 
 use crate::cli::choices::GradientCheckpointing;
 
-/// Environment variable that restricts parking to the layer inputs (`inputs`) or asks for the
-/// attention results too (`attention`, the default when the host has the memory).
+/// Environment variable that fixes what is parked: the layer inputs only (`inputs`), the
+/// attention results too (`attention`) or those without q/k/v (`attention-output`). Unset, the
+/// engine picks one of the latter two by the batch shape's costs ([`preferred`]); either
+/// falls back to the inputs when the host lacks the memory ([`plan`]).
 pub const OFFLOAD_ENV: &str = "FERROTUNE_OFFLOAD";
+
+/// What `--use_gradient_checkpointing unsloth` asks to park.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parking {
+    /// With or without q/k/v, whichever the batch shape's costs favour ([`preferred`]).
+    Auto,
+    /// This mode (set through [`OFFLOAD_ENV`], or by tests).
+    Only(Parked),
+}
+
+impl Parking {
+    /// What `--use_gradient_checkpointing` parks: nothing but with `unsloth`, then the mode
+    /// asked for through [`OFFLOAD_ENV`] (default: [`Parking::Auto`]).
+    pub fn for_checkpointing(mode: GradientCheckpointing) -> Result<Option<Self>> {
+        (mode == GradientCheckpointing::Unsloth)
+            .then(|| Self::parse(std::env::var(OFFLOAD_ENV).ok().as_deref()))
+            .transpose()
+    }
+
+    fn parse(value: Option<&str>) -> Result<Self> {
+        match value {
+            None => Ok(Parking::Auto),
+            Some("attention") => Ok(Parking::Only(Parked::Attention)),
+            Some("attention-output") => Ok(Parking::Only(Parked::AttentionOutput)),
+            Some("inputs") => Ok(Parking::Only(Parked::Inputs)),
+            Some(other) => bail!(
+                "${OFFLOAD_ENV}={other:?} is not a parking mode: use `inputs`, `attention` or \
+                 `attention-output` (or leave it unset)"
+            ),
+        }
+    }
+}
 
 /// What the offloaded checkpointing parks per layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,24 +73,41 @@ pub enum Parked {
     /// Also the attention half's results and the residual after it: the recompute starts at
     /// the second RMSNorm.
     Attention,
+    /// As [`Parked::Attention`] without q, k and v: the recompute reruns their projections
+    /// and RoPE before the attention backward.
+    AttentionOutput,
 }
 
 impl Parked {
-    /// What `--use_gradient_checkpointing` parks: nothing but with `unsloth`, then the mode
-    /// asked for through [`OFFLOAD_ENV`] (default: [`Parked::Attention`]).
-    pub fn for_checkpointing(mode: GradientCheckpointing) -> Result<Option<Self>> {
-        (mode == GradientCheckpointing::Unsloth)
-            .then(|| Self::parse(std::env::var(OFFLOAD_ENV).ok().as_deref()))
-            .transpose()
+    /// The attention half's results are parked: the recompute starts at the second RMSNorm.
+    pub fn attention(self) -> bool {
+        self != Parked::Inputs
     }
 
-    fn parse(value: Option<&str>) -> Result<Self> {
-        match value {
-            None | Some("attention") => Ok(Parked::Attention),
-            Some("inputs") => Ok(Parked::Inputs),
-            Some(other) => {
-                bail!("${OFFLOAD_ENV}={other:?} is not a parking mode: use `inputs` or `attention`")
+    /// q, k and v are recomputed before the attention backward (not parked).
+    pub fn recomputes_qkv(self) -> bool {
+        self == Parked::AttentionOutput
+    }
+
+    /// Every group this mode parks, in the order of a layer's host buffer.
+    pub fn groups(self) -> &'static [Group] {
+        use Group::*;
+        match self {
+            Parked::Inputs => &[Input],
+            Parked::Attention => &[Input, Output, Operands, Lows, Residual],
+            Parked::AttentionOutput => &[Input, Output, Logsumexp, QkvLows, Residual],
+        }
+    }
+
+    /// The groups parked right after a layer's attention, in the order they are copied and
+    /// read back — by o_proj's `dA`, the attention backward, the q/k/v backward (the input goes
+    /// out before them, the residual after the MLP).
+    pub fn attention_groups(self) -> Option<[Group; 3]> {
+        match self.groups() {
+            &[Group::Input, output, operands, lows, Group::Residual] => {
+                Some([output, operands, lows])
             }
+            _ => None,
         }
     }
 }
@@ -66,15 +121,54 @@ pub struct Plan {
     pub reuse: bool,
 }
 
+/// Pinned device-to-host copy rate and the rate of a layer forward's GEMMs on the H200
+/// (docs/perf-notes.md §13, §22): [`preferred`] weighs a layer's copies against its compute
+/// with them.
+const COPY_BYTES_PER_S: f64 = 55e9;
+const FORWARD_FLOPS_PER_S: f64 = 600e12;
+
+/// A layer's forward FLOPs in all and those of its q/k/v projections, for one batch shape.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerFlops {
+    pub forward: f64,
+    pub qkv: f64,
+}
+
+/// [`Parked::AttentionOutput`] when the attention's copies would outlast the layer's forward
+/// (the next layer waits for them) by more than the q/k/v recompute costs with fewer bytes;
+/// otherwise [`Parked::Attention`]. Small models (Llama-3.2-1B) are copy-bound: ≈ 77 MB per
+/// layer against ≈ 0.53 TFLOP at 2 × 2048; Llama-3-8B's 152 MB hide under 1.9 TFLOP.
+pub fn preferred(need: Need, flops: LayerFlops) -> Parked {
+    let compute = flops.forward / FORWARD_FLOPS_PER_S;
+    let wait = |bytes: usize| (bytes as f64 / COPY_BYTES_PER_S - compute).max(0.0);
+    let recompute = flops.qkv / FORWARD_FLOPS_PER_S;
+    if wait(need.attention_output) + recompute < wait(need.attention) {
+        Parked::AttentionOutput
+    } else {
+        Parked::Attention
+    }
+}
+
 /// Per-layer host bytes of each mode for one batch shape.
 #[derive(Debug, Clone, Copy)]
 pub struct Need {
     pub inputs: usize,
     pub attention: usize,
+    pub attention_output: usize,
 }
 
-/// Parks the attention too when `wanted` and when every copy of it (`copies` = layers × data-
-/// parallel ranks) stays within half of the host's available memory (`available`, counting
+impl Need {
+    pub fn of(&self, parked: Parked) -> usize {
+        match parked {
+            Parked::Inputs => self.inputs,
+            Parked::Attention => self.attention,
+            Parked::AttentionOutput => self.attention_output,
+        }
+    }
+}
+
+/// Parks the attention too (with q/k/v or without, as `wanted`) when every copy of it (`copies`
+/// = layers × data-parallel ranks) stays within half of the host's available memory (`available`, counting
 /// the `held` bytes this process has pinned already as available); reuses the current
 /// per-layer `capacity` when it holds the chosen mode.
 pub fn plan(
@@ -86,16 +180,13 @@ pub fn plan(
     available: Option<usize>,
 ) -> Plan {
     let room = available.map(|a| (a + held) / 2);
-    let parked = match wanted {
-        Parked::Attention if room.is_some_and(|r| copies * need.attention <= r) => {
-            Parked::Attention
-        }
-        _ => Parked::Inputs,
+    let fits = room.is_some_and(|r| copies * need.of(wanted) <= r);
+    let parked = if wanted.attention() && fits {
+        wanted
+    } else {
+        Parked::Inputs
     };
-    let bytes = match parked {
-        Parked::Attention => need.attention,
-        Parked::Inputs => need.inputs,
-    };
+    let bytes = need.of(parked);
     Plan {
         parked,
         reuse: capacity.is_some_and(|c| c >= bytes),
@@ -207,6 +298,11 @@ pub enum Group {
     /// The q/k/v adapters' `x·Aᵀ` and Qwen3's pre-norm q/k with their rstd: read by the q/k/v
     /// backward, after the attention backward.
     Lows,
+    /// [`Parked::AttentionOutput`]'s operands: the logsumexp alone (q, k, v are recomputed).
+    Logsumexp,
+    /// [`Parked::AttentionOutput`]'s lows: the q/k/v adapters' `x·Aᵀ` alone, read by the q/k/v
+    /// recompute (Qwen3's pre-norm q/k are recomputed with q and k).
+    QkvLows,
     /// The residual after attention `h = x + o_proj(attn)` and the o/gate/up/down adapters'
     /// `x·Aᵀ` (parked after the MLP): the recompute starts from them at the second RMSNorm and
     /// runs only the gate/up frozen GEMMs.
@@ -430,11 +526,74 @@ mod tests {
     }
 
     #[test]
-    fn the_mode_defaults_to_attention_and_bad_values_name_the_variable() {
-        assert_eq!(Parked::parse(None).unwrap(), Parked::Attention);
-        assert_eq!(Parked::parse(Some("attention")).unwrap(), Parked::Attention);
-        assert_eq!(Parked::parse(Some("inputs")).unwrap(), Parked::Inputs);
-        let e = Parked::parse(Some("everything")).unwrap_err().to_string();
+    fn q_k_v_are_recomputed_where_the_copies_outrun_the_layer_and_parked_where_they_hide() {
+        // Llama-3 at 2 × 2048 (docs/perf-notes.md §22): per-layer bytes of each mode, forward
+        // and q/k/v FLOPs.
+        let (n, t, b) = (4096.0, 2048.0, 2.0);
+        let shape = |hidden: f64, kv: f64, inter: f64| {
+            let mib = |h: f64| (n * h * 2.0) as usize;
+            // input, attention output, residual, q, k, v (the lse and lows are small).
+            let out = 3 * mib(hidden) + (4 << 20);
+            let need = Need {
+                inputs: mib(hidden),
+                attention: out + mib(hidden) + 2 * mib(kv),
+                attention_output: out,
+            };
+            let qkv = 2.0 * n * hidden * (hidden + 2.0 * kv);
+            let rest = 2.0 * n * hidden * (hidden + 3.0 * inter) + 2.0 * b * t * t * hidden;
+            let flops = LayerFlops {
+                forward: qkv + rest,
+                qkv,
+            };
+            preferred(need, flops)
+        };
+        assert_eq!(shape(2048.0, 512.0, 8192.0), Parked::AttentionOutput, "1B");
+        assert_eq!(shape(4096.0, 1024.0, 14336.0), Parked::Attention, "8B");
+        // Nothing to wait for either way: no recompute.
+        let flops = LayerFlops {
+            forward: 1e15,
+            qkv: 1e14,
+        };
+        let need = Need {
+            inputs: 1,
+            attention: 3,
+            attention_output: 2,
+        };
+        assert_eq!(preferred(need, flops), Parked::Attention);
+    }
+
+    #[test]
+    fn each_mode_parks_the_input_first_and_the_residual_last_with_the_attention() {
+        use Group::*;
+        assert_eq!(Parked::Inputs.groups(), [Input]);
+        assert_eq!(Parked::Inputs.attention_groups(), None);
+        assert_eq!(
+            Parked::Attention.attention_groups(),
+            Some([Output, Operands, Lows])
+        );
+        // Without q/k/v: the logsumexp and the adapters' lows stand in for them.
+        assert_eq!(
+            Parked::AttentionOutput.attention_groups(),
+            Some([Output, Logsumexp, QkvLows])
+        );
+        for p in [Parked::Attention, Parked::AttentionOutput] {
+            assert!(p.attention() && p.groups().first() == Some(&Input));
+            assert_eq!(p.groups().last(), Some(&Residual));
+        }
+        assert!(Parked::AttentionOutput.recomputes_qkv() && !Parked::Attention.recomputes_qkv());
+    }
+
+    #[test]
+    fn the_mode_defaults_to_auto_and_bad_values_name_the_variable() {
+        let only = |v| Parking::parse(Some(v)).unwrap();
+        assert_eq!(Parking::parse(None).unwrap(), Parking::Auto);
+        assert_eq!(only("attention"), Parking::Only(Parked::Attention));
+        assert_eq!(only("inputs"), Parking::Only(Parked::Inputs));
+        assert_eq!(
+            only("attention-output"),
+            Parking::Only(Parked::AttentionOutput)
+        );
+        let e = Parking::parse(Some("everything")).unwrap_err().to_string();
         assert!(
             e.contains("FERROTUNE_OFFLOAD") && e.contains("inputs"),
             "{e}"
@@ -514,8 +673,9 @@ mod tests {
         let need = Need {
             inputs: 10,
             attention: 35,
+            attention_output: 30,
         };
-        let (att, inp) = (Parked::Attention, Parked::Inputs);
+        let (att, inp, out) = (Parked::Attention, Parked::Inputs, Parked::AttentionOutput);
         let p = |wanted, copies, capacity, held, avail| {
             plan(wanted, need, copies, capacity, held, avail)
         };
@@ -525,6 +685,10 @@ mod tests {
         // What this process holds already counts as available; unknown memory: inputs only.
         assert_eq!(p(att, 32, None, 320, Some(1920)).parked, att);
         assert_eq!(p(att, 32, None, 0, None).parked, inp);
+        // Without q/k/v: its own bytes (32 × 30 = 960) decide.
+        assert_eq!(p(out, 32, None, 0, Some(1920)).parked, out);
+        assert_eq!(p(out, 32, None, 0, Some(1918)).parked, inp);
+        assert!(p(out, 32, Some(30), 0, Some(1 << 40)).reuse);
         // Asked for inputs: inputs, whatever the memory.
         assert_eq!(p(inp, 32, None, 0, Some(1 << 40)).parked, inp);
         // Reuse when the current buffers hold the chosen mode's bytes.
