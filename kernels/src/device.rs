@@ -239,9 +239,30 @@ impl Kernels {
             compiler: compiler.clone(),
             ..Default::default()
         };
+        // One thread per module (NVRTC compiles distinct programs concurrently): a cold start
+        // waits for the slowest module, not for the sum of them.
+        let cubins: Vec<Result<(Vec<u8>, Origin), KernelError>> = std::thread::scope(|s| {
+            let jobs: Vec<_> = sources::ALL
+                .iter()
+                .map(|src| s.spawn(|| module_cubin(src, arch, &compiler, cache)))
+                .collect();
+            jobs.into_iter()
+                .map(|job| job.join().expect("a kernel compile thread panicked"))
+                .collect()
+        });
         let mut modules = Vec::with_capacity(sources::ALL.len());
-        for src in sources::ALL {
-            let cubin = module_cubin(src, arch, &compiler, cache, &mut report)?;
+        for (src, cubin) in sources::ALL.iter().zip(cubins) {
+            if src.is_overridden() {
+                report.overridden.push(src.name);
+            }
+            let (cubin, origin) = cubin?;
+            match origin {
+                Origin::Cached => report.cached.push(src.name),
+                Origin::Compiled { log, cache_error } => {
+                    report.compiled.push((src.name, ptxas::parse(&log)));
+                    report.cache_errors.extend(cache_error);
+                }
+            }
             modules.push(ctx.load_module(Ptx::from_binary(cubin))?);
         }
         let get = |src: &KernelSource, name: &str| -> Result<CudaFunction, KernelError> {
@@ -1410,18 +1431,24 @@ fn nf4_check(
     Ok(n)
 }
 
+/// Where a module's cubin came from, for the [`LoadReport`].
+enum Origin {
+    Cached,
+    /// Compiled now: the compiler's log, and the cache write's failure if it failed.
+    Compiled {
+        log: String,
+        cache_error: Option<String>,
+    },
+}
+
 /// Cubin of one module: from the cache when present, else compiled (and cached).
 fn module_cubin(
     src: &'static KernelSource,
     arch: GpuArch,
     compiler: &str,
     cache: Option<&KernelCache>,
-    report: &mut LoadReport,
-) -> Result<Vec<u8>, KernelError> {
+) -> Result<(Vec<u8>, Origin), KernelError> {
     let target = arch.nvrtc_target();
-    if src.is_overridden() {
-        report.overridden.push(src.name);
-    }
     let key = crate::cache::key(
         &src.program(),
         &target,
@@ -1429,21 +1456,19 @@ fn module_cubin(
         compiler,
     );
     if let Some(cubin) = cache.and_then(|c| c.get(src.name, &target, &key)) {
-        report.cached.push(src.name);
-        return Ok(cubin);
+        return Ok((cubin, Origin::Cached));
     }
     let compiled = nvrtc::compile(src, arch)?;
-    if let Some(c) = cache {
-        if let Err(e) = c.put(src.name, &target, &key, &compiled.cubin) {
-            report
-                .cache_errors
-                .push(format!("{}: {e}", c.dir().display()));
-        }
-    }
-    report
-        .compiled
-        .push((src.name, ptxas::parse(&compiled.log)));
-    Ok(compiled.cubin)
+    let cache_error = cache.and_then(|c| {
+        c.put(src.name, &target, &key, &compiled.cubin)
+            .err()
+            .map(|e| format!("{}: {e}", c.dir().display()))
+    });
+    let origin = Origin::Compiled {
+        log: compiled.log,
+        cache_error,
+    };
+    Ok((compiled.cubin, origin))
 }
 
 #[cfg(test)]
