@@ -167,10 +167,10 @@ impl Need {
     }
 }
 
-/// Parks the attention too (with q/k/v or without, as `wanted`) when every copy of it (`copies`
-/// = layers × data-parallel ranks) stays within half of the host's available memory (`available`, counting
-/// the `held` bytes this process has pinned already as available); reuses the current
-/// per-layer `capacity` when it holds the chosen mode.
+/// Parks the attention too (with q/k/v or without, as `wanted`) when every copy of it
+/// (`copies` = layers × data-parallel ranks) stays within half of the host's available memory
+/// (`available`, counting the `held` bytes this process has pinned already as available);
+/// reuses the current per-layer `capacity` when it holds the chosen mode.
 pub fn plan(
     wanted: Parked,
     need: Need,
