@@ -50,6 +50,10 @@ pub struct LoadReport {
     pub cache_errors: Vec<String>,
     /// Modules whose text came from `$FERROTUNE_KERNEL_SOURCE_DIR` instead of the binary.
     pub overridden: Vec<&'static str>,
+    /// Seconds spent compiling or reading the cubins (all modules, in parallel), then loading
+    /// them into the context.
+    pub cubins_s: f64,
+    pub modules_s: f64,
 }
 
 struct Functions {
@@ -241,6 +245,7 @@ impl Kernels {
         };
         // One thread per module (NVRTC compiles distinct programs concurrently): a cold start
         // waits for the slowest module, not for the sum of them.
+        let started = std::time::Instant::now();
         let cubins: Vec<Result<(Vec<u8>, Origin), KernelError>> = std::thread::scope(|s| {
             let jobs: Vec<_> = sources::ALL
                 .iter()
@@ -250,6 +255,8 @@ impl Kernels {
                 .map(|job| job.join().expect("a kernel compile thread panicked"))
                 .collect()
         });
+        report.cubins_s = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
         let mut modules = Vec::with_capacity(sources::ALL.len());
         for (src, cubin) in sources::ALL.iter().zip(cubins) {
             if src.is_overridden() {
@@ -265,6 +272,7 @@ impl Kernels {
             }
             modules.push(ctx.load_module(Ptx::from_binary(cubin))?);
         }
+        report.modules_s = started.elapsed().as_secs_f64();
         let get = |src: &KernelSource, name: &str| -> Result<CudaFunction, KernelError> {
             let i = sources::ALL
                 .iter()

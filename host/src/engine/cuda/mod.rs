@@ -17,14 +17,17 @@ mod attention;
 mod buffers;
 mod extras;
 mod gemm;
+mod kernel_load;
 mod linear;
 mod nf4;
 mod offload;
+mod pinned;
 mod pool;
 mod raw;
 mod reducer;
 pub mod replica;
 mod stacks;
+mod staging;
 mod swiglu_lora;
 mod trainable;
 mod weights;
@@ -32,7 +35,7 @@ mod weights;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr};
 use ferrotune_kernels::cache::KernelCache;
 use ferrotune_kernels::device::{bf16, CopyJob, CopyTable, FlashShape, Kernels};
 use rand::SeedableRng;
@@ -41,11 +44,13 @@ use rand_chacha::ChaCha8Rng;
 use self::buffers::{Buffers, LayerActs, Sizes};
 use self::extras::{Extras, Needs};
 use self::gemm::Gemm;
+use self::kernel_load::KernelLoad;
 use self::linear::{Dropout, DxTerm, Fold, Linear, Lora, Low, LowGrad};
 use self::nf4::{Nf4Quantizer, Nf4Weight};
 use self::offload::{Group, Layout, Offload, Range};
 pub use self::offload::{Parked, Parking};
 use self::stacks::{Stack, StackLayout, Stacks};
+use self::staging::Staging;
 use self::trainable::Trainable;
 use self::weights::WeightFiles;
 use crate::engine::cpu::dropout::{site_seed, Site};
@@ -257,33 +262,22 @@ impl CudaBackend {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (free_at_start, _) = ctx.mem_get_info()?;
+        // The kernels load on their own thread while the weights upload (kernel_load.rs).
         let cache = ferrotune_kernels::cache::default_dir().map(KernelCache::new);
-        let (kernels, report) =
-            Kernels::load(&ctx, cache.as_ref()).context("loading the CUDA kernels")?;
-        tracing::info!(
-            target = %report.target,
-            compiled = report.compiled.len(),
-            cached = report.cached.len(),
-            "cuda kernels ready on {device_name}"
-        );
-        if !report.overridden.is_empty() {
-            tracing::warn!(
-                "kernel sources replaced from ${}: {} (kernel development only)",
-                ferrotune_kernels::sources::SOURCE_DIR_ENV,
-                report.overridden.join(", ")
-            );
-        }
+        let mut kernels = KernelLoad::start(&ctx, cache, &device_name);
         let gemm = Gemm::new(stream.clone())?;
 
+        let upload_started = std::time::Instant::now();
         let files = WeightFiles::open(dir)?;
+        let mut staging = Staging::new(&stream)?;
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let embed = files.upload(&stream, "model.embed_tokens.weight", &[v, h])?;
+        let embed = files.upload(&mut staging, "model.embed_tokens.weight", &[v, h])?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(files.upload(&stream, "lm_head.weight", &[v, h])?)
+            Some(files.upload(&mut staging, "lm_head.weight", &[v, h])?)
         };
-        let final_norm = files.upload(&stream, "model.norm.weight", &[h])?;
+        let final_norm = files.upload(&mut staging, "model.norm.weight", &[h])?;
 
         let shapes = trainable_shapes(&cfg, &options)?;
         let mut rng = ChaCha8Rng::seed_from_u64(options.init_seed);
@@ -337,8 +331,8 @@ impl CudaBackend {
                 let adapter = slot(&format!("{peft}.lora_A.weight"))
                     .zip(slot(&format!("{peft}.lora_B.weight")));
                 let weight = nf4::load_projection(
-                    &stream,
-                    &kernels,
+                    &mut staging,
+                    &mut kernels,
                     &files,
                     quantizer.as_mut(),
                     &format!("{hf}.weight"),
@@ -347,7 +341,7 @@ impl CudaBackend {
                 let layout = WeightLayout::of(fold_r, proj.len(), adapter.is_some(), (out, inp));
                 proj.push(match weight {
                     ProjWeight::Bf16(w) if layout.padded(out * inp) => {
-                        ProjWeight::Bf16(layout.place(&stream, &kernels, w, (out, inp))?)
+                        ProjWeight::Bf16(layout.place(&stream, w, (out, inp))?)
                     }
                     w => w,
                 });
@@ -357,7 +351,7 @@ impl CudaBackend {
                     {
                         Some(i) => Some(BiasWeight::Trainable(i)),
                         None => Some(BiasWeight::Frozen(files.upload(
-                            &stream,
+                            &mut staging,
                             &format!("{hf}.bias"),
                             &[out],
                         )?)),
@@ -369,16 +363,16 @@ impl CudaBackend {
             }
             let qk_norm = if cfg.qk_norm {
                 Some((
-                    files.upload(&stream, &format!("{p}.self_attn.q_norm.weight"), &[d])?,
-                    files.upload(&stream, &format!("{p}.self_attn.k_norm.weight"), &[d])?,
+                    files.upload(&mut staging, &format!("{p}.self_attn.q_norm.weight"), &[d])?,
+                    files.upload(&mut staging, &format!("{p}.self_attn.k_norm.weight"), &[d])?,
                 ))
             } else {
                 None
             };
             layers.push(LayerWeights {
-                norm1: files.upload(&stream, &format!("{p}.input_layernorm.weight"), &[h])?,
+                norm1: files.upload(&mut staging, &format!("{p}.input_layernorm.weight"), &[h])?,
                 norm2: files.upload(
-                    &stream,
+                    &mut staging,
                     &format!("{p}.post_attention_layernorm.weight"),
                     &[h],
                 )?,
@@ -425,7 +419,14 @@ impl CudaBackend {
             .map(|s| s.numel())
             .sum();
         let inv_freq = stream.clone_htod(Rope::new(&cfg).inv_freq())?;
+        let kernels = kernels.into_ready()?;
         stream.synchronize()?;
+        tracing::info!(
+            "weights on the GPU: {:.1} GiB copied in {:.2} s",
+            staging.bytes_copied() as f64 / (1u64 << 30) as f64,
+            upload_started.elapsed().as_secs_f64()
+        );
+        drop(staging);
         let mut backend = CudaBackend {
             frozen_numel: files.numel()? - trained_biases,
             ctx,
@@ -1576,11 +1577,13 @@ impl CudaBackend {
         }
         // The old buffers go first: their pinned memory is free before the new allocation.
         drop(previous);
+        let pinning_started = std::time::Instant::now();
         let offload = Offload::new(&self.ctx, plan.parked, layout, layers)?;
         tracing::info!(
-            "offload: {:?} parked in {:.2} GiB of pinned host memory",
+            "offload: {:?} parked in {:.2} GiB of pinned host memory (pinned in {:.2} s)",
             plan.parked,
-            offload.host_bytes() as f64 / GIB
+            offload.host_bytes() as f64 / GIB,
+            pinning_started.elapsed().as_secs_f64()
         );
         Ok(offload)
     }
@@ -1698,7 +1701,6 @@ impl WeightLayout {
     fn place(
         &self,
         stream: &Arc<CudaStream>,
-        kernels: &Kernels,
         w: CudaSlice<bf16>,
         (out, inp): (usize, usize),
     ) -> Result<CudaSlice<bf16>> {
@@ -1709,19 +1711,30 @@ impl WeightLayout {
             stream.synchronize()?;
             return Ok(buf);
         }
-        let dst = buf.device_ptr(stream).0 + (2 * self.at) as u64;
+        // A strided copy by the copy engine, not a kernel: the weights upload while the kernels
+        // are still compiling (kernel_load.rs).
+        let row_bytes = 2 * inp;
+        let copy = sys::CUDA_MEMCPY2D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            srcHost: std::ptr::null(),
+            srcDevice: w.device_ptr(stream).0,
+            srcArray: std::ptr::null_mut(),
+            srcPitch: row_bytes,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+            dstHost: std::ptr::null_mut(),
+            dstDevice: buf.device_ptr(stream).0 + (2 * self.at) as u64,
+            dstArray: std::ptr::null_mut(),
+            dstPitch: 2 * self.ld,
+            WidthInBytes: row_bytes,
+            Height: out,
+        };
         // SAFETY: `out` rows of `inp` values from `w` into rows `ld` apart starting `at` in, all
         // inside `buf` (`len` covers them); both live until the stream is synchronised below.
-        unsafe {
-            raw::copy_rows_bf16(
-                stream,
-                kernels,
-                (dst, self.ld),
-                (w.device_ptr(stream).0, inp),
-                inp,
-                out,
-            )?
-        };
+        unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }.result()?;
         stream.synchronize()?;
         Ok(buf)
     }

@@ -18,7 +18,9 @@ use ferrotune_kernels::device::{
 };
 use ferrotune_kernels::quant::{signed_map, NF4_BLOCK, Q8_BLOCK};
 
+use super::kernel_load::KernelLoad;
 use super::raw::Borrowed;
+use super::staging::Staging;
 use super::weights::WeightFiles;
 use super::{CudaBackend, ProjWeight};
 use crate::export::bnb_nf4::{self, DoubleQuant};
@@ -230,21 +232,22 @@ impl Nf4Weight {
 /// pre-quantised (its 16-bit skip modules stay bf16, as bitsandbytes keeps them), else bf16,
 /// NF4-quantised here when `quantizer` is given (`--load_in_4bit`).
 pub(super) fn load_projection(
-    stream: &Arc<CudaStream>,
-    kernels: &Kernels,
+    staging: &mut Staging,
+    kernels: &mut KernelLoad,
     files: &WeightFiles,
     quantizer: Option<&mut Nf4Quantizer>,
     name: &str,
     shape: &[usize],
 ) -> Result<ProjWeight> {
+    let stream = &staging.stream().clone();
     if files.is_nf4(name) {
         let w = files.read_nf4(name, shape)?;
         return Ok(ProjWeight::Nf4(Nf4Weight::upload(stream, &w, name)?));
     }
-    let w = files.upload(stream, name, shape)?;
+    let w = files.upload(staging, name, shape)?;
     Ok(match quantizer.filter(|_| files.prequantized().is_none()) {
         // One projection at a time: its bf16 copy is gone before the next arrives.
-        Some(q) => ProjWeight::Nf4(q.quantize(stream, kernels, w, name)?),
+        Some(q) => ProjWeight::Nf4(q.quantize(stream, kernels.ready()?, w, name)?),
         None => ProjWeight::Bf16(w),
     })
 }

@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Result};
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, PinnedHostSlice};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
+use super::pinned::PinnedHost;
 use crate::cli::choices::GradientCheckpointing;
 
 /// Environment variable that fixes what is parked: the layer inputs only (`inputs`), the
@@ -377,9 +378,9 @@ pub struct Offload {
     layout: Layout,
     /// Bytes of each layer's host buffer (≥ the layout's total).
     capacity: usize,
-    host: Vec<PinnedHostSlice<u8>>,
-    /// Base address of each `host` buffer (taken once: cudarc's accessors wait on events these
-    /// raw copies never record).
+    /// Every layer's buffer, back to back.
+    host: PinnedHost,
+    /// Base address of each layer's buffer in `host`.
     base: Vec<*mut u8>,
 }
 
@@ -390,15 +391,12 @@ impl Offload {
         layout: Layout,
         layers: usize,
     ) -> Result<Self> {
-        let mut host = Vec::with_capacity(layers);
-        let mut base = Vec::with_capacity(layers);
         let capacity = layout.total().max(1);
-        for _ in 0..layers {
-            // SAFETY: every byte is written by a device copy before one is read back.
-            let mut h = unsafe { ctx.alloc_pinned::<u8>(capacity)? };
-            base.push(h.as_mut_ptr()?);
-            host.push(h);
-        }
+        let host = PinnedHost::new(ctx, capacity * layers)?;
+        // SAFETY: layer l's buffer, `capacity` bytes from `l·capacity`, lies inside `host`.
+        let base = (0..layers)
+            .map(|l| unsafe { host.as_mut_ptr().add(l * capacity) })
+            .collect();
         Ok(Offload {
             parked,
             side: ctx.new_stream()?,
@@ -485,7 +483,7 @@ impl Offload {
 
     /// Pinned bytes in all.
     pub fn host_bytes(&self) -> usize {
-        self.host.len() * self.capacity
+        self.host.len()
     }
 }
 

@@ -10,15 +10,15 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::CudaSlice;
 use ferrotune_kernels::device::bf16;
 use memmap2::Mmap;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use super::staging::Staging;
 use crate::export::bnb_nf4::{self, QuantState, RawTensor, QUANT_STATE_KEY};
 use crate::model::bnb4::Prequantized;
 use crate::model::weights::safetensors_files;
@@ -129,28 +129,28 @@ impl WeightFiles {
     /// Uploads tensor `name` as bf16, checking its shape against what config.json implies.
     pub fn upload(
         &self,
-        stream: &Arc<CudaStream>,
+        staging: &mut Staging,
         name: &str,
         shape: &[usize],
     ) -> Result<CudaSlice<bf16>> {
         if let Some(v) = self.dequantized(name, shape)? {
             let v: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
-            return Ok(stream.clone_htod(&v)?);
+            return staging.upload(&v);
         }
         let (file, view) = self.stored(name, shape)?;
         let data = view.data();
-        let out = match view.dtype() {
+        match view.dtype() {
             Dtype::BF16 => {
                 // SAFETY: bf16 is a plain 16-bit value; every bit pattern is valid.
                 let (head, body, tail) = unsafe { data.align_to::<bf16>() };
                 if head.is_empty() && tail.is_empty() {
-                    stream.clone_htod(body)?
+                    staging.upload(body)
                 } else {
                     let v: Vec<bf16> = data
                         .chunks_exact(2)
                         .map(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])))
                         .collect();
-                    stream.clone_htod(&v)?
+                    staging.upload(&v)
                 }
             }
             Dtype::F32 => {
@@ -158,21 +158,20 @@ impl WeightFiles {
                     .chunks_exact(4)
                     .map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
                     .collect();
-                stream.clone_htod(&v)?
+                staging.upload(&v)
             }
             Dtype::F16 => {
                 let v: Vec<bf16> = data
                     .chunks_exact(2)
                     .map(|b| bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
                     .collect();
-                stream.clone_htod(&v)?
+                staging.upload(&v)
             }
             other => bail!(
                 "{}: tensor {name:?} is {other:?}; the cuda engine loads bf16, f16 or f32 weights",
                 file.display()
             ),
-        };
-        Ok(out)
+        }
     }
 
     /// Tensor `name` as f32 on the host (small tensors the engine trains, e.g. biases).
