@@ -426,3 +426,57 @@ fn features_not_built_fail_loudly_before_writing_anything() {
     );
     assert!(!out_dir.exists());
 }
+
+/// `ferrotune kernels` fills the kernel cache without a GPU (only libnvrtc, which CI installs),
+/// for the architecture asked; a second run finds every module there — the same lookup the
+/// engine makes at launch, so a container image built this way compiles nothing on a fresh
+/// machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn kernels_are_compiled_ahead_of_time_into_the_cache() {
+    if !ferrotune_kernels::nvrtc::available() {
+        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!in_ci, "CI=true but libnvrtc was not found (see .ci/run)");
+        eprintln!("SKIPPED: libnvrtc not found");
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(["kernels", "--arch", "sm_86"])
+            .env("FERROTUNE_CACHE_DIR", cache.path())
+            .output()
+            .expect("run ferrotune");
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let modules = ferrotune_kernels::sources::ALL.len();
+    let first = run();
+    assert!(
+        first.starts_with(&format!(
+            "sm_86: {modules} modules compiled, 0 already cached"
+        )),
+        "{first}"
+    );
+    let cubins = std::fs::read_dir(cache.path().join("kernels"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().ends_with(".cubin")
+        })
+        .count();
+    assert_eq!(cubins, modules);
+    let second = run();
+    assert!(
+        second.starts_with(&format!(
+            "sm_86: 0 modules compiled, {modules} already cached"
+        )),
+        "{second}"
+    );
+}
+
+#[test]
+fn kernels_arch_must_be_a_supported_gpu_architecture() {
+    assert_usage_error(&["kernels", "--arch", "ampere"], "--arch");
+    assert_usage_error(&["kernels", "--arch", "sm_75"], "sm_80");
+}

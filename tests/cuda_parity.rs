@@ -18,6 +18,7 @@ use std::path::Path;
 
 use ferrotune::cli::choices::{Bias, Optim};
 use ferrotune::engine::cpu::{trainable_shapes, CpuBackend, EngineOptions};
+use ferrotune::engine::cuda::staging::Staging;
 use ferrotune::engine::cuda::{probe, CudaBackend, Parked};
 use ferrotune::engine::{Backend, Batch, HostData, HostTensor, IGNORE};
 use ferrotune::job::PROJECTIONS;
@@ -690,6 +691,37 @@ fn offload_keeps_its_host_buffers_across_batch_shapes() {
             "{mode:?}: a longer one grows them: {held:?}"
         );
     }
+}
+
+/// The weights' staged upload: tensors spanning many staging buffers (the last one part filled)
+/// arrive exactly, with small buffers (every copy waits for the one two back) and with the
+/// engine's (several threads fill each buffer).
+#[test]
+fn staged_uploads_arrive_exactly_across_staging_buffers() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let stream = cudarc::driver::CudaContext::new(0)
+        .unwrap()
+        .default_stream();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let mut small = Staging::with_slot_bytes(&stream, 1 << 16).unwrap();
+    let mut engine = Staging::new(&stream).unwrap();
+    let mut sent = 0;
+    for len in [5 * (1 << 15) + 3, 7, 1 << 18] {
+        let host: Vec<u16> = (0..len).map(|_| rng.random()).collect();
+        let dev = small.upload(&host).unwrap();
+        assert_eq!(stream.clone_dtoh(&dev).unwrap(), host, "{len} values");
+        sent += 2 * len;
+    }
+    assert_eq!(small.bytes_copied(), sent);
+    // 150 MiB + 6 bytes: two full 64 MiB buffers and a part-filled third.
+    let host: Vec<u16> = (0..75 * (1 << 20) + 3).map(|_| rng.random()).collect();
+    let dev = engine.upload(&host).unwrap();
+    assert!(
+        stream.clone_dtoh(&dev).unwrap() == host,
+        "150 MiB through the engine's staging buffers"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod model;
 pub mod optim;
 pub mod plugin;
+pub mod precompile;
 pub mod run;
 pub mod signals;
 pub mod storage;

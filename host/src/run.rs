@@ -83,5 +83,6 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Export(args) => crate::export::command::run(args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::Kelpie(command) => crate::kelpie::run(command),
+        Command::Kernels(args) => crate::precompile::run(&args),
     }
 }

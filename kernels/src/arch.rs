@@ -42,6 +42,23 @@ impl GpuArch {
         self.nvrtc_target() == "sm_90a"
     }
 
+    /// `sm_90`, `sm_90a`, `sm_86`, `9.0`, `8.6` or `90`, `86`: the spellings of nvcc, NVRTC and
+    /// `nvidia-smi --query-gpu=compute_cap`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim();
+        let t = t.strip_prefix("sm_").unwrap_or(t);
+        let t = t.strip_suffix('a').unwrap_or(t);
+        let (major, minor) = match t.split_once('.') {
+            Some((major, minor)) => (major.parse().ok()?, minor.parse().ok()?),
+            None if t.len() >= 2 && t.bytes().all(|b| b.is_ascii_digit()) => {
+                let (major, minor) = t.split_at(t.len() - 1);
+                (major.parse().ok()?, minor.parse().ok()?)
+            }
+            None => return None,
+        };
+        (minor < 10).then_some(GpuArch::new(major, minor))
+    }
+
     pub fn is_supported(&self) -> bool {
         (self.major, self.minor) >= (MIN_ARCH.major, MIN_ARCH.minor)
     }
@@ -56,6 +73,29 @@ impl fmt::Display for GpuArch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_usual_spelling_parses_and_others_do_not() {
+        for (text, want) in [
+            ("sm_90", (9, 0)),
+            ("sm_90a", (9, 0)),
+            ("9.0", (9, 0)),
+            ("90", (9, 0)),
+            ("sm_86", (8, 6)),
+            ("8.9", (8, 9)),
+            ("sm_120", (12, 0)),
+            (" 80 ", (8, 0)),
+        ] {
+            assert_eq!(
+                GpuArch::parse(text),
+                Some(GpuArch::new(want.0, want.1)),
+                "{text}"
+            );
+        }
+        for bad in ["", "sm_", "9", "ampere", "9.x", "9.10", "sm_9o"] {
+            assert_eq!(GpuArch::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn hopper_gets_the_arch_specific_target_others_plain_sm() {

@@ -56,6 +56,77 @@ pub struct LoadReport {
     pub modules_s: f64,
 }
 
+impl LoadReport {
+    /// Notes where module `src`'s cubin came from; returns the cubin.
+    fn record(
+        &mut self,
+        src: &'static KernelSource,
+        (cubin, origin): (Vec<u8>, Origin),
+    ) -> Vec<u8> {
+        if src.is_overridden() {
+            self.overridden.push(src.name);
+        }
+        match origin {
+            Origin::Cached => self.cached.push(src.name),
+            Origin::Compiled { log, cache_error } => {
+                self.compiled.push((src.name, ptxas::parse(&log)));
+                self.cache_errors.extend(cache_error);
+            }
+        }
+        cubin
+    }
+}
+
+/// Compiles every module for `arch` into `cache` ahead of time (those already there are kept):
+/// no GPU needed, only libnvrtc. A container image built with a filled cache compiles nothing
+/// when it starts on a fresh machine (`ferrotune kernels`).
+pub fn precompile(arch: GpuArch, cache: &KernelCache) -> Result<LoadReport, KernelError> {
+    if !arch.is_supported() {
+        return Err(KernelError::UnsupportedArch(arch));
+    }
+    let (mut report, cubins) = cubins_reported(arch, Some(cache))?;
+    for (src, cubin) in sources::ALL.iter().zip(cubins) {
+        report.record(src, cubin?);
+    }
+    Ok(report)
+}
+
+/// Each module's cubin and where it came from, in [`sources::ALL`]'s order.
+type Cubins = Vec<Result<(Vec<u8>, Origin), KernelError>>;
+
+/// [`all_cubins`] timed, with a report naming the target and the compiler (filled in by
+/// [`LoadReport::record`]).
+fn cubins_reported(
+    arch: GpuArch,
+    cache: Option<&KernelCache>,
+) -> Result<(LoadReport, Cubins), KernelError> {
+    let compiler = nvrtc::compiler_id()?;
+    let started = std::time::Instant::now();
+    let cubins = all_cubins(arch, &compiler, cache);
+    let report = LoadReport {
+        target: arch.nvrtc_target(),
+        compiler,
+        cubins_s: started.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    Ok((report, cubins))
+}
+
+/// Every module's cubin for `arch`, from `cache` or compiled. One
+/// thread per module (NVRTC compiles distinct programs concurrently): a cold start waits for
+/// the slowest module, not for the sum of them.
+fn all_cubins(arch: GpuArch, compiler: &str, cache: Option<&KernelCache>) -> Cubins {
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = sources::ALL
+            .iter()
+            .map(|src| s.spawn(move || module_cubin(src, arch, compiler, cache)))
+            .collect();
+        jobs.into_iter()
+            .map(|job| job.join().expect("a kernel compile thread panicked"))
+            .collect()
+    })
+}
+
 struct Functions {
     rmsnorm_fwd: CudaFunction,
     rmsnorm_bwd: CudaFunction,
@@ -237,39 +308,11 @@ impl Kernels {
         let smem_optin = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
             as usize;
-        let compiler = nvrtc::compiler_id()?;
-        let mut report = LoadReport {
-            target: arch.nvrtc_target(),
-            compiler: compiler.clone(),
-            ..Default::default()
-        };
-        // One thread per module (NVRTC compiles distinct programs concurrently): a cold start
-        // waits for the slowest module, not for the sum of them.
-        let started = std::time::Instant::now();
-        let cubins: Vec<Result<(Vec<u8>, Origin), KernelError>> = std::thread::scope(|s| {
-            let jobs: Vec<_> = sources::ALL
-                .iter()
-                .map(|src| s.spawn(|| module_cubin(src, arch, &compiler, cache)))
-                .collect();
-            jobs.into_iter()
-                .map(|job| job.join().expect("a kernel compile thread panicked"))
-                .collect()
-        });
-        report.cubins_s = started.elapsed().as_secs_f64();
+        let (mut report, cubins) = cubins_reported(arch, cache)?;
         let started = std::time::Instant::now();
         let mut modules = Vec::with_capacity(sources::ALL.len());
         for (src, cubin) in sources::ALL.iter().zip(cubins) {
-            if src.is_overridden() {
-                report.overridden.push(src.name);
-            }
-            let (cubin, origin) = cubin?;
-            match origin {
-                Origin::Cached => report.cached.push(src.name),
-                Origin::Compiled { log, cache_error } => {
-                    report.compiled.push((src.name, ptxas::parse(&log)));
-                    report.cache_errors.extend(cache_error);
-                }
-            }
+            let cubin = report.record(src, cubin?);
             modules.push(ctx.load_module(Ptx::from_binary(cubin))?);
         }
         report.modules_s = started.elapsed().as_secs_f64();

@@ -69,6 +69,31 @@ pub enum Command {
     /// cancel a job.
     #[command(subcommand)]
     Kelpie(crate::kelpie::args::KelpieCommand),
+    /// Compile the CUDA kernels ahead of time into the kernel cache ($FERROTUNE_CACHE_DIR, else
+    /// ~/.cache/ferrotune): no GPU needed, only libnvrtc. Run it while building a container
+    /// image, so that a fresh machine's first launch compiles nothing.
+    Kernels(KernelsArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(rename_all = "snake_case")]
+pub struct KernelsArgs {
+    /// GPU architectures to compile for: sm_80, sm_86, sm_89, sm_90 (or 8.0, 86, …), repeated
+    /// or comma-separated. Default: sm_80, sm_86, sm_89 and sm_90 (A100, RTX 30, RTX 40, H100/H200).
+    #[arg(long, value_delimiter = ',', value_parser = parse_arch)]
+    pub arch: Vec<ferrotune_kernels::arch::GpuArch>,
+}
+
+fn parse_arch(text: &str) -> Result<ferrotune_kernels::arch::GpuArch, String> {
+    let arch = ferrotune_kernels::arch::GpuArch::parse(text).ok_or_else(|| {
+        format!("{text:?} is not a GPU architecture; write it as sm_90, sm_86, 9.0 or 86")
+    })?;
+    if !arch.is_supported() {
+        return Err(format!(
+            "{arch} is older than the kernels support (sm_80: they use its bf16 instructions)"
+        ));
+    }
+    Ok(arch)
 }
 
 #[derive(Debug, Args, Clone)]

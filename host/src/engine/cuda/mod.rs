@@ -27,7 +27,7 @@ mod raw;
 mod reducer;
 pub mod replica;
 mod stacks;
-mod staging;
+pub mod staging;
 mod swiglu_lora;
 mod trainable;
 mod weights;

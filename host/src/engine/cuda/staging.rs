@@ -28,6 +28,7 @@ struct Slot {
 /// Uploads on `stream` through two pinned staging buffers.
 pub struct Staging {
     stream: Arc<CudaStream>,
+    slot_bytes: usize,
     slots: [Slot; 2],
     next: usize,
     /// Bytes uploaded so far (for the log).
@@ -36,15 +37,21 @@ pub struct Staging {
 
 impl Staging {
     pub fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Self::with_slot_bytes(stream, SLOT_BYTES)
+    }
+
+    /// Staging buffers of `slot_bytes` each (tests take small ones to cross many of them).
+    pub fn with_slot_bytes(stream: &Arc<CudaStream>, slot_bytes: usize) -> Result<Self> {
         let ctx = stream.context();
         let slot = || -> Result<Slot> {
             Ok(Slot {
-                host: PinnedHost::new(ctx, SLOT_BYTES)?,
+                host: PinnedHost::new(ctx, slot_bytes)?,
                 drained: None,
             })
         };
         Ok(Staging {
             stream: stream.clone(),
+            slot_bytes,
             slots: [slot()?, slot()?],
             next: 0,
             copied: 0,
@@ -73,23 +80,23 @@ impl Staging {
         let bytes = unsafe {
             std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), std::mem::size_of_val(src))
         };
-        for (k, chunk) in bytes.chunks(SLOT_BYTES).enumerate() {
+        for (k, chunk) in bytes.chunks(self.slot_bytes).enumerate() {
             let slot = &mut self.slots[self.next];
             self.next = 1 - self.next;
             if let Some(drained) = slot.drained.take() {
                 drained.synchronize()?;
             }
             // SAFETY: the slot's copy has finished (waited above), so nothing else reads or
-            // writes its `SLOT_BYTES` bytes.
+            // writes its `slot_bytes` bytes.
             let staged =
                 unsafe { std::slice::from_raw_parts_mut(slot.host.as_mut_ptr(), chunk.len()) };
             staged
                 .par_chunks_mut(PART_BYTES)
                 .zip(chunk.par_chunks(PART_BYTES))
                 .for_each(|(to, from)| to.copy_from_slice(from));
-            let at = base + (k * SLOT_BYTES) as u64;
+            let at = base + (k * self.slot_bytes) as u64;
             // SAFETY: `chunk.len()` bytes from the pinned slot into `dst` at offset
-            // `k·SLOT_BYTES` (inside it); the slot is not touched again before `drained`.
+            // `k·slot_bytes` (inside it); the slot is not touched again before `drained`.
             unsafe {
                 sys::cuMemcpyHtoDAsync_v2(
                     at,
