@@ -6,6 +6,7 @@
 //! and trained, `--bias all|lora_only`), Qwen3's q/k norm, NF4 base weights (`--load_in_4bit`,
 //! against the cpu engine on the NF4-dequantised weights), LoRA dropout (both engines draw the
 //! same masks) and the GPU's 8-bit AdamW (its state loads into the host optimizer and back).
+//! The weights' staged upload is checked byte for byte across many staging buffers.
 //!
 //! Needs a GPU: without one (CI) it prints SKIPPED and passes, unless FERROTUNE_REQUIRE_GPU=1.
 //! With FERROTUNE_PARITY_OUT=DIR it also writes the bundle `tests/python/hf_parity.py` compares
