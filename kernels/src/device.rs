@@ -50,9 +50,9 @@ pub struct LoadReport {
     pub cache_errors: Vec<String>,
     /// Modules whose text came from `$FERROTUNE_KERNEL_SOURCE_DIR` instead of the binary.
     pub overridden: Vec<&'static str>,
-    /// Seconds spent compiling or reading the cubins (all modules, in parallel), then loading
-    /// them into the context.
+    /// Seconds spent compiling or reading the cubins (all modules, in parallel).
     pub cubins_s: f64,
+    /// Seconds spent loading them into the context (0 for [`precompile`]).
     pub modules_s: f64,
 }
 
@@ -112,9 +112,9 @@ fn cubins_reported(
     Ok((report, cubins))
 }
 
-/// Every module's cubin for `arch`, from `cache` or compiled. One
-/// thread per module (NVRTC compiles distinct programs concurrently): a cold start waits for
-/// the slowest module, not for the sum of them.
+/// Every module's cubin for `arch`, from `cache` or compiled. One thread per module (NVRTC
+/// compiles distinct programs concurrently): a cold start waits for the slowest module, not for
+/// the sum of them.
 fn all_cubins(arch: GpuArch, compiler: &str, cache: Option<&KernelCache>) -> Cubins {
     std::thread::scope(|s| {
         let jobs: Vec<_> = sources::ALL
