@@ -1,4 +1,4 @@
-//! Page-locked host memory for the offload, pinned in huge pages.
+//! Page-locked host memory (the offload's buffers, the upload's staging), pinned in huge pages.
 //!
 //! `cuMemHostAlloc` pins 4 GiB in ≈ 1.5 s on the H200 machine — in every launch, before the
 //! first step. An anonymous mapping advised to transparent huge pages and then registered with
@@ -32,11 +32,11 @@ impl PinnedHost {
         let mut map = MmapOptions::new()
             .len(len + HUGE_PAGE)
             .map_anon()
-            .with_context(|| format!("cannot map {len} bytes of host memory for the offload"))?;
+            .with_context(|| format!("cannot map {len} bytes of host memory to pin"))?;
         let offset = map.as_ptr().align_offset(HUGE_PAGE);
         // A hint: without transparent huge pages the registration below only takes longer.
         if let Err(e) = map.advise_range(Advice::HugePage, offset, len) {
-            tracing::debug!("offload: no transparent huge pages ({e}); pinning 4 KiB pages");
+            tracing::debug!("no transparent huge pages ({e}); pinning 4 KiB pages");
         }
         // SAFETY: `offset + len` lies inside the mapping (it is `HUGE_PAGE` longer than `len`).
         let ptr = unsafe { map.as_mut_ptr().add(offset) };
@@ -45,7 +45,7 @@ impl PinnedHost {
         // is unmapped (Drop).
         unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, 0) }
             .result()
-            .with_context(|| format!("cannot pin {len} bytes of host memory for the offload"))?;
+            .with_context(|| format!("cannot pin {len} bytes of host memory"))?;
         Ok(PinnedHost {
             ctx: ctx.clone(),
             ptr,
