@@ -81,9 +81,6 @@ impl LoadReport {
 /// no GPU needed, only libnvrtc. A container image built with a filled cache compiles nothing
 /// when it starts on a fresh machine (`ferrotune kernels`).
 pub fn precompile(arch: GpuArch, cache: &KernelCache) -> Result<LoadReport, KernelError> {
-    if !arch.is_supported() {
-        return Err(KernelError::UnsupportedArch(arch));
-    }
     let (mut report, cubins) = cubins_reported(arch, Some(cache))?;
     for (src, cubin) in sources::ALL.iter().zip(cubins) {
         report.record(src, cubin?);
@@ -95,11 +92,14 @@ pub fn precompile(arch: GpuArch, cache: &KernelCache) -> Result<LoadReport, Kern
 type Cubins = Vec<Result<(Vec<u8>, Origin), KernelError>>;
 
 /// [`all_cubins`] timed, with a report naming the target and the compiler (filled in by
-/// [`LoadReport::record`]).
+/// [`LoadReport::record`]); an architecture older than the kernels support is refused.
 fn cubins_reported(
     arch: GpuArch,
     cache: Option<&KernelCache>,
 ) -> Result<(LoadReport, Cubins), KernelError> {
+    if !arch.is_supported() {
+        return Err(KernelError::UnsupportedArch(arch));
+    }
     let compiler = nvrtc::compiler_id()?;
     let started = std::time::Instant::now();
     let cubins = all_cubins(arch, &compiler, cache);
@@ -300,9 +300,6 @@ impl Kernels {
     ) -> Result<(Self, LoadReport), KernelError> {
         let (major, minor) = ctx.compute_capability()?;
         let arch = GpuArch::new(major as u32, minor as u32);
-        if !arch.is_supported() {
-            return Err(KernelError::UnsupportedArch(arch));
-        }
         let sm_count =
             ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let smem_optin = ctx
