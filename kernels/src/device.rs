@@ -27,7 +27,9 @@ use crate::{nvrtc, KernelError};
 
 mod flash;
 mod swiglu_lora;
-pub use flash::{FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_MAX_HEAD_DIM};
+pub use flash::{
+    FlashBwdKernel, FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_BWD_ENV, FLASH_MAX_HEAD_DIM,
+};
 pub use swiglu_lora::{SwigluLoraAdapter, SWIGLU_LORA_RANKS};
 
 /// Threads per block of the row kernels and elementwise kernels.

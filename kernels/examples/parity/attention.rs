@@ -247,76 +247,102 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             LSE_TOL,
         );
 
-        call.backward(g)?;
+        // Every backward kernel this GPU runs, each from NaN-poisoned outputs.
         let (dq_ref, dk_ref, dv_ref) = rattn::backward(&q, &k, &v, &d_o, &seg, &dims);
-        for (name, got, want) in [
-            ("dq", &call.dq, &dq_ref),
-            ("dk", &call.dk, &dk_ref),
-            ("dv", &call.dv, &dv_ref),
-        ] {
-            c.close(
-                &format!("flash_bwd {name} {tag}"),
-                &g.down_bf16(got)?,
-                want,
-                BF16_TOL,
-            );
+        let chosen = g.k.flash_bwd_kernel();
+        for kernel in g.k.flash_bwd_kernels() {
+            g.k.set_flash_bwd_kernel(kernel)?;
+            call.dq = g.poison_bf16(s.q_len())?;
+            call.dk = g.poison_bf16(s.kv_len())?;
+            call.dv = g.poison_bf16(s.kv_len())?;
+            call.backward(g)?;
+            for (name, got, want) in [
+                ("dq", &call.dq, &dq_ref),
+                ("dk", &call.dk, &dk_ref),
+                ("dv", &call.dv, &dv_ref),
+            ] {
+                c.close(
+                    &format!("flash_bwd[{}] {name} {tag}", kernel.name()),
+                    &g.down_bf16(got)?,
+                    want,
+                    BF16_TOL,
+                );
+            }
         }
+        g.k.set_flash_bwd_kernel(chosen)?;
     }
     Ok(())
 }
 
-/// Times forward and backward at Llama-3-8B (d 128) and Llama-3.2-1B (d 64) attention shapes,
-/// batch 2 x 2048: one sample per row (the causal triangle), and rows packed with 8 samples
-/// (segment skipping). TFLOP/s count the causal work of one unpacked row: forward
+/// Times forward and backward (every backward kernel the GPU runs) at Llama-3-8B (d 128) and
+/// Llama-3.2-1B (d 64) attention shapes, batch 2 x 2048: one sample per row (the causal
+/// triangle), and rows packed with 8 samples (segment skipping); and 8B at batch 1 x 32768. TFLOP/s count the causal work of one unpacked row: forward
 /// 2·2·B·H·T²·d/2, backward 2.5× that.
 pub fn bench(g: &mut Gpu) -> Res<()> {
     println!("\nbench-attn (CUDA events, median of 20 after 3 warm-ups)");
-    for (name, heads, kv_heads, head_dim) in [("llama3-8b", 32, 8, 128), ("llama3.2-1b", 32, 8, 64)]
-    {
-        for samples in [1usize, 8] {
-            let s = FlashShape {
-                batch: 2,
-                seq: 2048,
-                heads,
-                kv_heads,
-                head_dim,
-                window: 0,
-            };
-            let lens = vec![s.seq / samples; samples];
-            let seg: Vec<u32> = (0..s.batch)
-                .flat_map(|_| row_segments(s.seq, &lens))
-                .collect();
-            let inputs = (
-                g.rand_bf16_dev(s.q_len(), 1.0)?,
-                g.rand_bf16_dev(s.kv_len(), 1.0)?,
-                g.rand_bf16_dev(s.kv_len(), 1.0)?,
-                g.rand_bf16_dev(s.q_len(), 1.0)?,
-            );
-            let mut call = Call::new(g, s, inputs, &seg)?;
-            let fwd_ms = time_ms(g, || {
-                call.seg_blocks(g)?;
-                call.forward(g)
-            })?;
-            let bwd_ms = time_ms(g, || call.backward(g))?;
-            let (b, h, t, d) = (
-                s.batch as f64,
-                s.heads as f64,
-                s.seq as f64,
-                s.head_dim as f64,
-            );
-            let fwd_flop = 2.0 * 2.0 * b * h * t * t * d / 2.0;
-            let bwd_flop = 2.5 * fwd_flop;
-            let tf = |flop: f64, ms: f32| flop / (ms as f64 * 1e-3) / 1e12;
-            println!(
-                "bench-attn {name:<12} B2 T2048 H{heads}/{kv_heads} d{head_dim} samples/row {samples}: \
-                 fwd {fwd_ms:>7.3} ms {:>6.1} TFLOP/s   bwd {bwd_ms:>7.3} ms {:>6.1} TFLOP/s \
-                 ({} stages)   fwd+bwd {:>7.3} ms",
-                tf(fwd_flop, fwd_ms),
-                tf(bwd_flop, bwd_ms),
-                g.k.flash_bwd_stages(&s),
-                fwd_ms + bwd_ms
-            );
+    // (model, heads, kv heads, head_dim, batch, seq, samples per row): the benchmark's
+    // training shapes, and 8B at batch 1 × 32k (the long-sequence QLoRA run).
+    let shapes = [
+        ("llama3-8b", 32, 8, 128, 2, 2048, 1usize),
+        ("llama3-8b", 32, 8, 128, 2, 2048, 8),
+        ("llama3.2-1b", 32, 8, 64, 2, 2048, 1),
+        ("llama3.2-1b", 32, 8, 64, 2, 2048, 8),
+        ("llama3-8b", 32, 8, 128, 1, 32768, 1),
+    ];
+    for (name, heads, kv_heads, head_dim, batch, seq, samples) in shapes {
+        let s = FlashShape {
+            batch,
+            seq,
+            heads,
+            kv_heads,
+            head_dim,
+            window: 0,
+        };
+        let lens = vec![s.seq / samples; samples];
+        let seg: Vec<u32> = (0..s.batch)
+            .flat_map(|_| row_segments(s.seq, &lens))
+            .collect();
+        let inputs = (
+            g.rand_bf16_dev(s.q_len(), 1.0)?,
+            g.rand_bf16_dev(s.kv_len(), 1.0)?,
+            g.rand_bf16_dev(s.kv_len(), 1.0)?,
+            g.rand_bf16_dev(s.q_len(), 1.0)?,
+        );
+        let mut call = Call::new(g, s, inputs, &seg)?;
+        let fwd_ms = time_ms(g, || {
+            call.seg_blocks(g)?;
+            call.forward(g)
+        })?;
+        let chosen = g.k.flash_bwd_kernel();
+        let mut others = String::new();
+        for kernel in g.k.flash_bwd_kernels() {
+            if kernel != chosen {
+                g.k.set_flash_bwd_kernel(kernel)?;
+                let ms = time_ms(g, || call.backward(g))?;
+                others += &format!("   bwd[{}] {ms:>7.3} ms", kernel.name());
+            }
         }
+        g.k.set_flash_bwd_kernel(chosen)?;
+        let bwd_ms = time_ms(g, || call.backward(g))?;
+        let (b, h, t, d) = (
+            s.batch as f64,
+            s.heads as f64,
+            s.seq as f64,
+            s.head_dim as f64,
+        );
+        let fwd_flop = 2.0 * 2.0 * b * h * t * t * d / 2.0;
+        let bwd_flop = 2.5 * fwd_flop;
+        let tf = |flop: f64, ms: f32| flop / (ms as f64 * 1e-3) / 1e12;
+        println!(
+            "bench-attn {name:<12} B{batch} T{seq} H{heads}/{kv_heads} d{head_dim} samples/row {samples}: \
+             fwd {fwd_ms:>7.3} ms {:>6.1} TFLOP/s   bwd[{}] {bwd_ms:>7.3} ms {:>6.1} TFLOP/s \
+             ({} stages)   fwd+bwd {:>7.3} ms{others}",
+            tf(fwd_flop, fwd_ms),
+            chosen.name(),
+            tf(bwd_flop, bwd_ms),
+            g.k.flash_bwd_stages(&s),
+            fwd_ms + bwd_ms
+        );
     }
     Ok(())
 }
