@@ -172,14 +172,12 @@ __device__ __forceinline__ int swh(int row, int col) {
 
 // Rows row0..row0+63 of a token-major bf16 matrix (row stride `ld` elements, `g` already at the
 // head's first column) into a swizzled [64][D] tile (swh); rows >= T and columns >= d are zeros.
-// U: iterations unrolled (all by default; the warp-specialised backward's producer, which
-// has 40 registers, unrolls fewer).
-template <int D, int NT, int U = FA_BLOCK * (D / 8) / NT>
+template <int D, int NT>
 __device__ __forceinline__ void load_tile(bf16* s, const bf16* g, long long ld, int row0, int T,
                                           int d, int tid) {
     constexpr int CH = D / 8;
     static_assert((FA_BLOCK * CH) % NT == 0, "every thread copies the same number of chunks");
-#pragma unroll(U)
+#pragma unroll
     for (int it = 0; it < FA_BLOCK * CH / NT; ++it) {
         const int c = tid + it * NT;
         const int r = c / CH, ch = c % CH;
@@ -553,14 +551,14 @@ __device__ __forceinline__ bool bwd_next_item(int& gi, int& qb, int kb, int qb_h
 // Q, dO (swizzled [64][D] tiles), lse and delta (fp32 [64] each, after the tiles) of query
 // block qb of head h into a stage buffer, asynchronously (zeros past T). `qoff` = the batch
 // row's first element of head h in q / dO; `loff` = its first in lse / delta.
-template <int D, int NT, int U = FA_BLOCK * (D / 8) / NT>
+template <int D, int NT>
 __device__ __forceinline__ void bwd_load_item(bf16* st, const bf16* q, const bf16* dout,
                                               const float* lse, const float* delta,
                                               long long qoff, long long loff, long long qld,
                                               int qb, int T, int d, int tid) {
     const int i0 = qb * FA_BLOCK;
-    load_tile<D, NT, U>(st, q + qoff, qld, i0, T, d, tid);
-    load_tile<D, NT, U>(st + FA_BLOCK * D, dout + qoff, qld, i0, T, d, tid);
+    load_tile<D, NT>(st, q + qoff, qld, i0, T, d, tid);
+    load_tile<D, NT>(st + FA_BLOCK * D, dout + qoff, qld, i0, T, d, tid);
     if (tid < 2 * FA_BLOCK) {
         const int r = tid & (FA_BLOCK - 1), i = i0 + r;
         const float* src = (tid < FA_BLOCK ? lse : delta) + loff;
@@ -1115,313 +1113,6 @@ extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d128_sm90(FA_BWD_
 #ifdef FA_WGMMA
     flash_bwd_sm90<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
                    scale_log2, scale);
-#else
-    __trap();
-#endif
-}
-#endif
-
-#ifdef FA_WGMMA
-// Backward, step 2 on Hopper, warp-specialised (FA3's structure with cp.async producers): one
-// CTA of three warpgroups per 128-key pair of blocks (kb0 = 2·pair, kb0 + 1).
-//   warpgroup 0, the producer (40 registers after setmaxnreg): loads each work item's Q, dO,
-//     lse and delta into one of two stages, and adds the consumers' dQ partials of the item
-//     into dq_acc (one fp32 reduction per element for both key blocks, where flash_bwd_sm90
-//     reduces once per 64 keys);
-//   warpgroups 1 and 2, the consumers (232 registers): consumer w owns key block kb0 + w and
-//     runs flash_bwd_sm90's products and softmax on it, sharing the stage with the other.
-// So the loads and the dQ reductions leave the consumers' instruction stream (flash_bwd_sm90
-// spent ≈ 16% of its time there, docs/perf-notes.md §14) and each loaded Q/dO tile serves 128
-// keys instead of 64. Hand-offs are named barriers of 256 threads, one set per consumer, so the
-// two consumers never wait for each other (their softmax phases drift apart and overlap the
-// other's products, as two independent CTAs did): FULL[s][w] item in stage s loaded for
-// consumer w; EMPTY[s][w] consumer w is done with stage s (arrived only when an item two
-// ahead will reuse it); DQF[w] consumer w's dQ partial staged; DQE[w] its staging read. Both
-// sides walk the same item sequence (ws_next), so every arrive meets its sync.
-// Shared memory: K, V [2][64][D], dSᵀ [2][64][64] bf16, two stages (Q, dO, lse, delta as in
-// flash_bwd_sm90), the dQ partials [2][64][D] fp32: 210 KiB at d 128, one CTA per SM.
-#define WS_FULL 1   // + 2·stage + consumer
-#define WS_EMPTY 5  // + 2·stage + consumer
-#define WS_DQF 9    // + consumer
-#define WS_DQE 11   // + consumer
-#define WS_WG 13    // + consumer: the consumer warpgroup's own barrier
-#define WS_PAIR 256 // the producer and one consumer
-__device__ __forceinline__ void nb_sync(int id, int n) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-__device__ __forceinline__ void nb_arrive(int id, int n) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
-}
-
-// Whether query block qb sees any key of key block kb (kb < nb, on or below the diagonal,
-// inside the window, not a block of another sample).
-__device__ __forceinline__ bool ws_sees(const u32* bl, int qb, int kb, int nb, int window) {
-    if (kb >= nb || qb < kb) return false;
-    if (window > 0 && qb > (kb * FA_BLOCK + FA_BLOCK - 1 + window - 1) / FA_BLOCK) return false;
-    return !seg_skip(bl, qb, kb);
-}
-
-// The work items of the key pair (kb0, kb0 + 1): (group member gi, query block qb) for qb from
-// kb0 to qb_hi, those that either key block sees. The first, (0, kb0), always is one.
-struct WsItem {
-    int gi, qb;
-    bool valid;
-};
-__device__ __forceinline__ WsItem ws_next(WsItem it, int kb0, int qb_hi, int G, int nb,
-                                          int window, const u32* bl) {
-    if (!it.valid) return it;
-    do {
-        if (++it.qb > qb_hi) {
-            it.qb = kb0;
-            if (++it.gi >= G) {
-                it.valid = false;
-                return it;
-            }
-        }
-    } while (!ws_sees(bl, it.qb, kb0, nb, window) && !ws_sees(bl, it.qb, kb0 + 1, nb, window));
-    return it;
-}
-
-template <int D>
-__device__ __forceinline__ void flash_bwd_ws(const bf16* __restrict__ q, const bf16* __restrict__ k,
-                                             const bf16* __restrict__ v, const bf16* __restrict__ dout,
-                                             const float* __restrict__ lse,
-                                             const float* __restrict__ delta,
-                                             float* __restrict__ dq_acc, bf16* __restrict__ dk,
-                                             bf16* __restrict__ dv, const u32* __restrict__ seg,
-                                             const u32* __restrict__ blk, int T, int H, int Hkv,
-                                             int d, int window, float scale_log2, float scale) {
-    constexpr int NT = 128;  // threads per warpgroup
-    constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
-    extern __shared__ __align__(1024) unsigned char fa_smem[];
-    bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [2][64][D], one tile per key block
-    bf16* sV = sK + 2 * FA_BLOCK * D;              // [2][64][D]
-    bf16* sS = sV + 2 * FA_BLOCK * D;              // dSᵀ [2][64 keys][64 queries]
-    bf16* stage0 = sS + 2 * FA_BLOCK * FA_BLOCK;
-    float* sQd = reinterpret_cast<float*>(stage0 + 2 * STAGE);  // dQ partials [2][64][D]
-    if (threadIdx.x == 0 && (smem_u32(fa_smem) & 1023)) __trap();  // wgmma's swizzle atoms
-
-    const int wg = threadIdx.x / NT, tid = threadIdx.x % NT;
-    const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
-    int hk, b;
-    const int kb0 = 2 * heaviest_first(hk, b);
-    const int G = H / Hkv;
-    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
-    const u32* sg = seg + (long long)b * T;
-    const u32* bl = blk + (long long)b * nb * 2;
-    // The last query block either key block can see.
-    int qb_hi = nb - 1;
-    if (window > 0)
-        qb_hi = min(qb_hi, (min(kb0 + 1, nb - 1) * FA_BLOCK + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
-    const WsItem first = {0, kb0, true};
-
-    if (wg == 0) {
-        // ---- producer ----
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-        auto load_item = [&](int s, WsItem it) {
-            const int h = hk * G + it.gi;
-            bwd_load_item<D, NT, 2>(stage0 + s * STAGE, q, dout, lse, delta,
-                                 (long long)b * T * qld + (long long)h * d,
-                                 ((long long)b * H + h) * T, qld, it.qb, T, d, tid);
-            cp_async_commit();
-            cp_async_wait_all();
-            proxy_fence();  // cp.async wrote through the generic proxy, wgmma reads the async one
-            nb_arrive(WS_FULL + 2 * s, WS_PAIR);
-            nb_arrive(WS_FULL + 2 * s + 1, WS_PAIR);
-        };
-        for (int w = 0; w < 2; ++w) {
-            const long long off = (long long)b * T * kld + (long long)hk * d;
-            load_tile<D, NT, 2>(sK + w * FA_BLOCK * D, k + off, kld, (kb0 + w) * FA_BLOCK, T, d, tid);
-            load_tile<D, NT, 2>(sV + w * FA_BLOCK * D, v + off, kld, (kb0 + w) * FA_BLOCK, T, d, tid);
-        }
-        load_item(0, first);
-        nb_arrive(WS_DQE, WS_PAIR);  // the staging starts free
-        nb_arrive(WS_DQE + 1, WS_PAIR);
-        WsItem cur = first;
-        for (int n = 0;; ++n) {
-            const WsItem nxt = ws_next(cur, kb0, qb_hi, G, nb, window, bl);
-            if (nxt.valid) {
-                if (n + 1 >= 2) {  // both consumers done with item n - 1's stage
-                    nb_sync(WS_EMPTY + 2 * ((n + 1) & 1), WS_PAIR);
-                    nb_sync(WS_EMPTY + 2 * ((n + 1) & 1) + 1, WS_PAIR);
-                }
-                load_item((n + 1) & 1, nxt);
-            }
-            nb_sync(WS_DQF, WS_PAIR);
-            nb_sync(WS_DQF + 1, WS_PAIR);
-            const bool s0 = ws_sees(bl, cur.qb, kb0, nb, window);
-            const bool s1 = ws_sees(bl, cur.qb, kb0 + 1, nb, window);
-            const int h = hk * G + cur.gi, i0 = cur.qb * FA_BLOCK;
-            float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
-#pragma unroll 1
-            for (int e4 = 0; e4 < FA_BLOCK * D / (4 * NT); ++e4) {
-                const int e = (e4 * NT + tid) * 4, row = e / D, c = e % D;
-                if (i0 + row < T && c < d) {
-                    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-                    if (s0) a = *reinterpret_cast<const float4*>(sQd + swz<D>(row, c));
-                    if (s1) {
-                        const float4 x =
-                            *reinterpret_cast<const float4*>(sQd + FA_BLOCK * D + swz<D>(row, c));
-                        a.x += x.x;
-                        a.y += x.y;
-                        a.z += x.z;
-                        a.w += x.w;
-                    }
-                    red_add_v4(dqg + (long long)(i0 + row) * qld + c, a);
-                }
-            }
-            if (!nxt.valid) break;
-            nb_arrive(WS_DQE, WS_PAIR);
-            nb_arrive(WS_DQE + 1, WS_PAIR);
-            cur = nxt;
-        }
-        return;
-    }
-
-    // ---- consumer w: key block kb ----
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-    const int w = wg - 1, kb = kb0 + w;
-    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    bf16* kK = sK + w * FA_BLOCK * D;
-    bf16* kV = sV + w * FA_BLOCK * D;
-    bf16* kS = sS + w * FA_BLOCK * FA_BLOCK;
-    float* kQd = sQd + w * FA_BLOCK * D;
-    const int jr0 = kb * FA_BLOCK + warp * 16 + g, jr1 = jr0 + 8;
-    const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
-
-    float dKa[D / 8][4], dVa[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
-
-    WsItem cur = first;
-    WsItem nxt = ws_next(cur, kb0, qb_hi, G, nb, window, bl);
-    for (int n = 0;; ++n) {
-        const WsItem nxt2 = ws_next(nxt, kb0, qb_hi, G, nb, window, bl);
-        const int s = n & 1;
-        nb_sync(WS_FULL + 2 * s + w, WS_PAIR);
-        const bool mine = ws_sees(bl, cur.qb, kb, nb, window);
-        bf16* sQ = stage0 + s * STAGE;
-        bf16* sO = sQ + FA_BLOCK * D;  // dO
-        const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
-        const float* sD = sL + FA_BLOCK;                                       // delta
-        const int i0 = cur.qb * FA_BLOCK;
-        if (mine) {
-            float st[8][4], dpt[8][4];
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-                wgmma_ss_m64n64<0, 0>(st, wg_desc(kK + at, 16, 1024), wg_desc(sQ + at, 16, 1024), kk > 0);
-                wgmma_ss_m64n64<0, 0>(dpt, wg_desc(kV + at, 16, 1024), wg_desc(sO + at, 16, 1024), kk > 0);
-            }
-            wg_commit_wait();
-            const bool full = tile_full(bl, cur.qb, kb, T, window);
-            bwd_probs(st, dpt, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, sD,
-                      scale_log2, t);
-            u32 pa[4][4], sa[4][4];
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                pa[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
-                pa[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
-                pa[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-                pa[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                sa[kk][0] = pack_bf16x2(dpt[2 * kk][0], dpt[2 * kk][1]);
-                sa[kk][1] = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
-                sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-                sa[kk][3] = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-                const int row = warp * 16 + g, col = kk * 16 + 2 * t;
-                *reinterpret_cast<u32*>(kS + swz<FA_BLOCK>(row, col)) = sa[kk][0];
-                *reinterpret_cast<u32*>(kS + swz<FA_BLOCK>(row + 8, col)) = sa[kk][1];
-                *reinterpret_cast<u32*>(kS + swz<FA_BLOCK>(row, col + 8)) = sa[kk][2];
-                *reinterpret_cast<u32*>(kS + swz<FA_BLOCK>(row + 8, col + 8)) = sa[kk][3];
-            }
-            proxy_fence();
-            nb_sync(WS_WG + w, NT);  // dSᵀ of every warp of this warpgroup in shared memory
-            // dV += Pᵀ·dO, dK += dSᵀ·Q (A from registers) and the first 64 columns of the dQ
-            // partial (unscaled) over this key block, dQ = dS·K (A = the stored dSᵀ read
-            // transposed, B = K MN-major), issued as one group; at d 128 the second 64 columns
-            // run while the first are staged. Two drains of the tensor cores per item instead of
-            // four (issuing all of dQ with dV/dK makes ptxas serialise the wgmmas at d 128: too
-            // few registers).
-            auto dq_half = [&](float (&acc)[8][4], int half) {
-#pragma unroll
-                for (int kk = 0; kk < FA_BLOCK / 16; ++kk)
-                    wgmma_ss_m64n64<1, 1>(acc, wg_desc(kS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024),
-                                          wg_desc(kK + half * FA_BLOCK * 64 + kk * 16 * 64,
-                                                  FA_BLOCK * 64 * 2, 1024),
-                                          kk > 0);
-            };
-            auto stage_half = [&](const float (&acc)[8][4], int half) {
-#pragma unroll
-                for (int n8 = 0; n8 < 8; ++n8) {
-                    const int c = half * 64 + n8 * 8 + 2 * t, row = warp * 16 + g;
-                    *reinterpret_cast<float2*>(kQd + swz<D>(row, c)) = make_float2(acc[n8][0], acc[n8][1]);
-                    *reinterpret_cast<float2*>(kQd + swz<D>(row + 8, c)) = make_float2(acc[n8][2], acc[n8][3]);
-                }
-            };
-            float dq0[8][4];
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                const u64 od = wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-                const u64 qd = wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-                if constexpr (D == 64) {
-                    wgmma_rs_m64n64_tb(dVa, pa[kk], od);
-                    wgmma_rs_m64n64_tb(dKa, sa[kk], qd);
-                } else {
-                    wgmma_rs_m64n128_tb(dVa, pa[kk], od);
-                    wgmma_rs_m64n128_tb(dKa, sa[kk], qd);
-                }
-            }
-            dq_half(dq0, 0);
-            wg_commit_wait();
-            if (nxt2.valid) nb_arrive(WS_EMPTY + 2 * s + w, WS_PAIR);  // the stage's tiles are read
-            if constexpr (D == 128) {
-                float dq1[8][4];
-                wg_fence();
-                dq_half(dq1, 1);
-                asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-                nb_sync(WS_DQE + w, WS_PAIR);  // the producer has read the last item's partial
-                stage_half(dq0, 0);
-                asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-                stage_half(dq1, 1);
-            } else {
-                nb_sync(WS_DQE + w, WS_PAIR);
-                stage_half(dq0, 0);
-            }
-        } else {
-            if (nxt2.valid) nb_arrive(WS_EMPTY + 2 * s + w, WS_PAIR);
-            nb_sync(WS_DQE + w, WS_PAIR);
-        }
-        nb_arrive(WS_DQF + w, WS_PAIR);
-        if (!nxt.valid) break;
-        cur = nxt;
-        nxt = nxt2;
-    }
-
-    bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
-    bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
-    bwd_store_dkdv(dkg, dvg, dKa, dVa, 0, jr0, jr1, T, d, kld, scale, t);
-}
-#endif
-
-#ifndef FA_SIM
-// Launched only on sm_90a (flash.rs); elsewhere entries that trap. __launch_bounds__(384, 1):
-// setmaxnreg needs the entry register count (168 = (40 + 2·232) / 3) known to ptxas.
-extern "C" __global__ void __launch_bounds__(384, 1) flash_bwd_d64_ws(FA_BWD_ARGS) {
-#ifdef FA_WGMMA
-    flash_bwd_ws<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                     scale_log2, scale);
-#else
-    __trap();
-#endif
-}
-extern "C" __global__ void __launch_bounds__(384, 1) flash_bwd_d128_ws(FA_BWD_ARGS) {
-#ifdef FA_WGMMA
-    flash_bwd_ws<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                      scale_log2, scale);
 #else
     __trap();
 #endif

@@ -197,8 +197,6 @@ pub const ATTENTION: KernelSource = KernelSource {
         "flash_bwd_d128",
         "flash_bwd_d64_sm90",
         "flash_bwd_d128_sm90",
-        "flash_bwd_d64_ws",
-        "flash_bwd_d128_ws",
         "flash_dq_convert",
     ],
     extra_options: &[],

@@ -6,8 +6,8 @@
 //! [`Kernels::flash_attn_bwd`] runs the three kernels (delta = rowsum(dO ⊙ O) and dQ-accumulator
 //! reset; dK/dV per key block with dQ by fp32 atomics; dQ to bf16) from O and the logsumexp —
 //! it never needs the forward's scores. On Hopper (sm_90a) the backward runs on warpgroup
-//! MMAs, by default in warp-specialised CTAs (`flash_bwd_d{64,128}_ws`: a producer warpgroup
-//! loading and reducing for two consumer warpgroups); [`FlashBwdKernel`] names the choices.
+//! MMAs in CTAs of one warpgroup, several per SM (`flash_bwd_d{64,128}_sm90`);
+//! [`FlashBwdKernel`] names the choices.
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
@@ -35,10 +35,9 @@ pub(super) struct FlashFunctions {
     /// Input stages of each backward kernel: 2 (the next query block loads during the current
     /// one) where the GPU grants the shared memory, else 1.
     bwd_stages: [usize; 2],
-    /// Hopper's backward kernels (`flash_bwd_d{64,128}_sm90` and `_ws`, two stages), which
-    /// replace `bwd` where the GPU has warpgroup MMAs.
+    /// Hopper's backward kernels (`flash_bwd_d{64,128}_sm90`, two stages), which replace
+    /// `bwd` where the GPU has warpgroup MMAs.
     bwd_sm90: Option<[CudaFunction; 2]>,
-    bwd_ws: Option<[CudaFunction; 2]>,
     /// The backward kernel [`Kernels::flash_attn_bwd`] runs.
     bwd_kernel: FlashBwdKernel,
     bwd_prep: CudaFunction,
@@ -67,42 +66,27 @@ fn bwd_sm90_smem_bytes(width: usize) -> usize {
     (2 * FLASH_BLOCK * width + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
 }
 
-/// Threads of the warp-specialised backward (`flash_bwd_d{64,128}_ws`): a producer and two
-/// consumer warpgroups, one CTA per SM.
-const WS_THREADS: u32 = 384;
-
-/// Dynamic shared memory of `flash_bwd_d{width}_ws`: K, V [2][64][width] and dSᵀ [2][64][64]
-/// in bf16, two stages as in [`bwd_smem_bytes`], and the two consumers' dQ partials
-/// [2][64][width] in fp32.
-fn bwd_ws_smem_bytes(width: usize) -> usize {
-    let stage = 2 * FLASH_BLOCK * width * 2 + 1024;
-    (4 * FLASH_BLOCK * width + 2 * FLASH_BLOCK * FLASH_BLOCK) * 2
-        + 2 * stage
-        + 2 * FLASH_BLOCK * width * 4
-}
-
 /// Which kernel computes the attention backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashBwdKernel {
     /// `flash_bwd_d{64,128}`: mma.sync tensor cores, every sm_80+ GPU.
     Portable,
-    /// `flash_bwd_d{64,128}_sm90`: one warpgroup per 64 keys, two CTAs per SM (sm_90a).
+    /// `flash_bwd_d{64,128}_sm90`: warpgroup MMAs, one warpgroup per 64 keys, two CTAs per SM
+    /// (sm_90a). A warp-specialised variant (a producer warpgroup loading and reducing dQ for
+    /// two consumer warpgroups per 128 keys) measured 5–9% slower at the training shapes
+    /// (docs/perf-notes.md §26).
     Warpgroup,
-    /// `flash_bwd_d{64,128}_ws`: per 128 keys a producer warpgroup (loads, dQ reductions) and
-    /// two consumer warpgroups (products, softmax), one CTA per SM (sm_90a).
-    Specialized,
 }
 
 impl FlashBwdKernel {
     /// Every kernel, in the order of preference where the GPU runs it.
-    pub const ALL: [FlashBwdKernel; 3] = [Self::Specialized, Self::Warpgroup, Self::Portable];
+    pub const ALL: [FlashBwdKernel; 2] = [Self::Warpgroup, Self::Portable];
 
     /// The name `FERROTUNE_FLASH_BWD` takes.
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
             Self::Warpgroup => "warpgroup",
-            Self::Specialized => "specialized",
         }
     }
 }
@@ -131,54 +115,50 @@ impl FlashFunctions {
                 bwd_smem_bytes(width, bwd_stages[i]) as i32,
             )?;
         }
-        let hopper = |names: [&str; 2], smem: fn(usize) -> usize| {
-            if !arch.has_wgmma() || smem(128) > smem_optin {
-                return Ok(None);
-            }
-            let fs = [get(names[0])?, get(names[1])?];
+        let mut bwd_sm90 = None;
+        if arch.has_wgmma() && bwd_sm90_smem_bytes(128) <= smem_optin {
+            let fs = [get("flash_bwd_d64_sm90")?, get("flash_bwd_d128_sm90")?];
             for (f, width) in fs.iter().zip(WIDTHS) {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem(width) as i32,
+                    bwd_sm90_smem_bytes(width) as i32,
                 )?;
             }
-            Ok::<_, KernelError>(Some(fs))
-        };
-        let bwd_sm90 = hopper(
-            ["flash_bwd_d64_sm90", "flash_bwd_d128_sm90"],
-            bwd_sm90_smem_bytes,
-        )?;
-        let bwd_ws = hopper(["flash_bwd_d64_ws", "flash_bwd_d128_ws"], bwd_ws_smem_bytes)?;
-        let has = |k: FlashBwdKernel| match k {
-            FlashBwdKernel::Portable => true,
-            FlashBwdKernel::Warpgroup => bwd_sm90.is_some(),
-            FlashBwdKernel::Specialized => bwd_ws.is_some(),
-        };
-        let bwd_kernel = match std::env::var(FLASH_BWD_ENV) {
-            Ok(name) => FlashBwdKernel::ALL
-                .into_iter()
-                .find(|k| k.name() == name && has(*k))
-                .ok_or_else(|| {
-                    shape(
-                        "flash_attn_bwd",
-                        format!(
-                            "{FLASH_BWD_ENV}={name}: not a backward kernel this GPU runs \
-                             (portable, and on sm_90a warpgroup or specialized)"
-                        ),
-                    )
-                })?,
-            Err(_) => FlashBwdKernel::ALL.into_iter().find(|k| has(*k)).unwrap(),
-        };
-        Ok(Self {
+            bwd_sm90 = Some(fs);
+        }
+        let mut f = Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
             bwd,
             bwd_stages,
             bwd_sm90,
-            bwd_ws,
-            bwd_kernel,
+            bwd_kernel: FlashBwdKernel::Portable,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
+        };
+        f.bwd_kernel = match std::env::var(FLASH_BWD_ENV) {
+            Ok(name) => f.runnable().find(|k| k.name() == name).ok_or_else(|| {
+                shape(
+                    "flash_attn_bwd",
+                    format!(
+                        "{FLASH_BWD_ENV}={name}: not a backward kernel this GPU runs \
+                         (portable, and on sm_90a warpgroup)"
+                    ),
+                )
+            })?,
+            Err(_) => f
+                .runnable()
+                .next()
+                .expect("the portable kernel runs everywhere"),
+        };
+        Ok(f)
+    }
+
+    /// The backward kernels this GPU runs, in the order of preference.
+    fn runnable(&self) -> impl Iterator<Item = FlashBwdKernel> + '_ {
+        FlashBwdKernel::ALL.into_iter().filter(|k| match k {
+            FlashBwdKernel::Portable => true,
+            FlashBwdKernel::Warpgroup => self.bwd_sm90.is_some(),
         })
     }
 }
@@ -318,7 +298,7 @@ impl Kernels {
     pub fn flash_bwd_stages(&self, s: &FlashShape) -> usize {
         match self.f.flash.bwd_kernel {
             FlashBwdKernel::Portable => self.f.flash.bwd_stages[s.tile()],
-            FlashBwdKernel::Warpgroup | FlashBwdKernel::Specialized => 2,
+            FlashBwdKernel::Warpgroup => 2,
         }
     }
 
@@ -329,15 +309,7 @@ impl Kernels {
 
     /// The backward kernels this GPU runs, in the order of preference.
     pub fn flash_bwd_kernels(&self) -> Vec<FlashBwdKernel> {
-        let fl = &self.f.flash;
-        FlashBwdKernel::ALL
-            .into_iter()
-            .filter(|k| match k {
-                FlashBwdKernel::Portable => true,
-                FlashBwdKernel::Warpgroup => fl.bwd_sm90.is_some(),
-                FlashBwdKernel::Specialized => fl.bwd_ws.is_some(),
-            })
-            .collect()
+        self.f.flash.runnable().collect()
     }
 
     /// Runs `kernel` from now on (the parity checks and benchmark compare them).
@@ -352,31 +324,18 @@ impl Kernels {
         Ok(())
     }
 
-    /// The chosen backward's function for this shape, its threads per CTA, dynamic shared
-    /// memory and CTAs along the key blocks.
-    fn bwd_launch(&self, s: &FlashShape) -> (&CudaFunction, u32, usize, usize) {
+    /// The chosen backward's function for this shape, its threads per CTA and dynamic shared
+    /// memory.
+    fn bwd_launch(&self, s: &FlashShape) -> (&CudaFunction, u32, usize) {
         let (fl, tile, width) = (&self.f.flash, s.tile(), WIDTHS[s.tile()]);
-        fn hopper(fs: &Option<[CudaFunction; 2]>, tile: usize) -> &CudaFunction {
-            &fs.as_ref().expect("only an available kernel is chosen")[tile]
-        }
-        match fl.bwd_kernel {
-            FlashBwdKernel::Portable => (
+        match (fl.bwd_kernel, &fl.bwd_sm90) {
+            (FlashBwdKernel::Warpgroup, Some(fs)) => {
+                (&fs[tile], SM90_THREADS, bwd_sm90_smem_bytes(width))
+            }
+            _ => (
                 &fl.bwd[tile],
                 BWD_THREADS,
                 bwd_smem_bytes(width, fl.bwd_stages[tile]),
-                s.blocks(),
-            ),
-            FlashBwdKernel::Warpgroup => (
-                hopper(&fl.bwd_sm90, tile),
-                SM90_THREADS,
-                bwd_sm90_smem_bytes(width),
-                s.blocks(),
-            ),
-            FlashBwdKernel::Specialized => (
-                hopper(&fl.bwd_ws, tile),
-                WS_THREADS,
-                bwd_ws_smem_bytes(width),
-                s.blocks().div_ceil(2),
             ),
         }
     }
@@ -506,7 +465,7 @@ impl Kernels {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let (function, threads, smem, key_ctas) = self.bwd_launch(s);
+        let (function, threads, smem) = self.bwd_launch(s);
         let mut a = stream.launch_builder(function);
         a.arg(q)
             .arg(k)
@@ -525,7 +484,7 @@ impl Kernels {
             .arg(&scale)
             .arg(&stages_i);
         let config = LaunchConfig {
-            grid_dim: (key_ctas as u32, s.kv_heads as u32, s.batch as u32),
+            grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -592,9 +551,5 @@ mod tests {
         assert_eq!(bwd_sm90_smem_bytes(128), 106 * 1024);
         assert!(2 * (bwd_sm90_smem_bytes(128) + 1024) <= 228 * 1024);
         assert_eq!(bwd_sm90_smem_bytes(64), 58 * 1024);
-        // The warp-specialised backward: one CTA per SM within sm_90's 227 KiB opt-in limit.
-        assert_eq!(bwd_ws_smem_bytes(128), 210 * 1024);
-        assert!(bwd_ws_smem_bytes(128) <= 227 * 1024);
-        assert_eq!(bwd_ws_smem_bytes(64), 114 * 1024);
     }
 }
