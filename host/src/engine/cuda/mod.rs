@@ -1568,10 +1568,15 @@ impl CudaBackend {
         };
         const GIB: f64 = (1u64 << 30) as f64;
         if plan.parked != wanted {
+            let instead = match plan.parked {
+                Parked::AttentionOutput => {
+                    "the attention output without q/k/v (the backward recomputes q/k/v)"
+                }
+                _ => "the layer inputs only (the backward recomputes the attention)",
+            };
             tracing::warn!(
                 "offload: parking the attention results too would pin {:.1} GiB (all ranks), \
-                 more than half of the host's available memory; parking the layer inputs only \
-                 (the backward recomputes the attention)",
+                 more than half of the host's available memory; parking {instead}",
                 (ranks * layers * need.of(wanted)) as f64 / GIB
             );
         }

@@ -30,8 +30,9 @@ use crate::cli::choices::GradientCheckpointing;
 
 /// Environment variable that fixes what is parked: the layer inputs only (`inputs`), the
 /// attention results too (`attention`) or those without q/k/v (`attention-output`). Unset, the
-/// engine picks one of the latter two by the batch shape's costs ([`preferred`]); either
-/// falls back to the inputs when the host lacks the memory ([`plan`]).
+/// engine picks one of the latter two by the batch shape's costs ([`preferred`]); when the
+/// host lacks the memory, `attention` falls back to `attention-output` and either to the
+/// inputs ([`plan`]).
 pub const OFFLOAD_ENV: &str = "FERROTUNE_OFFLOAD";
 
 /// What `--use_gradient_checkpointing unsloth` asks to park.
@@ -170,8 +171,10 @@ impl Need {
 
 /// Parks the attention too (with q/k/v or without, as `wanted`) when every copy of it
 /// (`copies` = layers × data-parallel ranks) stays within half of the host's available memory
-/// (`available`, counting the `held` bytes this process has pinned already as available);
-/// reuses the current per-layer `capacity` when it holds the chosen mode.
+/// (`available`, counting the `held` bytes this process has pinned already as available); when
+/// the attention with q/k/v does not fit, its output without them (the backward recomputes
+/// the q/k/v projections, far cheaper than the attention at the long sequences that get here);
+/// else the inputs only. Reuses the current per-layer `capacity` when it holds the chosen mode.
 pub fn plan(
     wanted: Parked,
     need: Need,
@@ -181,12 +184,17 @@ pub fn plan(
     available: Option<usize>,
 ) -> Plan {
     let room = available.map(|a| (a + held) / 2);
-    let fits = room.is_some_and(|r| copies * need.of(wanted) <= r);
-    let parked = if wanted.attention() && fits {
-        wanted
-    } else {
-        Parked::Inputs
+    let fits = |p: Parked| room.is_some_and(|r| copies * need.of(p) <= r);
+    let candidates: &[Parked] = match wanted {
+        Parked::Attention => &[Parked::Attention, Parked::AttentionOutput],
+        Parked::AttentionOutput => &[Parked::AttentionOutput],
+        Parked::Inputs => &[],
     };
+    let parked = candidates
+        .iter()
+        .copied()
+        .find(|&p| fits(p))
+        .unwrap_or(Parked::Inputs);
     let bytes = need.of(parked);
     Plan {
         parked,
@@ -666,7 +674,7 @@ mod tests {
     }
 
     #[test]
-    fn the_attention_is_parked_within_half_the_host_memory_and_buffers_are_reused_when_large_enough(
+    fn the_attention_is_parked_within_half_the_host_memory_falling_back_to_its_output_and_buffers_are_reused_when_large_enough(
     ) {
         let need = Need {
             inputs: 10,
@@ -677,9 +685,12 @@ mod tests {
         let p = |wanted, copies, capacity, held, avail| {
             plan(wanted, need, copies, capacity, held, avail)
         };
-        // 32 copies × 35 = 1120 bytes: fits in half of 2240, not of 2238.
+        // 32 copies × 35 = 1120 bytes: fits in half of 2240; in half of 2238 the attention
+        // without q/k/v (32 × 30 = 960) does; in half of 1918 neither.
         assert_eq!(p(att, 32, None, 0, Some(2240)).parked, att);
-        assert_eq!(p(att, 32, None, 0, Some(2238)).parked, inp);
+        assert_eq!(p(att, 32, None, 0, Some(2238)).parked, out);
+        assert_eq!(p(att, 32, None, 0, Some(1920)).parked, out);
+        assert_eq!(p(att, 32, None, 0, Some(1918)).parked, inp);
         // What this process holds already counts as available; unknown memory: inputs only.
         assert_eq!(p(att, 32, None, 320, Some(1920)).parked, att);
         assert_eq!(p(att, 32, None, 0, None).parked, inp);
@@ -695,6 +706,10 @@ mod tests {
         assert!(
             p(att, 32, Some(10), 0, Some(100)).reuse,
             "fell back to inputs: 10 bytes do"
+        );
+        assert!(
+            p(att, 32, Some(30), 0, Some(2238)).reuse,
+            "fell back to the output without q/k/v: 30 bytes do"
         );
         assert!(!p(att, 32, None, 0, Some(1 << 40)).reuse);
     }
