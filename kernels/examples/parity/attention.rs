@@ -276,8 +276,9 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
 
 /// Times forward and backward (every backward kernel the GPU runs) at Llama-3-8B (d 128) and
 /// Llama-3.2-1B (d 64) attention shapes, batch 2 x 2048: one sample per row (the causal
-/// triangle), and rows packed with 8 samples (segment skipping); and 8B at batch 1 x 32768. TFLOP/s count the causal work of one unpacked row: forward
-/// 2·2·B·H·T²·d/2, backward 2.5× that.
+/// triangle), and rows packed with 8 samples (segment skipping); and 8B at batch 1 x 32768.
+/// TFLOP/s count the causal work of one unpacked row: forward 2·2·B·H·T²·d/2, backward 2.5×
+/// that.
 pub fn bench(g: &mut Gpu) -> Res<()> {
     println!("\nbench-attn (CUDA events, median of 20 after 3 warm-ups)");
     // (model, heads, kv heads, head_dim, batch, seq, samples per row): the benchmark's
