@@ -143,8 +143,9 @@ impl Nf4Quantizer {
 
 impl Nf4Weight {
     /// Uploads a weight of a pre-quantised checkpoint as stored: no requantisation, so the
-    /// engine computes with exactly the values bitsandbytes would.
-    pub fn upload(stream: &Arc<CudaStream>, w: &bnb_nf4::Nf4Weight, name: &str) -> Result<Self> {
+    /// engine computes with exactly the values bitsandbytes would. Through the pinned staging
+    /// buffers, like the bf16 weights (the driver's pageable path runs at about half the rate).
+    pub fn upload(staging: &mut Staging, w: &bnb_nf4::Nf4Weight, name: &str) -> Result<Self> {
         let n = w.numel();
         if !n.is_multiple_of(NF4_BLOCK) {
             bail!(
@@ -153,21 +154,21 @@ impl Nf4Weight {
             );
         }
         let scales = match &w.absmax {
-            bnb_nf4::Nf4Absmax::Plain(a) => Nf4Scales::Plain(stream.clone_htod(a)?),
+            bnb_nf4::Nf4Absmax::Plain(a) => Nf4Scales::Plain(staging.upload(a)?),
             bnb_nf4::Nf4Absmax::Double(d) => Nf4Scales::Double(Box::new(DoubleScales {
-                qabsmax: stream.clone_htod(&d.codes)?,
-                absmax2: stream.clone_htod(&d.nested_absmax)?,
-                offset: stream.clone_htod(&[d.offset])?,
+                qabsmax: staging.upload(&d.codes)?,
+                absmax2: staging.upload(&d.nested_absmax)?,
+                offset: staging.upload(&[d.offset])?,
                 code2: if d.code[..] == signed_map()[..] {
                     None
                 } else {
-                    Some(stream.clone_htod(&d.code[..])?)
+                    Some(staging.upload(&d.code[..])?)
                 },
             })),
         };
         Ok(Nf4Weight {
             numel: n,
-            packed: stream.clone_htod(&w.packed)?,
+            packed: staging.upload(&w.packed)?,
             scales,
         })
     }
@@ -242,7 +243,7 @@ pub(super) fn load_projection(
     let stream = &staging.stream().clone();
     if files.is_nf4(name) {
         let w = files.read_nf4(name, shape)?;
-        return Ok(ProjWeight::Nf4(Nf4Weight::upload(stream, &w, name)?));
+        return Ok(ProjWeight::Nf4(Nf4Weight::upload(staging, &w, name)?));
     }
     let w = files.upload(staging, name, shape)?;
     Ok(match quantizer.filter(|_| files.prequantized().is_none()) {
