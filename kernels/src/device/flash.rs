@@ -314,7 +314,7 @@ impl Kernels {
 
     /// Runs `kernel` from now on (the parity checks and benchmark compare them).
     pub fn set_flash_bwd_kernel(&mut self, kernel: FlashBwdKernel) -> Result<(), KernelError> {
-        if !self.flash_bwd_kernels().contains(&kernel) {
+        if !self.f.flash.runnable().any(|k| k == kernel) {
             return Err(shape(
                 "flash_attn_bwd",
                 format!("the {} backward does not run on this GPU", kernel.name()),
@@ -325,18 +325,14 @@ impl Kernels {
     }
 
     /// The chosen backward's function for this shape, its threads per CTA and dynamic shared
-    /// memory.
-    fn bwd_launch(&self, s: &FlashShape) -> (&CudaFunction, u32, usize) {
+    /// memory (`stages` from [`Kernels::flash_bwd_stages`]).
+    fn bwd_launch(&self, s: &FlashShape, stages: usize) -> (&CudaFunction, u32, usize) {
         let (fl, tile, width) = (&self.f.flash, s.tile(), WIDTHS[s.tile()]);
         match (fl.bwd_kernel, &fl.bwd_sm90) {
             (FlashBwdKernel::Warpgroup, Some(fs)) => {
                 (&fs[tile], SM90_THREADS, bwd_sm90_smem_bytes(width))
             }
-            _ => (
-                &fl.bwd[tile],
-                BWD_THREADS,
-                bwd_smem_bytes(width, fl.bwd_stages[tile]),
-            ),
+            _ => (&fl.bwd[tile], BWD_THREADS, bwd_smem_bytes(width, stages)),
         }
     }
 
@@ -465,7 +461,7 @@ impl Kernels {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let (function, threads, smem) = self.bwd_launch(s);
+        let (function, threads, smem) = self.bwd_launch(s, stages);
         let mut a = stream.launch_builder(function);
         a.arg(q)
             .arg(k)
