@@ -68,7 +68,7 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride
 //   t_acc[n, p·R + j] += Σ_c y[n, c] · B_p[c, j]            (t = dy·B; p = 0 gate, 1 up)
 //   grad_B_p[c, j]    += scale · Σ_n y[n, c] · low_p[n, j]  (dB = s·dyᵀ·low)
 // so neither gradient is read back by two more GEMMs (2 × 2 reads of [rows, cols] bf16 per
-// layer; perf-notes §19). t_acc is fp32 [rows][2R], zero on entry; `swiglu_lora_t_store`
+// layer; perf-notes §19). t_acc is fp32 [rows][2R], zero on entry; `lora_t_store`
 // rounds it to bf16 and zeroes it again. Both sums run in fp32 with atomics across CTAs, so
 // their summation order (not their terms) varies from run to run.
 //
@@ -83,7 +83,7 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride
 // 16(w%4)..+16 of the sub-block (over the tile's 64 rows, in registers until the CTA leaves the
 // column block). Tiles are rows of 16-byte chunks XOR-swizzled by row so that ldmatrix's 8 rows
 // hit distinct banks. cols % 8 == 0; every leading dimension % 8 == 0, every base 16-byte
-// aligned. Dynamic shared memory: swiglu_lora_smem_bytes(R) in device/swiglu_lora.rs.
+// aligned. Dynamic shared memory: smem_bytes in device/lora_grads.rs.
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
     (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
@@ -116,8 +116,8 @@ __device__ __forceinline__ int lora_at(int row, int col) {
     return lora_swz<W>(row, col >> 3) + (col & 7);
 }
 
-template <int R>
-__device__ __forceinline__ void swiglu_lora_bwd(
+template <int R, bool GLU>
+__device__ __forceinline__ void lora_tdb(
     const bf16* __restrict__ dh, int dh_ld, bf16* __restrict__ g, int g_ld, bf16* __restrict__ u,
     int u_ld, bf16* __restrict__ h, int h_ld, const bf16* __restrict__ bg,
     const bf16* __restrict__ bu, const bf16* __restrict__ lowg, int lowg_ld,
@@ -129,10 +129,12 @@ __device__ __forceinline__ void swiglu_lora_bwd(
     constexpr int RW = R / 8;    // 16-byte chunks per row of a B or low tile
     constexpr int NP = R / 16;   // 16-wide column pairs of an R-wide product
     constexpr int TILE = 64 * 64;  // elements of a dh/g/u tile
+    constexpr int P = GLU ? 2 : 1;      // adapters
+    constexpr int TILES = GLU ? 3 : 1;  // tiles per stage: dh, g, u or dy
     extern __shared__ __align__(128) unsigned char lora_smem[];
-    bf16* sB = reinterpret_cast<bf16*>(lora_smem);  // [2][CW][R]: B rows of the column block
-    bf16* sL = sB + 2 * CW * R;                       // [2 items][2][64][R]: low rows of a tile
-    bf16* sT = sL + 2 * 2 * 64 * R;                   // [2 stages][dh, g, u][64][64]
+    bf16* sB = reinterpret_cast<bf16*>(lora_smem);  // [P][CW][R]: B rows of the column block
+    bf16* sL = sB + P * CW * R;                       // [2 items][P][64][R]: low rows of a tile
+    bf16* sT = sL + 2 * P * 64 * R;                   // [2 stages][TILES][64][64]
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g8 = lane >> 2, t4 = lane & 3;
@@ -150,7 +152,7 @@ __device__ __forceinline__ void swiglu_lora_bwd(
     auto load = [&](int q) {
         const int it = i0 + q / SUB, s = q % SUB;
         const int n0 = (it % row_tiles) * 64, c0 = (it / row_tiles) * CW + s * 64;
-        bf16* st = sT + (q & 1) * 3 * TILE;
+        bf16* st = sT + (q & 1) * TILES * TILE;
         const int ch = tid & 7, c = c0 + ch * 8;
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
@@ -159,26 +161,30 @@ __device__ __forceinline__ void swiglu_lora_bwd(
             const long long nn = ok ? n : 0, cc = ok ? c : 0;
             const int at = lora_swz<8>(nl, ch);
             lora_cp16(st + at, dh + nn * dh_ld + cc, ok);
-            lora_cp16(st + TILE + at, g + nn * g_ld + cc, ok);
-            lora_cp16(st + 2 * TILE + at, u + nn * u_ld + cc, ok);
+            if constexpr (GLU) {
+                lora_cp16(st + TILE + at, g + nn * g_ld + cc, ok);
+                lora_cp16(st + 2 * TILE + at, u + nn * u_ld + cc, ok);
+            }
         }
         if (s == 0) {
-            bf16* sl = sL + ((q / SUB) & 1) * 2 * 64 * R;
+            bf16* sl = sL + ((q / SUB) & 1) * P * 64 * R;
             for (int v = tid; v < 64 * RW; v += NT) {
                 const int nl = v / RW, ck = v % RW, n = n0 + nl;
                 const bool ok = n < rows;
                 const long long nn = ok ? n : 0;
                 lora_cp16(sl + lora_swz<RW>(nl, ck), lowg + nn * lowg_ld + ck * 8, ok);
-                lora_cp16(sl + 64 * R + lora_swz<RW>(nl, ck), lowu + nn * lowu_ld + ck * 8, ok);
+                if constexpr (GLU)
+                    lora_cp16(sl + 64 * R + lora_swz<RW>(nl, ck), lowu + nn * lowu_ld + ck * 8,
+                              ok);
             }
         }
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     };
 
-    float tacc[2][NP][4];       // t: rows 16·wm.. of the item's row tile, per adapter
-    float bacc[2][SUB][NP][4];  // dB: columns 16·wm.. of each sub-block, per adapter
+    float tacc[P][NP][4];       // t: rows 16·wm.. of the item's row tile, per adapter
+    float bacc[P][SUB][NP][4];  // dB: columns 16·wm.. of each sub-block, per adapter
 #pragma unroll
-    for (int p = 0; p < 2; ++p)
+    for (int p = 0; p < P; ++p)
 #pragma unroll
         for (int n = 0; n < NP; ++n)
 #pragma unroll
@@ -190,7 +196,7 @@ __device__ __forceinline__ void swiglu_lora_bwd(
     // dB of column block cb so far: columns 16·wm + g8 and + 8 of each sub-block, j as for t.
     auto flush_db = [&](int cb) {
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
+        for (int p = 0; p < P; ++p) {
             float* gb = p == 0 ? grad_bg : grad_bu;
 #pragma unroll
             for (int s = 0; s < SUB; ++s)
@@ -221,7 +227,8 @@ __device__ __forceinline__ void swiglu_lora_bwd(
         asm volatile("cp.async.wait_group 0;\n" ::: "memory");
         __syncthreads();  // sub-tile q landed; every warp is done with sub-tile q - 1
         if (q + 1 < q_end) load(q + 1);
-        if (cb != cb_loaded) {
+        const bool new_block = cb != cb_loaded;
+        if (new_block) {
             if (cb_loaded >= 0) flush_db(cb_loaded);
             for (int v = tid; v < CW * RW; v += NT) {
                 const int c = v / RW, ck = v % RW;
@@ -230,39 +237,44 @@ __device__ __forceinline__ void swiglu_lora_bwd(
                 const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
                 *reinterpret_cast<uint4*>(&sB[lora_swz<RW>(c, ck)]) =
                     ok ? *reinterpret_cast<const uint4*>(bg + off) : zero;
-                *reinterpret_cast<uint4*>(&sB[CW * R + lora_swz<RW>(c, ck)]) =
-                    ok ? *reinterpret_cast<const uint4*>(bu + off) : zero;
+                if constexpr (GLU)
+                    *reinterpret_cast<uint4*>(&sB[CW * R + lora_swz<RW>(c, ck)]) =
+                        ok ? *reinterpret_cast<const uint4*>(bu + off) : zero;
             }
             cb_loaded = cb;
         }
-        bf16* st = sT + (q & 1) * 3 * TILE;
-        const bf16* sl = sL + ((q / SUB) & 1) * 2 * 64 * R;
-        const int ch = tid & 7, c = cb * CW + s * 64 + ch * 8;
+        bf16* st = sT + (q & 1) * TILES * TILE;
+        const bf16* sl = sL + ((q / SUB) & 1) * P * 64 * R;
+        if constexpr (GLU) {
+            const int ch = tid & 7, c = cb * CW + s * 64 + ch * 8;
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-            const int nl = (tid >> 3) + 32 * k, n = n0 + nl;
-            const int at = lora_swz<8>(nl, ch);
-            float df[8], gf[8], uf[8], dg[8], du[8], hf[8];
-            unpack8(*reinterpret_cast<const uint4*>(st + at), df);
-            unpack8(*reinterpret_cast<const uint4*>(st + TILE + at), gf);
-            unpack8(*reinterpret_cast<const uint4*>(st + 2 * TILE + at), uf);
+            for (int k = 0; k < 2; ++k) {
+                const int nl = (tid >> 3) + 32 * k, n = n0 + nl;
+                const int at = lora_swz<8>(nl, ch);
+                float df[8], gf[8], uf[8], dg[8], du[8], hf[8];
+                unpack8(*reinterpret_cast<const uint4*>(st + at), df);
+                unpack8(*reinterpret_cast<const uint4*>(st + TILE + at), gf);
+                unpack8(*reinterpret_cast<const uint4*>(st + 2 * TILE + at), uf);
 #pragma unroll
-            for (int j = 0; j < 8; j++) swiglu_grad1(df[j], gf[j], uf[j], dg[j], du[j], hf[j]);
-            const uint4 pg = pack8(dg), pu = pack8(du);
-            if (n < rows && c < cols) {
-                *reinterpret_cast<uint4*>(g + (long long)n * g_ld + c) = pg;
-                *reinterpret_cast<uint4*>(u + (long long)n * u_ld + c) = pu;
-                *reinterpret_cast<uint4*>(h + (long long)n * h_ld + c) = pack8(hf);
+                for (int j = 0; j < 8; j++) swiglu_grad1(df[j], gf[j], uf[j], dg[j], du[j], hf[j]);
+                const uint4 pg = pack8(dg), pu = pack8(du);
+                if (n < rows && c < cols) {
+                    *reinterpret_cast<uint4*>(g + (long long)n * g_ld + c) = pg;
+                    *reinterpret_cast<uint4*>(u + (long long)n * u_ld + c) = pu;
+                    *reinterpret_cast<uint4*>(h + (long long)n * h_ld + c) = pack8(hf);
+                }
+                // Out of range the tiles were zero-filled, so dg = du = 0 there.
+                *reinterpret_cast<uint4*>(st + TILE + at) = pg;
+                *reinterpret_cast<uint4*>(st + 2 * TILE + at) = pu;
             }
-            // Out of range the tiles were zero-filled, so dg = du = 0 there.
-            *reinterpret_cast<uint4*>(st + TILE + at) = pg;
-            *reinterpret_cast<uint4*>(st + 2 * TILE + at) = pu;
         }
-        __syncthreads();  // dg/du tiles (and a new column block's B) complete
+        // dg/du tiles (and a new column block's B) complete; a plain dy tile was complete at
+        // the loop's first barrier, so only a new B needs one.
+        if (GLU || new_block) __syncthreads();
 
 #pragma unroll
-        for (int p = 0; p < 2; ++p) {
-            const bf16* sy = st + (p + 1) * TILE;
+        for (int p = 0; p < P; ++p) {
+            const bf16* sy = GLU ? st + (p + 1) * TILE : st;
             const bf16* sb = sB + p * CW * R;
             const bf16* sp = sl + p * 64 * R;
 #pragma unroll
@@ -286,7 +298,7 @@ __device__ __forceinline__ void swiglu_lora_bwd(
             }
         }
 #pragma unroll
-        for (int p = 0; p < 2; ++p)
+        for (int p = 0; p < P; ++p)
 #pragma unroll
             for (int n = 0; n < NP; ++n)
 #pragma unroll
@@ -300,14 +312,14 @@ __device__ __forceinline__ void swiglu_lora_bwd(
             // The item's t partial sums: rows 16·wm + g8 and + 8, columns of 8-wide tile
             // 2·np + half, 2·t4 within it.
 #pragma unroll
-            for (int p = 0; p < 2; ++p)
+            for (int p = 0; p < P; ++p)
 #pragma unroll
                 for (int n = 0; n < NP; ++n) {
                     const int row = n0 + wm * 16 + g8, col = p * R + (2 * n + half) * 8 + 2 * t4;
                     if (row < rows)
-                        red_add_f32x2(t_acc + (long long)row * 2 * R + col, tacc[p][n][0], tacc[p][n][1]);
+                        red_add_f32x2(t_acc + (long long)row * P * R + col, tacc[p][n][0], tacc[p][n][1]);
                     if (row + 8 < rows)
-                        red_add_f32x2(t_acc + (long long)(row + 8) * 2 * R + col, tacc[p][n][2],
+                        red_add_f32x2(t_acc + (long long)(row + 8) * P * R + col, tacc[p][n][2],
                                       tacc[p][n][3]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) tacc[p][n][e] = 0.0f;
@@ -328,20 +340,43 @@ __device__ __forceinline__ void swiglu_lora_bwd(
         grad_bu, scale, rows, cols
 
 extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r16(SWIGLU_LORA_ARGS) {
-    swiglu_lora_bwd<16>(SWIGLU_LORA_CALL);
+    lora_tdb<16, true>(SWIGLU_LORA_CALL);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r32(SWIGLU_LORA_ARGS) {
-    swiglu_lora_bwd<32>(SWIGLU_LORA_CALL);
+    lora_tdb<32, true>(SWIGLU_LORA_CALL);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r64(SWIGLU_LORA_ARGS) {
-    swiglu_lora_bwd<64>(SWIGLU_LORA_CALL);
+    lora_tdb<64, true>(SWIGLU_LORA_CALL);
 }
 
-// t[n, c] = bf16(t_acc[n, c]) (rows `t_ld` apart) and t_acc[n, c] = 0, for c < width (even):
-// swiglu_lora_bwd's t sums rounded as the unfused GEMM rounds them, the accumulator left ready
-// for the next layer.
-extern "C" __global__ void swiglu_lora_t_store(float* __restrict__ t_acc, bf16* __restrict__ t,
-                                               int t_ld, int rows, int width) {
+// The same products for one adapter whose dy is already in memory (o, down, q, k, v):
+//   t_acc[n, j] += Σ_c dy[n, c] · B[c, j]      grad_B[c, j] += scale · Σ_n dy[n, c] · low[n, j]
+// one read of dy instead of the two GEMMs `t = dy·B` and `dB = s·dyᵀ·low` (perf-notes §28).
+// t_acc is fp32 [rows][R]. A third of the shared memory of the SwiGLU variant, so more CTAs
+// per SM keep more loads in flight.
+#define LORA_TDB_ARGS                                                                           \
+    const bf16 *__restrict__ dy, int dy_ld, const bf16 *__restrict__ b,                         \
+        const bf16 *__restrict__ low, int low_ld, float *__restrict__ t_acc,                   \
+        float *__restrict__ grad_b, float scale, int rows, int cols
+#define LORA_TDB_CALL                                                                           \
+    dy, dy_ld, nullptr, 0, nullptr, 0, nullptr, 0, b, nullptr, low, low_ld, nullptr, 0, t_acc, \
+        grad_b, nullptr, scale, rows, cols
+
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r16(LORA_TDB_ARGS) {
+    lora_tdb<16, false>(LORA_TDB_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r32(LORA_TDB_ARGS) {
+    lora_tdb<32, false>(LORA_TDB_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r64(LORA_TDB_ARGS) {
+    lora_tdb<64, false>(LORA_TDB_CALL);
+}
+
+// t[n, c] = bf16(alpha · t_acc[n, c]) (rows `t_ld` apart) and t_acc[n, c] = 0, for c < width
+// (even): the fused kernels' t sums rounded as the unfused GEMM (with alpha) rounds them, the
+// accumulator left ready for the next projection.
+extern "C" __global__ void lora_t_store(float* __restrict__ t_acc, bf16* __restrict__ t, int t_ld,
+                                        int rows, int width, float alpha) {
     const int half = width >> 1;
     const long long total = (long long)rows * half;
     for (long long v = (long long)blockIdx.x * blockDim.x + threadIdx.x; v < total;
@@ -350,7 +385,7 @@ extern "C" __global__ void swiglu_lora_t_store(float* __restrict__ t_acc, bf16* 
         const int c = (int)(v - n * half) * 2;
         float2* src = reinterpret_cast<float2*>(t_acc + n * width + c);
         const float2 x = *src;
-        *reinterpret_cast<u32*>(t + n * t_ld + c) = pack_bf16x2(x.x, x.y);
+        *reinterpret_cast<u32*>(t + n * t_ld + c) = pack_bf16x2(alpha * x.x, alpha * x.y);
         *src = make_float2(0.0f, 0.0f);
     }
 }

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use ferrotune_kernels::cache::{default_dir, KernelCache};
 use ferrotune_kernels::device::{
-    bf16, Adam8bitStates, CopyJob, CopyTable, CrossEntropyRows, Kernels, Nf4Absmax, Nf4DoubleQuant,
-    QuantMaps, SwigluLoraAdapter, REDUCE_PARTS,
+    bf16, Adam8bitStates, CopyJob, CopyTable, CrossEntropyRows, Kernels, LoraAdapter, Nf4Absmax,
+    Nf4DoubleQuant, QuantMaps, REDUCE_PARTS,
 };
 use ferrotune_kernels::reference::adamw::{self as radam, Adam8bitState, AdamStep};
 use ferrotune_kernels::reference::{
@@ -501,12 +501,12 @@ fn check_swiglu_lora(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         let scale = 0.75f32;
         {
             let [db0, db1] = &mut db_dev;
-            let mut gate_a = SwigluLoraAdapter {
+            let mut gate_a = LoraAdapter {
                 b: b_dev[0].as_view(),
                 low: (low_dev[0].as_view(), low_ld),
                 grad_b: db0.as_view_mut(),
             };
-            let mut up_a = SwigluLoraAdapter {
+            let mut up_a = LoraAdapter {
                 b: b_dev[1].as_view(),
                 low: (low_dev[1].as_view(), low_ld),
                 grad_b: db1.as_view_mut(),
@@ -526,12 +526,12 @@ fn check_swiglu_lora(g: &mut Gpu, c: &mut Checks) -> Res<()> {
         }
         let t_ld = 2 * r + 8;
         let mut t = g.poison_bf16(rows * t_ld)?;
-        g.k.swiglu_lora_t_store(
+        g.k.lora_t_store(
             &g.stream,
             &mut t_acc.as_view_mut(),
             (&mut t.as_view_mut(), t_ld),
-            rows,
-            2 * r,
+            (rows, 2 * r),
+            1.0,
         )?;
 
         let strip = |v: &[f32], w: usize, ld: usize| -> Vec<f32> {
@@ -580,6 +580,74 @@ fn check_swiglu_lora(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             &format!("{name} t_acc zeroed"),
             &g.down(&t_acc)?,
             &vec![0f32; rows * 2 * r],
+        );
+    }
+    Ok(())
+}
+
+/// One adapter's `t` and `dB` in one pass over a `dy` in memory (`lora_tdb`), `t` rounded with
+/// an `alpha` by `lora_t_store` into a strided buffer: against the f64 products. Shapes with
+/// row and column tails, `dy` rows apart as the residual gradient's spare columns make them,
+/// `low`s side by side as the stacked q/k/v keep them.
+fn check_lora_tdb(g: &mut Gpu, c: &mut Checks) -> Res<()> {
+    for (rows, cols, r) in [
+        (130usize, 8 * 37usize, 16usize),
+        (257, 1024, 32),
+        (70, 320, 64),
+        (4100, 4096, 16),
+    ] {
+        let dy_ld = cols + r;
+        let dy = g.randn_bf16(rows * dy_ld, 0.5);
+        let (b, low_ld) = (g.randn_bf16(cols * r, 0.3), 3 * r);
+        let low = g.randn_bf16(rows * low_ld, 1.0);
+        let db0 = g.randn(cols * r, 1.0);
+        let (dy_dev, b_dev, low_dev) = (g.up_bf16(&dy)?, g.up_bf16(&b)?, g.up_bf16(&low)?);
+        let mut db_dev = g.up(&db0)?;
+        let mut t_acc = g.up(&vec![0f32; rows * r])?;
+        let (scale, alpha) = (0.75f32, 2.0f32);
+        g.k.lora_tdb(
+            &g.stream,
+            (&dy_dev.as_view(), dy_ld),
+            &mut LoraAdapter {
+                b: b_dev.as_view(),
+                low: (low_dev.as_view(), low_ld),
+                grad_b: db_dev.as_view_mut(),
+            },
+            &mut t_acc.as_view_mut(),
+            (r, scale),
+            rows,
+            cols,
+        )?;
+        let t_ld = r + 8;
+        let mut t = g.poison_bf16(rows * t_ld)?;
+        g.k.lora_t_store(
+            &g.stream,
+            &mut t_acc.as_view_mut(),
+            (&mut t.as_view_mut(), t_ld),
+            (rows, r),
+            alpha,
+        )?;
+        let dy_dense: Vec<f32> = dy.chunks(dy_ld).flat_map(|x| x[..cols].to_vec()).collect();
+        let (t_want, db_term) =
+            swiglu::lora_products(&dy_dense, (rows, cols), &b, (&low, low_ld), r);
+        let t_want: Vec<f32> = t_want.iter().map(|x| alpha * x).collect();
+        let name = format!("lora_tdb [{rows}x{cols}] r{r}");
+        let t_got: Vec<f32> = g
+            .down_bf16(&t)?
+            .chunks(t_ld)
+            .flat_map(|x| x[..r].to_vec())
+            .collect();
+        c.close(&format!("{name} t"), &t_got, &t_want, BF16_TOL);
+        let db_want: Vec<f32> = db0
+            .iter()
+            .zip(&db_term)
+            .map(|(a, b)| a + scale * b)
+            .collect();
+        c.close(&format!("{name} dB"), &g.down(&db_dev)?, &db_want, 1e-4);
+        c.exact(
+            &format!("{name} t_acc zeroed"),
+            &g.down(&t_acc)?,
+            &vec![0f32; rows * r],
         );
     }
     Ok(())
@@ -1174,6 +1242,46 @@ fn bench(g: &mut Gpu) -> Res<()> {
         ms,
         (5 * t * inter * 2) as f64,
     );
+    // One adapter's t and dB (r 16) over the residual gradient (o, down: spare columns) and
+    // over k/v's gradient; its t rounded by lora_t_store. The two GEMMs it replaces read dy
+    // twice.
+    for (cols, ld) in [(d, d + 16), (1024, 1024)] {
+        let r = 16;
+        let dy = g.rand_bf16_dev(t * ld, 1.0)?;
+        let (b, low) = (
+            g.rand_bf16_dev(cols * r, 1.0)?,
+            g.rand_bf16_dev(t * r, 1.0)?,
+        );
+        let (mut db, mut t_acc) = (g.up(&vec![0f32; cols * r])?, g.up(&vec![0f32; t * r])?);
+        let mut tt = g.poison_bf16(t * r)?;
+        let ms = time_ms(g, || {
+            g.k.lora_tdb(
+                &g.stream,
+                (&dy.as_view(), ld),
+                &mut LoraAdapter {
+                    b: b.as_view(),
+                    low: (low.as_view(), r),
+                    grad_b: db.as_view_mut(),
+                },
+                &mut t_acc.as_view_mut(),
+                (r, 1.0),
+                t,
+                cols,
+            )?;
+            Ok(g.k.lora_t_store(
+                &g.stream,
+                &mut t_acc.as_view_mut(),
+                (&mut tt.as_view_mut(), r),
+                (t, r),
+                1.0,
+            )?)
+        })?;
+        report(
+            &format!("lora_tdb + t_store 4096x{cols} r16"),
+            ms,
+            (t * cols * 2) as f64,
+        );
+    }
     let inv = g.up(&inv_freq(128, 500_000.0, None))?;
     let pos = g.up(&(0..t as u32).collect::<Vec<u32>>())?;
     let (mut cs, mut sn) = (g.poison_f32(t * 64)?, g.poison_f32(t * 64)?);
@@ -1418,6 +1526,7 @@ fn main() -> Res<()> {
         check_rope(&mut g, &mut c)?;
         check_swiglu(&mut g, &mut c)?;
         check_swiglu_lora(&mut g, &mut c)?;
+        check_lora_tdb(&mut g, &mut c)?;
         check_cross_entropy(&mut g, &mut c)?;
         check_adamw(&mut g, &mut c)?;
         check_nf4(&mut g, &mut c)?;

@@ -26,11 +26,11 @@ use crate::sources::{self, compile_options, KernelSource};
 use crate::{nvrtc, KernelError};
 
 mod flash;
-mod swiglu_lora;
+mod lora_grads;
 pub use flash::{
     FlashBwdKernel, FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_BWD_ENV, FLASH_MAX_HEAD_DIM,
 };
-pub use swiglu_lora::{SwigluLoraAdapter, SWIGLU_LORA_RANKS};
+pub use lora_grads::{LoraAdapter, LORA_GRAD_RANKS};
 
 /// Threads per block of the row kernels and elementwise kernels.
 const THREADS: u32 = 256;
@@ -153,7 +153,7 @@ struct Functions {
     copy_rows_batch: CudaFunction,
     dropout_apply: CudaFunction,
     flash: flash::FlashFunctions,
-    swiglu_lora: swiglu_lora::SwigluLoraFunctions,
+    lora_grads: lora_grads::LoraGradFunctions,
 }
 
 /// Every kernel, loaded for one device.
@@ -347,7 +347,7 @@ impl Kernels {
             copy_rows_batch: get(&EMBEDDING, "copy_rows_batch")?,
             dropout_apply: get(&DROPOUT, "dropout_apply")?,
             flash: flash::FlashFunctions::load(|name| get(&ATTENTION, name), smem_optin, arch)?,
-            swiglu_lora: swiglu_lora::SwigluLoraFunctions::load(|name| get(&SWIGLU, name))?,
+            lora_grads: lora_grads::LoraGradFunctions::load(|name| get(&SWIGLU, name))?,
         };
         Ok((
             Self {

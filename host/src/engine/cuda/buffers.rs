@@ -166,8 +166,8 @@ pub struct Buffers {
     pub dv: CudaSlice<bf16>,
     /// `dy·B` of the projection being differentiated `[N, r]`.
     pub t: CudaSlice<bf16>,
-    /// fp32 `[N, 2r]`, zero between uses: the fused SwiGLU backward's gate/up `t` sums
-    /// (`super::swiglu_lora`).
+    /// fp32 `[N, 2r]`, zero between uses: the fused kernels' `t` sums — gate's and up's in the
+    /// SwiGLU backward (`super::swiglu_lora`), one projection's in `Linear::backward`.
     pub t_acc: CudaSlice<f32>,
 }
 

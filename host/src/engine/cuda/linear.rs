@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use cudarc::driver::CudaStream;
-use ferrotune_kernels::device::{bf16, Kernels};
+use ferrotune_kernels::device::{bf16, Kernels, LoraAdapter};
 
 use super::gemm::{Gemm, Operand, OutType, Output, Problem};
 use super::nf4::Nf4Ptrs;
@@ -421,6 +421,9 @@ impl Linear {
     /// `dB` and the bias gradient. `dA` needs the layer input and is [`Linear::grad_a`], called
     /// with what this returns (separate because the down projection's input is recomputed only
     /// after `dx`).
+    ///
+    /// `t_acc`: an fp32 `[N, r]` scratch, zero on entry and left so, through which the fused
+    /// kernel ([`Linear::tdb_fuses`]) sums `t`.
     pub fn backward(
         &self,
         g: &mut Gemm,
@@ -428,10 +431,12 @@ impl Linear {
         dy: u64,
         dx: Option<(u64, bool)>,
         t: (u64, usize),
+        t_acc: u64,
     ) -> Result<Option<LowGrad>> {
         let (n, o) = (self.n, self.out);
         let dy_op = Operand::new(dy, self.dy_ld);
         let folded = self.dx_term == DxTerm::Folded;
+        let fused = self.lora.filter(|l| self.tdb_fuses(l));
         // t = dy·B, as s·t in dy's spare columns when dx folds it in.
         let low_grad = match self.lora {
             Some(l) => {
@@ -440,17 +445,21 @@ impl Linear {
                 } else {
                     (t.0, t.1, 1.0)
                 };
-                mm(
-                    g,
-                    n,
-                    l.r,
-                    o,
-                    dy_op,
-                    Operand::new(l.b, l.r),
-                    Output::new(t, ld, OutType::Bf16),
-                    alpha,
-                    0.0,
-                )?;
+                if fused.is_some() {
+                    self.fused_tdb(g.stream(), k, &l, dy, t_acc, (t, ld, alpha))?;
+                } else {
+                    mm(
+                        g,
+                        n,
+                        l.r,
+                        o,
+                        dy_op,
+                        Operand::new(l.b, l.r),
+                        Output::new(t, ld, OutType::Bf16),
+                        alpha,
+                        0.0,
+                    )?;
+                }
                 Some(LowGrad {
                     ptr: t,
                     ld,
@@ -460,7 +469,7 @@ impl Linear {
             None => None,
         };
         self.backward_input(g, k, dy, dx, low_grad)?;
-        if let Some(l) = self.lora {
+        if let (Some(l), None) = (self.lora, fused) {
             // dB [out, r] += s·dyᵀ·low
             mm(
                 g,
@@ -475,6 +484,68 @@ impl Linear {
             )?;
         }
         Ok(low_grad)
+    }
+
+    /// Whether the adapter's `t` and `dB` come from one pass over `dy` (the kernels'
+    /// `lora_tdb`, perf-notes §28) instead of two GEMMs that each read it: a rank the kernel
+    /// is built for and rows of 16-byte chunks.
+    pub fn tdb_fuses(&self, l: &Lora) -> bool {
+        Kernels::lora_grads_support(l.r)
+            && [self.out, self.dy_ld, l.low_ld]
+                .iter()
+                .all(|x| x.is_multiple_of(8))
+    }
+
+    /// `t_acc += dy·B` and `dB += s·dyᵀ·low` in one kernel, then `t = bf16(alpha·t_acc)` at
+    /// `(ptr, ld)` and `t_acc = 0`.
+    fn fused_tdb(
+        &self,
+        stream: &Arc<CudaStream>,
+        k: &Kernels,
+        l: &Lora,
+        dy: u64,
+        t_acc: u64,
+        (t, ld, alpha): (u64, usize, f32),
+    ) -> Result<()> {
+        let (n, o, r) = (self.n, self.out, l.r);
+        let rows_of = |ld: usize, width: usize| if n == 0 { 0 } else { (n - 1) * ld + width };
+        // SAFETY: `dy` holds `[N, out]` at `dy_ld`, `B`/`dB` `[out, r]` are the adapter's shadow
+        // and gradient, `low` `[N, r]` at `low_ld` the forward's, `t_acc` the caller's `[N, r]`
+        // scratch and `t` `[N, r]` at `ld` (the `t` buffer or dy's spare columns, which the
+        // kernel does not read); all live for the pass and ordered by this stream.
+        let (dy_v, b, low, mut grad_b, mut acc, mut tv) = unsafe {
+            (
+                Borrowed::<bf16>::new(stream, dy, rows_of(self.dy_ld, o)),
+                Borrowed::<bf16>::new(stream, l.b, o * r),
+                Borrowed::<bf16>::new(stream, l.low, rows_of(l.low_ld, r)),
+                Borrowed::<f32>::new(stream, l.grad_b, o * r),
+                Borrowed::<f32>::new(stream, t_acc, n * r),
+                Borrowed::<bf16>::new(stream, t, rows_of(ld, r)),
+            )
+        };
+        let mut adapter = LoraAdapter {
+            b: b.view(),
+            low: (low.view(), l.low_ld),
+            grad_b: grad_b.view_mut(),
+        };
+        let scale = (r, self.grad_b_scale(l));
+        k.lora_tdb(
+            stream,
+            (&dy_v.view(), self.dy_ld),
+            &mut adapter,
+            &mut acc.view_mut(),
+            scale,
+            n,
+            o,
+        )?;
+        k.lora_t_store(
+            stream,
+            &mut acc.view_mut(),
+            (&mut tv.view_mut(), ld),
+            (n, r),
+            alpha,
+        )?;
+        Ok(())
     }
 
     /// The factor of `dB = ·dyᵀ·low`: `s`, or 1 when the folded forward kept `s·low`.

@@ -882,13 +882,14 @@ impl CudaBackend {
         let s = self.stream.clone();
         let p16 = |x: &CudaSlice<bf16>| x.device_ptr(&s).0;
         let [.., down] = self.linears(l, b.sizes.tokens, &b.acts[slot]);
-        let d_act = self.d_act_ptr(b);
+        let (d_act, t_acc) = (self.d_act_ptr(b), b.t_acc.device_ptr(&s).0);
         down.backward(
             &mut self.gemm,
             &self.kernels,
             p16(&b.dres),
             Some((d_act, false)),
             (p16(&b.t), self.options.r),
+            t_acc,
         )
     }
 
@@ -917,6 +918,7 @@ impl CudaBackend {
         let [.., o, gate, mut up, down] = self.linears(l, n, a);
         up.nf4_ready = up_ready;
         let t = (p16(&b.t), self.options.r);
+        let t_acc = b.t_acc.device_ptr(&s).0;
 
         // SwiGLU backward in place (gate/up become their gradients, act is recomputed for dA of
         // the down projection); fused with the gate/up adapters' t and dB where it applies, which
@@ -979,14 +981,14 @@ impl CudaBackend {
             (None, Some(st)) => {
                 let ld = st.rows(Stack::GateUp);
                 let up_at = (t.0 + (2 * self.options.r) as u64, ld);
-                let t_up = up.backward(g, kr, d_up, Some((dn, false)), up_at)?;
-                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), (t.0, ld))?;
+                let t_up = up.backward(g, kr, d_up, Some((dn, false)), up_at, t_acc)?;
+                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), (t.0, ld), t_acc)?;
                 Some([t_gate, t_up].map(|t| t.expect("stacked adapters")))
             }
             (None, None) => {
-                let t_up = up.backward(g, kr, d_up, Some((dn, false)), t)?;
+                let t_up = up.backward(g, kr, d_up, Some((dn, false)), t, t_acc)?;
                 up.grad_a(g, kr, norm, t_up)?;
-                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t)?;
+                let t_gate = gate.backward(g, kr, d_gate, Some((dn, true)), t, t_acc)?;
                 gate.grad_a(g, kr, norm, t_gate)?;
                 None
             }
@@ -1026,7 +1028,8 @@ impl CudaBackend {
         )?;
 
         // o_proj: into the attention output's gradient.
-        let t_o = o.backward(g, kr, p16(&b.dres), Some((p16(&b.d_attn), false)), t)?;
+        let d_attn = Some((p16(&b.d_attn), false));
+        let t_o = o.backward(g, kr, p16(&b.dres), d_attn, t, t_acc)?;
         o.grad_a(g, kr, p16(&a.attn), t_o)?;
         Ok(())
     }
@@ -1073,7 +1076,7 @@ impl CudaBackend {
         let w = &self.layers[l];
         let [q, k, v, ..] = self.linears(l, n, a);
         let kr = &self.kernels;
-        let t = p16(&b.t);
+        let (t, t_acc) = (p16(&b.t), b.t_acc.device_ptr(&s).0);
         let r = self.options.r;
         let (nh, nkv, d) = (
             self.cfg.num_attention_heads,
@@ -1143,7 +1146,8 @@ impl CudaBackend {
             } else {
                 t
             };
-            let t = lin.backward(g, kr, dy, need_dx.then_some((dn, acc)), (t_at, t_ld))?;
+            let dx = need_dx.then_some((dn, acc));
+            let t = lin.backward(g, kr, dy, dx, (t_at, t_ld), t_acc)?;
             if stack.is_none() {
                 lin.grad_a(g, kr, norm, t)?;
             }

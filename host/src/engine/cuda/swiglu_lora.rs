@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
-use ferrotune_kernels::device::{bf16, Kernels, SwigluLoraAdapter};
+use ferrotune_kernels::device::{bf16, Kernels, LoraAdapter};
 
 use super::linear::{DxTerm, Linear, LowGrad};
 use super::raw::Borrowed;
@@ -19,7 +19,7 @@ pub fn applies(gate: &Linear, up: &Linear) -> bool {
     match (gate.lora, up.lora) {
         (Some(g), Some(u)) => {
             g.r == u.r
-                && Kernels::swiglu_lora_supports(g.r)
+                && Kernels::lora_grads_support(g.r)
                 && [gate, up].iter().all(|lin| lin.dx_term != DxTerm::Folded)
         }
         _ => false,
@@ -75,12 +75,12 @@ pub fn backward(
             Borrowed::<bf16>::new(stream, t, n * 2 * r),
         )
     };
-    let mut gate_a = SwigluLoraAdapter {
+    let mut gate_a = LoraAdapter {
         b: bg.view(),
         low: (lg.view(), gl.low_ld),
         grad_b: dbg.view_mut(),
     };
-    let mut up_a = SwigluLoraAdapter {
+    let mut up_a = LoraAdapter {
         b: bu.view(),
         low: (lu.view(), ul.low_ld),
         grad_b: dbu.view_mut(),
@@ -102,12 +102,12 @@ pub fn backward(
         n,
         inter,
     )?;
-    k.swiglu_lora_t_store(
+    k.lora_t_store(
         stream,
         &mut t_acc.slice_mut(..),
         (&mut tv.view_mut(), 2 * r),
-        n,
-        2 * r,
+        (n, 2 * r),
+        1.0,
     )?;
     let at = |col: usize, l: &super::linear::Lora| LowGrad {
         ptr: t + (col * std::mem::size_of::<bf16>()) as u64,
