@@ -62,8 +62,9 @@ extern "C" __global__ void swiglu_bwd(const bf16* __restrict__ dh, int dh_stride
 }
 
 // ---------------------------------------------------------------------------------------------
-// swiglu_bwd (h, the recomputed output, always written) fused with the gate and up adapters'
-// products that read its outputs. With
+// lora_tdb<R, GLU = true>: swiglu_bwd (h, the recomputed output, always written) fused with
+// the gate and up adapters' products that read its outputs (GLU = false: one adapter's
+// products over a dy in memory, below). With
 // y = dg (gate) or du (up), each as the bf16 value stored:
 //   t_acc[n, p·R + j] += Σ_c y[n, c] · B_p[c, j]            (t = dy·B; p = 0 gate, 1 up)
 //   grad_B_p[c, j]    += scale · Σ_n y[n, c] · low_p[n, j]  (dB = s·dyᵀ·low)
@@ -339,21 +340,24 @@ __device__ __forceinline__ void lora_tdb(
     dh, dh_ld, g, g_ld, u, u_ld, h, h_ld, bg, bu, lowg, lowg_ld, lowu, lowu_ld, t_acc, grad_bg,    \
         grad_bu, scale, rows, cols
 
-extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r16(SWIGLU_LORA_ARGS) {
-    lora_tdb<16, true>(SWIGLU_LORA_CALL);
-}
-extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r32(SWIGLU_LORA_ARGS) {
-    lora_tdb<32, true>(SWIGLU_LORA_CALL);
-}
-extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r64(SWIGLU_LORA_ARGS) {
-    lora_tdb<64, true>(SWIGLU_LORA_CALL);
-}
+// One entry per rank (16, 32, 64) of each variant: NAME_r{R}(P_ARGS) runs lora_tdb<R, GLU>(P_CALL),
+// MIN_CTAS of them resident per SM.
+#define LORA_GRAD_ENTRY(NAME, R, GLU, MIN_CTAS, P)                                               \
+    extern "C" __global__ void __launch_bounds__(256, MIN_CTAS) NAME##_r##R(P##_ARGS) {          \
+        lora_tdb<R, GLU>(P##_CALL);                                                               \
+    }
+#define LORA_GRAD_ENTRIES(NAME, GLU, MIN_CTAS, P)                                                 \
+    LORA_GRAD_ENTRY(NAME, 16, GLU, MIN_CTAS, P)                                                   \
+    LORA_GRAD_ENTRY(NAME, 32, GLU, MIN_CTAS, P)                                                   \
+    LORA_GRAD_ENTRY(NAME, 64, GLU, MIN_CTAS, P)
+
+LORA_GRAD_ENTRIES(swiglu_lora_bwd, true, 2, SWIGLU_LORA)
 
 // The same products for one adapter whose dy is already in memory (o, down, q, k, v):
 //   t_acc[n, j] += Σ_c dy[n, c] · B[c, j]      grad_B[c, j] += scale · Σ_n dy[n, c] · low[n, j]
 // one read of dy instead of the two GEMMs `t = dy·B` and `dB = s·dyᵀ·low` (perf-notes §28).
-// t_acc is fp32 [rows][R]. A third of the shared memory of the SwiGLU variant, so more CTAs
-// per SM keep more loads in flight.
+// t_acc is fp32 [rows][R]. 28 KiB of shared memory at R 16 and 80 registers: three CTAs per
+// SM. At 1.2 TB/s it is bound by instruction issue, not by loads in flight (perf-notes §28).
 #define LORA_TDB_ARGS                                                                           \
     const bf16 *__restrict__ dy, int dy_ld, const bf16 *__restrict__ b,                         \
         const bf16 *__restrict__ low, int low_ld, float *__restrict__ t_acc,                   \
@@ -362,15 +366,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r64(SWIGLU_
     dy, dy_ld, nullptr, 0, nullptr, 0, nullptr, 0, b, nullptr, low, low_ld, nullptr, 0, t_acc, \
         grad_b, nullptr, scale, rows, cols
 
-extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r16(LORA_TDB_ARGS) {
-    lora_tdb<16, false>(LORA_TDB_CALL);
-}
-extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r32(LORA_TDB_ARGS) {
-    lora_tdb<32, false>(LORA_TDB_CALL);
-}
-extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r64(LORA_TDB_ARGS) {
-    lora_tdb<64, false>(LORA_TDB_CALL);
-}
+LORA_GRAD_ENTRIES(lora_tdb, false, 3, LORA_TDB)
 
 // t[n, c] = bf16(alpha · t_acc[n, c]) (rows `t_ld` apart) and t_acc[n, c] = 0, for c < width
 // (even): the fused kernels' t sums rounded as the unfused GEMM (with alpha) rounds them, the

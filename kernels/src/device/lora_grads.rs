@@ -125,7 +125,7 @@ impl Kernels {
             return Ok(());
         }
         let (f, per_sm) = &self.f.lora_grads.swiglu[which];
-        let ctas = self.lora_grad_ctas(*per_sm, rows, cols, r);
+        let config = self.lora_grad_config(*per_sm, (rows, cols), r, 2);
         let (rows_i, cols_i) = (to_i32(K, "rows", rows)?, to_i32(K, "cols", cols)?);
         let (ds, gs, us) = (dh.1 as i32, g.1 as i32, u.1 as i32);
         let [gate, up] = adapters;
@@ -147,14 +147,7 @@ impl Kernels {
             .arg(&scale)
             .arg(&rows_i)
             .arg(&cols_i);
-        launch(
-            a,
-            LaunchConfig {
-                grid_dim: (ctas as u32, 1, 1),
-                block_dim: (LORA_THREADS, 1, 1),
-                shared_mem_bytes: smem_bytes(r, 2) as u32,
-            },
-        )
+        launch(a, config)
     }
 
     /// For one adapter of rank `r` whose output gradient `dy` `[rows, cols]` (rows `dy.1`
@@ -183,7 +176,7 @@ impl Kernels {
             return Ok(());
         }
         let (f, per_sm) = &self.f.lora_grads.tdb[which];
-        let ctas = self.lora_grad_ctas(*per_sm, rows, cols, r);
+        let config = self.lora_grad_config(*per_sm, (rows, cols), r, 1);
         let (rows_i, cols_i) = (to_i32(K, "rows", rows)?, to_i32(K, "cols", cols)?);
         let (dy_ld, low_ld) = (to_i32(K, "dy row stride", dy.1)?, adapter.low.1 as i32);
         let mut a = stream.launch_builder(f);
@@ -197,19 +190,23 @@ impl Kernels {
             .arg(&scale)
             .arg(&rows_i)
             .arg(&cols_i);
-        launch(
-            a,
-            LaunchConfig {
-                grid_dim: (ctas as u32, 1, 1),
-                block_dim: (LORA_THREADS, 1, 1),
-                shared_mem_bytes: smem_bytes(r, 1) as u32,
-            },
-        )
+        launch(a, config)
     }
 
     /// Every CTA resident at once, each a contiguous run of the items.
-    fn lora_grad_ctas(&self, per_sm: u32, rows: usize, cols: usize, r: usize) -> usize {
-        items(rows, cols, r).min((per_sm * self.sm_count.max(1)) as usize)
+    fn lora_grad_config(
+        &self,
+        per_sm: u32,
+        (rows, cols): (usize, usize),
+        r: usize,
+        adapters: usize,
+    ) -> LaunchConfig {
+        let ctas = items(rows, cols, r).min((per_sm * self.sm_count.max(1)) as usize);
+        LaunchConfig {
+            grid_dim: (ctas as u32, 1, 1),
+            block_dim: (LORA_THREADS, 1, 1),
+            shared_mem_bytes: smem_bytes(r, adapters) as u32,
+        }
     }
 
     /// `t[:, 0..width) = bf16(alpha·t_acc)` (`t` rows `t.1` apart, `t_acc` dense `[rows,
