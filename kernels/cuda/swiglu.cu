@@ -340,18 +340,16 @@ __device__ __forceinline__ void lora_tdb(
     dh, dh_ld, g, g_ld, u, u_ld, h, h_ld, bg, bu, lowg, lowg_ld, lowu, lowu_ld, t_acc, grad_bg,    \
         grad_bu, scale, rows, cols
 
-// One entry per rank (16, 32, 64) of each variant: NAME_r{R}(P_ARGS) runs lora_tdb<R, GLU>(P_CALL),
-// MIN_CTAS of them resident per SM.
-#define LORA_GRAD_ENTRY(NAME, R, GLU, MIN_CTAS, P)                                               \
-    extern "C" __global__ void __launch_bounds__(256, MIN_CTAS) NAME##_r##R(P##_ARGS) {          \
-        lora_tdb<R, GLU>(P##_CALL);                                                               \
-    }
-#define LORA_GRAD_ENTRIES(NAME, GLU, MIN_CTAS, P)                                                 \
-    LORA_GRAD_ENTRY(NAME, 16, GLU, MIN_CTAS, P)                                                   \
-    LORA_GRAD_ENTRY(NAME, 32, GLU, MIN_CTAS, P)                                                   \
-    LORA_GRAD_ENTRY(NAME, 64, GLU, MIN_CTAS, P)
-
-LORA_GRAD_ENTRIES(swiglu_lora_bwd, true, 2, SWIGLU_LORA)
+// One entry per rank; the kernel names stay literal so that sources.rs's test can list them.
+extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r16(SWIGLU_LORA_ARGS) {
+    lora_tdb<16, true>(SWIGLU_LORA_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r32(SWIGLU_LORA_ARGS) {
+    lora_tdb<32, true>(SWIGLU_LORA_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) swiglu_lora_bwd_r64(SWIGLU_LORA_ARGS) {
+    lora_tdb<64, true>(SWIGLU_LORA_CALL);
+}
 
 // The same products for one adapter whose dy is already in memory (o, down, q, k, v):
 //   t_acc[n, j] += Σ_c dy[n, c] · B[c, j]      grad_B[c, j] += scale · Σ_n dy[n, c] · low[n, j]
@@ -366,7 +364,15 @@ LORA_GRAD_ENTRIES(swiglu_lora_bwd, true, 2, SWIGLU_LORA)
     dy, dy_ld, nullptr, 0, nullptr, 0, nullptr, 0, b, nullptr, low, low_ld, nullptr, 0, t_acc, \
         grad_b, nullptr, scale, rows, cols
 
-LORA_GRAD_ENTRIES(lora_tdb, false, 3, LORA_TDB)
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r16(LORA_TDB_ARGS) {
+    lora_tdb<16, false>(LORA_TDB_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r32(LORA_TDB_ARGS) {
+    lora_tdb<32, false>(LORA_TDB_CALL);
+}
+extern "C" __global__ void __launch_bounds__(256, 3) lora_tdb_r64(LORA_TDB_ARGS) {
+    lora_tdb<64, false>(LORA_TDB_CALL);
+}
 
 // t[n, c] = bf16(alpha · t_acc[n, c]) (rows `t_ld` apart) and t_acc[n, c] = 0, for c < width
 // (even): the fused kernels' t sums rounded as the unfused GEMM (with alpha) rounds them, the
