@@ -422,8 +422,8 @@ impl Linear {
     /// with what this returns (separate because the down projection's input is recomputed only
     /// after `dx`).
     ///
-    /// `t_acc`: an fp32 `[N, r]` scratch, zero on entry and left so, through which the fused
-    /// kernel ([`Linear::tdb_fuses`]) sums `t`.
+    /// `t_acc`: an fp32 scratch of at least `[N, r]`, zero on entry and left so, through which
+    /// the one-pass kernel sums `t` (ranks 16/32/64: `Linear::tdb_fuses`).
     pub fn backward(
         &self,
         g: &mut Gemm,
@@ -436,7 +436,7 @@ impl Linear {
         let (n, o) = (self.n, self.out);
         let dy_op = Operand::new(dy, self.dy_ld);
         let folded = self.dx_term == DxTerm::Folded;
-        let fused = self.lora.filter(|l| self.tdb_fuses(l));
+        let fused = self.lora.is_some_and(|l| self.tdb_fuses(&l));
         // t = dy·B, as s·t in dy's spare columns when dx folds it in.
         let low_grad = match self.lora {
             Some(l) => {
@@ -445,7 +445,7 @@ impl Linear {
                 } else {
                     (t.0, t.1, 1.0)
                 };
-                if fused.is_some() {
+                if fused {
                     self.fused_tdb(g.stream(), k, &l, dy, t_acc, (t, ld, alpha))?;
                 } else {
                     mm(
@@ -469,7 +469,7 @@ impl Linear {
             None => None,
         };
         self.backward_input(g, k, dy, dx, low_grad)?;
-        if let (Some(l), None) = (self.lora, fused) {
+        if let Some(l) = self.lora.filter(|_| !fused) {
             // dB [out, r] += s·dyᵀ·low
             mm(
                 g,
@@ -489,7 +489,7 @@ impl Linear {
     /// Whether the adapter's `t` and `dB` come from one pass over `dy` (the kernels'
     /// `lora_tdb`, perf-notes §28) instead of two GEMMs that each read it: a rank the kernel
     /// is built for and rows of 16-byte chunks.
-    pub fn tdb_fuses(&self, l: &Lora) -> bool {
+    fn tdb_fuses(&self, l: &Lora) -> bool {
         Kernels::lora_grads_support(l.r)
             && [self.out, self.dy_ld, l.low_ld]
                 .iter()
@@ -528,13 +528,13 @@ impl Linear {
             low: (low.view(), l.low_ld),
             grad_b: grad_b.view_mut(),
         };
-        let scale = (r, self.grad_b_scale(l));
+        let rank_scale = (r, self.grad_b_scale(l));
         k.lora_tdb(
             stream,
             (&dy_v.view(), self.dy_ld),
             &mut adapter,
             &mut acc.view_mut(),
-            scale,
+            rank_scale,
             n,
             o,
         )?;
