@@ -126,41 +126,48 @@ impl FlashFunctions {
             }
             bwd_sm90 = Some(fs);
         }
-        let mut f = Self {
+        let has_sm90 = bwd_sm90.is_some();
+        let bwd_kernel = match std::env::var(FLASH_BWD_ENV) {
+            Ok(name) => runnable(has_sm90)
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    shape(
+                        "flash_attn_bwd",
+                        format!(
+                            "{FLASH_BWD_ENV}={name}: not a backward kernel this GPU runs \
+                             (portable, and on sm_90a warpgroup)"
+                        ),
+                    )
+                })?,
+            Err(_) => runnable(has_sm90)
+                .next()
+                .expect("the portable kernel runs everywhere"),
+        };
+        Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
             bwd,
             bwd_stages,
             bwd_sm90,
-            bwd_kernel: FlashBwdKernel::Portable,
+            bwd_kernel,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
-        };
-        f.bwd_kernel = match std::env::var(FLASH_BWD_ENV) {
-            Ok(name) => f.runnable().find(|k| k.name() == name).ok_or_else(|| {
-                shape(
-                    "flash_attn_bwd",
-                    format!(
-                        "{FLASH_BWD_ENV}={name}: not a backward kernel this GPU runs \
-                         (portable, and on sm_90a warpgroup)"
-                    ),
-                )
-            })?,
-            Err(_) => f
-                .runnable()
-                .next()
-                .expect("the portable kernel runs everywhere"),
-        };
-        Ok(f)
+        })
     }
 
     /// The backward kernels this GPU runs, in the order of preference.
-    fn runnable(&self) -> impl Iterator<Item = FlashBwdKernel> + '_ {
-        FlashBwdKernel::ALL.into_iter().filter(|k| match k {
-            FlashBwdKernel::Portable => true,
-            FlashBwdKernel::Warpgroup => self.bwd_sm90.is_some(),
-        })
+    fn runnable(&self) -> impl Iterator<Item = FlashBwdKernel> {
+        runnable(self.bwd_sm90.is_some())
     }
+}
+
+/// The backward kernels a GPU runs (`has_sm90`: Hopper's kernels loaded), in the order of
+/// preference.
+fn runnable(has_sm90: bool) -> impl Iterator<Item = FlashBwdKernel> {
+    FlashBwdKernel::ALL.into_iter().filter(move |k| match k {
+        FlashBwdKernel::Portable => true,
+        FlashBwdKernel::Warpgroup => has_sm90,
+    })
 }
 
 /// Shapes of one attention call. q/o are `[batch·seq, heads·head_dim]`, k/v
