@@ -244,6 +244,15 @@ fn check_len(kernel: &'static str, what: &str, got: usize, want: usize) -> Resul
     Ok(())
 }
 
+/// Elements that `rows` rows of `width` values, `ld` apart, span (0 for no rows).
+fn strided_len(rows: usize, ld: usize, width: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * ld + width
+    }
+}
+
 fn to_i32(kernel: &'static str, what: &str, v: usize) -> Result<i32, KernelError> {
     i32::try_from(v).map_err(|_| shape(kernel, format!("{what} = {v} exceeds i32")))
 }
@@ -1435,12 +1444,7 @@ fn swiglu_check(
             ));
         }
         to_i32(kernel, "stride", stride)?;
-        let need = if rows == 0 {
-            0
-        } else {
-            (rows - 1) * stride + cols
-        };
-        check_len(kernel, what, len, need)?;
+        check_len(kernel, what, len, strided_len(rows, stride, cols))?;
     }
     Ok(())
 }
@@ -1460,8 +1464,7 @@ fn ce_check(
         ));
     }
     check_len(kernel, "targets", targets, rows)?;
-    let need = if rows == 0 { 0 } else { (rows - 1) * ld + vc };
-    check_len(kernel, "logits", logits, need)
+    check_len(kernel, "logits", logits, strided_len(rows, ld, vc))
 }
 
 fn nf4_check(

@@ -16,8 +16,8 @@ use cudarc::driver::{
 };
 
 use super::{
-    aligned, aligned16, bf16, check_len, grid, launch, shape, swiglu_bwd_check, swiglu_check,
-    to_i32, Kernels, THREADS,
+    aligned, aligned16, bf16, check_len, grid, launch, shape, strided_len, swiglu_bwd_check,
+    swiglu_check, to_i32, Kernels, THREADS,
 };
 use crate::KernelError;
 
@@ -97,7 +97,7 @@ impl Kernels {
     /// the down projection's `dA` reads whenever this runs), and
     /// for the gate (`dy` = dg) and up (`dy` = du) adapters of rank `r`:
     /// `t_acc[:, p·r..(p+1)·r] += dy·B` and `dB += scale·dyᵀ·low`. `t_acc` is fp32
-    /// `[rows, 2r]` and must be zero on entry ([`Kernels::swiglu_lora_t_store`] leaves it so).
+    /// `[rows, 2r]` and must be zero on entry ([`Kernels::lora_t_store`] leaves it so).
     #[allow(clippy::too_many_arguments)]
     pub fn swiglu_lora_bwd(
         &self,
@@ -230,12 +230,7 @@ impl Kernels {
             ));
         }
         check_len(K, "t_acc", t_acc.len(), rows * width)?;
-        let need = if rows == 0 {
-            0
-        } else {
-            (rows - 1) * t.1 + width
-        };
-        check_len(K, "t", t.0.len(), need)?;
+        check_len(K, "t", t.0.len(), strided_len(rows, t.1, width))?;
         aligned(K, "t_acc", &*t_acc, stream, 8)?;
         let (ld, rows_i, width_i) = (
             to_i32(K, "t row stride", t.1)?,
@@ -285,8 +280,12 @@ fn adapter_check(
         ));
     }
     to_i32(kernel, "low row stride", ld)?;
-    let need = if rows == 0 { 0 } else { (rows - 1) * ld + r };
-    check_len(kernel, &format!("{name} low"), a.low.0.len(), need)?;
+    check_len(
+        kernel,
+        &format!("{name} low"),
+        a.low.0.len(),
+        strided_len(rows, ld, r),
+    )?;
     aligned16(kernel, &format!("{name} B"), &a.b, stream)?;
     aligned16(kernel, &format!("{name} low"), &a.low.0, stream)?;
     aligned(kernel, &format!("{name} dB"), &a.grad_b, stream, 8)

@@ -29,7 +29,7 @@ use ferrotune_kernels::device::{bf16, Kernels, LoraAdapter};
 
 use super::gemm::{Gemm, Operand, OutType, Output, Problem};
 use super::nf4::Nf4Ptrs;
-use super::raw::{copy_rows_bf16, Borrowed};
+use super::raw::{copy_rows_bf16, strided_len, Borrowed};
 
 /// LoRA dropout of one adapter in one pass: the kernel's mask parameters, the seed of this
 /// (pass, layer, projection), and a scratch buffer of `[N, in]` bf16 for the dropped input.
@@ -508,19 +508,18 @@ impl Linear {
         (t, ld, alpha): (u64, usize, f32),
     ) -> Result<()> {
         let (n, o, r) = (self.n, self.out, l.r);
-        let rows_of = |ld: usize, width: usize| if n == 0 { 0 } else { (n - 1) * ld + width };
         // SAFETY: `dy` holds `[N, out]` at `dy_ld`, `B`/`dB` `[out, r]` are the adapter's shadow
         // and gradient, `low` `[N, r]` at `low_ld` the forward's, `t_acc` the caller's `[N, r]`
         // scratch and `t` `[N, r]` at `ld` (the `t` buffer or dy's spare columns, which the
         // kernel does not read); all live for the pass and ordered by this stream.
         let (dy_v, b, low, mut grad_b, mut acc, mut tv) = unsafe {
             (
-                Borrowed::<bf16>::new(stream, dy, rows_of(self.dy_ld, o)),
+                Borrowed::<bf16>::new(stream, dy, strided_len(n, self.dy_ld, o)),
                 Borrowed::<bf16>::new(stream, l.b, o * r),
-                Borrowed::<bf16>::new(stream, l.low, rows_of(l.low_ld, r)),
+                Borrowed::<bf16>::new(stream, l.low, strided_len(n, l.low_ld, r)),
                 Borrowed::<f32>::new(stream, l.grad_b, o * r),
                 Borrowed::<f32>::new(stream, t_acc, n * r),
-                Borrowed::<bf16>::new(stream, t, rows_of(ld, r)),
+                Borrowed::<bf16>::new(stream, t, strided_len(n, ld, r)),
             )
         };
         let mut adapter = LoraAdapter {

@@ -43,6 +43,16 @@ impl<T> Drop for Borrowed<T> {
     }
 }
 
+/// Elements that `rows` rows of `width` values, `ld` apart, span (0 for no rows): the length to
+/// borrow for a strided view.
+pub fn strided_len(rows: usize, ld: usize, width: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * ld + width
+    }
+}
+
 /// Copies `rows` rows of `cols` bf16 values from `src` (rows `src_ld` apart) to `dst` (rows
 /// `dst_ld` apart) on `stream` (the `copy_rows` kernel: `cols` and strides multiples of 8).
 ///
@@ -60,8 +70,8 @@ pub unsafe fn copy_rows_bf16(
     if rows == 0 {
         return Ok(());
     }
-    let src = Borrowed::<bf16>::new(stream, src, (rows - 1) * src_ld + cols);
-    let mut dst = Borrowed::<bf16>::new(stream, dst, (rows - 1) * dst_ld + cols);
+    let src = Borrowed::<bf16>::new(stream, src, strided_len(rows, src_ld, cols));
+    let mut dst = Borrowed::<bf16>::new(stream, dst, strided_len(rows, dst_ld, cols));
     kernels.copy_rows(
         stream,
         (&src.view(), src_ld),

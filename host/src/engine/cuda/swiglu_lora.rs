@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 use ferrotune_kernels::device::{bf16, Kernels, LoraAdapter};
 
 use super::linear::{DxTerm, Linear, LowGrad};
-use super::raw::Borrowed;
+use super::raw::{strided_len, Borrowed};
 
 /// Whether the fused backward serves this gate/up pair: both adapt, at a rank the kernel is
 /// built for, and neither folds its input-gradient term into `dy` (only o/down do).
@@ -59,7 +59,6 @@ pub fn backward(
         up: mut u_out,
         mut act,
     } = m;
-    let low_len = |ld: usize| if n == 0 { 0 } else { (n - 1) * ld + r };
     // SAFETY: each adapter's `B` and `dB` are `[inter, r]` shadows/gradients in the trainable
     // arena and its `low` `[N, r]` (rows `low_ld` apart) the forward's activation; `t` is
     // `[N, 2r]` of the caller's `t` buffer, clear of the `t` down's backward left there; all
@@ -68,8 +67,8 @@ pub fn backward(
         (
             Borrowed::<bf16>::new(stream, gl.b, inter * r),
             Borrowed::<bf16>::new(stream, ul.b, inter * r),
-            Borrowed::<bf16>::new(stream, gl.low, low_len(gl.low_ld)),
-            Borrowed::<bf16>::new(stream, ul.low, low_len(ul.low_ld)),
+            Borrowed::<bf16>::new(stream, gl.low, strided_len(n, gl.low_ld, r)),
+            Borrowed::<bf16>::new(stream, ul.low, strided_len(n, ul.low_ld, r)),
             Borrowed::<f32>::new(stream, gl.grad_b, inter * r),
             Borrowed::<f32>::new(stream, ul.grad_b, inter * r),
             Borrowed::<bf16>::new(stream, t, n * 2 * r),
