@@ -32,12 +32,17 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server: install it with pip install 'moto[server]==5.2.1' (see .ci/run)");
-        let server = S3Server { child, port };
+        let mut server = S3Server { child, port };
+        // Ready once it answers a request: its port can accept connections before the app
+        // serves them (an early request then reads an empty response).
         let deadline = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while server.try_raw("GET", "/", &[], b"").is_err() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("moto_server on port {port} exited before serving: {status}");
+            }
             assert!(
                 Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 60 s"
+                "moto_server did not answer on port {port} within 60 s"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -52,10 +57,23 @@ impl S3Server {
     /// a request without an `Authorization` header as anonymous (denied on object writes), so
     /// one with a well-formed but unsigned header is sent.
     pub fn raw(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        self.try_raw(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// [`S3Server::raw`], or what went wrong instead of a status.
+    fn try_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<u16, String> {
+        let io = |e: std::io::Error| e.to_string();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).map_err(io)?;
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+            .map_err(io)?;
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\
              Authorization: AWS4-HMAC-SHA256 Credential=test-access-key/20260101/us-east-1/s3/aws4_request, \
@@ -67,15 +85,15 @@ impl S3Server {
             request.push_str(&format!("{name}: {value}\r\n"));
         }
         request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
+        stream.write_all(request.as_bytes()).map_err(io)?;
+        stream.write_all(body).map_err(io)?;
         let mut response = String::new();
         let _ = stream.read_to_string(&mut response);
         response
             .split_whitespace()
             .nth(1)
             .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no HTTP status in {response:?}"))
+            .ok_or_else(|| format!("no HTTP status in {response:?}"))
     }
 
     pub fn create_bucket(&self, bucket: &str) {
