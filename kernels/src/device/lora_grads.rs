@@ -15,9 +15,9 @@ use cudarc::driver::{
     CudaFunction, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
 };
 
+use super::swiglu::{swiglu_bwd_check, swiglu_check};
 use super::{
-    aligned, aligned16, bf16, check_len, grid, launch, shape, strided_len, swiglu_bwd_check,
-    swiglu_check, to_i32, Kernels, THREADS,
+    aligned, aligned16, bf16, check_len, grid, launch, shape, strided_len, to_i32, Kernels, THREADS,
 };
 use crate::KernelError;
 
