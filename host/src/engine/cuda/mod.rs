@@ -450,7 +450,8 @@ mod tests {
         .unwrap()
     }
 
-    fn opts() -> EngineOptions {
+    /// Engine options every test starts from (r 8, all projections, no dropout).
+    pub(super) fn opts() -> EngineOptions {
         EngineOptions {
             r: 8,
             lora_alpha: 16.0,

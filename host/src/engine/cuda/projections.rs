@@ -248,8 +248,8 @@ impl WeightLayout {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::opts;
     use super::*;
-    use crate::cli::choices::Bias;
 
     #[test]
     fn projection_indices_name_their_projections() {
@@ -293,19 +293,5 @@ mod tests {
         o.r = 16;
         o.lora_dropout = 0.05;
         assert_eq!(fold_rank(&o), None);
-    }
-
-    fn opts() -> EngineOptions {
-        EngineOptions {
-            r: 8,
-            lora_alpha: 16.0,
-            use_rslora: false,
-            lora_dropout: 0.0,
-            bias: Bias::None,
-            target_modules: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
-            init_seed: 1,
-            dropout_seed: 1,
-            gradient_checkpointing: false,
-        }
     }
 }
