@@ -3,7 +3,10 @@
 #   python3 scripts/gpu/ncu_kernel_times.py [--by-grid] LOG.csv...
 # --by-grid keys each kernel by (name, grid size) too, which tells GEMM shapes apart (needs the
 # launch__grid_size metric), and prints the cuBLAS (`nvjet`/`xmma`/`gemm`) total.
-import csv, sys, collections
+import csv, sys, collections, signal
+
+# Piped into `head`: stop quietly when the reader goes away.
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 by_grid = "--by-grid" in sys.argv
 for path in [a for a in sys.argv[1:] if a != "--by-grid"]:
