@@ -90,7 +90,7 @@ impl Kernels {
 
 /// What the row-copy kernels need of a copy's shape: `cols` and both row strides multiples of 8
 /// (16-byte vectors), strides at least `cols`.
-pub(super) fn copy_shape(
+fn copy_shape(
     kernel: &'static str,
     cols: usize,
     src_ld: usize,

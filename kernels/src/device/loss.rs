@@ -116,7 +116,7 @@ impl CrossEntropyRows {
     }
 }
 
-pub(super) fn ce_check(
+fn ce_check(
     kernel: &'static str,
     logits: usize,
     ld: usize,

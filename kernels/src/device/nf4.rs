@@ -181,7 +181,7 @@ pub enum Nf4Absmax<'a, 'b> {
     Double(&'a Nf4DoubleQuant<'b>, &'a QuantMaps),
 }
 
-pub(super) fn nf4_check(
+fn nf4_check(
     kernel: &'static str,
     n: usize,
     packed: usize,

@@ -88,7 +88,7 @@ impl Kernels {
 /// What both RMSNorm launchers check about their shape — `dim`, the output's row stride `ld`
 /// (≥ dim, a multiple of 8) and length, the weight's and rstd's lengths `(w, rstd)` — and the
 /// launch's block size and integer arguments `(threads, rows, dim, ld)`.
-pub(super) fn rms_rows(
+fn rms_rows(
     kernel: &'static str,
     rows: usize,
     dim: usize,
@@ -113,7 +113,7 @@ pub(super) fn rms_rows(
     ))
 }
 
-pub(super) fn rms_threads(kernel: &'static str, dim: usize) -> Result<u32, KernelError> {
+fn rms_threads(kernel: &'static str, dim: usize) -> Result<u32, KernelError> {
     if dim == 0 || !dim.is_multiple_of(8) || dim > 8 * RMS_VECS * 1024 {
         return Err(shape(
             kernel,

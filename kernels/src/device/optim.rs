@@ -104,7 +104,7 @@ impl Kernels {
         launch(a, cfg(grid(blocks, 8, self.stride_cap()), (THREADS, 1)))
     }
 
-    pub(super) fn reduce_partial(
+    fn reduce_partial(
         &self,
         stream: &CudaStream,
         x: &CudaView<f32>,
@@ -219,7 +219,7 @@ pub struct Adam8bitStates<'a> {
     pub v_absmax: CudaViewMut<'a, f32>,
 }
 
-pub(super) fn push_shadow<'a>(
+fn push_shadow<'a>(
     kernel: &'static str,
     a: &mut LaunchArgs<'a>,
     shadow: Option<&'a mut CudaViewMut<'_, bf16>>,
@@ -237,7 +237,7 @@ pub(super) fn push_shadow<'a>(
     Ok(())
 }
 
-pub(super) fn push_opt<'a>(a: &mut LaunchArgs<'a>, v: Option<&'a CudaView<'_, f32>>) {
+fn push_opt<'a>(a: &mut LaunchArgs<'a>, v: Option<&'a CudaView<'_, f32>>) {
     match v {
         Some(v) => a.arg(v),
         None => a.arg(&NULL_PTR),

@@ -17,7 +17,7 @@ use super::CudaBackend;
 impl CudaBackend {
     /// Where [`Self::down_backward`] leaves `d_act`: the second half of `mlp` (the first takes
     /// the SwiGLU output that down's `dA` reads).
-    pub(super) fn d_act_ptr(&self, b: &Buffers) -> u64 {
+    fn d_act_ptr(&self, b: &Buffers) -> u64 {
         b.mlp.device_ptr(&self.stream).0 + (2 * b.sizes.tokens * b.sizes.inter) as u64
     }
 

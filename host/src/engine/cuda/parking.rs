@@ -13,7 +13,7 @@ use super::CudaBackend;
 impl CudaBackend {
     /// The device side of a parked group: the activation buffers of slot 0 (offload runs with
     /// checkpointing) and, for [`Group::Input`], layer `l`'s `xs` buffer.
-    pub(super) fn parcels(&self, b: &Buffers, l: usize, g: Group) -> Vec<Range> {
+    fn parcels(&self, b: &Buffers, l: usize, g: Group) -> Vec<Range> {
         let s = &self.stream;
         fn whole<T>(s: &CudaStream, x: &CudaSlice<T>) -> Range {
             Range {
@@ -130,7 +130,7 @@ impl CudaBackend {
 
     /// A decoder layer's forward FLOPs at `sz` (the frozen GEMMs and the causal attention;
     /// the adapters and elementwise work are small), and those of its q/k/v projections.
-    pub(super) fn layer_flops(&self, sz: &Sizes) -> offload::LayerFlops {
+    fn layer_flops(&self, sz: &Sizes) -> offload::LayerFlops {
         let (n, hidden) = (sz.tokens as f64, sz.hidden as f64);
         let qkv = 2.0 * n * hidden * (sz.qd + 2 * sz.kvd) as f64;
         let o_mlp = 2.0 * n * hidden * (sz.qd + 3 * sz.inter) as f64;
@@ -152,12 +152,7 @@ impl CudaBackend {
         off.fetch(&self.stream, l, &self.group_parcels(b, l, groups))
     }
 
-    pub(super) fn group_parcels(
-        &self,
-        b: &Buffers,
-        l: usize,
-        groups: &[Group],
-    ) -> Vec<(Group, Vec<Range>)> {
+    fn group_parcels(&self, b: &Buffers, l: usize, groups: &[Group]) -> Vec<(Group, Vec<Range>)> {
         groups.iter().map(|&g| (g, self.parcels(b, l, g))).collect()
     }
 }

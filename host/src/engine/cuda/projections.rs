@@ -156,7 +156,7 @@ pub(super) fn fold_rank(o: &EngineOptions) -> Option<usize> {
 
 /// How projection `j` folds its adapter (`has_lora`) when folding is on (`fold_r`): gate's
 /// columns before its input, up's after, so both read one span of `[s·low_gate | x | s·low_up]`.
-pub(super) fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
+fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option<Fold> {
     match (fold_r, j, has_lora) {
         (Some(_), GATE_PROJ, true) => Some(Fold::Before),
         (Some(_), UP_PROJ, true) => Some(Fold::After),
@@ -166,7 +166,7 @@ pub(super) fn fold_of(fold_r: Option<usize>, j: usize, has_lora: bool) -> Option
 
 /// Whether projection `j`'s adapter (`has_lora`) folds into its input gradient when folding is
 /// on (`fold_r`): o and down, whose output gradient is the residual's ([`DxTerm::Folded`]).
-pub(super) fn dx_folds(fold_r: Option<usize>, j: usize, has_lora: bool) -> bool {
+fn dx_folds(fold_r: Option<usize>, j: usize, has_lora: bool) -> bool {
     fold_r.is_some() && has_lora && matches!(j, O_PROJ | DOWN_PROJ)
 }
 

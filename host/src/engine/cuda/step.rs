@@ -15,7 +15,7 @@ use crate::engine::{Batch, PassStats};
 
 impl CudaBackend {
     /// Buffers for this batch shape (reallocated only when the shape changes).
-    pub(super) fn prepare(&mut self, batch: &Batch) -> Result<()> {
+    fn prepare(&mut self, batch: &Batch) -> Result<()> {
         let sizes = Sizes::new(&self.cfg, batch.batch_size, batch.seq_len, self.options.r);
         if self.bufs.as_ref().map(|b| b.sizes) != Some(sizes) {
             let previous = self.bufs.take().and_then(|b| b.offload);
@@ -88,7 +88,7 @@ impl CudaBackend {
         })
     }
 
-    pub(super) fn pass_in(&mut self, b: &mut Buffers, loss_scale: Option<f32>) -> Result<f64> {
+    fn pass_in(&mut self, b: &mut Buffers, loss_scale: Option<f32>) -> Result<f64> {
         let layers = self.cfg.num_hidden_layers;
         // Folded bf16 weights and the stacks take the adapters' current A and B (NF4 weights
         // at each dequantisation), in one launch.
@@ -235,7 +235,7 @@ impl CudaBackend {
 
     /// Every copy [`Self::pass_in`] refreshes before a pass: the folds of the bf16 weights
     /// ([`Linear::fold_copies`]) and the stacks.
-    pub(super) fn refresh_table(&self, b: &Buffers) -> Result<CopyTable> {
+    fn refresh_table(&self, b: &Buffers) -> Result<CopyTable> {
         let mut jobs = Vec::new();
         for l in 0..self.cfg.num_hidden_layers {
             let linears = self.linears(l, b.sizes.tokens, &b.acts[0]);
