@@ -82,7 +82,9 @@ pub struct PreparedData {
     pub eval: Option<Vec<TokenizedSample>>,
     pub tokenizer: TokenizerInfo,
     pub chat_template: Option<ChatTemplate>,
+    /// The training data as read, before `--val_size` holds samples out of it.
     pub train_stats: DataStats,
+    /// `--eval_dataset` as read, or the samples `--val_size` held out.
     pub eval_stats: Option<DataStats>,
     /// SHA-256 over every sample's ids and mask (train, then eval). A checkpoint stores it so a
     /// resume can tell when the data it continues on is not the data it started with.
@@ -147,7 +149,7 @@ pub fn prepare_with(
         );
     }
     let pipeline = Pipeline::new(job, &tokenizer, chat_template.as_ref(), formatter);
-    let (mut train, mut train_stats) = match &job.data.raw_text_file {
+    let (mut train, train_stats) = match &job.data.raw_text_file {
         Some(file) => {
             let text = source::files::read_text(file)
                 .with_context(|| format!("--raw_text_file {}", file.display()))?;
@@ -163,26 +165,26 @@ pub fn prepare_with(
         None => pipeline.samples(&job.model.dataset, Split::Train, "--dataset", None)?,
     };
     let val_size = job.data.val_size;
-    let (eval, eval_stats) = match (&job.data.eval_dataset, val_size > 0.0) {
-        (Some(_), true) => {
-            bail!("--eval_dataset and --val_size both ask for evaluation data; pass one of them")
-        }
-        (Some(spec), false) => {
-            let (eval, stats) = pipeline.samples(spec, Split::Eval, "--eval_dataset", None)?;
-            (Some(eval), Some(stats))
-        }
-        (None, true) => {
-            let eval = split_off_eval(&mut train, val_size, job.training.seed)?;
-            let stats = summarise(&eval);
-            recount(&mut train_stats, &train);
-            (Some(eval), Some(stats))
-        }
-        (None, false) => (None, None),
-    };
-    report("training data", &train_stats);
-    if let Some(stats) = &eval_stats {
-        report("evaluation data", stats);
+    if job.data.eval_dataset.is_some() && val_size > 0.0 {
+        bail!("--eval_dataset and --val_size both ask for evaluation data; pass one of them");
     }
+    // The training data as read: what was truncated, skipped or dropped is counted over all of
+    // it, before --val_size holds samples out.
+    report("training data", &train_stats);
+    let (eval, eval_stats) = match &job.data.eval_dataset {
+        Some(spec) => {
+            let (eval, stats) = pipeline.samples(spec, Split::Eval, "--eval_dataset", None)?;
+            report("evaluation data", &stats);
+            (Some(eval), Some(stats))
+        }
+        None if val_size > 0.0 => {
+            let eval = split_off_eval(&mut train, val_size, job.training.seed)?;
+            let held_out = summarise(&eval);
+            tracing::info!("{}", held_out_line(val_size, &held_out, &summarise(&train)));
+            (Some(eval), Some(held_out))
+        }
+        None => (None, None),
+    };
     if train.is_empty() || train_stats.trainable_tokens == 0 {
         bail!(
             "no trainable tokens remain in the training data: {} rows → {} skipped by the \
@@ -452,6 +454,22 @@ pub fn split_off_eval(
     }
     *train = kept;
     Ok(eval)
+}
+
+/// The log line for a `--val_size` split: how many samples (of all the training data's) went to
+/// evaluation and what each side holds.
+fn held_out_line(val_size: f64, held_out: &DataStats, kept: &DataStats) -> String {
+    format!(
+        "--val_size {val_size}: {} of {} samples held out for evaluation ({} tokens, {} \
+         trainable); {} left for training ({} tokens, {} trainable)",
+        held_out.samples,
+        held_out.samples + kept.samples,
+        held_out.tokens,
+        held_out.trainable_tokens,
+        kept.samples,
+        kept.tokens,
+        kept.trainable_tokens
+    )
 }
 
 fn report(label: &str, s: &DataStats) {
@@ -771,6 +789,28 @@ mod tests {
         assert_eq!(p.fingerprint, again.fingerprint);
         let other_seed = prepare(&val(0.2, 1), &f.model(), &alpaca_formatter).unwrap();
         assert_ne!(p.fingerprint, other_seed.fingerprint);
+        // The training data's counts are of all of it, the held-out part's of its samples.
+        assert_eq!((p.train_stats.rows, p.train_stats.samples), (8, 8));
+        let held_out = p.eval_stats.as_ref().unwrap();
+        assert_eq!((held_out.rows, held_out.samples), (2, 2));
+        let line = held_out_line(0.2, held_out, &summarise(&p.train));
+        assert!(
+            line.starts_with("--val_size 0.2: 2 of 8 samples held out"),
+            "{line}"
+        );
+        assert!(line.contains("; 6 left for training"), "{line}");
+        let truncating = job_with(&data, |j| {
+            j.data.val_size = 0.25;
+            j.model.max_seq_length = 8;
+        });
+        let p = prepare(&truncating, &f.model(), &alpaca_formatter).unwrap();
+        let s = &p.train_stats;
+        assert_eq!(
+            (s.samples, s.truncated),
+            (8, 8),
+            "every sample cut, counted over all 8"
+        );
+        assert_eq!(p.train.len(), 6);
         let p = prepare(&val(3.0, 3407), &f.model(), &alpaca_formatter).unwrap();
         assert_eq!(p.eval.unwrap().len(), 3);
         let e = err(prepare(&val(8.0, 3407), &f.model(), &alpaca_formatter));
