@@ -445,6 +445,10 @@ fn demo_trains_resumes_and_saves_an_adapter() {
         stdout.contains("resumed from") && stdout.contains("training loss"),
         "{stdout}"
     );
+    // The demo trains on whole samples: none of its bundled rows may be cut.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("training data: 360 rows"), "{stderr}");
+    assert!(!stderr.contains("truncated"), "{stderr}");
     let adapter = work.join("adapter");
     for f in [
         "adapter_model.safetensors",
