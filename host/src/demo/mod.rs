@@ -78,7 +78,7 @@ fn demo_job(
         &s(save_path),
         "--device",
         "cpu",
-        // Every bundled row fits (164-179 tokens with the tiny tokenizer and the alpaca
+        // Every bundled row fits (188-202 tokens with the tiny tokenizer and the alpaca
         // template): a shorter limit would cut samples inside the template's preamble and train
         // on that alone.
         "--max_seq_length",
