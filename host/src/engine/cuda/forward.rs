@@ -31,7 +31,9 @@ impl CudaBackend {
 
     /// Layer `l`'s attention operands into `acts[slot]`: RMSNorm (left in `norm`), q/k/v (with
     /// Qwen3's q/k norm) and RoPE. `Low::Ready`: the q/k/v adapters' `low`s are in place (a
-    /// recompute with [`Parked::AttentionOutput`](super::offload::Parked::AttentionOutput), which parks them but not q/k/v).
+    /// recompute with [`Parked::AttentionOutput`], which parks them but not q/k/v).
+    ///
+    /// [`Parked::AttentionOutput`]: super::offload::Parked::AttentionOutput
     pub(super) fn qkv(&mut self, b: &mut Buffers, l: usize, slot: usize, low: Low) -> Result<()> {
         let s = self.stream.clone();
         let sz = b.sizes;
@@ -173,14 +175,18 @@ impl CudaBackend {
     }
 
     /// Where the MLP's norm output sits in [`Buffers::norm`]: (first column, row stride). With
-    /// folded gate/up adapters the rows are `[s·low_gate | x | s·low_up]` ([`Fold`](super::linear::Fold)).
+    /// folded gate/up adapters the rows are `[s·low_gate | x | s·low_up]` ([`Fold`]).
+    ///
+    /// [`Fold`]: super::linear::Fold
     pub(super) fn norm2_layout(&self) -> (usize, usize) {
         let h = self.cfg.hidden_size;
         self.fold_r.map_or((0, h), |r| (r, h + 2 * r))
     }
 
     /// Row stride of [`Buffers::dres`]: with folds, `r` spare columns after the hidden ones
-    /// hold `s·t` for the o/down input gradients ([`DxTerm::Folded`](super::linear::DxTerm::Folded)).
+    /// hold `s·t` for the o/down input gradients ([`DxTerm::Folded`]).
+    ///
+    /// [`DxTerm::Folded`]: super::linear::DxTerm::Folded
     pub(super) fn dres_ld(&self) -> usize {
         self.cfg.hidden_size + self.fold_r.unwrap_or(0)
     }
@@ -230,8 +236,10 @@ pub(super) enum MlpUpTo {
     /// forward FLOPs, is skipped).
     DownLow,
     /// A recompute with the residual and the gate/up/down adapters' `low`s parked
-    /// ([`Group::Residual`](super::offload::Group::Residual)): only the gate/up outputs the SwiGLU backward reads (which
+    /// ([`Group::Residual`]): only the gate/up outputs the SwiGLU backward reads (which
     /// recomputes the SwiGLU output itself), their frozen GEMMs without the `x·Aᵀ` ones.
+    ///
+    /// [`Group::Residual`]: super::offload::Group::Residual
     GateUp,
 }
 
