@@ -56,3 +56,36 @@ extern "C" __global__ void rope_apply(bf16* __restrict__ q, int q_stride, int hq
     bf16* kt = k + (size_t)t * k_stride;
     for (int h = 0; h < hk; h++) rotate_pair2(kt + h * head_dim, i, half, c0, s0, c1, s1);
 }
+
+// The attention backward's last step with the inverse rotation folded in: dq = R(-θ)·(scale ·
+// dq_acc) from the fp32 dQ accumulator `[tokens, hq, head_dim]`, rounded to bf16 once, and dk
+// `[tokens, hk, head_dim]` rotated back in place — what flash_dq_convert followed by
+// rope_apply(direction -1) computes, in one pass instead of two over dq and a second over dk
+// (docs/perf-notes.md §30). Block and pairs as rope_apply. head_dim % 4 == 0, acc 8-byte aligned.
+extern "C" __global__ void rope_dq_convert(const float* __restrict__ acc, bf16* __restrict__ dq,
+                                           int hq, bf16* __restrict__ dk, int hk,
+                                           const float* __restrict__ cos_t,
+                                           const float* __restrict__ sin_t, int tokens,
+                                           int head_dim, float scale) {
+    const int t = blockIdx.x * blockDim.y + threadIdx.y;
+    if (t >= tokens) return;
+    const int half = head_dim >> 1;
+    const int i = threadIdx.x * 2;
+    if (i >= half) return;
+    const float* ct = cos_t + (size_t)t * half;
+    const float* st = sin_t + (size_t)t * half;
+    // The inverse rotation: the sines negated, as rope_apply's direction -1.
+    const float c0 = ct[i], c1 = ct[i + 1], s0 = -st[i], s1 = -st[i + 1];
+    const size_t q_row = (size_t)t * hq * head_dim;
+    for (int h = 0; h < hq; h++) {
+        const size_t at = q_row + (size_t)h * head_dim + i;
+        const float2 a = *reinterpret_cast<const float2*>(acc + at);
+        const float2 b = *reinterpret_cast<const float2*>(acc + at + half);
+        const float x10 = a.x * scale, x11 = a.y * scale, x20 = b.x * scale, x21 = b.y * scale;
+        *reinterpret_cast<u32*>(dq + at) = pack_bf16x2(x10 * c0 - x20 * s0, x11 * c1 - x21 * s1);
+        *reinterpret_cast<u32*>(dq + at + half) =
+            pack_bf16x2(x20 * c0 + x10 * s0, x21 * c1 + x11 * s1);
+    }
+    bf16* kt = dk + (size_t)t * hk * head_dim;
+    for (int h = 0; h < hk; h++) rotate_pair2(kt + h * head_dim, i, half, c0, s0, c1, s1);
+}

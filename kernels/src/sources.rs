@@ -96,7 +96,7 @@ pub const RMSNORM: KernelSource = KernelSource {
 pub const ROPE: KernelSource = KernelSource {
     name: "rope",
     source: include_str!("../cuda/rope.cu"),
-    entries: &["rope_cos_sin", "rope_apply"],
+    entries: &["rope_cos_sin", "rope_apply", "rope_dq_convert"],
     extra_options: &[],
     // sincosf's Payne-Hanek reduction for |angle| > 105615 keeps a small array on the stack;
     // it runs once per batch over [tokens, head_dim/2], never in the per-layer path.

@@ -3,6 +3,9 @@
 use cudarc::driver::CudaSlice;
 use ferrotune_kernels::device::{bf16, FlashBwdWork, FlashShape, FLASH_BLOCK};
 use ferrotune_kernels::reference::attention::{self as rattn, Dims};
+use ferrotune_kernels::reference::rope;
+use ferrotune_kernels::rope::inv_freq;
+use rand::Rng;
 
 use super::{time_ms, Checks, Gpu, Res, BF16_TOL};
 
@@ -117,6 +120,9 @@ struct Call {
     dq: CudaSlice<bf16>,
     dk: CudaSlice<bf16>,
     dv: CudaSlice<bf16>,
+    /// RoPE tables (cos, sin) `[batch·seq, head_dim/2]`: when set, the backward folds the
+    /// inverse rotation of dq and dk into its dQ conversion.
+    rope: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
 }
 
 impl Call {
@@ -146,6 +152,7 @@ impl Call {
             dq: g.poison_bf16(s.q_len())?,
             dk: g.poison_bf16(s.kv_len())?,
             dv: g.poison_bf16(s.kv_len())?,
+            rope: None,
         })
     }
 
@@ -189,9 +196,21 @@ impl Call {
                 &mut self.dk.as_view_mut(),
                 &mut self.dv.as_view_mut(),
             ),
+            self.rope
+                .as_ref()
+                .map(|(cos, sin)| (cos.as_view(), sin.as_view())),
         )?;
         Ok(())
     }
+}
+
+/// cos/sin tables of random positions (packed samples restart theirs, so any position can sit
+/// next to any other) at Llama-3's base.
+fn rope_tables(g: &mut Gpu, s: FlashShape) -> (Vec<f32>, Vec<f32>) {
+    let pos: Vec<u32> = (0..s.batch * s.seq)
+        .map(|_| g.rng.random_range(0..8192))
+        .collect();
+    rope::cos_sin(&pos, &inv_freq(s.head_dim, 500_000.0, None))
 }
 
 pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
@@ -247,28 +266,49 @@ pub fn check(g: &mut Gpu, c: &mut Checks) -> Res<()> {
             LSE_TOL,
         );
 
-        // Every backward kernel this GPU runs, each from NaN-poisoned outputs.
+        // Every backward kernel this GPU runs, each from NaN-poisoned outputs, without and
+        // with the inverse RoPE folded in (then dq and dk are the reference's rotated back).
         let (dq_ref, dk_ref, dv_ref) = rattn::backward(&q, &k, &v, &d_o, &seg, &dims);
+        let (cos, sin) = rope_tables(g, s);
+        let tokens = s.batch * s.seq;
+        let (mut dq_rot, mut dk_rot) = (dq_ref.clone(), dk_ref.clone());
+        let (hq, hk, d) = (s.heads, s.kv_heads, s.head_dim);
+        rope::apply(&mut dq_rot, hq * d, hq, d, &cos, &sin, tokens, -1.0);
+        rope::apply(&mut dk_rot, hk * d, hk, d, &cos, &sin, tokens, -1.0);
         let chosen = g.k.flash_bwd_kernel();
         for kernel in g.k.flash_bwd_kernels() {
             g.k.set_flash_bwd_kernel(kernel)?;
-            call.dq = g.poison_bf16(s.q_len())?;
-            call.dk = g.poison_bf16(s.kv_len())?;
-            call.dv = g.poison_bf16(s.kv_len())?;
-            call.backward(g)?;
-            for (name, got, want) in [
-                ("dq", &call.dq, &dq_ref),
-                ("dk", &call.dk, &dk_ref),
-                ("dv", &call.dv, &dv_ref),
-            ] {
-                c.close(
-                    &format!("flash_bwd[{}] {name} {tag}", kernel.name()),
-                    &g.down_bf16(got)?,
-                    want,
-                    BF16_TOL,
-                );
+            for rotated in [false, true] {
+                call.rope = if rotated {
+                    Some((g.up(&cos)?, g.up(&sin)?))
+                } else {
+                    None
+                };
+                call.dq = g.poison_bf16(s.q_len())?;
+                call.dk = g.poison_bf16(s.kv_len())?;
+                call.dv = g.poison_bf16(s.kv_len())?;
+                call.backward(g)?;
+                let (dq_want, dk_want) = if rotated {
+                    (&dq_rot, &dk_rot)
+                } else {
+                    (&dq_ref, &dk_ref)
+                };
+                let rope_tag = if rotated { "+rope" } else { "" };
+                for (name, got, want) in [
+                    ("dq", &call.dq, dq_want),
+                    ("dk", &call.dk, dk_want),
+                    ("dv", &call.dv, &dv_ref),
+                ] {
+                    c.close(
+                        &format!("flash_bwd[{}]{rope_tag} {name} {tag}", kernel.name()),
+                        &g.down_bf16(got)?,
+                        want,
+                        BF16_TOL,
+                    );
+                }
             }
         }
+        call.rope = None;
         g.k.set_flash_bwd_kernel(chosen)?;
     }
     Ok(())

@@ -399,6 +399,9 @@ impl Kernels {
 
     /// Gradients of [`Kernels::flash_attn_fwd`]: `dq`, `dk`, `dv` overwritten (dk/dv summed over
     /// each kv head's group) from the forward's `o` and `lse` and the output gradient `d_o`.
+    /// `inverse_rope`: the forward's RoPE tables `(cos, sin)`, `[batch·seq, head_dim/2]`, when
+    /// q and k were rotated before the attention; `dq` and `dk` then come out rotated back (the
+    /// gradients of the unrotated q and k), in the same pass that converts dQ to bf16.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attn_bwd(
         &self,
@@ -414,6 +417,7 @@ impl Kernels {
             &mut CudaViewMut<bf16>,
             &mut CudaViewMut<bf16>,
         ),
+        inverse_rope: Option<(CudaView<f32>, CudaView<f32>)>,
     ) -> Result<(), KernelError> {
         const K: &str = "flash_attn_bwd";
         s.check(K)?;
@@ -493,7 +497,11 @@ impl Kernels {
         };
         launch(a, config)?;
 
-        // 3. dq = bf16(scale · dq_acc).
+        // 3. dq = bf16(scale · dq_acc), with the inverse rotation where RoPE is folded in.
+        if let Some((cos, sin)) = inverse_rope {
+            let acc = work.dq_acc.as_view();
+            return self.rope_dq_convert(stream, s, &acc, dq, dk, (&cos, &sin), scale);
+        }
         let n = s.q_len();
         let n_l = n as i64;
         let mut a = stream.launch_builder(&self.f.flash.dq_convert);

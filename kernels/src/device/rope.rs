@@ -109,4 +109,44 @@ impl Kernels {
             .arg(&dir);
         launch(a, config)
     }
+
+    /// The attention backward's dQ conversion with the inverse rotation folded in
+    /// (`rope_dq_convert`): `dq = R⁻¹·(scale·dq_acc)` and `dk` rotated back in place, for the
+    /// token-major `[tokens, heads·head_dim]` layouts of [`super::FlashShape`]. Run by
+    /// [`Kernels::flash_attn_bwd`], which has checked the q/k lengths and alignment.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_dq_convert(
+        &self,
+        stream: &CudaStream,
+        s: &super::FlashShape,
+        dq_acc: &CudaView<f32>,
+        dq: &mut CudaViewMut<bf16>,
+        dk: &mut CudaViewMut<bf16>,
+        (cos, sin): (&CudaView<f32>, &CudaView<f32>),
+        scale: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "flash_attn_bwd";
+        let tokens = s.batch * s.seq;
+        let d = s.head_dim;
+        if !d.is_multiple_of(4) {
+            return Err(shape(
+                K,
+                format!("head_dim {d} must be a multiple of 4 for the RoPE tables"),
+            ));
+        }
+        check_len(K, "rope cos", cos.len(), tokens * d / 2)?;
+        check_len(K, "rope sin", sin.len(), tokens * d / 2)?;
+        let bx = (d / 4) as u32;
+        let by = (THREADS / bx).max(1);
+        let config = cfg(grid(tokens, by as usize, u32::MAX), (bx, by));
+        let (hq_i, hk_i) = (
+            to_i32(K, "heads", s.heads)?,
+            to_i32(K, "kv_heads", s.kv_heads)?,
+        );
+        let (t_i, d_i) = (to_i32(K, "batch·seq", tokens)?, d as i32);
+        let mut a = stream.launch_builder(&self.f.rope_dq_convert);
+        a.arg(dq_acc).arg(dq).arg(&hq_i).arg(dk).arg(&hk_i);
+        a.arg(cos).arg(sin).arg(&t_i).arg(&d_i).arg(&scale);
+        launch(a, config)
+    }
 }

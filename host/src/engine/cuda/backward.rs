@@ -186,7 +186,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// The attention backward of the layer in `acts[slot]`: `d_attn` into dq, dk, dv.
+    /// The attention backward of the layer in `acts[slot]`: `d_attn` into dq, dk, dv, with the
+    /// inverse RoPE applied to dq and dk (folded into the attention's dQ conversion).
     pub(super) fn attention_backward(&mut self, b: &mut Buffers, slot: usize) -> Result<()> {
         let sz = b.sizes;
         let a = &b.acts[slot];
@@ -203,13 +204,14 @@ impl CudaBackend {
             &mut b.attn,
             // Free until the next layer's MLP: the act half of `mlp` is dead from here.
             &mut b.mlp,
+            Some((&b.cos, &b.sin)),
         )?;
         Ok(())
     }
 
-    /// [`Self::attention_half`] backward after the attention's: RoPE, Qwen3's q/k norm and the
-    /// q/k/v projections into `∂L/∂xs[l]` (added to `dres`; layer 0 stops at the adapters: the
-    /// embedding is frozen). The layer's backward is [`Self::mlp_half_backward`],
+    /// [`Self::attention_half`] backward after the attention's (which rotated dq and dk back
+    /// through RoPE already): Qwen3's q/k norm and the q/k/v projections into `∂L/∂xs[l]`
+    /// (added to `dres`; layer 0 stops at the adapters: the embedding is frozen). The layer's backward is [`Self::mlp_half_backward`],
     /// [`Self::attention_backward`], then this. `norm1_current`: `norm` still holds the
     /// layer's first RMSNorm output (a q/k/v recompute left it there).
     pub(super) fn qkv_backward(
@@ -235,18 +237,6 @@ impl CudaBackend {
             self.cfg.num_key_value_heads,
             self.cfg.head_dim,
         );
-        self.kernels.rope_apply(
-            &s,
-            &mut b.dq.slice_mut(..),
-            sz.qd,
-            nh,
-            Some((&mut b.dk.slice_mut(..), sz.kvd, nkv)),
-            &b.cos.slice(..),
-            &b.sin.slice(..),
-            n,
-            d,
-            true,
-        )?;
         // Qwen3: through the per-head q/k RMSNorm to the projections' outputs.
         let (dqp, dkp) = match (&w.qk_norm, self.extras.as_mut()) {
             (Some((qn, kn)), Some(e)) => {
