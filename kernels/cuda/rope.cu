@@ -33,6 +33,29 @@ __device__ __forceinline__ void rotate_pair2(bf16* __restrict__ head, int i, int
     *p2 = pack_bf16x2(x20 * c0 + x10 * s0, x21 * c1 + x11 * s1);
 }
 
+// The token and the pairs (i, i+1) of a head that one thread of a rope_apply-shaped block owns
+// (x = head_dim/4 threads, y = tokens per block), with their cos and sin, the sines times
+// `direction`. False for the threads past the last token or pair.
+struct RopeLane {
+    int t, i, half;
+    float c0, c1, s0, s1;
+};
+__device__ __forceinline__ bool rope_lane(RopeLane& l, const float* __restrict__ cos_t,
+                                          const float* __restrict__ sin_t, int tokens,
+                                          int head_dim, float direction) {
+    l.t = blockIdx.x * blockDim.y + threadIdx.y;
+    l.half = head_dim >> 1;
+    l.i = threadIdx.x * 2;
+    if (l.t >= tokens || l.i >= l.half) return false;
+    const float* ct = cos_t + (size_t)l.t * l.half;
+    const float* st = sin_t + (size_t)l.t * l.half;
+    l.c0 = ct[l.i];
+    l.c1 = ct[l.i + 1];
+    l.s0 = st[l.i] * direction;
+    l.s1 = st[l.i + 1] * direction;
+    return true;
+}
+
 // q: token t, head h at q + t*q_stride + h*head_dim (so a fused qkv buffer works with its row
 // stride); likewise k (hk may be 0). direction = +1 rotates forward; -1 rotates back, which is
 // the backward pass (the rotation's transpose) applied to dq/dk in place.
@@ -42,19 +65,14 @@ extern "C" __global__ void rope_apply(bf16* __restrict__ q, int q_stride, int hq
                                       int k_stride, int hk, const float* __restrict__ cos_t,
                                       const float* __restrict__ sin_t, int tokens, int head_dim,
                                       float direction) {
-    const int t = blockIdx.x * blockDim.y + threadIdx.y;
-    if (t >= tokens) return;
-    const int half = head_dim >> 1;
-    const int i = threadIdx.x * 2;
-    if (i >= half) return;
-    const float* ct = cos_t + (size_t)t * half;
-    const float* st = sin_t + (size_t)t * half;
-    const float c0 = ct[i], c1 = ct[i + 1];
-    const float s0 = st[i] * direction, s1 = st[i + 1] * direction;
-    bf16* qt = q + (size_t)t * q_stride;
-    for (int h = 0; h < hq; h++) rotate_pair2(qt + h * head_dim, i, half, c0, s0, c1, s1);
-    bf16* kt = k + (size_t)t * k_stride;
-    for (int h = 0; h < hk; h++) rotate_pair2(kt + h * head_dim, i, half, c0, s0, c1, s1);
+    RopeLane l;
+    if (!rope_lane(l, cos_t, sin_t, tokens, head_dim, direction)) return;
+    bf16* qt = q + (size_t)l.t * q_stride;
+    for (int h = 0; h < hq; h++)
+        rotate_pair2(qt + h * head_dim, l.i, l.half, l.c0, l.s0, l.c1, l.s1);
+    bf16* kt = k + (size_t)l.t * k_stride;
+    for (int h = 0; h < hk; h++)
+        rotate_pair2(kt + h * head_dim, l.i, l.half, l.c0, l.s0, l.c1, l.s1);
 }
 
 // The attention backward's last step with the inverse rotation folded in: dq = R(-θ)·(scale ·
@@ -67,25 +85,20 @@ extern "C" __global__ void rope_dq_convert(const float* __restrict__ acc, bf16* 
                                            const float* __restrict__ cos_t,
                                            const float* __restrict__ sin_t, int tokens,
                                            int head_dim, float scale) {
-    const int t = blockIdx.x * blockDim.y + threadIdx.y;
-    if (t >= tokens) return;
-    const int half = head_dim >> 1;
-    const int i = threadIdx.x * 2;
-    if (i >= half) return;
-    const float* ct = cos_t + (size_t)t * half;
-    const float* st = sin_t + (size_t)t * half;
-    // The inverse rotation: the sines negated, as rope_apply's direction -1.
-    const float c0 = ct[i], c1 = ct[i + 1], s0 = -st[i], s1 = -st[i + 1];
-    const size_t q_row = (size_t)t * hq * head_dim;
+    RopeLane l;  // the inverse rotation: direction -1, as rope_apply's backward
+    if (!rope_lane(l, cos_t, sin_t, tokens, head_dim, -1.0f)) return;
+    const size_t q_row = (size_t)l.t * hq * head_dim;
     for (int h = 0; h < hq; h++) {
-        const size_t at = q_row + (size_t)h * head_dim + i;
+        const size_t at = q_row + (size_t)h * head_dim + l.i;
         const float2 a = *reinterpret_cast<const float2*>(acc + at);
-        const float2 b = *reinterpret_cast<const float2*>(acc + at + half);
+        const float2 b = *reinterpret_cast<const float2*>(acc + at + l.half);
         const float x10 = a.x * scale, x11 = a.y * scale, x20 = b.x * scale, x21 = b.y * scale;
-        *reinterpret_cast<u32*>(dq + at) = pack_bf16x2(x10 * c0 - x20 * s0, x11 * c1 - x21 * s1);
-        *reinterpret_cast<u32*>(dq + at + half) =
-            pack_bf16x2(x20 * c0 + x10 * s0, x21 * c1 + x11 * s1);
+        *reinterpret_cast<u32*>(dq + at) =
+            pack_bf16x2(x10 * l.c0 - x20 * l.s0, x11 * l.c1 - x21 * l.s1);
+        *reinterpret_cast<u32*>(dq + at + l.half) =
+            pack_bf16x2(x20 * l.c0 + x10 * l.s0, x21 * l.c1 + x11 * l.s1);
     }
-    bf16* kt = dk + (size_t)t * hk * head_dim;
-    for (int h = 0; h < hk; h++) rotate_pair2(kt + h * head_dim, i, half, c0, s0, c1, s1);
+    bf16* kt = dk + (size_t)l.t * hk * head_dim;
+    for (int h = 0; h < hk; h++)
+        rotate_pair2(kt + h * head_dim, l.i, l.half, l.c0, l.s0, l.c1, l.s1);
 }

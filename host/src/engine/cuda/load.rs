@@ -2,6 +2,8 @@
 //! with their folds, the trainable adapters initialised as the cpu engine does, the kernels
 //! compiled on their own thread meanwhile.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use cudarc::driver::CudaContext;
 use ferrotune_kernels::cache::KernelCache;
@@ -12,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use super::gemm::Gemm;
 use super::kernel_load::KernelLoad;
 use super::nf4::{self, Nf4Quantizer};
+use super::oom;
 use super::projections::{fold_rank, WeightLayout};
 use super::stacks::{Stack, StackLayout, Stacks};
 use super::staging::Staging;
@@ -41,12 +44,39 @@ impl CudaBackend {
         check_supported(&cfg, &options)?;
         probe().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?;
         let ctx = CudaContext::new(ordinal).with_context(|| format!("opening GPU {ordinal}"))?;
+        let (free_at_start, _) = ctx.mem_get_info()?;
+        let uploaded = Self::upload(
+            ordinal,
+            ctx,
+            free_at_start,
+            dir,
+            cfg,
+            options,
+            optim,
+            weight_decay,
+            load_in_4bit,
+        );
+        uploaded.map_err(|e| oom::loading(e, ordinal, free_at_start, load_in_4bit))
+    }
+
+    /// Everything [`Self::load`] puts on GPU `ordinal` once its context is open.
+    #[allow(clippy::too_many_arguments)]
+    fn upload(
+        ordinal: usize,
+        ctx: Arc<CudaContext>,
+        free_at_start: usize,
+        dir: &std::path::Path,
+        cfg: ModelConfig,
+        options: EngineOptions,
+        optim: crate::cli::choices::Optim,
+        weight_decay: f64,
+        load_in_4bit: bool,
+    ) -> Result<Self> {
         let device_name = device_description(&ctx);
         // One stream orders everything; per-buffer event tracking would only add overhead.
         // SAFETY: no other stream touches these buffers.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let (free_at_start, _) = ctx.mem_get_info()?;
         // The kernels load on their own thread while the weights upload (kernel_load.rs).
         let cache = ferrotune_kernels::cache::default_dir().map(KernelCache::new);
         let mut kernels = KernelLoad::start(&ctx, cache, &device_name);

@@ -30,6 +30,7 @@ mod linear;
 mod load;
 mod nf4;
 mod offload;
+mod oom;
 mod parking;
 mod pinned;
 mod pool;

@@ -9,9 +9,16 @@ use anyhow::{ensure, Result};
 use cudarc::driver::{sys, CudaContext};
 
 const USED_HIGH: sys::CUmemPool_attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+const USED_NOW: sys::CUmemPool_attribute =
+    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
 
-/// Reads (`set == false`) or writes `value` as the default pool's USED_MEM_HIGH attribute.
-fn used_high_attribute(ctx: &CudaContext, value: &mut u64, set: bool) -> Result<()> {
+/// Reads (`set == false`) or writes `value` as one of the default pool's cuuint64_t attributes.
+fn pool_attribute(
+    ctx: &CudaContext,
+    attribute: sys::CUmemPool_attribute,
+    value: &mut u64,
+    set: bool,
+) -> Result<()> {
     ctx.bind_to_thread()?;
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
@@ -21,13 +28,13 @@ fn used_high_attribute(ctx: &CudaContext, value: &mut u64, set: bool) -> Result<
         "cuDeviceGetDefaultMemPool: {rc:?}"
     );
     let ptr = (value as *mut u64).cast();
-    // SAFETY: USED_MEM_HIGH is a cuuint64_t attribute and `value` outlives the call (setting it
-    // accepts only 0, which `reset_high` passes).
+    // SAFETY: both attributes used here are cuuint64_t and `value` outlives the call (setting
+    // USED_MEM_HIGH accepts only 0, which `reset_high` passes).
     let rc = unsafe {
         if set {
-            sys::cuMemPoolSetAttribute(pool, USED_HIGH, ptr)
+            sys::cuMemPoolSetAttribute(pool, attribute, ptr)
         } else {
-            sys::cuMemPoolGetAttribute(pool, USED_HIGH, ptr)
+            sys::cuMemPoolGetAttribute(pool, attribute, ptr)
         }
     };
     ensure!(
@@ -37,15 +44,22 @@ fn used_high_attribute(ctx: &CudaContext, value: &mut u64, set: bool) -> Result<
     Ok(())
 }
 
+/// Bytes held by live allocations from the pool now.
+pub fn used_now(ctx: &CudaContext) -> Result<u64> {
+    let mut bytes = 0;
+    pool_attribute(ctx, USED_NOW, &mut bytes, false)?;
+    Ok(bytes)
+}
+
 /// Most bytes held by live allocations from the pool at once since the last [`reset_high`].
 pub fn used_high(ctx: &CudaContext) -> Result<u64> {
     let mut bytes = 0;
-    used_high_attribute(ctx, &mut bytes, false)?;
+    pool_attribute(ctx, USED_HIGH, &mut bytes, false)?;
     Ok(bytes)
 }
 
 /// Sets the high watermark to zero; the next allocation raises it to every byte then held
 /// (torch's `reset_peak_memory_stats`).
 pub fn reset_high(ctx: &CudaContext) -> Result<()> {
-    used_high_attribute(ctx, &mut 0, true)
+    pool_attribute(ctx, USED_HIGH, &mut 0, true)
 }

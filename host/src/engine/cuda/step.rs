@@ -10,42 +10,66 @@ use super::extras::{Extras, Needs};
 use super::forward::MlpUpTo;
 use super::linear::{self, Linear, Low};
 use super::offload::{Group, Parked};
-use super::{BiasWeight, CudaBackend};
+use super::{oom, pool, BiasWeight, CudaBackend};
 use crate::engine::{Batch, PassStats};
 
 impl CudaBackend {
-    /// Buffers for this batch shape (reallocated only when the shape changes).
+    /// The device buffers of one batch shape: activations, gradients and the optional extras.
+    fn allocate(&mut self, sizes: Sizes, batch: &Batch) -> Result<()> {
+        let dims = self.dims(batch.batch_size, batch.seq_len);
+        let keep_all = !self.options.gradient_checkpointing;
+        self.bufs = Some(Buffers::new(
+            &self.stream,
+            sizes,
+            self.cfg.num_hidden_layers,
+            keep_all,
+            self.offload.is_some(),
+            &dims,
+        )?);
+        let needs = Needs {
+            dropout: self.options.lora_dropout > 0.0,
+            bias_grads: self.layers.iter().any(|w| {
+                w.bias
+                    .iter()
+                    .any(|b| matches!(b, Some(BiasWeight::Trainable(_))))
+            }),
+            qk_norm: self.cfg.qk_norm,
+        };
+        let slots = if keep_all {
+            self.cfg.num_hidden_layers
+        } else {
+            1
+        };
+        let heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
+        self.extras = Some(Extras::new(&self.stream, &sizes, heads, slots, needs)?);
+        Ok(())
+    }
+
+    /// Buffers for this batch shape (reallocated only when the shape changes); a shape that
+    /// does not fit fails with the flags that lower the need ([`oom::batch`]).
     fn prepare(&mut self, batch: &Batch) -> Result<()> {
         let sizes = Sizes::new(&self.cfg, batch.batch_size, batch.seq_len, self.options.r);
         if self.bufs.as_ref().map(|b| b.sizes) != Some(sizes) {
             let previous = self.bufs.take().and_then(|b| b.offload);
             self.extras = None;
-            let dims = self.dims(batch.batch_size, batch.seq_len);
-            let keep_all = !self.options.gradient_checkpointing;
-            self.bufs = Some(Buffers::new(
-                &self.stream,
-                sizes,
-                self.cfg.num_hidden_layers,
-                keep_all,
-                self.offload.is_some(),
-                &dims,
-            )?);
-            let needs = Needs {
-                dropout: self.options.lora_dropout > 0.0,
-                bias_grads: self.layers.iter().any(|w| {
-                    w.bias
-                        .iter()
-                        .any(|b| matches!(b, Some(BiasWeight::Trainable(_))))
-                }),
-                qk_norm: self.cfg.qk_norm,
-            };
-            let slots = if keep_all {
-                self.cfg.num_hidden_layers
-            } else {
-                1
-            };
-            let heads = (self.cfg.num_attention_heads, self.cfg.num_key_value_heads);
-            self.extras = Some(Extras::new(&self.stream, &sizes, heads, slots, needs)?);
+            if let Err(e) = self.allocate(sizes, batch) {
+                // What the model, adapters and optimizer hold without this shape's buffers.
+                (self.bufs, self.extras) = (None, None);
+                let held = self
+                    .stream
+                    .synchronize()
+                    .ok()
+                    .and_then(|()| pool::used_now(&self.ctx).ok().map(|bytes| bytes as usize));
+                let memory = oom::BatchMemory {
+                    batch: batch.batch_size,
+                    seq: batch.seq_len,
+                    free_at_start: self.free_at_start,
+                    held,
+                    checkpointing: self.options.gradient_checkpointing,
+                    load_in_4bit: self.nf4.is_some(),
+                };
+                return Err(oom::batch(e, &memory));
+            }
             if let Some(wanted) = self.offload {
                 let b = self.bufs.as_ref().expect("just allocated");
                 let offload = self.offload_buffers(b, wanted, previous)?;
