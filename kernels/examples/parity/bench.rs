@@ -84,6 +84,54 @@ pub fn bench(g: &mut Gpu) -> Res<()> {
         ms,
         (5 * t * inter * 2) as f64,
     );
+    // The SwiGLU backward with gate's and up's t and dB (r 16) at 8B's and 1B's MLP widths.
+    for cols in [inter, 8192] {
+        let r = 16;
+        let dh = g.rand_bf16_dev(t * cols, 1.0)?;
+        let (mut gg, mut uu) = (
+            g.rand_bf16_dev(t * cols, 1.0)?,
+            g.rand_bf16_dev(t * cols, 1.0)?,
+        );
+        let mut hh = g.poison_bf16(t * cols)?;
+        let bs = [
+            g.rand_bf16_dev(cols * r, 1.0)?,
+            g.rand_bf16_dev(cols * r, 1.0)?,
+        ];
+        let lows = [g.rand_bf16_dev(t * r, 1.0)?, g.rand_bf16_dev(t * r, 1.0)?];
+        let mut dbs = [g.up(&vec![0f32; cols * r])?, g.up(&vec![0f32; cols * r])?];
+        let mut t_acc = g.up(&vec![0f32; t * 2 * r])?;
+        let ms = time_ms(g, || {
+            let [db0, db1] = &mut dbs;
+            Ok(g.k.swiglu_lora_bwd(
+                &g.stream,
+                (&dh.as_view(), cols),
+                (&mut gg.as_view_mut(), cols),
+                (&mut uu.as_view_mut(), cols),
+                (&mut hh.as_view_mut(), cols),
+                [
+                    &mut LoraAdapter {
+                        b: bs[0].as_view(),
+                        low: (lows[0].as_view(), r),
+                        grad_b: db0.as_view_mut(),
+                    },
+                    &mut LoraAdapter {
+                        b: bs[1].as_view(),
+                        low: (lows[1].as_view(), r),
+                        grad_b: db1.as_view_mut(),
+                    },
+                ],
+                &mut t_acc.as_view_mut(),
+                (r, 1.0),
+                t,
+                cols,
+            )?)
+        })?;
+        report(
+            &format!("swiglu_lora_bwd 4096x{cols} r16"),
+            ms,
+            (6 * t * cols * 2) as f64,
+        );
+    }
     // One adapter's t and dB (r 16) over the residual gradient (o, down: spare columns) and
     // over k/v's gradient; its t rounded by lora_t_store. The two GEMMs it replaces read dy
     // twice.
