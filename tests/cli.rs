@@ -480,3 +480,51 @@ fn kernels_arch_must_be_a_supported_gpu_architecture() {
     assert_usage_error(&["kernels", "--arch", "ampere"], "--arch");
     assert_usage_error(&["kernels", "--arch", "sm_75"], "sm_80");
 }
+
+#[test]
+fn a_max_seq_length_past_the_models_window_fails_before_writing_anything() {
+    // unsloth-cli.py would stretch RoPE for every sample here (linear scaling by 512 / 256);
+    // ferrotune does not, so it must refuse rather than train another model silently.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let spec = ferrotune::model::tiny::TinySpec {
+        max_position_embeddings: 256,
+        ..Default::default()
+    };
+    ferrotune::model::tiny::write_random_model(&model, &spec, 1).unwrap();
+    let out_dir = dir.path().join("out");
+    let (model, out) = (model.to_str().unwrap(), out_dir.to_str().unwrap());
+    let args = [
+        "--model_name",
+        model,
+        "--output_dir",
+        out,
+        "--save_path",
+        out,
+    ];
+    let run = ferrotune(&[&args[..], &["--max_seq_length", "512"]].concat());
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    let err = stderr(&run);
+    for needle in [
+        "--max_seq_length 512 exceeds",
+        "max_position_embeddings 256",
+        "stretch RoPE linearly by 2.000",
+        "pass --max_seq_length 256 or less",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+    assert!(!out_dir.exists(), "a refused job wrote {out}");
+    // Within the window the same job gets past the check (and fails later, on the dataset).
+    let run = ferrotune(
+        &[
+            &args[..],
+            &["--max_seq_length", "256", "--dataset", "/nope.jsonl"],
+        ]
+        .concat(),
+    );
+    assert!(
+        !stderr(&run).contains("max_position_embeddings"),
+        "{}",
+        stderr(&run)
+    );
+}

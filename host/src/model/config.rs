@@ -88,6 +88,17 @@ struct RawConfig {
 }
 
 impl ModelConfig {
+    /// The RoPE stretch unsloth-cli.py applies when `--max_seq_length` exceeds this model's
+    /// window: every frequency divided by `max_seq_length / max_position_embeddings` (linear
+    /// "kaiokendev" scaling, for every sample, short ones too). `None` when it applies none:
+    /// within the window, or with Llama 3.1-style scaling, which it keeps as is.
+    pub fn unsloth_rope_stretch(&self, max_seq_length: usize) -> Option<f64> {
+        let window = self.max_position_embeddings;
+        let stretches = max_seq_length > window && window > 0;
+        (stretches && !matches!(self.rope_scaling, RopeScaling::Llama3 { .. }))
+            .then(|| max_seq_length as f64 / window as f64)
+    }
+
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -262,6 +273,23 @@ fn token_ids(value: Option<&Value>, key: &str) -> Result<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsloth_stretches_rope_only_past_the_window_and_never_llama3_scaling() {
+        let mut c = ModelConfig::from_json_str(&llama("")).unwrap();
+        c.max_position_embeddings = 4096;
+        assert_eq!(c.unsloth_rope_stretch(4096), None);
+        assert_eq!(c.unsloth_rope_stretch(10240), Some(2.5));
+        c.rope_scaling = RopeScaling::Linear { factor: 2.0 };
+        assert_eq!(c.unsloth_rope_stretch(8192), Some(2.0));
+        c.rope_scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        };
+        assert_eq!(c.unsloth_rope_stretch(1 << 20), None);
+    }
 
     fn llama(extra: &str) -> String {
         format!(

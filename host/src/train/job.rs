@@ -17,6 +17,7 @@ use crate::data::{PluginRows, PreparedData};
 use crate::engine::select::Resolved;
 use crate::engine::Backend;
 use crate::job::JobConfig;
+use crate::model::config::ModelConfig;
 use crate::plugin::{FormatterPlugin, PluginLimits, PluginRuntime};
 
 /// What a finished job produced.
@@ -38,12 +39,33 @@ pub struct RunOptions {
 }
 
 /// Runs the job; returns when it completed or paused (a stop signal ends the process).
+/// Past the model's window unsloth-cli.py stretches RoPE for every sample
+/// ([`ModelConfig::unsloth_rope_stretch`]); training the same job without it would silently
+/// give another model, so until the stretch is built such a job stops here, before anything is
+/// written.
+fn refuse_rope_stretch(job: &JobConfig, model_dir: &Path) -> Result<()> {
+    let cfg = ModelConfig::from_dir(model_dir)?;
+    let max_seq_length = job.model.max_seq_length;
+    match cfg.unsloth_rope_stretch(max_seq_length) {
+        None => Ok(()),
+        Some(factor) => Err(UsageError::new(format!(
+            "--max_seq_length {max_seq_length} exceeds {}'s max_position_embeddings {}: \
+             unsloth-cli.py would stretch RoPE linearly by {factor:.3} for every sample, which \
+             ferrotune does not do yet (not built); pass --max_seq_length {} or less",
+            job.model.model_name, cfg.max_position_embeddings, cfg.max_position_embeddings
+        ))
+        .into()),
+    }
+}
+
 pub fn run_job(job: &JobConfig) -> Result<JobReport> {
     run_job_with(job, RunOptions::default())
 }
 
 pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     let stop = crate::signals::install().context("installing the SIGINT/SIGTERM handlers")?;
+    let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
+    refuse_rope_stretch(job, &model_dir)?;
     let out = &job.saving.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
@@ -60,7 +82,6 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
 
     let device = crate::engine::select::resolve(job.model.device)?;
     let world = crate::engine::select::world_size(&device, job.model.num_gpus)?;
-    let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
     let data = prepare_data(job, &model_dir)?;
     let train = data.train_batcher(job)?;
     let eval = data.eval_batcher(job)?;
