@@ -538,3 +538,147 @@ fn a_sentencepiece_llama_3_1_gguf_trains_as_the_base_model() {
         tokenizer["normalizer"]
     );
 }
+
+#[test]
+fn past_the_models_window_rope_is_stretched_as_unsloth_does_and_the_exports_carry_it() {
+    // unsloth-cli.py, at a --max_seq_length past max_position_embeddings, divides every RoPE
+    // frequency by max_seq_length / max_position_embeddings ("linear" scaling) for every sample.
+    let tmp = tempfile::tempdir().unwrap();
+    let texts: Vec<&str> = ferrotune::demo::DATASET.lines().collect();
+    let model = |name: &str, window: usize| {
+        let dir = tmp.path().join(name);
+        let spec = TinySpec {
+            max_position_embeddings: window,
+            ..TinySpec::default()
+        };
+        write_tiny_chat_model(&dir, &texts, 320, 512, spec, 1).unwrap();
+        dir
+    };
+    // The same weights (same seed) with a 256- and a 512-token window.
+    let (narrow, wide) = (model("narrow", 256), model("wide", 512));
+    let data = tmp.path().join("train.jsonl");
+    std::fs::write(&data, texts[..8].join("\n") + "\n").unwrap();
+    let first_loss = |model: &Path, max_seq_length: &str, out: &str, extra: &[&str]| {
+        let out = tmp.path().join(out);
+        let mut args = job_args(model, &data, &out, 1);
+        let at = args.iter().position(|a| a == "--max_seq_length").unwrap();
+        args[at + 1] = max_seq_length.to_string();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let log = run_ok(&args);
+        (f64::from_bits(losses(&out)[0].1), log)
+    };
+    let (plain, log) = first_loss(&narrow, "256", "plain", &[]);
+    assert!(!log.contains("stretched"), "{log}");
+    // A wider window alone changes nothing (the demo rows fit 256 tokens either way).
+    let (wider, _) = first_loss(&wide, "512", "wider", &[]);
+    assert_eq!(plain, wider);
+    let save = tmp.path().join("save");
+    let save_flags = [
+        "--save_model",
+        "--save_method",
+        "merged_16bit",
+        "--save_gguf",
+        "--quantization",
+        "f16",
+        "--save_path",
+        save.to_str().unwrap(),
+    ];
+    let (stretched, log) = first_loss(&narrow, "512", "stretched", &save_flags);
+    assert!(log.contains("stretched linearly by 2.000"), "{log}");
+    assert!(
+        (stretched - plain).abs() > 1e-5,
+        "{stretched} vs {plain}: RoPE not stretched"
+    );
+
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(save.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        config["rope_scaling"],
+        serde_json::json!({"type": "linear", "factor": 2.0})
+    );
+    assert_eq!(config["max_position_embeddings"], 512);
+    let gguf = std::fs::read_dir(&save)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "gguf"))
+        .expect("a GGUF file");
+    let meta = ferrotune::gguf::reader::GgufFile::open(&gguf)
+        .unwrap()
+        .metadata;
+    let get = |key: &str| format!("{:?}", meta.iter().find(|(k, _)| k == key).map(|(_, v)| v));
+    assert!(
+        get("llama.rope.scaling.type").contains("linear"),
+        "{meta:?}"
+    );
+    assert!(get("llama.rope.scaling.factor").contains("2.0"), "{meta:?}");
+    assert!(get("llama.context_length").contains("512"), "{meta:?}");
+    transformers_reads_linear_rope(&save, 2.0);
+
+    // `ferrotune export` from the checkpoint: with the training's --max_seq_length the same
+    // config, without it the base's.
+    let checkpoint = tmp.path().join("stretched/checkpoint-1");
+    for (flag, stretched) in [(Some("512"), true), (None, false)] {
+        let again = tmp.path().join(format!("export-{stretched}"));
+        let mut args: Vec<String> = [
+            "export",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--base",
+            narrow.to_str().unwrap(),
+            "--save_method",
+            "merged_16bit",
+            "--save_path",
+            again.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(
+            flag.map(|n| ["--max_seq_length".to_string(), n.to_string()])
+                .into_iter()
+                .flatten(),
+        );
+        run_ok(&args);
+        let c: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(again.join("config.json")).unwrap()).unwrap();
+        assert_eq!(
+            c["rope_scaling"] == config["rope_scaling"],
+            stretched,
+            "{c}"
+        );
+        assert_eq!(
+            c["max_position_embeddings"],
+            if stretched { 512 } else { 256 }
+        );
+    }
+}
+
+/// transformers (the outside reader of the merged config) sees RoPE linear at `factor`.
+fn transformers_reads_linear_rope(model: &Path, factor: f64) {
+    let probe = "import transformers";
+    let have = Command::new("python3")
+        .args(["-c", probe])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("CI=true but `python3 -c '{probe}'` fails: .ci/run installs transformers");
+        }
+        eprintln!("SKIPPED the transformers config check: no python3 with transformers");
+        return;
+    }
+    let script = "import sys, transformers\n\
+        c = transformers.AutoConfig.from_pretrained(sys.argv[1])\n\
+        p = c.rope_parameters\n\
+        print(p['rope_type'], p['factor'], c.max_position_embeddings)";
+    let out = Command::new("python3")
+        .args(["-c", script, model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said.trim(), format!("linear {factor:?} 512"));
+}

@@ -80,7 +80,7 @@ fn run_command(command: Command) -> anyhow::Result<()> {
         Command::Demo(args) => crate::demo::run(&args),
         Command::Plugin(command) => crate::plugin::command::run(command),
         Command::Format(args) => crate::plugin::command::format(*args),
-        Command::Export(args) => crate::export::command::run(args),
+        Command::Export(args) => crate::export::command::run(*args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::Kelpie(command) => crate::kelpie::run(command),
         Command::Kernels(args) => crate::precompile::run(&args),

@@ -59,7 +59,7 @@ pub enum Command {
     #[command(subcommand)]
     Plugin(PluginCommand),
     /// Save a trained adapter as a merged model, a PEFT adapter and/or GGUF files, without training.
-    Export(ExportArgs),
+    Export(Box<ExportArgs>),
     /// Print the first training samples as the model will see them (formatter, chat template,
     /// EOS, truncation), with the parts that carry no loss marked ⟦…⟧.
     Format(Box<FormatArgs>),
@@ -174,6 +174,10 @@ pub struct ExportArgs {
     /// Largest merged-model shard in MB (default 5000, transformers' 5GB).
     #[arg(long, value_parser = positive_u64)]
     pub max_shard_size_mb: Option<u64>,
+    /// The training's --max_seq_length, when it exceeded the base's max_position_embeddings:
+    /// the merged config and GGUF files then carry the RoPE stretch training used.
+    #[arg(long)]
+    pub max_seq_length: Option<usize>,
     #[command(flatten)]
     pub push: PushArgs,
 }

@@ -61,6 +61,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         max_shard_bytes: args
             .max_shard_size_mb
             .map_or(DEFAULT_MAX_SHARD_BYTES, |mb| mb * 1_000_000),
+        max_seq_length: args.max_seq_length,
     };
     let written = run_exports(&request)?;
     for file in &written {

@@ -17,6 +17,7 @@ use crate::cli::UsageError;
 use crate::gguf::convert::GgufPlan;
 use crate::gguf::preset::Preset;
 use crate::job::JobConfig;
+use crate::model::config::{ModelConfig, RopeScaling};
 
 /// Tokenizer and config files copied next to a saved model or adapter, when the base has them.
 const TOKENIZER_FILES: [&str; 9] = [
@@ -46,6 +47,9 @@ pub struct ExportRequest {
     /// Names the GGUF files (`<name>.<PRESET>.gguf`) and `general.name`.
     pub name: String,
     pub max_shard_bytes: u64,
+    /// The training's `--max_seq_length`: past the base's window the merged config and the
+    /// GGUF metadata carry Unsloth's RoPE stretch ([`ModelConfig::unsloth_rope_stretch`]).
+    pub max_seq_length: Option<usize>,
 }
 
 /// Exports at the end of training: `--save_model` (with `--save_method`) and `--save_gguf`
@@ -69,6 +73,7 @@ pub fn run_final_exports(
         save_path: s.save_path.clone(),
         name: model_name_of(&job.model.model_name),
         max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        max_seq_length: Some(job.model.max_seq_length),
     };
     run_exports(&request)
 }
@@ -158,7 +163,8 @@ pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
         _ => {}
     }
     if !presets.is_empty() {
-        let plan = GgufPlan::new(&req.base_dir, &merged, &req.name)?;
+        let cfg = trained_config(req)?;
+        let plan = GgufPlan::with_config(&req.base_dir, cfg, &merged, &req.name)?;
         let targets: Vec<(Preset, PathBuf)> = presets
             .iter()
             .map(|p| {
@@ -265,12 +271,14 @@ fn save_merged_16bit(
     }
     bar.finish_and_clear();
     let mut files = move_into_place(writer.finish()?, &req.save_path)?;
-    if base.prequantized().is_some() {
-        // The weights are dequantised: the base's quantization_config no longer describes them.
+    let stretched = trained_config(req)? != ModelConfig::from_dir(&req.base_dir)?;
+    if base.prequantized().is_some() || stretched {
+        // Rewritten: no quantization_config for dequantised weights, the stretch if any.
         let mut config = read_config(&req.base_dir)?;
         if let Some(c) = config.as_object_mut() {
             c.remove("quantization_config");
         }
+        stretch_rope(&mut config, req)?;
         files.push(write_config(&req.save_path, &config)?);
     } else {
         files.extend(copy_if_present(
@@ -326,6 +334,7 @@ fn save_merged_4bit(
     merged: &MergedModel,
 ) -> Result<Vec<PathBuf>> {
     let mut config = read_config(&req.base_dir)?;
+    stretch_rope(&mut config, req)?;
     let prequantized = base.prequantized();
     if prequantized.is_none() && config.get("quantization_config").is_some() {
         bail!(
@@ -397,6 +406,45 @@ fn save_merged_4bit(
     files.extend(save_model_side_files(req)?);
     eprintln!("merged_4bit: {quantized} linear weights in NF4 (bitsandbytes layout, double-quantised absmax)");
     Ok(files)
+}
+
+/// The architecture the adapter was trained with: the base's, at the training's
+/// `--max_seq_length` ([`ModelConfig::for_max_seq_length`]).
+fn trained_config(req: &ExportRequest) -> Result<ModelConfig> {
+    let base = ModelConfig::from_dir(&req.base_dir)?;
+    Ok(match req.max_seq_length {
+        Some(n) => base.for_max_seq_length(n),
+        None => base,
+    })
+}
+
+/// Writes the RoPE stretch and the wider window of [`trained_config`] into a copy of the
+/// base's config.json. `rope_scaling` `{"type": "linear"}` is the key transformers 4 and 5 both
+/// read (5 folds it into `rope_parameters` with the base's `rope_theta`); a `rope_parameters`
+/// already there is rewritten to match.
+fn stretch_rope(config: &mut serde_json::Value, req: &ExportRequest) -> Result<()> {
+    let (base, trained) = (ModelConfig::from_dir(&req.base_dir)?, trained_config(req)?);
+    let Some(c) = config.as_object_mut().filter(|_| trained != base) else {
+        return Ok(());
+    };
+    if let RopeScaling::Linear { factor } = trained.rope_scaling {
+        c.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "linear", "factor": factor}),
+        );
+        if c.contains_key("rope_parameters") {
+            c.insert(
+                "rope_parameters".into(),
+                serde_json::json!({"rope_type": "linear", "factor": factor,
+                    "rope_theta": trained.rope_theta}),
+            );
+        }
+    }
+    c.insert(
+        "max_position_embeddings".into(),
+        trained.max_position_embeddings.into(),
+    );
+    Ok(())
 }
 
 fn read_config(dir: &Path) -> Result<serde_json::Value> {

@@ -57,7 +57,17 @@ pub struct WriteStats {
 impl GgufPlan {
     /// `model_dir` holds config.json and the tokenizer files; `source` the (merged) weights.
     pub fn new(model_dir: &Path, source: &dyn TensorSource, name: &str) -> Result<Self> {
-        let cfg = ModelConfig::from_dir(model_dir)?;
+        Self::with_config(model_dir, ModelConfig::from_dir(model_dir)?, source, name)
+    }
+
+    /// [`Self::new`] with the architecture given instead of read from `model_dir` (a training
+    /// that stretched RoPE past the base's window writes the stretched one).
+    pub fn with_config(
+        model_dir: &Path,
+        cfg: ModelConfig,
+        source: &dyn TensorSource,
+        name: &str,
+    ) -> Result<Self> {
         let arch = arch::arch_for(&cfg.model_type)?;
         let mut entries = Vec::new();
         let mut params = 0u64;

@@ -99,6 +99,17 @@ impl ModelConfig {
             .then(|| max_seq_length as f64 / window as f64)
     }
 
+    /// This config as unsloth-cli.py trains it at `max_seq_length`: RoPE stretched by
+    /// [`Self::unsloth_rope_stretch`] where that applies, and the window widened to
+    /// `max_seq_length` when it is longer.
+    pub fn for_max_seq_length(mut self, max_seq_length: usize) -> Self {
+        if let Some(factor) = self.unsloth_rope_stretch(max_seq_length) {
+            self.rope_scaling = RopeScaling::Linear { factor };
+        }
+        self.max_position_embeddings = self.max_position_embeddings.max(max_seq_length);
+        self
+    }
+
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
@@ -289,6 +300,19 @@ mod tests {
             original_max_position_embeddings: 8192.0,
         };
         assert_eq!(c.unsloth_rope_stretch(1 << 20), None);
+        // Applied: the stretch and the wider window; llama3 scaling keeps its frequencies.
+        let llama3 = c.rope_scaling.clone();
+        let wide = c.clone().for_max_seq_length(1 << 20);
+        assert_eq!(
+            (wide.rope_scaling, wide.max_position_embeddings),
+            (llama3, 1 << 20)
+        );
+        let mut plain = ModelConfig::from_json_str(&llama("")).unwrap();
+        plain.max_position_embeddings = 4096;
+        let s = plain.clone().for_max_seq_length(10240);
+        assert_eq!(s.rope_scaling, RopeScaling::Linear { factor: 2.5 });
+        assert_eq!(s.max_position_embeddings, 10240);
+        assert_eq!(plain.clone().for_max_seq_length(2048), plain);
     }
 
     fn llama(extra: &str) -> String {

@@ -40,22 +40,21 @@ pub struct RunOptions {
 
 /// Runs the job; returns when it completed or paused (a stop signal ends the process).
 /// Past the model's window unsloth-cli.py stretches RoPE for every sample
-/// ([`ModelConfig::unsloth_rope_stretch`]); training the same job without it would silently
-/// give another model, so until the stretch is built such a job stops here, before anything is
-/// written.
-fn refuse_rope_stretch(job: &JobConfig, model_dir: &Path) -> Result<()> {
+/// ([`ModelConfig::unsloth_rope_stretch`]); so do both engines and the exports. Said once, as
+/// Unsloth does.
+fn announce_rope_stretch(job: &JobConfig, model_dir: &Path) -> Result<()> {
     let cfg = ModelConfig::from_dir(model_dir)?;
     let max_seq_length = job.model.max_seq_length;
-    match cfg.unsloth_rope_stretch(max_seq_length) {
-        None => Ok(()),
-        Some(factor) => Err(UsageError::new(format!(
-            "--max_seq_length {max_seq_length} exceeds {}'s max_position_embeddings {}: \
-             unsloth-cli.py would stretch RoPE linearly by {factor:.3} for every sample, which \
-             ferrotune does not do yet (not built); pass --max_seq_length {} or less",
-            job.model.model_name, cfg.max_position_embeddings, cfg.max_position_embeddings
-        ))
-        .into()),
+    if let Some(factor) = cfg.unsloth_rope_stretch(max_seq_length) {
+        tracing::warn!(
+            "{} handles at most {} tokens (max_position_embeddings); as unsloth-cli.py does, \
+             RoPE is stretched linearly by {factor:.3} to --max_seq_length {max_seq_length}, for \
+             every sample, and the merged model and GGUF files carry the stretch",
+            job.model.model_name,
+            cfg.max_position_embeddings
+        );
     }
+    Ok(())
 }
 
 pub fn run_job(job: &JobConfig) -> Result<JobReport> {
@@ -65,7 +64,7 @@ pub fn run_job(job: &JobConfig) -> Result<JobReport> {
 pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     let stop = crate::signals::install().context("installing the SIGINT/SIGTERM handlers")?;
     let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
-    refuse_rope_stretch(job, &model_dir)?;
+    announce_rope_stretch(job, &model_dir)?;
     let out = &job.saving.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
@@ -199,7 +198,8 @@ fn build_backend(
     match device {
         Resolved::Cpu => {
             debug_assert_eq!(world, 1, "select::world_size gives 1 on the cpu");
-            let model = crate::model::Model::load(model_dir)?;
+            let mut model = crate::model::Model::load(model_dir)?;
+            model.config = model.config.for_max_seq_length(job.model.max_seq_length);
             Ok(Box::new(crate::engine::cpu::CpuBackend::from_job(
                 model, job,
             )?))

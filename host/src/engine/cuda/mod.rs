@@ -186,7 +186,7 @@ impl CudaBackend {
     /// [`CudaBackend::from_job`] on GPU `ordinal` (a data-parallel rank).
     pub fn from_job_on(ordinal: usize, dir: &std::path::Path, job: &JobConfig) -> Result<Self> {
         let options = EngineOptions::from_job(job);
-        let cfg = ModelConfig::from_dir(dir)?;
+        let cfg = ModelConfig::from_dir(dir)?.for_max_seq_length(job.model.max_seq_length);
         let mut backend = Self::load(
             ordinal,
             dir,

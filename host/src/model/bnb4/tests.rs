@@ -443,6 +443,7 @@ fn export(base: &Path, adapter: &Path, out: &Path, method: crate::cli::choices::
         save_path: out.to_path_buf(),
         name: "m".into(),
         max_shard_bytes: crate::export::hf_save::DEFAULT_MAX_SHARD_BYTES,
+        max_seq_length: None,
     })
     .unwrap();
 }
