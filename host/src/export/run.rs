@@ -498,6 +498,57 @@ fn write_modelfile(dir: &Path, gguf: &Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
+    /// A base directory holding only `config` as its config.json, and a request on it.
+    fn request_on(dir: &Path, config: serde_json::Value, max_seq_length: usize) -> ExportRequest {
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        ExportRequest {
+            base_dir: dir.to_path_buf(),
+            adapter_dir: dir.to_path_buf(),
+            save_method: None,
+            gguf_presets: Vec::new(),
+            save_path: dir.to_path_buf(),
+            name: "m".into(),
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+            max_seq_length: Some(max_seq_length),
+        }
+    }
+
+    #[test]
+    fn the_merged_config_carries_the_rope_stretch_in_both_transformers_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = serde_json::json!({
+            "model_type": "llama", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 10000.0, "max_position_embeddings": 1024,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}
+        });
+        // Within the window: nothing changes.
+        let mut config = base.clone();
+        stretch_rope(&mut config, &request_on(dir.path(), base.clone(), 1024)).unwrap();
+        assert_eq!(config, base);
+        // Past it: linear by 4 under both keys, the window widened.
+        stretch_rope(&mut config, &request_on(dir.path(), base.clone(), 4096)).unwrap();
+        assert_eq!(
+            config["rope_scaling"],
+            serde_json::json!({"type": "linear", "factor": 4.0})
+        );
+        assert_eq!(
+            config["rope_parameters"],
+            serde_json::json!({"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
+        );
+        assert_eq!(config["max_position_embeddings"], 4096);
+        // Llama 3.1-style scaling is kept; only the window widens.
+        let mut llama3 = base.clone();
+        llama3["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 1024});
+        llama3.as_object_mut().unwrap().remove("rope_parameters");
+        let mut config = llama3.clone();
+        stretch_rope(&mut config, &request_on(dir.path(), llama3.clone(), 4096)).unwrap();
+        assert_eq!(config["rope_scaling"], llama3["rope_scaling"]);
+        assert_eq!(config["max_position_embeddings"], 4096);
+    }
+
     #[test]
     fn model_names_come_from_the_last_path_component() {
         assert_eq!(model_name_of("unsloth/llama-3-8b"), "llama-3-8b");
