@@ -614,10 +614,10 @@ fn past_the_models_window_rope_is_stretched_as_unsloth_does_and_the_exports_carr
     assert!(get("llama.context_length").contains("512"), "{meta:?}");
     transformers_reads_linear_rope(&save, 2.0);
 
-    // `ferrotune export` from the checkpoint: with the training's --max_seq_length the same
-    // config, without it the base's.
+    // `ferrotune export` from the checkpoint: the same config (the checkpoint's
+    // training_args.json has the --max_seq_length), unless the flag says otherwise.
     let checkpoint = tmp.path().join("stretched/checkpoint-1");
-    for (flag, stretched) in [(Some("512"), true), (None, false)] {
+    for (flag, stretched) in [(None, true), (Some("256"), false)] {
         let again = tmp.path().join(format!("export-{stretched}"));
         let mut args: Vec<String> = [
             "export",

@@ -175,7 +175,8 @@ pub struct ExportArgs {
     #[arg(long, value_parser = positive_u64)]
     pub max_shard_size_mb: Option<u64>,
     /// The training's --max_seq_length, when it exceeded the base's max_position_embeddings:
-    /// the merged config and GGUF files then carry the RoPE stretch training used.
+    /// the merged config and GGUF files then carry the RoPE stretch training used (default:
+    /// a --checkpoint's own, from its training_args.json).
     #[arg(long)]
     pub max_seq_length: Option<usize>,
     #[command(flatten)]

@@ -1,7 +1,7 @@
 //! `ferrotune export`: the saves of `--save_model`/`--save_gguf` from an existing adapter or
 //! checkpoint, without training.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -47,6 +47,9 @@ pub fn run(args: ExportArgs) -> Result<()> {
     };
     let base_dir: PathBuf = crate::model::resolve::resolve_model(&base_name)
         .map_err(|e| UsageError::new(format!("--base {base_name}: {e:#}")))?;
+    let max_seq_length = args
+        .max_seq_length
+        .or_else(|| trained_max_seq_length(&adapter_dir));
     let request = ExportRequest {
         base_dir,
         adapter_dir,
@@ -61,7 +64,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
         max_shard_bytes: args
             .max_shard_size_mb
             .map_or(DEFAULT_MAX_SHARD_BYTES, |mb| mb * 1_000_000),
-        max_seq_length: args.max_seq_length,
+        max_seq_length,
     };
     let written = run_exports(&request)?;
     for file in &written {
@@ -99,4 +102,17 @@ fn base_from_adapter(adapter_dir: &std::path::Path) -> Result<String> {
         ))
         .into()),
     }
+}
+
+/// The `--max_seq_length` a checkpoint was trained with (its `training_args.json`), so that its
+/// export carries the same RoPE stretch without the flag; `None` for a plain PEFT adapter.
+fn trained_max_seq_length(adapter_dir: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(adapter_dir.join("training_args.json")).ok()?;
+    let args: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let n = args.get("max_seq_length")?.as_u64()? as usize;
+    tracing::info!(
+        "--max_seq_length {n} from {}/training_args.json",
+        adapter_dir.display()
+    );
+    Some(n)
 }
