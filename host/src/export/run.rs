@@ -157,14 +157,18 @@ pub fn run_exports(req: &ExportRequest) -> Result<Vec<PathBuf>> {
     }
     let base = SafetensorsDir::open_model_dir(&req.base_dir)?;
     let merged = MergedModel::new(&base, &adapter)?;
+    let trained = Trained::of(req)?;
     match req.save_method {
-        Some(SaveMethod::Merged16bit) => written.extend(save_merged_16bit(req, &base, &merged)?),
-        Some(SaveMethod::Merged4bit) => written.extend(save_merged_4bit(req, &base, &merged)?),
+        Some(SaveMethod::Merged16bit) => {
+            written.extend(save_merged_16bit(req, &trained, &base, &merged)?)
+        }
+        Some(SaveMethod::Merged4bit) => {
+            written.extend(save_merged_4bit(req, &trained, &base, &merged)?)
+        }
         _ => {}
     }
     if !presets.is_empty() {
-        let cfg = trained_config(req)?;
-        let plan = GgufPlan::with_config(&req.base_dir, cfg, &merged, &req.name)?;
+        let plan = GgufPlan::with_config(&req.base_dir, trained.cfg, &merged, &req.name)?;
         let targets: Vec<(Preset, PathBuf)> = presets
             .iter()
             .map(|p| {
@@ -238,6 +242,7 @@ fn save_adapter(req: &ExportRequest) -> Result<Vec<PathBuf>> {
 /// config and tokenizer files.
 fn save_merged_16bit(
     req: &ExportRequest,
+    trained: &Trained,
     base: &SafetensorsDir,
     merged: &MergedModel,
 ) -> Result<Vec<PathBuf>> {
@@ -271,14 +276,13 @@ fn save_merged_16bit(
     }
     bar.finish_and_clear();
     let mut files = move_into_place(writer.finish()?, &req.save_path)?;
-    let stretched = trained_config(req)? != ModelConfig::from_dir(&req.base_dir)?;
-    if base.prequantized().is_some() || stretched {
+    if base.prequantized().is_some() || trained.stretched {
         // Rewritten: no quantization_config for dequantised weights, the stretch if any.
         let mut config = read_config(&req.base_dir)?;
         if let Some(c) = config.as_object_mut() {
             c.remove("quantization_config");
         }
-        stretch_rope(&mut config, req)?;
+        stretch_rope(&mut config, trained);
         files.push(write_config(&req.save_path, &config)?);
     } else {
         files.extend(copy_if_present(
@@ -330,11 +334,12 @@ fn save_model_side_files(req: &ExportRequest) -> Result<Vec<PathBuf>> {
 /// (its `llm_int8_skip_modules` is kept).
 fn save_merged_4bit(
     req: &ExportRequest,
+    trained: &Trained,
     base: &SafetensorsDir,
     merged: &MergedModel,
 ) -> Result<Vec<PathBuf>> {
     let mut config = read_config(&req.base_dir)?;
-    stretch_rope(&mut config, req)?;
+    stretch_rope(&mut config, trained);
     let prequantized = base.prequantized();
     if prequantized.is_none() && config.get("quantization_config").is_some() {
         bail!(
@@ -410,24 +415,34 @@ fn save_merged_4bit(
 
 /// The architecture the adapter was trained with: the base's, at the training's
 /// `--max_seq_length` ([`ModelConfig::for_max_seq_length`]).
-fn trained_config(req: &ExportRequest) -> Result<ModelConfig> {
-    let base = ModelConfig::from_dir(&req.base_dir)?;
-    Ok(match req.max_seq_length {
-        Some(n) => base.for_max_seq_length(n),
-        None => base,
-    })
+struct Trained {
+    cfg: ModelConfig,
+    /// Whether that differs from the base's config.json (RoPE stretched, window widened).
+    stretched: bool,
 }
 
-/// Writes the RoPE stretch and the wider window of [`trained_config`] into a copy of the
-/// base's config.json. `rope_scaling` `{"type": "linear"}` is the key transformers 4 and 5 both
-/// read (5 folds it into `rope_parameters` with the base's `rope_theta`); a `rope_parameters`
-/// already there is rewritten to match.
-fn stretch_rope(config: &mut serde_json::Value, req: &ExportRequest) -> Result<()> {
-    let (base, trained) = (ModelConfig::from_dir(&req.base_dir)?, trained_config(req)?);
-    let Some(c) = config.as_object_mut().filter(|_| trained != base) else {
-        return Ok(());
+impl Trained {
+    fn of(req: &ExportRequest) -> Result<Self> {
+        let base = ModelConfig::from_dir(&req.base_dir)?;
+        let cfg = match req.max_seq_length {
+            Some(n) => base.clone().for_max_seq_length(n),
+            None => base.clone(),
+        };
+        let stretched = cfg != base;
+        Ok(Trained { cfg, stretched })
+    }
+}
+
+/// Writes the RoPE stretch and the wider window of `trained` into a copy of the base's
+/// config.json. `rope_scaling` `{"type": "linear"}` is the key transformers 4 and 5 both read
+/// (5 folds it into `rope_parameters` with the base's `rope_theta`); a `rope_parameters` already
+/// there is rewritten to match.
+fn stretch_rope(config: &mut serde_json::Value, trained: &Trained) {
+    let Some(c) = config.as_object_mut().filter(|_| trained.stretched) else {
+        return;
     };
-    if let RopeScaling::Linear { factor } = trained.rope_scaling {
+    let cfg = &trained.cfg;
+    if let RopeScaling::Linear { factor } = cfg.rope_scaling {
         c.insert(
             "rope_scaling".into(),
             serde_json::json!({"type": "linear", "factor": factor}),
@@ -436,15 +451,14 @@ fn stretch_rope(config: &mut serde_json::Value, req: &ExportRequest) -> Result<(
             c.insert(
                 "rope_parameters".into(),
                 serde_json::json!({"rope_type": "linear", "factor": factor,
-                    "rope_theta": trained.rope_theta}),
+                    "rope_theta": cfg.rope_theta}),
             );
         }
     }
     c.insert(
         "max_position_embeddings".into(),
-        trained.max_position_embeddings.into(),
+        cfg.max_position_embeddings.into(),
     );
-    Ok(())
 }
 
 fn read_config(dir: &Path) -> Result<serde_json::Value> {
@@ -524,10 +538,13 @@ mod tests {
         });
         // Within the window: nothing changes.
         let mut config = base.clone();
-        stretch_rope(&mut config, &request_on(dir.path(), base.clone(), 1024)).unwrap();
+        let trained = |config: &serde_json::Value, n| {
+            Trained::of(&request_on(dir.path(), config.clone(), n)).unwrap()
+        };
+        stretch_rope(&mut config, &trained(&base, 1024));
         assert_eq!(config, base);
         // Past it: linear by 4 under both keys, the window widened.
-        stretch_rope(&mut config, &request_on(dir.path(), base.clone(), 4096)).unwrap();
+        stretch_rope(&mut config, &trained(&base, 4096));
         assert_eq!(
             config["rope_scaling"],
             serde_json::json!({"type": "linear", "factor": 4.0})
@@ -544,7 +561,7 @@ mod tests {
             "original_max_position_embeddings": 1024});
         llama3.as_object_mut().unwrap().remove("rope_parameters");
         let mut config = llama3.clone();
-        stretch_rope(&mut config, &request_on(dir.path(), llama3.clone(), 4096)).unwrap();
+        stretch_rope(&mut config, &trained(&llama3, 4096));
         assert_eq!(config["rope_scaling"], llama3["rope_scaling"]);
         assert_eq!(config["max_position_embeddings"], 4096);
     }

@@ -38,7 +38,6 @@ pub struct RunOptions {
     pub pause_after: Option<u64>,
 }
 
-/// Runs the job; returns when it completed or paused (a stop signal ends the process).
 /// Past the model's window unsloth-cli.py stretches RoPE for every sample
 /// ([`ModelConfig::unsloth_rope_stretch`]); so do both engines and the exports. Said once, as
 /// Unsloth does.
@@ -57,14 +56,13 @@ fn announce_rope_stretch(job: &JobConfig, model_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs the job; returns when it completed or paused (a stop signal ends the process).
 pub fn run_job(job: &JobConfig) -> Result<JobReport> {
     run_job_with(job, RunOptions::default())
 }
 
 pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
     let stop = crate::signals::install().context("installing the SIGINT/SIGTERM handlers")?;
-    let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
-    announce_rope_stretch(job, &model_dir)?;
     let out = &job.saving.output_dir;
     std::fs::create_dir_all(out)
         .with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
@@ -81,6 +79,8 @@ pub fn run_job_with(job: &JobConfig, options: RunOptions) -> Result<JobReport> {
 
     let device = crate::engine::select::resolve(job.model.device)?;
     let world = crate::engine::select::world_size(&device, job.model.num_gpus)?;
+    let model_dir = crate::model::resolve::resolve_model(&job.model.model_name)?;
+    announce_rope_stretch(job, &model_dir)?;
     let data = prepare_data(job, &model_dir)?;
     let train = data.train_batcher(job)?;
     let eval = data.eval_batcher(job)?;

@@ -75,8 +75,8 @@ pub fn forward(
 }
 
 /// Gradients `dq`, `dk`, `dv` (overwritten) from `d_o`, with the forward's output `o` and
-/// logsumexp `lse` of the same batch. `rope`: the batch's RoPE tables `(cos, sin)`; `dq` and `dk`
-/// then come out rotated back, as the gradients of q and k before their rotation.
+/// logsumexp `lse` of the same batch, and the batch's RoPE tables `(cos, sin)`: `dq` and `dk`
+/// come out rotated back, as the gradients of q and k before their rotation.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     stream: &Arc<CudaStream>,
@@ -93,7 +93,7 @@ pub fn backward(
     seg: &CudaSlice<u32>,
     s: &mut Scratch,
     spare: &mut CudaSlice<bf16>,
-    rope: Option<(&CudaSlice<f32>, &CudaSlice<f32>)>,
+    (cos, sin): (&CudaSlice<f32>, &CudaSlice<f32>),
 ) -> Result<()> {
     kernels.flash_seg_blocks(stream, shape, &seg.as_view(), &mut s.blk.as_view_mut())?;
     let mut dq_acc = match s.dq_acc.as_mut() {
@@ -119,7 +119,7 @@ pub fn backward(
             &mut dk.as_view_mut(),
             &mut dv.as_view_mut(),
         ),
-        rope.map(|(cos, sin)| (cos.as_view(), sin.as_view())),
+        Some((cos.as_view(), sin.as_view())),
     )?;
     Ok(())
 }
