@@ -920,6 +920,67 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
 }
 
 #ifdef FA_WGMMA
+// dq_acc += one warp's 16 x 32 block of a dQ accumulator (tiles t0..t3 of 8 columns in the C
+// fragment layout: lane (g, t) holds columns 2t, 2t + 1 of each, rows g and g + 8) as 16-byte
+// reductions, as many as a staging through shared memory would issue. Lanes t and t ^ 1 first
+// trade pairs so that each holds four consecutive columns of each 16-column half
+// (4(t >> 1).. on the even lane, 8 + 4(t >> 1).. on the odd one): one reduction then covers 8
+// rows x 64 bytes. With PAIR_ROWS the lanes of rows g and g ^ 1 also trade halves, so that one
+// reduction covers 4 rows x 128 bytes (whole lines, the staging's pattern). Each width uses
+// the pattern that measured faster there: 4 x 128 at d 128, 8 x 64 at d 64 (docs/perf-notes.md
+// §32: against the staging, the kernel 3–4% faster at both widths).
+// `p`: row g & ~1, column 0 of the block; rows from rows_left on (T) and columns from cols_left
+// on (d, a multiple of 8) are left out.
+template <bool PAIR_ROWS>
+__device__ __forceinline__ void dq_add_rows(float* p, float (&t0)[4], float (&t1)[4],
+                                            float (&t2)[4], float (&t3)[4], long long ld,
+                                            int rows_left, int cols_left, int g, int t) {
+    const bool todd = t & 1, godd = g & 1;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        const float lo = __shfl_xor_sync(0xffffffffu, todd ? t0[e] : t1[e], 1);
+        const float hi = __shfl_xor_sync(0xffffffffu, todd ? t2[e] : t3[e], 1);
+        if (todd) {
+            t0[e] = lo;
+            t2[e] = hi;
+        } else {
+            t1[e] = lo;
+            t3[e] = hi;
+        }
+    }
+    // Now (t0[0], t0[1], t1[0], t1[1]) are row g's 4 columns of the first half from column c,
+    // ([2], [3]) row g + 8's; t2/t3 the same for the second half (from c + 16).
+    const int c = 4 * (t >> 1) + (todd ? 8 : 0);
+#pragma unroll
+    for (int r8 = 0; r8 < 2; ++r8) {
+        const float4 first = make_float4(t0[2 * r8], t0[2 * r8 + 1], t1[2 * r8], t1[2 * r8 + 1]);
+        const float4 second = make_float4(t2[2 * r8], t2[2 * r8 + 1], t3[2 * r8], t3[2 * r8 + 1]);
+        if constexpr (!PAIR_ROWS) {
+            const int r = 8 * r8 + godd;  // row g
+            if (r < rows_left) {
+                if (c < cols_left) red_add_v4(p + r * ld + c, first);
+                if (c + 16 < cols_left) red_add_v4(p + r * ld + c + 16, second);
+            }
+        } else {
+            // The even row's lane keeps its first half and sends its second; the odd row's lane
+            // the reverse. Then the even lane adds its own first half to the even row and the
+            // received one to the odd row; the odd lane the received second half to the even
+            // row and its own to the odd row.
+            const float4 keep = godd ? second : first, send = godd ? first : second;
+            const float4 got = make_float4(__shfl_xor_sync(0xffffffffu, send.x, 4),
+                                           __shfl_xor_sync(0xffffffffu, send.y, 4),
+                                           __shfl_xor_sync(0xffffffffu, send.z, 4),
+                                           __shfl_xor_sync(0xffffffffu, send.w, 4));
+            const int cc = c + (godd ? 16 : 0);
+            if (cc < cols_left) {
+                if (8 * r8 < rows_left) red_add_v4(p + 8 * r8 * ld + cc, godd ? got : keep);
+                if (8 * r8 + 1 < rows_left)
+                    red_add_v4(p + (8 * r8 + 1) * ld + cc, godd ? keep : got);
+            }
+        }
+    }
+}
+
 // Backward, step 2 on Hopper (sm_90a): flash_bwd's work split in CTAs of one warpgroup (128
 // threads, one 64-key block kb), two CTAs per SM. Two independent CTAs let the SM run one's
 // softmax under the other's products, where flash_bwd's two warpgroups wait for each other at
@@ -930,12 +991,11 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
 //   Pᵀ, dSᵀ = the softmax and its gradient in registers; dSᵀ also to shared memory
 //   dV += Pᵀ·dO, dK += dSᵀ·Q  m64nD, A from registers (the C layout of two adjacent 8-column
 //                             tiles is the A layout of one k16 step), B MN-major
-//   dQ = dS·K                 m64n64 per 64-column block (registers), A = dSᵀ read transposed
+//   dQ = dS·K                 m64n32 (d 128) / m64n64 (d 64) per pass, A = dSᵀ read
+//                             transposed, added into dq_acc from the registers (dq_add_rows)
 // Shared memory (dynamic, 1024-byte aligned): K, V [64][D], dSᵀ [64][64] bf16, then two stages
-// of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB; the dQ tile [64][D] fp32 is
-// staged in the current stage's Q and dO tiles (106 KiB at d 128: two CTAs fit sm_90's 228
-// KiB). Reducing dQ straight from the accumulators (8-byte reductions, no staging) measured
-// 0.78 ms against 0.68.
+// of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB (106 KiB at d 128: two CTAs
+// fit sm_90's 228 KiB).
 template <int D>
 __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -1052,38 +1112,35 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         proxy_fence();
         __syncthreads();  // dSᵀ of every warp in shared memory
 
-        // dQ (unscaled) over the block's 64 keys, one 64-column half at a time (registers): A =
-        // dS (the stored dSᵀ read transposed), B = K MN-major at the half's column block; the
-        // halves are staged in the stage's Q and dO tiles, free once every warp is past the
-        // first half's product.
-        float* sQd = reinterpret_cast<float*>(sQ);
+        // dQ (unscaled) over the block's 64 keys, DQN columns per pass: A = dS (the stored dSᵀ
+        // read transposed), B = K MN-major at the pass's columns. Each pass goes into dq_acc
+        // straight from the accumulators (dq_add_rows), with as many 16-byte reductions as a
+        // staging through shared memory would issue, without its barriers and its 2 x 32 KiB
+        // of shared traffic per item (docs/perf-notes.md §32). At d 128 a pass is 32 columns:
+        // 16 accumulator registers fewer than 64, which the kernel at 255 needs to not spill.
+        constexpr int DQN = D == 128 ? 32 : 64;
 #pragma unroll 1
-        for (int half = 0; half < D / 64; ++half) {
-            float dqa[8][4];
+        for (int part = 0; part < D / DQN; ++part) {
+            float dqa[DQN / 8][4];
             wg_fence();
 #pragma unroll
-            for (int kk = 0; kk < FA_BLOCK / 16; ++kk)
-                wgmma_ss_m64n64<1, 1>(dqa, wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024),
-                                      wg_desc(sK + half * FA_BLOCK * 64 + kk * 16 * 64,
-                                              FA_BLOCK * 64 * 2, 1024),
-                                      kk > 0);
-            wg_commit_wait();
-            if (half == 0) __syncthreads();  // every warp is done reading sQ and sO
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const int c = half * 64 + n * 8 + 2 * t, row = warp * 16 + g;
-                *reinterpret_cast<float2*>(sQd + swz<D>(row, c)) = make_float2(dqa[n][0], dqa[n][1]);
-                *reinterpret_cast<float2*>(sQd + swz<D>(row + 8, c)) = make_float2(dqa[n][2], dqa[n][3]);
+            for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
+                const u64 da = wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+                const u64 db = wg_desc(sK + (part * DQN / 64) * FA_BLOCK * 64 + (part * DQN) % 64 +
+                                           kk * 16 * 64,
+                                       FA_BLOCK * 64 * 2, 1024);
+                if constexpr (DQN == 32)
+                    wgmma_ss_m64n32<1, 1>(dqa, da, db, kk > 0);
+                else
+                    wgmma_ss_m64n64<1, 1>(dqa, da, db, kk > 0);
             }
-        }
-        __syncthreads();
-        float* dqg = dq_acc + (long long)b * T * qld + (long long)h * d;
-#pragma unroll 4  // all 16 unrolled hoist 64 registers of shared loads: spills
-        for (int it = 0; it < FA_BLOCK * D / (4 * NT); ++it) {
-            const int e = (it * NT + tid) * 4, row = e / D, c = e % D;
-            if (i0 + row < T && c < d)
-                red_add_v4(dqg + (long long)(i0 + row) * qld + c,
-                           *reinterpret_cast<const float4*>(sQd + swz<D>(row, c)));
+            wg_commit_wait();
+            const int row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
+            float* dqg = dq_acc + ((long long)b * T + row) * qld + (long long)h * d + part * DQN;
+#pragma unroll
+            for (int m = 0; m < DQN / 32; ++m)
+                dq_add_rows<D == 128>(dqg + m * 32, dqa[4 * m], dqa[4 * m + 1], dqa[4 * m + 2],
+                                      dqa[4 * m + 3], qld, T - row, d - part * DQN - m * 32, g, t);
         }
         if (!more) break;
         gi = ngi;
