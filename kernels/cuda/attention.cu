@@ -919,7 +919,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
                    scale_log2, scale, stages);
 }
 
-#ifdef FA_WGMMA
+#ifdef FA_RED_V4
 // dq_acc += one warp's 16 x 32 block of a dQ accumulator (tiles t0..t3 of 8 columns in the C
 // fragment layout: lane (g, t) holds columns 2t, 2t + 1 of each, rows g and g + 8) as 16-byte
 // reductions, as many as a staging through shared memory would issue. Lanes t and t ^ 1 first
@@ -929,6 +929,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) flash_bwd_d128(FA_BWD_ARGS)
 // reduction covers 4 rows x 128 bytes (whole lines, the staging's pattern). Each width uses
 // the pattern that measured faster there: 4 x 128 at d 128, 8 x 64 at d 64 (docs/perf-notes.md
 // §32: against the staging, the kernel 3–4% faster at both widths).
+// Outside FA_WGMMA so that the CPU simulator checks the lane mapping (kernels/sim).
 // `p`: row g & ~1, column 0 of the block; rows from rows_left on (T) and columns from cols_left
 // on (d, a multiple of 8) are left out.
 template <bool PAIR_ROWS>
@@ -980,7 +981,9 @@ __device__ __forceinline__ void dq_add_rows(float* p, float (&t0)[4], float (&t1
         }
     }
 }
+#endif
 
+#ifdef FA_WGMMA
 // Backward, step 2 on Hopper (sm_90a): flash_bwd's work split in CTAs of one warpgroup (128
 // threads, one 64-key block kb), two CTAs per SM. Two independent CTAs let the SM run one's
 // softmax under the other's products, where flash_bwd's two warpgroups wait for each other at

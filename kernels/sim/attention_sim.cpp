@@ -367,6 +367,45 @@ static int run(const Shape& s, std::mt19937& rng) {
     return bad;
 }
 
+#ifdef FA_RED_V4
+// dq_add_rows (sm_90's backward adds dQ from the wgmma accumulators with it): one warp's 16 x 32
+// block in the C fragment layout, every element a distinct integer, added into a zeroed buffer
+// with a row stride wider than the block; each element must land once at its (row, column),
+// rows from T on and columns from cols_left on nowhere, for both reduction patterns.
+static int check_dq_add_rows() {
+    const int ld = 40;
+    int bad = 0;
+    for (const bool pair : {false, true})
+        for (const auto [T, cols_left] : std::vector<std::pair<int, int>>{
+                 {16, 32}, {9, 32}, {1, 24}, {16, 8}, {7, 16}, {0, 32}, {-5, 32}, {16, 0}}) {
+            std::vector<float> buf(16 * ld, 0.0f);
+            auto value = [](int row, int col) { return (float)(1 + row * 64 + col); };
+            launch({1, 1, 1}, 32, [&] {
+                const int g = tlane >> 2, t = tlane & 3;
+                float tile[4][4];
+                for (int n = 0; n < 4; ++n)
+                    for (int e = 0; e < 4; ++e)
+                        tile[n][e] = value(g + (e >= 2 ? 8 : 0), 8 * n + 2 * t + (e & 1));
+                float* p = buf.data() + (g & ~1) * ld;
+                if (pair)
+                    dq_add_rows<true>(p, tile[0], tile[1], tile[2], tile[3], ld, T - (g & ~1), cols_left, g, t);
+                else
+                    dq_add_rows<false>(p, tile[0], tile[1], tile[2], tile[3], ld, T - (g & ~1), cols_left, g, t);
+            });
+            int wrong = 0;
+            for (int row = 0; row < 16; ++row)
+                for (int col = 0; col < ld; ++col) {
+                    const bool in = row < T && col < 32 && col < cols_left;
+                    wrong += buf[row * ld + col] != (in ? value(row, col) : 0.0f);
+                }
+            printf("%-4s dq_add_rows %s T %d cols %d: %d of %d elements wrong\n", wrong ? "FAIL" : "ok",
+                   pair ? "4 rows x 128 B" : "8 rows x 64 B", T, cols_left, wrong, 16 * ld);
+            bad += wrong > 0;
+        }
+    return bad;
+}
+#endif
+
 int main() {
     std::mt19937 rng(1234);
     const std::vector<Shape> shapes = {
@@ -380,6 +419,9 @@ int main() {
         {1, 9, 2, 1, 32, 3, 1, {{4, 5}}},
     };
     int bad = 0;
+#ifdef FA_RED_V4
+    bad += check_dq_add_rows();
+#endif
     for (const auto& s : shapes) bad += run(s, rng);
     printf("%s\n", bad ? "SIMULATION FAILED" : "simulation ok");
     return bad ? 1 : 0;
