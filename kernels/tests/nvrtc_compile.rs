@@ -9,6 +9,11 @@
 //! only libnvrtc is needed (CI: the `nvidia-cuda-nvrtc==13.0.88` wheel, see .ci/run).
 //! Without libnvrtc the test is skipped with a message on a developer machine and fails in CI
 //! (`CI=true`).
+//!
+//! With `FERROTUNE_CUBIN_DIR=DIR` the cubins are also written to `DIR/{module}.{target}.cubin`,
+//! to read the machine code (`nvdisasm -c`, e.g. from the `nvidia-cuda-nvdisasm` wheel) — where
+//! ptxas spilled, what a source change did to an inner loop; `FERROTUNE_KERNEL_SOURCE_DIR`
+//! swaps in variant sources as everywhere else (docs/kernels.md).
 
 use ferrotune_kernels::arch::CI_TARGETS;
 use ferrotune_kernels::{nvrtc, ptxas, sources};
@@ -49,6 +54,11 @@ fn every_kernel_compiles_for_every_ci_arch_without_spills() {
             };
             let at = format!("{}.cu for {arch}", src.name);
             assert_eq!(&compiled.cubin[..4], b"\x7fELF", "{at}: not a cubin");
+            if let Some(dir) = std::env::var_os("FERROTUNE_CUBIN_DIR") {
+                let path = std::path::Path::new(&dir).join(format!("{}.{arch}.cubin", src.name));
+                std::fs::write(&path, &compiled.cubin)
+                    .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+            }
             if compiled.log.to_lowercase().contains("warning") {
                 failures.push(format!("{at}: compiler warnings:\n{}", compiled.log));
             }
