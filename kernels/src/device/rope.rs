@@ -1,7 +1,7 @@
 //! RoPE launchers (`rope.cu`): the cos/sin tables from positions, and the rotation of q/k (or its
 //! inverse on their gradients) in place.
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{bf16, cfg, check_len, grid, launch, shape, to_i32, Kernels, NULL_PTR, THREADS};
 use crate::KernelError;
@@ -50,12 +50,7 @@ impl Kernels {
         inverse: bool,
     ) -> Result<(), KernelError> {
         const K: &str = "rope_apply";
-        if !head_dim.is_multiple_of(4) || head_dim / 4 > 1024 || head_dim == 0 {
-            return Err(shape(
-                K,
-                format!("head_dim {head_dim} must be a positive multiple of 4, at most 4096"),
-            ));
-        }
+        let config = rope_blocks(K, (cos, sin), tokens, head_dim)?;
         let need = |stride: usize, heads: usize| {
             if tokens == 0 {
                 0
@@ -70,11 +65,6 @@ impl Kernels {
             ));
         }
         check_len(K, "q", q.len(), need(q_stride, hq))?;
-        check_len(K, "cos", cos.len(), tokens * head_dim / 2)?;
-        check_len(K, "sin", sin.len(), tokens * head_dim / 2)?;
-        let bx = (head_dim / 4) as u32;
-        let by = (THREADS / bx).max(1);
-        let config = cfg(grid(tokens, by as usize, u32::MAX), (bx, by));
         let dir: f32 = if inverse { -1.0 } else { 1.0 };
         let (q_stride_i, hq_i) = (to_i32(K, "q_stride", q_stride)?, to_i32(K, "hq", hq)?);
         let (t_i, d_i) = (to_i32(K, "tokens", tokens)?, head_dim as i32);
@@ -128,17 +118,7 @@ impl Kernels {
         const K: &str = "flash_attn_bwd";
         let tokens = s.batch * s.seq;
         let d = s.head_dim;
-        if !d.is_multiple_of(4) {
-            return Err(shape(
-                K,
-                format!("head_dim {d} must be a multiple of 4 for the RoPE tables"),
-            ));
-        }
-        check_len(K, "rope cos", cos.len(), tokens * d / 2)?;
-        check_len(K, "rope sin", sin.len(), tokens * d / 2)?;
-        let bx = (d / 4) as u32;
-        let by = (THREADS / bx).max(1);
-        let config = cfg(grid(tokens, by as usize, u32::MAX), (bx, by));
+        let config = rope_blocks(K, (cos, sin), tokens, d)?;
         let (hq_i, hk_i) = (
             to_i32(K, "heads", s.heads)?,
             to_i32(K, "kv_heads", s.kv_heads)?,
@@ -149,4 +129,27 @@ impl Kernels {
         a.arg(cos).arg(sin).arg(&t_i).arg(&d_i).arg(&scale);
         launch(a, config)
     }
+}
+
+/// The launch of a `rope_apply`-shaped kernel (`rope_lane` in rope.cu: head_dim/4 threads per
+/// token, a block of tokens) after checking `head_dim` and the cos/sin tables' lengths
+/// (`[tokens, head_dim/2]`); `rope_apply` and `rope_dq_convert` share it as they share the
+/// kernel-side lane setup.
+fn rope_blocks(
+    kernel: &'static str,
+    (cos, sin): (&CudaView<f32>, &CudaView<f32>),
+    tokens: usize,
+    head_dim: usize,
+) -> Result<LaunchConfig, KernelError> {
+    if !head_dim.is_multiple_of(4) || head_dim / 4 > 1024 || head_dim == 0 {
+        return Err(shape(
+            kernel,
+            format!("head_dim {head_dim} must be a positive multiple of 4, at most 4096"),
+        ));
+    }
+    check_len(kernel, "RoPE cos table", cos.len(), tokens * head_dim / 2)?;
+    check_len(kernel, "RoPE sin table", sin.len(), tokens * head_dim / 2)?;
+    let bx = (head_dim / 4) as u32;
+    let by = (THREADS / bx).max(1);
+    Ok(cfg(grid(tokens, by as usize, u32::MAX), (bx, by)))
 }

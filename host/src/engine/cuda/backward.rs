@@ -212,8 +212,9 @@ impl CudaBackend {
     /// [`Self::attention_half`] backward after the attention's (which rotated dq and dk back
     /// through RoPE already): Qwen3's q/k norm and the q/k/v projections into `∂L/∂xs[l]`
     /// (added to `dres`; layer 0 stops at the adapters: the embedding is frozen). The layer's
-    /// backward is [`Self::mlp_half_backward`], [`Self::attention_backward`], then this. `norm1_current`: `norm` still holds the
-    /// layer's first RMSNorm output (a q/k/v recompute left it there).
+    /// backward is [`Self::mlp_half_backward`], [`Self::attention_backward`], then this.
+    /// `norm1_current`: `norm` still holds the layer's first RMSNorm output (a q/k/v recompute
+    /// left it there).
     pub(super) fn qkv_backward(
         &mut self,
         b: &mut Buffers,
