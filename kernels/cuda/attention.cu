@@ -142,7 +142,66 @@ __device__ __forceinline__ void wgmma_rs_m64n128_tb(float (&d)[16][4], const u32
 }
 #endif
 
+// A CUtensorMap (the driver's opaque 128-byte TMA descriptor), passed inside a
+// `__grid_constant__` kernel parameter so that its address is the one TMA instructions take.
+struct __align__(64) FaTmap {
+    unsigned long long word[16];
+};
+// The forward's tensor maps (q, k, v) and the backward's (q, k, v, dO), one parameter each.
+struct FaFwdMaps {
+    FaTmap q, k, v;
+};
+struct FaBwdMaps {
+    FaTmap q, k, v, dout;
+};
+
 #ifdef FA_WGMMA
+// Hopper's tensor memory accelerator (TMA) loads the tiles: one thread issues a whole 64 x D
+// tile (D/64 boxes of 64 x 64), the hardware applies the 128-byte swizzle the wgmma descriptors
+// expect and zero-fills rows past T and columns past d, and an mbarrier counts the bytes in.
+// Against 8 or 16 cp.async per thread and tile (each with its own address and predicate), the
+// loads cost the warps almost no instructions (docs/perf-notes.md §33).
+// A tensor map covers one [B·T, heads·d] bf16 matrix as {d, heads, T, B} with a {64, 1, 64, 1}
+// box (kernels/src/device/flash.rs encodes them).
+__device__ __forceinline__ void mbar_init(u64* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// Arms `bar` for `bytes` of TMA transfers (the one arrival its phase waits for).
+__device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+                 "r"(bytes)
+                 : "memory");
+}
+// Until the phase of `bar` with this parity has completed (its bytes have landed).
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    u32 done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(smem_u32(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// Rows row0..row0+63 of head `head` of batch row `b` into the swizzled [D/64][64][64] tile at
+// `s` (layout swh<D>), completing on `bar`, which must expect TILE_BYTES<D> for it.
+template <int D>
+__device__ __forceinline__ void tma_tile(bf16* s, const FaTmap& map, u64* bar, int head, int row0,
+                                         int b) {
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c)
+        asm volatile(
+            "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+            "[%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(s + c * FA_BLOCK * 64)),
+            "l"(reinterpret_cast<u64>(&map)), "r"(c * 64), "r"(head), "r"(row0), "r"(b),
+            "r"(smem_u32(bar))
+            : "memory");
+}
+template <int D>
+constexpr u32 TILE_BYTES = FA_BLOCK * D * 2;
+
 // The backward's [64 x D/2] products (dV, dK, dQ): B MN-major; A K-major (TA 0) or MN-major
 // (TA 1); `acc` 0 overwrites D.
 template <int D, int TA = 0>
@@ -241,19 +300,25 @@ extern "C" __global__ void flash_seg_blocks(const u32* __restrict__ seg, u32* __
 // units (z = s·scale·log2e): m = running max, l = running sum of 2^(z - m), O rescaled by
 // 2^(m_old - m_new). Saves O (bf16) and lse = (m + log2 l)·ln2 (natural log, fp32) per row.
 // Shared memory: K and V tiles (Q is staged through the V tile before the loop); the V load
-// of a block overlaps Q·Kᵀ and the softmax, the next K load overlaps P·V.
+// of a block overlaps Q·Kᵀ and the softmax, the next K load overlaps P·V. On Hopper
+// (FA_WGMMA) Q keeps its own tile and thread 0 loads the tiles by TMA (`maps`, the _sm90
+// entries); elsewhere every thread copies its share with cp.async.
 template <int D>
 __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                           const bf16* __restrict__ v, bf16* __restrict__ o,
                                           float* __restrict__ lse, const u32* __restrict__ seg,
                                           const u32* __restrict__ blk, int T, int H, int Hkv,
-                                          int d, int window, float scale_log2) {
-    constexpr int NT = 128;
+                                          int d, int window, float scale_log2,
+                                          const FaFwdMaps* maps = nullptr) {
     // [D/64][64][64] swizzled blocks (swh), 1024-byte aligned as wgmma's swizzle atoms require.
     __shared__ __align__(1024) bf16 sK[FA_BLOCK * D];
     __shared__ __align__(1024) bf16 sV[FA_BLOCK * D];
 #ifdef FA_WGMMA
     __shared__ __align__(1024) bf16 sQ[FA_BLOCK * D];  // the wgmma's A operand, for the whole loop
+    // The tiles come by TMA: bar[0] counts the Q and K tiles in, bar[1] the V tiles; kph / vph
+    // are the parities of their next phases.
+    __shared__ u64 bar[2];
+    u32 kph = 0, vph = 0;
 #else
     bf16* const sQ = sV;  // Q goes to registers before the loop: staged through the V tile
 #endif
@@ -265,10 +330,14 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int qb = nb - 1 - heaviest_first(h, b);
     const int hk = h / (H / Hkv);
     const int i0 = qb * FA_BLOCK;
-    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
+    const long long qld = (long long)H * d;
+#ifndef FA_WGMMA
+    constexpr int NT = 128;
+    const long long kld = (long long)Hkv * d;
     const bf16* qg = q + (long long)b * T * qld + (long long)h * d;
     const bf16* kg = k + (long long)b * T * kld + (long long)hk * d;
     const bf16* vg = v + (long long)b * T * kld + (long long)hk * d;
+#endif
     const u32* sg = seg + (long long)b * T;
     const u32* bl = blk + (long long)b * nb * 2;
 
@@ -276,14 +345,24 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     const int kb_lo = window > 0 ? max(0, i0 - window + 1) / FA_BLOCK : 0;
     int kb = qb;
 
+#ifdef FA_WGMMA
+    if (tid == 0) {
+        mbar_init(&bar[0]);
+        mbar_init(&bar[1]);
+    }
+    __syncthreads();  // the barriers initialised
+    if (tid == 0) {
+        mbar_expect(&bar[0], 2 * TILE_BYTES<D>);
+        tma_tile<D>(sQ, maps->q, &bar[0], h, i0, b);
+        tma_tile<D>(sK, maps->k, &bar[0], hk, kb * FA_BLOCK, b);
+    }
+    mbar_wait(&bar[0], kph);
+    kph ^= 1;
+#else
     load_tile<D, NT>(sQ, qg, qld, i0, T, d, tid);
     load_tile<D, NT>(sK, kg, kld, kb * FA_BLOCK, T, d, tid);
     cp_async_commit();
     cp_async_wait_all();
-#ifdef FA_WGMMA
-    proxy_fence();
-    __syncthreads();
-#else
     __syncthreads();
     u32 qf[D / 16][4];
 #pragma unroll
@@ -303,8 +382,15 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
     while (true) {
         // sK holds key block kb (loaded and visible to every warp).
+#ifdef FA_WGMMA
+        if (tid == 0) {
+            mbar_expect(&bar[1], TILE_BYTES<D>);
+            tma_tile<D>(sV, maps->v, &bar[1], hk, kb * FA_BLOCK, b);
+        }
+#else
         load_tile<D, NT>(sV, vg, kld, kb * FA_BLOCK, T, d, tid);
         cp_async_commit();
+#endif
 
         float s[8][4];
 #ifdef FA_WGMMA
@@ -391,17 +477,26 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
             l1 += s[n][2] + s[n][3];
         }
 
-        cp_async_wait_all();
 #ifdef FA_WGMMA
-        proxy_fence();
+        mbar_wait(&bar[1], vph);
+        vph ^= 1;
+#else
+        cp_async_wait_all();
 #endif
         __syncthreads();  // V visible; every warp is done reading sK
 
         int next = kb - 1;
         while (next >= kb_lo && seg_skip(bl, qb, next)) --next;
         if (next >= kb_lo) {
+#ifdef FA_WGMMA
+            if (tid == 0) {
+                mbar_expect(&bar[0], TILE_BYTES<D>);
+                tma_tile<D>(sK, maps->k, &bar[0], hk, next * FA_BLOCK, b);
+            }
+#else
             load_tile<D, NT>(sK, kg, kld, next * FA_BLOCK, T, d, tid);
             cp_async_commit();
+#endif
         }
 
         // O += P·V, P straight from the score registers (C layout == A layout, see the top).
@@ -439,9 +534,11 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #endif
         if (next < kb_lo) break;
         kb = next;
-        cp_async_wait_all();
 #ifdef FA_WGMMA
-        proxy_fence();
+        mbar_wait(&bar[0], kph);
+        kph ^= 1;
+#else
+        cp_async_wait_all();
 #endif
         __syncthreads();  // next K visible; every warp is done reading sV
     }
@@ -486,20 +583,48 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #else
 #define FA_BWD64_CTAS 1
 #endif
-// d 128 on Hopper: 3 CTAs per SM (168 registers, ptxas spills 28 B, accepted in sources.rs)
-// measured 0.277 -> 0.239 ms at the 8B shape against 2 CTAs without spills (perf-notes §14).
-#ifdef FA_WGMMA
-#define FA_FWD128_CTAS 3
-#else
 #define FA_FWD128_CTAS 2
-#endif
+// Hopper's forward, its tiles loaded by TMA, needs fewer registers (106 at d 64, 142 at d 128):
+// four CTAs per SM at both widths; at d 128 that caps it at 128 registers, ptxas spills 16 B
+// (accepted in sources.rs), and it measured 6% faster than three CTAs at the 8B shape (§33).
+#define FA_FWD_SM90_CTAS 4
 
+// sm_80..89 (mma.sync, cp.async). On Hopper the launcher runs the _sm90 entries below; these
+// trap there, so that its module holds one forward per width.
 extern "C" __global__ void __launch_bounds__(128, FA_FWD64_CTAS) flash_fwd_d64(FA_FWD_ARGS) {
+#ifdef FA_WGMMA
+    __trap();
+#else
     flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
+#endif
 }
 extern "C" __global__ void __launch_bounds__(128, FA_FWD128_CTAS) flash_fwd_d128(FA_FWD_ARGS) {
+#ifdef FA_WGMMA
+    __trap();
+#else
     flash_fwd<128>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2);
+#endif
 }
+#ifndef FA_SIM
+// Hopper (sm_90a): wgmma products, the tiles loaded by TMA (the launcher encodes `maps`).
+// Entries that trap elsewhere, so every module has them.
+extern "C" __global__ void __launch_bounds__(128, FA_FWD_SM90_CTAS)
+    flash_fwd_d64_sm90(FA_FWD_ARGS, const __grid_constant__ FaFwdMaps maps) {
+#ifdef FA_WGMMA
+    flash_fwd<64>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2, &maps);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(128, FA_FWD_SM90_CTAS)
+    flash_fwd_d128_sm90(FA_FWD_ARGS, const __grid_constant__ FaFwdMaps maps) {
+#ifdef FA_WGMMA
+    flash_fwd<128>(q, k, v, o, lse, seg, blk, T, H, Hkv, d, window, scale_log2, &maps);
+#else
+    __trap();
+#endif
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Backward, step 1: delta[b, h, i] = Σ_c dO[n, h*d + c] · O[n, h*d + c] (= rowsum(P ⊙ dP)), and
@@ -548,6 +673,19 @@ __device__ __forceinline__ bool bwd_next_item(int& gi, int& qb, int kb, int qb_h
     return true;
 }
 
+// lse and delta of the query block from row i0 (fp32 [64] each) after a stage's two tiles,
+// asynchronously (zeros past T): threads 0..127 one value each.
+template <int D>
+__device__ __forceinline__ void bwd_load_rows(bf16* st, const float* lse, const float* delta,
+                                              long long loff, int i0, int T, int tid) {
+    if (tid < 2 * FA_BLOCK) {
+        const int r = tid & (FA_BLOCK - 1), i = i0 + r;
+        const float* src = (tid < FA_BLOCK ? lse : delta) + loff;
+        float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
+        cp_async4(dst, i < T ? src + i : src, i < T);
+    }
+}
+
 // Q, dO (swizzled [64][D] tiles), lse and delta (fp32 [64] each, after the tiles) of query
 // block qb of head h into a stage buffer, asynchronously (zeros past T). `qoff` = the batch
 // row's first element of head h in q / dO; `loff` = its first in lse / delta.
@@ -559,12 +697,7 @@ __device__ __forceinline__ void bwd_load_item(bf16* st, const bf16* q, const bf1
     const int i0 = qb * FA_BLOCK;
     load_tile<D, NT>(st, q + qoff, qld, i0, T, d, tid);
     load_tile<D, NT>(st + FA_BLOCK * D, dout + qoff, qld, i0, T, d, tid);
-    if (tid < 2 * FA_BLOCK) {
-        const int r = tid & (FA_BLOCK - 1), i = i0 + r;
-        const float* src = (tid < FA_BLOCK ? lse : delta) + loff;
-        float* dst = reinterpret_cast<float*>(st + 2 * FA_BLOCK * D) + (tid >= FA_BLOCK) * FA_BLOCK + r;
-        cp_async4(dst, i < T ? src + i : src, i < T);
-    }
+    bwd_load_rows<D>(st, lse, delta, loff, i0, T, tid);
 }
 
 // Pᵀ = 2^(Sᵀ·scale·log2e − lse·log2e) (masked to 0) into st and dSᵀ = Pᵀ ⊙ (dPᵀ − delta) into
@@ -1007,8 +1140,8 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
                                                float* __restrict__ dq_acc, bf16* __restrict__ dk,
                                                bf16* __restrict__ dv, const u32* __restrict__ seg,
                                                const u32* __restrict__ blk, int T, int H, int Hkv,
-                                               int d, int window, float scale_log2, float scale) {
-    constexpr int NT = 128;
+                                               int d, int window, float scale_log2, float scale,
+                                               const FaBwdMaps& maps) {
     constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
     extern __shared__ __align__(1024) unsigned char fa_smem[];
     bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [64][D]
@@ -1028,17 +1161,37 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     const u32* sg = seg + (long long)b * T;
     const u32* bl = blk + (long long)b * nb * 2;
 
-    load_tile<D, NT>(sK, k + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
-    load_tile<D, NT>(sV, v + (long long)b * T * kld + (long long)hk * d, kld, j0, T, d, tid);
+    // bar[s] counts stage s's Q and dO tiles in (and, with the first item, K and V); bit s of
+    // `phases` is the parity of its next phase.
+    __shared__ u64 bar[2];
+    u32 phases = 0;
+    if (tid == 0) {
+        mbar_init(&bar[0]);
+        mbar_init(&bar[1]);
+    }
+    __syncthreads();  // the barriers initialised
+    if (tid == 0) {
+        mbar_expect(&bar[0], 4 * TILE_BYTES<D>);
+        tma_tile<D>(sK, maps.k, &bar[0], hk, j0, b);
+        tma_tile<D>(sV, maps.v, &bar[0], hk, j0, b);
+    }
 
     const int jr0 = j0 + warp * 16 + g, jr1 = jr0 + 8;
     const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
     int qb_hi = nb - 1;
     if (window > 0) qb_hi = min(qb_hi, (j0 + FA_BLOCK - 1 + window - 1) / FA_BLOCK);
-    auto load_item = [&](bf16* st, int gi, int qb) {
+    // Query block qb of head hk·G + gi into stage s: the tiles by TMA (thread 0; bar[s] must
+    // already expect them when it is stage 0's first item), lse and delta by cp.async.
+    auto load_item = [&](int s, int gi, int qb, bool expect) {
         const int h = hk * G + gi;
-        bwd_load_item<D, NT>(st, q, dout, lse, delta, (long long)b * T * qld + (long long)h * d,
-                               ((long long)b * H + h) * T, qld, qb, T, d, tid);
+        bf16* st = stage0 + s * STAGE;
+        if (tid == 0) {
+            if (expect) mbar_expect(&bar[s], 2 * TILE_BYTES<D>);
+            tma_tile<D>(st, maps.q, &bar[s], h, qb * FA_BLOCK, b);
+            tma_tile<D>(st + FA_BLOCK * D, maps.dout, &bar[s], h, qb * FA_BLOCK, b);
+        }
+        bwd_load_rows<D>(st, lse, delta, ((long long)b * H + h) * T, qb * FA_BLOCK, T, tid);
+        cp_async_commit();
     };
 
     float dKa[D / 8][4], dVa[D / 8][4];
@@ -1048,14 +1201,17 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
 
     int gi = 0, qb = kb, stage = 0;
-    load_item(stage0, gi, qb);
-    cp_async_commit();
+    load_item(0, gi, qb, false);
     while (true) {
         cp_async_wait_all();
-        proxy_fence();
-        __syncthreads();  // this item's inputs visible; every warp is done with the last item
+        mbar_wait(&bar[stage], (phases >> stage) & 1);
+        phases ^= 1u << stage;
+        __syncthreads();  // this item's lse/delta visible; every warp is done with the last item
         int ngi = gi, nqb = qb;
         const bool more = bwd_next_item(ngi, nqb, kb, qb_hi, G, bl);
+        // The next item's inputs into the other stage, which the last item has finished with:
+        // a whole item ahead of their use.
+        if (more) load_item(stage ^ 1, ngi, nqb, true);
         bf16* sQ = stage0 + stage * STAGE;
         bf16* sO = sQ + FA_BLOCK * D;  // dO
         const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
@@ -1106,44 +1262,33 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             }
         }
         wg_commit_wait();
-        // The next item's inputs into the other stage: issued here, where the score registers
-        // are dead (issued at the top of the item, at d 128, ptxas spilled 28 B).
-        if (more) {
-            load_item(stage0 + (stage ^ 1) * STAGE, ngi, nqb);
-            cp_async_commit();
-        }
         proxy_fence();
         __syncthreads();  // dSᵀ of every warp in shared memory
 
-        // dQ (unscaled) over the block's 64 keys, DQN columns per pass: A = dS (the stored dSᵀ
-        // read transposed), B = K MN-major at the pass's columns. Each pass goes into dq_acc
-        // straight from the accumulators (dq_add_rows), with as many 16-byte reductions as a
-        // staging through shared memory would issue, without its barriers and its 2 x 32 KiB
-        // of shared traffic per item (docs/perf-notes.md §32). At d 128 a pass is 32 columns:
-        // 16 accumulator registers fewer than 64, which the kernel at 255 needs to not spill.
-        constexpr int DQN = D == 128 ? 32 : 64;
+        // dQ (unscaled) over the block's 64 keys, one pass per 64 columns (a 64-column block of
+        // the K tile): A = dS (the stored dSᵀ read transposed), B = K MN-major. Each pass goes
+        // into dq_acc straight from the accumulators (dq_add_rows), with as many 16-byte
+        // reductions as a staging through shared memory would issue, without its barriers and
+        // its 2 x 32 KiB of shared traffic per item (docs/perf-notes.md §32). (Before the TMA
+        // loads freed 27 registers, d 128 needed 32-column passes not to spill at 255, §33.)
 #pragma unroll 1
-        for (int part = 0; part < D / DQN; ++part) {
-            float dqa[DQN / 8][4];
+        for (int part = 0; part < D / 64; ++part) {
+            float dqa[8][4];
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
                 const u64 da = wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-                const u64 db = wg_desc(sK + (part * DQN / 64) * FA_BLOCK * 64 + (part * DQN) % 64 +
-                                           kk * 16 * 64,
-                                       FA_BLOCK * 64 * 2, 1024);
-                if constexpr (DQN == 32)
-                    wgmma_ss_m64n32<1, 1>(dqa, da, db, kk > 0);
-                else
-                    wgmma_ss_m64n64<1, 1>(dqa, da, db, kk > 0);
+                const u64 db =
+                    wg_desc(sK + part * FA_BLOCK * 64 + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+                wgmma_ss_m64n64<1, 1>(dqa, da, db, kk > 0);
             }
             wg_commit_wait();
             const int row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
-            float* dqg = dq_acc + ((long long)b * T + row) * qld + (long long)h * d + part * DQN;
+            float* dqg = dq_acc + ((long long)b * T + row) * qld + (long long)h * d + part * 64;
 #pragma unroll
-            for (int m = 0; m < DQN / 32; ++m)
+            for (int m = 0; m < 2; ++m)
                 dq_add_rows<D == 128>(dqg + m * 32, dqa[4 * m], dqa[4 * m + 1], dqa[4 * m + 2],
-                                      dqa[4 * m + 3], qld, T - row, d - part * DQN - m * 32, g, t);
+                                      dqa[4 * m + 3], qld, T - row, d - part * 64 - m * 32, g, t);
         }
         if (!more) break;
         gi = ngi;
@@ -1161,18 +1306,20 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
 // Launched only on sm_90a (flash.rs); elsewhere entries that trap, so every module has them.
 // Two CTAs per SM at d 64 as at d 128: three (158 registers) measured 0.46 ms at the 1B shape
 // against two's 0.42 (docs/gpu.md session 8, call 8).
-extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d64_sm90(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 2)
+    flash_bwd_d64_sm90(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
 #ifdef FA_WGMMA
     flash_bwd_sm90<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                       scale_log2, scale);
+                       scale_log2, scale, maps);
 #else
     __trap();
 #endif
 }
-extern "C" __global__ void __launch_bounds__(128, 2) flash_bwd_d128_sm90(FA_BWD_ARGS) {
+extern "C" __global__ void __launch_bounds__(128, 2)
+    flash_bwd_d128_sm90(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
 #ifdef FA_WGMMA
     flash_bwd_sm90<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
-                   scale_log2, scale);
+                        scale_log2, scale, maps);
 #else
     __trap();
 #endif

@@ -30,6 +30,7 @@ mod norm;
 mod optim;
 mod rope;
 mod swiglu;
+mod tma;
 pub use copy::{CopyJob, CopyTable};
 pub use flash::{
     FlashBwdKernel, FlashBwdWork, FlashShape, FLASH_BLOCK, FLASH_BWD_ENV, FLASH_MAX_HEAD_DIM,

@@ -5,15 +5,17 @@
 //! [`Kernels::flash_attn_fwd`] writes O and the per-(row, head) logsumexp. Backward:
 //! [`Kernels::flash_attn_bwd`] runs the three kernels (delta = rowsum(dO ⊙ O) and dQ-accumulator
 //! reset; dK/dV per key block with dQ by fp32 atomics; dQ to bf16) from O and the logsumexp —
-//! it never needs the forward's scores. On Hopper (sm_90a) the backward runs on warpgroup
-//! MMAs in CTAs of one warpgroup, several per SM (`flash_bwd_d{64,128}_sm90`);
-//! [`FlashBwdKernel`] names the choices.
+//! it never needs the forward's scores. On Hopper (sm_90a) the forward loads its tiles by TMA
+//! (`flash_fwd_d{64,128}_sm90`) and the backward runs on warpgroup MMAs in CTAs of one
+//! warpgroup, several per SM, loading by TMA too (`flash_bwd_d{64,128}_sm90`);
+//! [`FlashBwdKernel`] names the backward's choices.
 
 use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
-    CudaFunction, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
+use super::tma::{tile_map, BwdMaps, FwdMaps};
 use super::{aligned16, bf16, check_len, grid, launch, shape, to_i32, Kernels, THREADS};
 use crate::arch::GpuArch;
 use crate::KernelError;
@@ -31,6 +33,9 @@ pub(super) struct FlashFunctions {
     seg_blocks: CudaFunction,
     /// Indexed by [`FlashShape::tile`]: 0 → d ≤ 64, 1 → d ≤ 128.
     fwd: [CudaFunction; 2],
+    /// Hopper's forward kernels (`flash_fwd_d{64,128}_sm90`: the tiles loaded by TMA), which
+    /// replace `fwd` where the GPU has warpgroup MMAs.
+    fwd_sm90: Option<[CudaFunction; 2]>,
     bwd: [CudaFunction; 2],
     /// Input stages of each backward kernel: 2 (the next query block loads during the current
     /// one) where the GPU grants the shared memory, else 1.
@@ -59,11 +64,23 @@ const WIDTHS: [usize; 2] = [64, 128];
 /// per SM).
 const SM90_THREADS: u32 = 128;
 
-/// Dynamic shared memory of `flash_bwd_d{width}_sm90`: K, V [64][width] and dSᵀ [64][64] in
-/// bf16, then two stages as in [`bwd_smem_bytes`] (dQ is staged in a stage's Q and dO tiles).
+/// Dynamic shared memory `flash_bwd_d{width}_sm90` uses: K, V [64][width] and dSᵀ [64][64] in
+/// bf16, then two stages as in [`bwd_smem_bytes`].
 fn bwd_sm90_smem_bytes(width: usize) -> usize {
     let stage = 2 * FLASH_BLOCK * width * 2 + 1024;
     (2 * FLASH_BLOCK * width + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
+}
+
+/// Shared memory of one sm_90 SM.
+const SM90_SMEM_PER_SM: usize = 228 * 1024;
+
+/// Dynamic shared memory the launch of `flash_bwd_d{width}_sm90` asks for: what it uses, and
+/// at least a third of the SM's, so that no third CTA fits beside two (the driver reserves
+/// 1 KiB more per CTA). With its tiles loaded by TMA the d 64 kernel needs 166 registers and
+/// 58 KiB, which would let three CTAs share an SM; three measured 7–12% slower than two on
+/// whole causal rows (docs/perf-notes.md §32, §33). At d 128 (106 KiB) two is all that fits.
+fn bwd_sm90_launch_smem(width: usize) -> usize {
+    bwd_sm90_smem_bytes(width).max(SM90_SMEM_PER_SM / 3)
 }
 
 /// Which kernel computes the attention backward.
@@ -121,7 +138,7 @@ impl FlashFunctions {
             for (f, width) in fs.iter().zip(WIDTHS) {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bwd_sm90_smem_bytes(width) as i32,
+                    bwd_sm90_launch_smem(width) as i32,
                 )?;
             }
             bwd_sm90 = Some(fs);
@@ -143,9 +160,15 @@ impl FlashFunctions {
                 .next()
                 .expect("the portable kernel runs everywhere"),
         };
+        let fwd_sm90 = if arch.has_wgmma() {
+            Some([get("flash_fwd_d64_sm90")?, get("flash_fwd_d128_sm90")?])
+        } else {
+            None
+        };
         Ok(Self {
             seg_blocks: get("flash_seg_blocks")?,
             fwd: [get("flash_fwd_d64")?, get("flash_fwd_d128")?],
+            fwd_sm90,
             bwd,
             bwd_stages,
             bwd_sm90,
@@ -219,6 +242,40 @@ impl FlashShape {
     /// 1/√d, the softmax scale.
     pub fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
+    }
+
+    /// The TMA descriptor of q, o or dO (`[batch·seq, heads·head_dim]`) for Hopper's kernels.
+    fn q_map(
+        &self,
+        kernel: &'static str,
+        what: &str,
+        buf: &CudaView<bf16>,
+        stream: &CudaStream,
+    ) -> Result<cudarc::driver::sys::CUtensorMap, KernelError> {
+        let (ptr, _sync) = buf.device_ptr(stream);
+        tile_map(
+            kernel,
+            what,
+            ptr,
+            (self.batch, self.seq, self.heads, self.head_dim),
+        )
+    }
+
+    /// The TMA descriptor of k or v (`[batch·seq, kv_heads·head_dim]`).
+    fn kv_map(
+        &self,
+        kernel: &'static str,
+        what: &str,
+        buf: &CudaView<bf16>,
+        stream: &CudaStream,
+    ) -> Result<cudarc::driver::sys::CUtensorMap, KernelError> {
+        let (ptr, _sync) = buf.device_ptr(stream);
+        tile_map(
+            kernel,
+            what,
+            ptr,
+            (self.batch, self.seq, self.kv_heads, self.head_dim),
+        )
     }
 
     /// Which kernel width serves this head_dim (0: 64, 1: 128).
@@ -337,7 +394,7 @@ impl Kernels {
         let (fl, tile, width) = (&self.f.flash, s.tile(), WIDTHS[s.tile()]);
         match (fl.bwd_kernel, &fl.bwd_sm90) {
             (FlashBwdKernel::Warpgroup, Some(fs)) => {
-                (&fs[tile], SM90_THREADS, bwd_sm90_smem_bytes(width))
+                (&fs[tile], SM90_THREADS, bwd_sm90_launch_smem(width))
             }
             _ => (&fl.bwd[tile], BWD_THREADS, bwd_smem_bytes(width, stages)),
         }
@@ -375,7 +432,19 @@ impl Kernels {
         }
         let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
         let scale_log2 = s.scale() * std::f32::consts::LOG2_E;
-        let mut a = stream.launch_builder(&self.f.flash.fwd[s.tile()]);
+        let maps = match self.f.flash.fwd_sm90 {
+            Some(_) => Some(FwdMaps {
+                q: s.q_map(K, "q", q, stream)?,
+                k: s.kv_map(K, "k", k, stream)?,
+                v: s.kv_map(K, "v", v, stream)?,
+            }),
+            None => None,
+        };
+        let function = match &self.f.flash.fwd_sm90 {
+            Some(fs) => &fs[s.tile()],
+            None => &self.f.flash.fwd[s.tile()],
+        };
+        let mut a = stream.launch_builder(function);
         a.arg(q)
             .arg(k)
             .arg(v)
@@ -389,6 +458,9 @@ impl Kernels {
             .arg(&d_i)
             .arg(&w_i)
             .arg(&scale_log2);
+        if let Some(maps) = &maps {
+            a.arg(maps);
+        }
         let config = LaunchConfig {
             grid_dim: (s.blocks() as u32, s.heads as u32, s.batch as u32),
             block_dim: (FWD_THREADS, 1, 1),
@@ -473,6 +545,15 @@ impl Kernels {
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
         let (function, threads, smem) = self.bwd_launch(s, stages);
+        let maps = match self.f.flash.bwd_kernel {
+            FlashBwdKernel::Warpgroup => Some(BwdMaps {
+                q: s.q_map(K, "q", q, stream)?,
+                k: s.kv_map(K, "k", k, stream)?,
+                v: s.kv_map(K, "v", v, stream)?,
+                dout: s.q_map(K, "d_o", d_o, stream)?,
+            }),
+            FlashBwdKernel::Portable => None,
+        };
         let mut a = stream.launch_builder(function);
         a.arg(q)
             .arg(k)
@@ -490,6 +571,9 @@ impl Kernels {
             .arg(&scale_log2)
             .arg(&scale)
             .arg(&stages_i);
+        if let Some(maps) = &maps {
+            a.arg(maps);
+        }
         let config = LaunchConfig {
             grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
             block_dim: (threads, 1, 1),
@@ -562,5 +646,10 @@ mod tests {
         assert_eq!(bwd_sm90_smem_bytes(128), 106 * 1024);
         assert!(2 * (bwd_sm90_smem_bytes(128) + 1024) <= 228 * 1024);
         assert_eq!(bwd_sm90_smem_bytes(64), 58 * 1024);
+        // Two CTAs per SM at either width, never three.
+        for width in WIDTHS {
+            let per_cta = bwd_sm90_launch_smem(width) + 1024;
+            assert!(2 * per_cta <= SM90_SMEM_PER_SM && 3 * per_cta > SM90_SMEM_PER_SM);
+        }
     }
 }
