@@ -1127,11 +1127,12 @@ __device__ __forceinline__ void dq_add_rows(float* p, float (&t0)[4], float (&t1
 //   Pᵀ, dSᵀ = the softmax and its gradient in registers; dSᵀ also to shared memory
 //   dV += Pᵀ·dO, dK += dSᵀ·Q  m64nD, A from registers (the C layout of two adjacent 8-column
 //                             tiles is the A layout of one k16 step), B MN-major
-//   dQ = dS·K                 m64n32 (d 128) / m64n64 (d 64) per pass, A = dSᵀ read
-//                             transposed, added into dq_acc from the registers (dq_add_rows)
+//   dQ = dS·K                 m64n64 per 64 columns, A = dSᵀ read transposed, added into
+//                             dq_acc from the registers (dq_add_rows)
 // Shared memory (dynamic, 1024-byte aligned): K, V [64][D], dSᵀ [64][64] bf16, then two stages
 // of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB (106 KiB at d 128: two CTAs
-// fit sm_90's 228 KiB).
+// fit sm_90's 228 KiB). The tiles arrive by TMA (`maps`), lse and delta by cp.async; the next
+// item's inputs load into the other stage while the current item computes.
 template <int D>
 __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,

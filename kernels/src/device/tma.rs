@@ -91,3 +91,20 @@ pub(super) fn tile_map(
     // SAFETY: the driver wrote the descriptor (the call succeeded).
     Ok(unsafe { map.assume_init() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_structs_match_the_kernels() {
+        // FaFwdMaps / FaBwdMaps in attention.cu: 128-byte descriptors back to back; the driver
+        // copies exactly the kernel's parameter size from these, so any padding or reordering
+        // would hand the kernels shifted descriptors.
+        assert_eq!(std::mem::size_of::<CUtensorMap>(), 128);
+        assert_eq!(std::mem::size_of::<FwdMaps>(), 3 * 128);
+        assert_eq!(std::mem::size_of::<BwdMaps>(), 4 * 128);
+        assert_eq!(std::mem::offset_of!(BwdMaps, dout), 3 * 128);
+        assert_eq!(std::mem::align_of::<FwdMaps>() % 64, 0);
+    }
+}
