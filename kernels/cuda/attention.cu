@@ -167,6 +167,14 @@ __device__ __forceinline__ void mbar_init(u64* bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(bar)) : "memory");
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
+// Thread 0 initialises the CTA's two barriers; every thread returns once they are.
+__device__ __forceinline__ void mbar_init2(u64* bar, int tid) {
+    if (tid == 0) {
+        mbar_init(&bar[0]);
+        mbar_init(&bar[1]);
+    }
+    __syncthreads();
+}
 // Arms `bar` for `bytes` of TMA transfers (the one arrival its phase waits for).
 __device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
@@ -346,11 +354,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
     int kb = qb;
 
 #ifdef FA_WGMMA
-    if (tid == 0) {
-        mbar_init(&bar[0]);
-        mbar_init(&bar[1]);
-    }
-    __syncthreads();  // the barriers initialised
+    mbar_init2(bar, tid);
     if (tid == 0) {
         mbar_expect(&bar[0], 2 * TILE_BYTES<D>);
         tma_tile<D>(sQ, maps->q, &bar[0], h, i0, b);
@@ -1166,11 +1170,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     // `phases` is the parity of its next phase.
     __shared__ u64 bar[2];
     u32 phases = 0;
-    if (tid == 0) {
-        mbar_init(&bar[0]);
-        mbar_init(&bar[1]);
-    }
-    __syncthreads();  // the barriers initialised
+    mbar_init2(bar, tid);
     if (tid == 0) {
         mbar_expect(&bar[0], 4 * TILE_BYTES<D>);
         tma_tile<D>(sK, maps.k, &bar[0], hk, j0, b);

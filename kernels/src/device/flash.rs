@@ -244,12 +244,14 @@ impl FlashShape {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
-    /// The TMA descriptor of q, o or dO (`[batch·seq, heads·head_dim]`) for Hopper's kernels.
-    fn q_map(
+    /// The TMA descriptor of a `[batch·seq, heads·head_dim]` operand for Hopper's kernels
+    /// (`heads`: the query heads for q and dO, the kv heads for k and v).
+    fn tile_map(
         &self,
         kernel: &'static str,
         what: &str,
         buf: &CudaView<bf16>,
+        heads: usize,
         stream: &CudaStream,
     ) -> Result<cudarc::driver::sys::CUtensorMap, KernelError> {
         let (ptr, _sync) = buf.device_ptr(stream);
@@ -257,24 +259,7 @@ impl FlashShape {
             kernel,
             what,
             ptr,
-            (self.batch, self.seq, self.heads, self.head_dim),
-        )
-    }
-
-    /// The TMA descriptor of k or v (`[batch·seq, kv_heads·head_dim]`).
-    fn kv_map(
-        &self,
-        kernel: &'static str,
-        what: &str,
-        buf: &CudaView<bf16>,
-        stream: &CudaStream,
-    ) -> Result<cudarc::driver::sys::CUtensorMap, KernelError> {
-        let (ptr, _sync) = buf.device_ptr(stream);
-        tile_map(
-            kernel,
-            what,
-            ptr,
-            (self.batch, self.seq, self.kv_heads, self.head_dim),
+            (self.batch, self.seq, heads, self.head_dim),
         )
     }
 
@@ -434,9 +419,9 @@ impl Kernels {
         let scale_log2 = s.scale() * std::f32::consts::LOG2_E;
         let maps = match self.f.flash.fwd_sm90 {
             Some(_) => Some(FwdMaps {
-                q: s.q_map(K, "q", q, stream)?,
-                k: s.kv_map(K, "k", k, stream)?,
-                v: s.kv_map(K, "v", v, stream)?,
+                q: s.tile_map(K, "q", q, s.heads, stream)?,
+                k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
+                v: s.tile_map(K, "v", v, s.kv_heads, stream)?,
             }),
             None => None,
         };
@@ -547,10 +532,10 @@ impl Kernels {
         let (function, threads, smem) = self.bwd_launch(s, stages);
         let maps = match self.f.flash.bwd_kernel {
             FlashBwdKernel::Warpgroup => Some(BwdMaps {
-                q: s.q_map(K, "q", q, stream)?,
-                k: s.kv_map(K, "k", k, stream)?,
-                v: s.kv_map(K, "v", v, stream)?,
-                dout: s.q_map(K, "d_o", d_o, stream)?,
+                q: s.tile_map(K, "q", q, s.heads, stream)?,
+                k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
+                v: s.tile_map(K, "v", v, s.kv_heads, stream)?,
+                dout: s.tile_map(K, "d_o", d_o, s.heads, stream)?,
             }),
             FlashBwdKernel::Portable => None,
         };
