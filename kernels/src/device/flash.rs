@@ -417,17 +417,17 @@ impl Kernels {
         }
         let (t_i, h_i, hkv_i, d_i, w_i) = s.args();
         let scale_log2 = s.scale() * std::f32::consts::LOG2_E;
-        let maps = match self.f.flash.fwd_sm90 {
-            Some(_) => Some(FwdMaps {
-                q: s.tile_map(K, "q", q, s.heads, stream)?,
-                k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
-                v: s.tile_map(K, "v", v, s.kv_heads, stream)?,
-            }),
-            None => None,
-        };
-        let function = match &self.f.flash.fwd_sm90 {
-            Some(fs) => &fs[s.tile()],
-            None => &self.f.flash.fwd[s.tile()],
+        // Hopper's forward takes its tiles' TMA descriptors as one more parameter.
+        let (function, maps) = match &self.f.flash.fwd_sm90 {
+            Some(fs) => {
+                let maps = FwdMaps {
+                    q: s.tile_map(K, "q", q, s.heads, stream)?,
+                    k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
+                    v: s.tile_map(K, "v", v, s.kv_heads, stream)?,
+                };
+                (&fs[s.tile()], Some(maps))
+            }
+            None => (&self.f.flash.fwd[s.tile()], None),
         };
         let mut a = stream.launch_builder(function);
         a.arg(q)
