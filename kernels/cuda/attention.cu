@@ -103,6 +103,22 @@ __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.alig
 __device__ __forceinline__ void wg_commit_wait() {
     asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Wait until at most N committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Ties accumulator registers to this point, so the compiler reads them only after the wait
+// that precedes it (a wgmma's outputs are written asynchronously; the asm statement that
+// issued it told the compiler they were ready at once).
+template <int M>
+__device__ __forceinline__ void wg_fence_acc(float (&d)[M][4]) {
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[m][e])::"memory");
+}
 // cp.async writes shared memory through the generic proxy, wgmma reads it through the async one.
 __device__ __forceinline__ void proxy_fence() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // D (+)= A·B with both operands in shared memory (`acc` 0: D = A·B, the first k16 step).
@@ -704,19 +720,19 @@ __device__ __forceinline__ void bwd_load_item(bf16* st, const bf16* q, const bf1
     bwd_load_rows<D>(st, lse, delta, loff, i0, T, tid);
 }
 
-// Pᵀ = 2^(Sᵀ·scale·log2e − lse·log2e) (masked to 0) into st and dSᵀ = Pᵀ ⊙ (dPᵀ − delta) into
-// dpt, for this thread's key rows jr0/jr1 (segments sj0/sj1) and the NN 8-column tiles of
-// queries from col0 of query block i0 (C fragment layout). `full`: no element is masked.
+// Pᵀ = 2^(Sᵀ·scale·log2e − lse·log2e) (masked to 0) in st, for this thread's key rows jr0/jr1
+// (segments sj0/sj1) and the NN 8-column tiles of queries from col0 of query block i0 (C fragment
+// layout). `full`: no element is masked. A kernel that waits for Sᵀ before dPᵀ runs it while the
+// tensor cores still compute dPᵀ.
 template <int NN>
-__device__ __forceinline__ void bwd_probs(float (&st)[NN][4], float (&dpt)[NN][4], int col0, int i0,
-                                          int jr0, int jr1, u32 sj0, u32 sj1, bool full,
-                                          const u32* sg, int T, int window, const float* sL,
-                                          const float* sD, float scale_log2, int t) {
+__device__ __forceinline__ void bwd_p(float (&st)[NN][4], int col0, int i0, int jr0, int jr1,
+                                      u32 sj0, u32 sj1, bool full, const u32* sg, int T,
+                                      int window, const float* sL, float scale_log2, int t) {
 #pragma unroll
     for (int n = 0; n < NN; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int il = col0 + n * 8 + 2 * t + e;  // query within the block
+            const int il = col0 + n * 8 + 2 * t + e;
             const int i = i0 + il;
             bool v0 = true, v1 = true;
             if (!full) {
@@ -726,13 +742,23 @@ __device__ __forceinline__ void bwd_probs(float (&st)[NN][4], float (&dpt)[NN][4
                 v0 = in0 && si == sj0;
                 v1 = in1 && si == sj1;
             }
-            const float li = sL[il] * FA_LOG2E, di = sD[il];
-            const float p0 = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
-            const float p1 = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
-            dpt[n][e] = p0 * (dpt[n][e] - di);
-            dpt[n][2 + e] = p1 * (dpt[n][2 + e] - di);
-            st[n][e] = p0;
-            st[n][2 + e] = p1;
+            const float li = sL[il] * FA_LOG2E;
+            st[n][e] = v0 ? ex2(st[n][e] * scale_log2 - li) : 0.0f;
+            st[n][2 + e] = v1 ? ex2(st[n][2 + e] * scale_log2 - li) : 0.0f;
+        }
+    }
+}
+// dSᵀ = Pᵀ ⊙ (dPᵀ − delta) into dpt, Pᵀ from bwd_p (0 where masked, so dSᵀ is too).
+template <int NN>
+__device__ __forceinline__ void bwd_ds(const float (&st)[NN][4], float (&dpt)[NN][4], int col0,
+                                       const float* sD, int t) {
+#pragma unroll
+    for (int n = 0; n < NN; ++n) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const float di = sD[col0 + n * 8 + 2 * t + e];
+            dpt[n][e] = st[n][e] * (dpt[n][e] - di);
+            dpt[n][2 + e] = st[n][2 + e] * (dpt[n][2 + e] - di);
         }
     }
 }
@@ -911,8 +937,8 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
 #endif
 
         const bool full = tile_full(bl, qb, kb, T, window);
-        bwd_probs(st, dpt, wn * 32, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, sD,
-                  scale_log2, t);
+        bwd_p(st, wn * 32, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, scale_log2, t);
+        bwd_ds(st, dpt, wn * 32, sD, t);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
             const int col = wn * 32 + n * 8 + 2 * t;
@@ -1133,6 +1159,10 @@ __device__ __forceinline__ void dq_add_rows(float* p, float (&t0)[4], float (&t1
 //                             tiles is the A layout of one k16 step), B MN-major
 //   dQ = dS·K                 m64n64 per 64 columns, A = dSᵀ read transposed, added into
 //                             dq_acc from the registers (dq_add_rows)
+// The products are issued as separate wgmma groups and waited for one at a time, so the
+// warpgroup's own work runs under its tensor-core work: Pᵀ and its dV product while dPᵀ is
+// computed, each dQ pass's reductions under the later passes and dK (docs/perf-notes.md §34:
+// −6 to −8% against one wait per phase).
 // Shared memory (dynamic, 1024-byte aligned): K, V [64][D], dSᵀ [64][64] bf16, then two stages
 // of Q, dO [64][D] bf16 and lse, delta [64] fp32 padded to 1 KiB (106 KiB at d 128: two CTAs
 // fit sm_90's 228 KiB). The tiles arrive by TMA (`maps`), lse and delta by cp.async; the next
@@ -1219,19 +1249,26 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         const float* sD = sL + FA_BLOCK;  // delta
         const int h = hk * G + gi, i0 = qb * FA_BLOCK;
 
+        // Sᵀ and dPᵀ in two groups: Pᵀ and dV += Pᵀ·dO while dPᵀ is still in the tensor cores.
         float st[8][4], dpt[8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
             wgmma_ss_m64n64<0, 0>(st, wg_desc(sK + at, 16, 1024), wg_desc(sQ + at, 16, 1024), kk > 0);
+        }
+        wg_commit();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
             wgmma_ss_m64n64<0, 0>(dpt, wg_desc(sV + at, 16, 1024), wg_desc(sO + at, 16, 1024), kk > 0);
         }
-        wg_commit_wait();
+        wg_commit();
+        wg_wait<1>();
+        wg_fence_acc(st);
 
         const bool full = tile_full(bl, qb, kb, T, window);
-        bwd_probs(st, dpt, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, sD,
-                  scale_log2, t);
+        bwd_p(st, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, scale_log2, t);
         u32 pa[4][4], sa[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1239,6 +1276,20 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             pa[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
             pa[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
             pa[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        }
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 od = wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            if constexpr (D == 64) wgmma_rs_m64n64_tb(dVa, pa[kk], od);
+            else wgmma_rs_m64n128_tb(dVa, pa[kk], od);
+        }
+        wg_commit();
+        wg_wait<1>();  // dPᵀ (dV may still run)
+        wg_fence_acc(dpt);
+        bwd_ds(st, dpt, 0, sD, t);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
             sa[kk][0] = pack_bf16x2(dpt[2 * kk][0], dpt[2 * kk][1]);
             sa[kk][1] = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
             sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
@@ -1249,33 +1300,17 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col + 8)) = sa[kk][2];
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col + 8)) = sa[kk][3];
         }
-        wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 od = wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-            const u64 qd = wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-            if constexpr (D == 64) {
-                wgmma_rs_m64n64_tb(dVa, pa[kk], od);
-                wgmma_rs_m64n64_tb(dKa, sa[kk], qd);
-            } else {
-                wgmma_rs_m64n128_tb(dVa, pa[kk], od);
-                wgmma_rs_m64n128_tb(dKa, sa[kk], qd);
-            }
-        }
-        wg_commit_wait();
         proxy_fence();
-        __syncthreads();  // dSᵀ of every warp in shared memory
+        __syncthreads();  // dSᵀ of every warp in shared memory, visible to wgmma
 
         // dQ (unscaled) over the block's 64 keys, one pass per 64 columns (a 64-column block of
         // the K tile): A = dS (the stored dSᵀ read transposed), B = K MN-major. Each pass goes
         // into dq_acc straight from the accumulators (dq_add_rows), with as many 16-byte
         // reductions as a staging through shared memory would issue, without its barriers and
-        // its 2 x 32 KiB of shared traffic per item (docs/perf-notes.md §32). (Before the TMA
-        // loads freed 27 registers, d 128 needed 32-column passes not to spill at 255, §33.)
-#pragma unroll 1
-        for (int part = 0; part < D / 64; ++part) {
-            float dqa[8][4];
-            wg_fence();
+        // its 2 x 32 KiB of shared traffic per item (§32).
+        const int dq_row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
+        float* dq_item = dq_acc + ((long long)b * T + dq_row) * qld + (long long)h * d;
+        auto dq_part = [&](int part, float (&dqa)[8][4]) {
 #pragma unroll
             for (int kk = 0; kk < FA_BLOCK / 16; ++kk) {
                 const u64 da = wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
@@ -1283,14 +1318,41 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
                     wg_desc(sK + part * FA_BLOCK * 64 + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
                 wgmma_ss_m64n64<1, 1>(dqa, da, db, kk > 0);
             }
-            wg_commit_wait();
-            const int row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
-            float* dqg = dq_acc + ((long long)b * T + row) * qld + (long long)h * d + part * 64;
+        };
+        auto dq_add = [&](int part, float (&dqa)[8][4]) {
+            wg_fence_acc(dqa);
+            float* dqg = dq_item + part * 64;
 #pragma unroll
             for (int m = 0; m < 2; ++m)
                 dq_add_rows<D == 128>(dqg + m * 32, dqa[4 * m], dqa[4 * m + 1], dqa[4 * m + 2],
-                                      dqa[4 * m + 3], qld, T - row, d - part * 64 - m * 32, g, t);
+                                      dqa[4 * m + 3], qld, T - dq_row, d - part * 64 - m * 32,
+                                      g, t);
+        };
+        // Every dQ pass in its own group, then dK: pass p is done once at most D/64 - p groups
+        // are in flight, and its reductions run under the later passes and dK.
+        float dqa[D / 64][8][4];
+        wg_fence();
+#pragma unroll
+        for (int part = 0; part < D / 64; ++part) {
+            dq_part(part, dqa[part]);
+            wg_commit();
         }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const u64 qd = wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            if constexpr (D == 64) wgmma_rs_m64n64_tb(dKa, sa[kk], qd);
+            else wgmma_rs_m64n128_tb(dKa, sa[kk], qd);
+        }
+        wg_commit();
+        wg_wait<D / 64>();
+        dq_add(0, dqa[0]);
+        if constexpr (D == 128) {
+            wg_wait<1>();
+            dq_add(1, dqa[1]);
+        }
+        wg_wait<0>();
+        wg_fence_acc(dKa);
+        wg_fence_acc(dVa);
         if (!more) break;
         gi = ngi;
         qb = nqb;
