@@ -1147,6 +1147,20 @@ __device__ __forceinline__ void dq_add_rows(float* p, float (&t0)[4], float (&t1
 #endif
 
 #ifdef FA_WGMMA
+// acc (m64nD) += A·B over one block of 64 rows: A from registers (four k16 fragments, the
+// packed C layout of an m64n64 product), B = `tile`'s [64][D] rows, MN-major. Issued only:
+// the caller commits and waits.
+template <int D>
+__device__ __forceinline__ void wgmma_rs_k64(float (&acc)[D / 8][4], const u32 (&a)[4][4],
+                                             const bf16* tile) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        const u64 bd = wg_desc(tile + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+        if constexpr (D == 64) wgmma_rs_m64n64_tb(acc, a[kk], bd);
+        else wgmma_rs_m64n128_tb(acc, a[kk], bd);
+    }
+}
+
 // Backward, step 2 on Hopper (sm_90a): flash_bwd's work split in CTAs of one warpgroup (128
 // threads, one 64-key block kb), two CTAs per SM. Two independent CTAs let the SM run one's
 // softmax under the other's products, where flash_bwd's two warpgroups wait for each other at
@@ -1278,12 +1292,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             pa[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
         }
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 od = wg_desc(sO + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-            if constexpr (D == 64) wgmma_rs_m64n64_tb(dVa, pa[kk], od);
-            else wgmma_rs_m64n128_tb(dVa, pa[kk], od);
-        }
+        wgmma_rs_k64<D>(dVa, pa, sO);
         wg_commit();
         wg_wait<1>();  // dPᵀ (dV may still run)
         wg_fence_acc(dpt);
@@ -1337,12 +1346,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
             dq_part(part, dqa[part]);
             wg_commit();
         }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            const u64 qd = wg_desc(sQ + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
-            if constexpr (D == 64) wgmma_rs_m64n64_tb(dKa, sa[kk], qd);
-            else wgmma_rs_m64n128_tb(dKa, sa[kk], qd);
-        }
+        wgmma_rs_k64<D>(dKa, sa, sQ);
         wg_commit();
         wg_wait<D / 64>();
         dq_add(0, dqa[0]);
