@@ -317,6 +317,15 @@ extern "C" __global__ void flash_seg_blocks(const u32* __restrict__ seg, u32* __
     }
 }
 
+// c[n], c[n + 1] += a · (b[0], b[1]), a · (b[2], b[3]): two adjacent 8-column tiles from one
+// ldmatrix.x4 of B (mma.sync path).
+template <int N>
+__device__ __forceinline__ void mma16816_n16(float (&c)[N][4], int n, const u32 (&a)[4],
+                                             const u32 (&b)[4]) {
+    mma16816(c[n], a, b[0], b[1]);
+    mma16816(c[n + 1], a, b[2], b[3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. One CTA = one 64-query block of one head of one batch row; 4 warps, each owning 16
 // query rows (its Q fragments stay in registers, its O accumulator is 16 x D fp32). Key blocks
@@ -433,8 +442,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                 u32 bf[4];
                 ldsm_x4(bf, sK + swh<D>(np * 16 + (lane & 7) + (lane >> 4) * 8,
                                         kk * 16 + ((lane >> 3) & 1) * 8));
-                mma16816(s[2 * np], qf[kk], bf[0], bf[1]);
-                mma16816(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+                mma16816_n16(s, 2 * np, qf[kk], bf);
             }
         }
 #endif
@@ -544,8 +552,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
                 u32 bf[4];
                 ldsm_x4_t(bf, sV + swh<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                           dp * 16 + (lane >> 4) * 8));
-                mma16816(acc[2 * dp], pa, bf[0], bf[1]);
-                mma16816(acc[2 * dp + 1], pa, bf[2], bf[3]);
+                mma16816_n16(acc, 2 * dp, pa, bf);
             }
 #endif
         }
@@ -927,11 +934,9 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 const int col = kk * 16 + ((lane >> 3) & 1) * 8;
                 u32 qf[4], of[4];
                 ldsm_x4(qf, sQ + swh<D>(row, col));
-                mma16816(st[2 * np], ka, qf[0], qf[1]);
-                mma16816(st[2 * np + 1], ka, qf[2], qf[3]);
+                mma16816_n16(st, 2 * np, ka, qf);
                 ldsm_x4(of, sO + swh<D>(row, col));
-                mma16816(dpt[2 * np], va, of[0], of[1]);
-                mma16816(dpt[2 * np + 1], va, of[2], of[3]);
+                mma16816_n16(dpt, 2 * np, va, of);
             }
         }
 #endif
@@ -979,11 +984,9 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 const int col = wn * HD + dp * 16 + (lane >> 4) * 8;
                 u32 of[4], qf[4];
                 ldsm_x4_t(of, sO + swh<D>(row, col));
-                mma16816(dVa[2 * dp], pa, of[0], of[1]);
-                mma16816(dVa[2 * dp + 1], pa, of[2], of[3]);
+                mma16816_n16(dVa, 2 * dp, pa, of);
                 ldsm_x4_t(qf, sQ + swh<D>(row, col));
-                mma16816(dKa[2 * dp], sa, qf[0], qf[1]);
-                mma16816(dKa[2 * dp + 1], sa, qf[2], qf[3]);
+                mma16816_n16(dKa, 2 * dp, sa, qf);
             }
         }
 #endif
@@ -1018,8 +1021,7 @@ __device__ __forceinline__ void flash_bwd(const bf16* __restrict__ q, const bf16
                 u32 kf[4];
                 ldsm_x4_t(kf, sK + swh<D>(kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                           wn * HD + dp * 16 + (lane >> 4) * 8));
-                mma16816(dqa[2 * dp], da, kf[0], kf[1]);
-                mma16816(dqa[2 * dp + 1], da, kf[2], kf[3]);
+                mma16816_n16(dqa, 2 * dp, da, kf);
             }
         }
 #endif
