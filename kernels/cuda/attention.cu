@@ -739,7 +739,7 @@ __device__ __forceinline__ void bwd_p(float (&st)[NN][4], int col0, int i0, int 
     for (int n = 0; n < NN; ++n) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const int il = col0 + n * 8 + 2 * t + e;
+            const int il = col0 + n * 8 + 2 * t + e;  // query within the block
             const int i = i0 + il;
             bool v0 = true, v1 = true;
             if (!full) {
