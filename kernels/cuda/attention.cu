@@ -100,14 +100,15 @@ __device__ __forceinline__ u64 wg_desc(const bf16* p, u32 lbo, u32 sbo) {
     return d | ((u64)1 << 62);
 }
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit_wait() {
-    asm volatile("wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Wait until at most N committed groups are in flight.
 template <int N>
 __device__ __forceinline__ void wg_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void wg_commit_wait() {
+    wg_commit();
+    wg_wait<0>();
 }
 // Ties accumulator registers to this point, so the compiler reads them only after the wait
 // that precedes it (a wgmma's outputs are written asynchronously; the asm statement that

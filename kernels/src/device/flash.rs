@@ -76,9 +76,11 @@ const SM90_SMEM_PER_SM: usize = 228 * 1024;
 
 /// Dynamic shared memory the launch of `flash_bwd_d{width}_sm90` asks for: what it uses, and
 /// at least a third of the SM's, so that no third CTA fits beside two (the driver reserves
-/// 1 KiB more per CTA). With its tiles loaded by TMA the d 64 kernel needs 166 registers and
-/// 58 KiB, which would let three CTAs share an SM; three measured 7–12% slower than two on
-/// whole causal rows (docs/perf-notes.md §32, §33). At d 128 (106 KiB) two is all that fits.
+/// 1 KiB more per CTA). With its tiles loaded by TMA the d 64 kernel needed 166 registers and
+/// 58 KiB, which let three CTAs share an SM; three measured 7–12% slower than two on whole
+/// causal rows (docs/perf-notes.md §32, §33). Since §34 it needs 200 registers, which alone
+/// keep it at two; the bound stays so that a leaner build cannot slip back to three. At d 128
+/// (106 KiB) two is all that fits.
 fn bwd_sm90_launch_smem(width: usize) -> usize {
     bwd_sm90_smem_bytes(width).max(SM90_SMEM_PER_SM / 3)
 }
@@ -373,15 +375,21 @@ impl Kernels {
         Ok(())
     }
 
-    /// The chosen backward's function for this shape, its threads per CTA and dynamic shared
-    /// memory (`stages` from [`Kernels::flash_bwd_stages`]).
-    fn bwd_launch(&self, s: &FlashShape, stages: usize) -> (&CudaFunction, u32, usize) {
+    /// The chosen backward's function for this shape, its threads per CTA, dynamic shared
+    /// memory (`stages` from [`Kernels::flash_bwd_stages`]) and whether it takes the tiles'
+    /// TMA descriptors (Hopper's kernels).
+    fn bwd_launch(&self, s: &FlashShape, stages: usize) -> (&CudaFunction, u32, usize, bool) {
         let (fl, tile, width) = (&self.f.flash, s.tile(), WIDTHS[s.tile()]);
         match (fl.bwd_kernel, &fl.bwd_sm90) {
             (FlashBwdKernel::Warpgroup, Some(fs)) => {
-                (&fs[tile], SM90_THREADS, bwd_sm90_launch_smem(width))
+                (&fs[tile], SM90_THREADS, bwd_sm90_launch_smem(width), true)
             }
-            _ => (&fl.bwd[tile], BWD_THREADS, bwd_smem_bytes(width, stages)),
+            _ => (
+                &fl.bwd[tile],
+                BWD_THREADS,
+                bwd_smem_bytes(width, stages),
+                false,
+            ),
         }
     }
 
@@ -529,15 +537,16 @@ impl Kernels {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let (function, threads, smem) = self.bwd_launch(s, stages);
-        let maps = match self.f.flash.bwd_kernel {
-            FlashBwdKernel::Warpgroup => Some(BwdMaps {
+        let (function, threads, smem, takes_maps) = self.bwd_launch(s, stages);
+        let maps = if takes_maps {
+            Some(BwdMaps {
                 q: s.tile_map(K, "q", q, s.heads, stream)?,
                 k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
                 v: s.tile_map(K, "v", v, s.kv_heads, stream)?,
                 dout: s.tile_map(K, "d_o", d_o, s.heads, stream)?,
-            }),
-            FlashBwdKernel::Portable => None,
+            })
+        } else {
+            None
         };
         let mut a = stream.launch_builder(function);
         a.arg(q)
