@@ -701,6 +701,35 @@ __device__ __forceinline__ bool bwd_next_item(int& gi, int& qb, int kb, int qb_h
     return true;
 }
 
+// Whether key block kb has keys (kb < nb) that query block qb sees: on or below the diagonal,
+// inside the window, the same sample.
+__device__ __forceinline__ bool bwd_sees(int qb, int kb, int nb, int window, const u32* bl) {
+    if (kb >= nb || qb < kb) return false;
+    if (window > 0 && qb > (kb * FA_BLOCK + FA_BLOCK - 1 + window - 1) / FA_BLOCK) return false;
+    return !seg_skip(bl, qb, kb);
+}
+
+// The last query block the CTA of key blocks kb0, kb0 + 1 (flash_bwd_pair) visits: the last
+// that the second block's last key is visible from, within the window.
+__device__ __forceinline__ int bwd_pair_qb_hi(int kb0, int nb, int window) {
+    if (window <= 0) return nb - 1;
+    return min(nb - 1, (kb0 * FA_BLOCK + 2 * FA_BLOCK - 1 + window - 1) / FA_BLOCK);
+}
+
+// The next work item (gi, qb) of a CTA of the key blocks kb0 and kb0 + 1 (flash_bwd_pair):
+// query blocks from kb0's diagonal to qb_hi for each of the G query heads, minus those neither
+// key block sees. False when there is none.
+__device__ __forceinline__ bool bwd_pair_next_item(int& gi, int& qb, int kb0, int qb_hi, int G,
+                                                   int nb, int window, const u32* bl) {
+    do {
+        if (++qb > qb_hi) {
+            qb = kb0;
+            if (++gi >= G) return false;
+        }
+    } while (!bwd_sees(qb, kb0, nb, window, bl) && !bwd_sees(qb, kb0 + 1, nb, window, bl));
+    return true;
+}
+
 // lse and delta of the query block from row i0 (fp32 [64] each) after a stage's two tiles,
 // asynchronously (zeros past T): threads 0..127 one value each.
 template <int D>
@@ -1370,6 +1399,207 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
     bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
     bwd_store_dkdv(dkg, dvg, dKa, dVa, 0, jr0, jr1, T, d, kld, scale, t);
 }
+
+// Backward on Hopper, one CTA per two adjacent key blocks kb0, kb0 + 1 (128 keys): warpgroup w
+// (threads 128w..128w+127) runs flash_bwd_sm90's Sᵀ, dPᵀ, softmax, dV and dK products for key
+// block kb0 + w, both on the same query block, whose Q, dO, lse and delta they share. dQ is
+// where they differ: flash_bwd_sm90 adds every 64-key block's dQ partial into dq_acc, and those
+// fp32 reductions cost a third of its time (docs/perf-notes.md §35: 0.59 → 0.39 ms at the 8B
+// shape without them, and the same with plain stores of the same bytes, so it is the traffic,
+// not the atomics). Here each warpgroup computes dQ over all 128 keys (A = both warpgroups' dSᵀ
+// from shared memory, B = both K tiles) for half of the columns (D/2 from column w·D/2), so
+// each dQ element is reduced once per 128 keys: half the traffic, the same products.
+// A key block that does not see the query block (the diagonal's second half, another sample,
+// past the window, past T) skips its products and stores zeros for its dSᵀ.
+// Shared memory (dynamic, 1024-byte aligned): K [2][64][D], V [2][64][D], dSᵀ [2][64][64] bf16,
+// then two stages as flash_bwd_sm90's (146 KiB at d 128, 82 KiB at d 64); one CTA per SM.
+template <int D>
+__device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                                               const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                                               const float* __restrict__ lse,
+                                               const float* __restrict__ delta,
+                                               float* __restrict__ dq_acc, bf16* __restrict__ dk,
+                                               bf16* __restrict__ dv, const u32* __restrict__ seg,
+                                               const u32* __restrict__ blk, int T, int H, int Hkv,
+                                               int d, int window, float scale_log2, float scale,
+                                               const FaBwdMaps& maps) {
+    constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
+    constexpr int HALF = D / 2;                    // dQ columns per warpgroup
+    extern __shared__ __align__(1024) unsigned char fa_smem[];
+    bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [2][64][D]: key block kb0 + w at w·64·D
+    bf16* sV = sK + 2 * FA_BLOCK * D;               // [2][64][D]
+    bf16* sS = sV + 2 * FA_BLOCK * D;               // dSᵀ [2][64 keys][64 queries]
+    bf16* stage0 = sS + 2 * FA_BLOCK * FA_BLOCK;
+    if (threadIdx.x == 0 && (smem_u32(fa_smem) & 1023)) __trap();  // wgmma's swizzle atoms
+
+    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nb = (T + FA_BLOCK - 1) / FA_BLOCK;
+    int hk, b;
+    const int kb0 = 2 * heaviest_first(hk, b);
+    const int kb = kb0 + wg;  // this warpgroup's key block (== nb: none, the odd last pair)
+    const bool two = kb0 + 1 < nb;
+    const int G = H / Hkv;
+    const int j0 = kb * FA_BLOCK;
+    const long long qld = (long long)H * d, kld = (long long)Hkv * d;
+    const u32* sg = seg + (long long)b * T;
+    const u32* bl = blk + (long long)b * nb * 2;
+    bf16* myK = sK + wg * FA_BLOCK * D;
+    bf16* myV = sV + wg * FA_BLOCK * D;
+    bf16* myS = sS + wg * FA_BLOCK * FA_BLOCK;
+
+    // As flash_bwd_sm90's: bar[s] counts stage s's tiles in (and, with the first item, K, V).
+    __shared__ u64 bar[2];
+    u32 phases = 0;
+    mbar_init2(bar, tid);
+    if (tid == 0) {
+        mbar_expect(&bar[0], (two ? 6 : 4) * TILE_BYTES<D>);
+        for (int w = 0; w < (two ? 2 : 1); ++w) {
+            tma_tile<D>(sK + w * FA_BLOCK * D, maps.k, &bar[0], hk, (kb0 + w) * FA_BLOCK, b);
+            tma_tile<D>(sV + w * FA_BLOCK * D, maps.v, &bar[0], hk, (kb0 + w) * FA_BLOCK, b);
+        }
+    }
+
+    if (!two) {
+        // The odd last pair: no second key block. Its K tile is zeros (dQ runs over both
+        // blocks, with zeros for this one's dSᵀ); V is never read.
+        for (int i = tid; i < FA_BLOCK * D / 8; i += blockDim.x)
+            reinterpret_cast<uint4*>(sK + FA_BLOCK * D)[i] = make_uint4(0, 0, 0, 0);
+        proxy_fence();  // before wgmma reads it (the loop's first barrier orders the threads)
+    }
+    const int jr0 = j0 + warp * 16 + g, jr1 = jr0 + 8;
+    const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
+    const int qb_hi = bwd_pair_qb_hi(kb0, nb, window);
+    auto load_item = [&](int s, int gi, int qb, bool expect) {
+        const int h = hk * G + gi;
+        bf16* st = stage0 + s * STAGE;
+        if (tid == 0) {
+            if (expect) mbar_expect(&bar[s], 2 * TILE_BYTES<D>);
+            tma_tile<D>(st, maps.q, &bar[s], h, qb * FA_BLOCK, b);
+            tma_tile<D>(st + FA_BLOCK * D, maps.dout, &bar[s], h, qb * FA_BLOCK, b);
+        }
+        bwd_load_rows<D>(st, lse, delta, ((long long)b * H + h) * T, qb * FA_BLOCK, T, tid);
+        cp_async_commit();
+    };
+
+    float dKa[D / 8][4], dVa[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
+
+    int gi = 0, qb = kb0, stage = 0;
+    load_item(0, gi, qb, false);
+    while (true) {
+        cp_async_wait_all();
+        mbar_wait(&bar[stage], (phases >> stage) & 1);
+        phases ^= 1u << stage;
+        __syncthreads();  // this item's lse/delta visible; both warpgroups done with the last item
+        int ngi = gi, nqb = qb;
+        const bool more = bwd_pair_next_item(ngi, nqb, kb0, qb_hi, G, nb, window, bl);
+        if (more) load_item(stage ^ 1, ngi, nqb, true);
+        bf16* sQ = stage0 + stage * STAGE;
+        bf16* sO = sQ + FA_BLOCK * D;  // dO
+        const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
+        const float* sD = sL + FA_BLOCK;  // delta
+        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
+        const bool mine = bwd_sees(qb, kb, nb, window, bl);
+
+        // This warpgroup's key block, as flash_bwd_sm90's item up to dSᵀ (zeros when it does
+        // not see the query block, so that dQ can run over both blocks unconditionally).
+        u32 sa[4][4] = {};
+        if (mine) {
+            float st[8][4], dpt[8][4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
+                wgmma_ss_m64n64<0, 0>(st, wg_desc(myK + at, 16, 1024), wg_desc(sQ + at, 16, 1024),
+                                      kk > 0);
+            }
+            wg_commit();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
+                wgmma_ss_m64n64<0, 0>(dpt, wg_desc(myV + at, 16, 1024), wg_desc(sO + at, 16, 1024),
+                                      kk > 0);
+            }
+            wg_commit();
+            wg_wait<1>();
+            wg_fence_acc(st);
+
+            const bool full = tile_full(bl, qb, kb, T, window);
+            bwd_p(st, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, scale_log2, t);
+            u32 pa[4][4];
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                pa[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
+                pa[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
+                pa[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+                pa[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+            }
+            wg_fence();
+            wgmma_rs_k64<D>(dVa, pa, sO);
+            wg_commit();
+            wg_wait<1>();  // dPᵀ (dV may still run)
+            wg_fence_acc(dpt);
+            bwd_ds(st, dpt, 0, sD, t);
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) {
+                sa[kk][0] = pack_bf16x2(dpt[2 * kk][0], dpt[2 * kk][1]);
+                sa[kk][1] = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
+                sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+                sa[kk][3] = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            const int row = warp * 16 + g, col = kk * 16 + 2 * t;
+            *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row, col)) = sa[kk][0];
+            *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row + 8, col)) = sa[kk][1];
+            *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row, col + 8)) = sa[kk][2];
+            *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row + 8, col + 8)) = sa[kk][3];
+        }
+        proxy_fence();
+        __syncthreads();  // both key blocks' dSᵀ in shared memory, visible to wgmma
+
+        // dQ (unscaled) of this warpgroup's columns over both key blocks' keys: A = dS (the
+        // stored dSᵀ read transposed), B = K MN-major from column wg·D/2 (at d 64 that is 64
+        // bytes into the 128-byte rows, as flash_bwd's warpgroup halves). Then dK, whose
+        // product runs under dQ's reductions.
+        float dqa[HALF / 8][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 2 * FA_BLOCK / 16; ++kk) {
+            const u64 da = wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            const int bt = (kk >> 2) * FA_BLOCK * D + (kk & 3) * 16 * 64 +
+                           (D == 128 ? wg * FA_BLOCK * 64 : wg * HALF);
+            wg_mma_hd<D, 1>(dqa, da, wg_desc(sK + bt, FA_BLOCK * 64 * 2, 1024), kk > 0);
+        }
+        wg_commit();
+        if (mine) wgmma_rs_k64<D>(dKa, sa, sQ);
+        wg_commit();
+        wg_wait<1>();
+        wg_fence_acc(dqa);
+        const int dq_row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
+        float* dqg = dq_acc + ((long long)b * T + dq_row) * qld + (long long)h * d + wg * HALF;
+#pragma unroll
+        for (int m = 0; m < HALF / 32; ++m)
+            dq_add_rows<D == 128>(dqg + m * 32, dqa[4 * m], dqa[4 * m + 1], dqa[4 * m + 2],
+                                  dqa[4 * m + 3], qld, T - dq_row, d - wg * HALF - m * 32, g, t);
+        wg_wait<0>();
+        wg_fence_acc(dKa);
+        wg_fence_acc(dVa);
+        if (!more) break;
+        gi = ngi;
+        qb = nqb;
+        stage ^= 1;
+    }
+
+    bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
+    bf16* dvg = dv + (long long)b * T * kld + (long long)hk * d;
+    bwd_store_dkdv(dkg, dvg, dKa, dVa, 0, jr0, jr1, T, d, kld, scale, t);
+}
 #endif
 
 #ifndef FA_SIM
@@ -1389,6 +1619,25 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     flash_bwd_d128_sm90(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
 #ifdef FA_WGMMA
     flash_bwd_sm90<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                        scale_log2, scale, maps);
+#else
+    __trap();
+#endif
+}
+// flash_bwd_pair: one CTA of two warpgroups per SM (146 KiB at d 128; at d 64 the registers).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    flash_bwd_d64_pair(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
+#ifdef FA_WGMMA
+    flash_bwd_pair<64>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
+                       scale_log2, scale, maps);
+#else
+    __trap();
+#endif
+}
+extern "C" __global__ void __launch_bounds__(256, 1)
+    flash_bwd_d128_pair(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
+#ifdef FA_WGMMA
+    flash_bwd_pair<128>(q, k, v, dout, lse, delta, dq_acc, dk, dv, seg, blk, T, H, Hkv, d, window,
                         scale_log2, scale, maps);
 #else
     __trap();
