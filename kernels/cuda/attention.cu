@@ -1401,18 +1401,25 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
 }
 
 // Backward on Hopper, one CTA per two adjacent key blocks kb0, kb0 + 1 (128 keys): warpgroup w
-// (threads 128w..128w+127) runs flash_bwd_sm90's Sᵀ, dPᵀ, softmax, dV and dK products for key
-// block kb0 + w, both on the same query block, whose Q, dO, lse and delta they share. dQ is
-// where they differ: flash_bwd_sm90 adds every 64-key block's dQ partial into dq_acc, and those
-// fp32 reductions cost a third of its time (docs/perf-notes.md §35: 0.59 → 0.39 ms at the 8B
-// shape without them, and the same with plain stores of the same bytes, so it is the traffic,
-// not the atomics). Here each warpgroup computes dQ over all 128 keys (A = both warpgroups' dSᵀ
-// from shared memory, B = both K tiles) for half of the columns (D/2 from column w·D/2), so
-// each dQ element is reduced once per 128 keys: half the traffic, the same products.
+// (threads 128w..128w+127) owns key block kb0 + w. dQ is where this differs from flash_bwd_sm90:
+// that kernel adds every 64-key block's dQ partial into dq_acc, and those fp32 reductions cost a
+// third of its time (docs/perf-notes.md §35: 0.59 → 0.39 ms at the 8B shape without them, the
+// same with plain stores of the same bytes). Here each warpgroup computes dQ over all 128 keys
+// (A = both warpgroups' dSᵀ from shared memory, B = both K tiles) for half of the columns (D/2
+// from column w·D/2), so each dQ element is reduced once per 128 keys.
+// Each item (query block) is split in two phases: A = Sᵀ, dPᵀ, softmax, dV and dSᵀ (stored), and
+// B = dQ and dK (dK from the stored dSᵀ). The warpgroups run them in alternation, one slot
+// apart, so that one's softmax and reductions overlap the other's products (a lockstep version,
+// both in A then both in B, measured 15–55% slower than flash_bwd_sm90, §35):
+//   slot 2m:     warpgroup 0 A(m),  warpgroup 1 B(m − 1)
+//   slot 2m + 1: warpgroup 1 A(m),  warpgroup 0 B(m − 1)
+// with a CTA barrier between slots. B(m) needs both A(m)s, which are done one and two slots
+// before. dSᵀ is double-buffered (item m in buffer m & 1) and the inputs triple-staged (item m
+// in stage m % 3, read from slot 2m to 2m + 3; item m + 1 loads at slot 2m, two slots ahead).
 // A key block that does not see the query block (the diagonal's second half, another sample,
 // past the window, past T) skips its products and stores zeros for its dSᵀ.
-// Shared memory (dynamic, 1024-byte aligned): K [2][64][D], V [2][64][D], dSᵀ [2][64][64] bf16,
-// then two stages as flash_bwd_sm90's (146 KiB at d 128, 82 KiB at d 64); one CTA per SM.
+// Shared memory (dynamic, 1024-byte aligned): K [2][64][D], V [2][64][D], dSᵀ [2 buffers][2][64]
+// [64] bf16, then three stages as flash_bwd_sm90's (195 KiB at d 128, 115 KiB at d 64).
 template <int D>
 __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const bf16* __restrict__ k,
                                                const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -1425,11 +1432,12 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
                                                const FaBwdMaps& maps) {
     constexpr int STAGE = 2 * FA_BLOCK * D + 512;  // bf16 elements: Q, dO, lse + delta (1 KiB)
     constexpr int HALF = D / 2;                    // dQ columns per warpgroup
+    constexpr int TILE_S = FA_BLOCK * FA_BLOCK;    // one dSᵀ tile
     extern __shared__ __align__(1024) unsigned char fa_smem[];
     bf16* sK = reinterpret_cast<bf16*>(fa_smem);  // [2][64][D]: key block kb0 + w at w·64·D
     bf16* sV = sK + 2 * FA_BLOCK * D;               // [2][64][D]
-    bf16* sS = sV + 2 * FA_BLOCK * D;               // dSᵀ [2][64 keys][64 queries]
-    bf16* stage0 = sS + 2 * FA_BLOCK * FA_BLOCK;
+    bf16* sS = sV + 2 * FA_BLOCK * D;               // dSᵀ [2 buffers][2 key blocks][64][64]
+    bf16* stage0 = sS + 4 * TILE_S;                 // 3 stages
     if (threadIdx.x == 0 && (smem_u32(fa_smem) & 1023)) __trap();  // wgmma's swizzle atoms
 
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
@@ -1446,12 +1454,12 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
     const u32* bl = blk + (long long)b * nb * 2;
     bf16* myK = sK + wg * FA_BLOCK * D;
     bf16* myV = sV + wg * FA_BLOCK * D;
-    bf16* myS = sS + wg * FA_BLOCK * FA_BLOCK;
 
-    // As flash_bwd_sm90's: bar[s] counts stage s's tiles in (and, with the first item, K, V).
-    __shared__ u64 bar[2];
-    u32 phases = 0;
-    mbar_init2(bar, tid);
+    // bar[s] counts stage s's Q and dO tiles in (and, with the first item, K and V).
+    __shared__ u64 bar[3];
+    if (tid == 0)
+        for (int s = 0; s < 3; ++s) mbar_init(&bar[s]);
+    __syncthreads();
     if (tid == 0) {
         mbar_expect(&bar[0], (two ? 6 : 4) * TILE_BYTES<D>);
         for (int w = 0; w < (two ? 2 : 1); ++w) {
@@ -1459,22 +1467,24 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
             tma_tile<D>(sV + w * FA_BLOCK * D, maps.v, &bar[0], hk, (kb0 + w) * FA_BLOCK, b);
         }
     }
-
     if (!two) {
         // The odd last pair: no second key block. Its K tile is zeros (dQ runs over both
         // blocks, with zeros for this one's dSᵀ); V is never read.
         for (int i = tid; i < FA_BLOCK * D / 8; i += blockDim.x)
             reinterpret_cast<uint4*>(sK + FA_BLOCK * D)[i] = make_uint4(0, 0, 0, 0);
-        proxy_fence();  // before wgmma reads it (the loop's first barrier orders the threads)
+        proxy_fence();  // before wgmma reads it (the first slot's barrier orders the threads)
     }
     const int jr0 = j0 + warp * 16 + g, jr1 = jr0 + 8;
     const u32 sj0 = jr0 < T ? sg[jr0] : 0u, sj1 = jr1 < T ? sg[jr1] : 0u;
     const int qb_hi = bwd_pair_qb_hi(kb0, nb, window);
-    auto load_item = [&](int s, int gi, int qb, bool expect) {
-        const int h = hk * G + gi;
+    // Item m (group member gi, query block qb) into stage m % 3: the tiles by TMA (thread 0),
+    // lse and delta by cp.async (warpgroup 0, which waits for them before the next-but-one
+    // slot's barrier).
+    auto load_item = [&](int m, int gi, int qb) {
+        const int s = m % 3, h = hk * G + gi;
         bf16* st = stage0 + s * STAGE;
         if (tid == 0) {
-            if (expect) mbar_expect(&bar[s], 2 * TILE_BYTES<D>);
+            if (m > 0) mbar_expect(&bar[s], 2 * TILE_BYTES<D>);
             tma_tile<D>(st, maps.q, &bar[s], h, qb * FA_BLOCK, b);
             tma_tile<D>(st + FA_BLOCK * D, maps.dout, &bar[s], h, qb * FA_BLOCK, b);
         }
@@ -1488,27 +1498,16 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
 #pragma unroll
         for (int e = 0; e < 4; ++e) dKa[n][e] = dVa[n][e] = 0.0f;
 
-    int gi = 0, qb = kb0, stage = 0;
-    load_item(0, gi, qb, false);
-    while (true) {
-        cp_async_wait_all();
-        mbar_wait(&bar[stage], (phases >> stage) & 1);
-        phases ^= 1u << stage;
-        __syncthreads();  // this item's lse/delta visible; both warpgroups done with the last item
-        int ngi = gi, nqb = qb;
-        const bool more = bwd_pair_next_item(ngi, nqb, kb0, qb_hi, G, nb, window, bl);
-        if (more) load_item(stage ^ 1, ngi, nqb, true);
-        bf16* sQ = stage0 + stage * STAGE;
+    // Phase A of item m: this warpgroup's Sᵀ, dPᵀ, softmax, dV; dSᵀ into buffer m & 1.
+    auto phase_a = [&](int m, int gi, int qb) {
+        bf16* sQ = stage0 + (m % 3) * STAGE;
         bf16* sO = sQ + FA_BLOCK * D;  // dO
         const float* sL = reinterpret_cast<const float*>(sO + FA_BLOCK * D);  // lse
         const float* sD = sL + FA_BLOCK;  // delta
-        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
-        const bool mine = bwd_sees(qb, kb, nb, window, bl);
-
-        // This warpgroup's key block, as flash_bwd_sm90's item up to dSᵀ (zeros when it does
-        // not see the query block, so that dQ can run over both blocks unconditionally).
+        bf16* myS = sS + ((m & 1) * 2 + wg) * TILE_S;
+        mbar_wait(&bar[m % 3], (m / 3) & 1);
         u32 sa[4][4] = {};
-        if (mine) {
+        if (bwd_sees(qb, kb, nb, window, bl)) {
             float st[8][4], dpt[8][4];
             wg_fence();
 #pragma unroll
@@ -1527,7 +1526,7 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
             wg_commit();
             wg_wait<1>();
             wg_fence_acc(st);
-
+            const int i0 = qb * FA_BLOCK;
             const bool full = tile_full(bl, qb, kb, T, window);
             bwd_p(st, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, scale_log2, t);
             u32 pa[4][4];
@@ -1551,6 +1550,8 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
                 sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
                 sa[kk][3] = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
             }
+            wg_wait<0>();
+            wg_fence_acc(dVa);
         }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -1560,40 +1561,72 @@ __device__ __forceinline__ void flash_bwd_pair(const bf16* __restrict__ q, const
             *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row, col + 8)) = sa[kk][2];
             *reinterpret_cast<u32*>(myS + swz<FA_BLOCK>(row + 8, col + 8)) = sa[kk][3];
         }
-        proxy_fence();
-        __syncthreads();  // both key blocks' dSᵀ in shared memory, visible to wgmma
+        proxy_fence();  // dSᵀ visible to wgmma after the slot's barrier
+    };
 
-        // dQ (unscaled) of this warpgroup's columns over both key blocks' keys: A = dS (the
-        // stored dSᵀ read transposed), B = K MN-major from column wg·D/2 (at d 64 that is 64
-        // bytes into the 128-byte rows, as flash_bwd's warpgroup halves). Then dK, whose
-        // product runs under dQ's reductions.
+    // Phase B of item m: dQ of this warpgroup's columns over both key blocks (A = dS, the stored
+    // dSᵀ read transposed; B = K MN-major from column wg·D/2: at d 64 64 bytes into the
+    // 128-byte rows, as flash_bwd's warpgroup halves), then dK += dSᵀ·Q (dSᵀ back from shared
+    // memory), whose product runs under dQ's reductions.
+    auto phase_b = [&](int m, int gi, int qb) {
+        bf16* sQ = stage0 + (m % 3) * STAGE;
+        const bf16* sSm = sS + (m & 1) * 2 * TILE_S;
+        const int h = hk * G + gi, i0 = qb * FA_BLOCK;
+        const bool mine = bwd_sees(qb, kb, nb, window, bl);
         float dqa[HALF / 8][4];
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 2 * FA_BLOCK / 16; ++kk) {
-            const u64 da = wg_desc(sS + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
+            const u64 da = wg_desc(sSm + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
             const int bt = (kk >> 2) * FA_BLOCK * D + (kk & 3) * 16 * 64 +
                            (D == 128 ? wg * FA_BLOCK * 64 : wg * HALF);
             wg_mma_hd<D, 1>(dqa, da, wg_desc(sK + bt, FA_BLOCK * 64 * 2, 1024), kk > 0);
         }
         wg_commit();
-        if (mine) wgmma_rs_k64<D>(dKa, sa, sQ);
+        if (mine) {
+            u32 sa[4][4];
+            const bf16* myS = sSm + wg * TILE_S;
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk)
+                ldsm_x4(sa[kk], myS + swz<FA_BLOCK>(warp * 16 + (lane & 15), kk * 16 + (lane >> 4) * 8));
+            wgmma_rs_k64<D>(dKa, sa, sQ);
+        }
         wg_commit();
         wg_wait<1>();
         wg_fence_acc(dqa);
         const int dq_row = i0 + warp * 16 + (g & ~1);  // the lane's row pair
         float* dqg = dq_acc + ((long long)b * T + dq_row) * qld + (long long)h * d + wg * HALF;
 #pragma unroll
-        for (int m = 0; m < HALF / 32; ++m)
-            dq_add_rows<D == 128>(dqg + m * 32, dqa[4 * m], dqa[4 * m + 1], dqa[4 * m + 2],
-                                  dqa[4 * m + 3], qld, T - dq_row, d - wg * HALF - m * 32, g, t);
+        for (int mm = 0; mm < HALF / 32; ++mm)
+            dq_add_rows<D == 128>(dqg + mm * 32, dqa[4 * mm], dqa[4 * mm + 1], dqa[4 * mm + 2],
+                                  dqa[4 * mm + 3], qld, T - dq_row, d - wg * HALF - mm * 32, g, t);
         wg_wait<0>();
         wg_fence_acc(dKa);
-        wg_fence_acc(dVa);
-        if (!more) break;
-        gi = ngi;
-        qb = nqb;
-        stage ^= 1;
+    };
+
+    // Items m - 1 (B's), m (A's) and m + 1 (loading) as (group member, query block, valid).
+    int pg = 0, pq = 0, cg = 0, cq = kb0, ng = 0, nq = kb0;
+    bool pv = false, cv = true;
+    bool nv = bwd_pair_next_item(ng, nq, kb0, qb_hi, G, nb, window, bl);
+    load_item(0, cg, cq);
+    for (int m = 0; cv || pv; ++m) {
+        if (wg == 0) cp_async_wait_all();  // item m's lse/delta (issued two slots ago)
+        __syncthreads();  // slot 2m: item m - 2's stage and buffers are free
+        if (nv) load_item(m + 1, ng, nq);
+        if (wg == 0) {
+            if (cv) phase_a(m, cg, cq);
+        } else if (pv) {
+            phase_b(m - 1, pg, pq);
+        }
+        __syncthreads();  // slot 2m + 1
+        if (wg == 1) {
+            if (cv) phase_a(m, cg, cq);
+        } else if (pv) {
+            phase_b(m - 1, pg, pq);
+        }
+        pg = cg, pq = cq, pv = cv;
+        cg = ng, cq = nq, cv = nv;
+        if (nv) nv = bwd_pair_next_item(ng, nq, kb0, qb_hi, G, nb, window, bl);
     }
 
     bf16* dkg = dk + (long long)b * T * kld + (long long)hk * d;
@@ -1624,7 +1657,7 @@ extern "C" __global__ void __launch_bounds__(128, 2)
     __trap();
 #endif
 }
-// flash_bwd_pair: one CTA of two warpgroups per SM (146 KiB at d 128; at d 64 the registers).
+// flash_bwd_pair: one CTA of two warpgroups per SM (195 KiB at d 128; at d 64 the registers).
 extern "C" __global__ void __launch_bounds__(256, 1)
     flash_bwd_d64_pair(FA_BWD_ARGS, const __grid_constant__ FaBwdMaps maps) {
 #ifdef FA_WGMMA
