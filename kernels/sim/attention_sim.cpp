@@ -287,30 +287,6 @@ static int run(const Shape& s, std::mt19937& rng) {
     const float scale = 1.0f / std::sqrt((float)d), scale_log2 = scale * 1.4426950408889634f;
 
     launch({(unsigned)((B * nb + 7) / 8), 1, 1}, 256, [&] { flash_seg_blocks(seg.data(), blk.data(), B, T); });
-    // flash_bwd_pair's work items (its loop runs on sm_90a only): per pair of key blocks, the
-    // query blocks that bwd_pair_next_item visits from the diagonal must include every tile
-    // with a visible (query, key) pair, and bwd_sees must hold for such a tile's key block.
-    int missed = 0;
-    for (int b = 0; b < B; ++b) {
-        const u32* sg = seg.data() + (size_t)b * T;
-        const u32* bl = blk.data() + (size_t)b * nb * 2;
-        for (int kb0 = 0; kb0 < nb; kb0 += 2) {
-            std::vector<bool> visited(nb, false);
-            int gi = 0, qv = kb0;
-            visited[qv] = true;
-            while (bwd_pair_next_item(gi, qv, kb0, bwd_pair_qb_hi(kb0, nb, s.window), 1, nb, s.window, bl))
-                visited[qv] = true;
-            for (int qb = 0; qb < nb; ++qb)
-                for (int kb = kb0; kb < std::min(kb0 + 2, nb); ++kb) {
-                    bool any = false;
-                    for (int i = qb * 64; i < std::min(T, qb * 64 + 64) && !any; ++i)
-                        for (int j = kb * 64; j < std::min(T, kb * 64 + 64) && !any; ++j)
-                            any = vis(i, j, sg, s.window);
-                    missed += any && !(visited[qb] && bwd_sees(qb, kb, nb, s.window, bl));
-                }
-        }
-    }
-    printf("%-4s flash_bwd_pair work items: %d visible tiles missed\n", missed ? "FAIL" : "ok", missed);
     auto fwd = [&] {
         if (d <= 64)
             flash_fwd_d64(qb.data(), kb.data(), vb.data(), o.data(), lse.data(), seg.data(), blk.data(), T, H, Hkv, d, s.window, scale_log2);
@@ -388,7 +364,7 @@ static int run(const Shape& s, std::mt19937& rng) {
     report("dq", fl(dq), dq_r, 1e-2);
     report("dk", fl(dk), dk_r, 1e-2);
     report("dv", fl(dv), dv_r, 1e-2);
-    return bad + (missed > 0);
+    return bad;
 }
 
 #ifdef FA_RED_V4

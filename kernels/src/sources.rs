@@ -202,8 +202,6 @@ pub const ATTENTION: KernelSource = KernelSource {
         "flash_bwd_d128",
         "flash_bwd_d64_sm90",
         "flash_bwd_d128_sm90",
-        "flash_bwd_d64_pair",
-        "flash_bwd_d128_pair",
         "flash_dq_convert",
     ],
     extra_options: &[],

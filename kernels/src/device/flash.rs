@@ -43,9 +43,6 @@ pub(super) struct FlashFunctions {
     /// Hopper's backward kernels (`flash_bwd_d{64,128}_sm90`, two stages), which replace
     /// `bwd` where the GPU has warpgroup MMAs.
     bwd_sm90: Option<[CudaFunction; 2]>,
-    /// Hopper's backward over key-block pairs (`flash_bwd_d{64,128}_pair`), loaded with
-    /// `bwd_sm90`.
-    bwd_pair: Option<[CudaFunction; 2]>,
     /// The backward kernel [`Kernels::flash_attn_bwd`] runs.
     bwd_kernel: FlashBwdKernel,
     bwd_prep: CudaFunction,
@@ -74,17 +71,6 @@ fn bwd_sm90_smem_bytes(width: usize) -> usize {
     (2 * FLASH_BLOCK * width + FLASH_BLOCK * FLASH_BLOCK) * 2 + 2 * stage
 }
 
-/// Threads of Hopper's key-pair backward (`flash_bwd_d{64,128}_pair`: two warpgroups per CTA,
-/// one per 64-key block, one CTA per SM).
-const PAIR_THREADS: u32 = 256;
-
-/// Dynamic shared memory `flash_bwd_d{width}_pair` uses: K, V [2][64][width] and two buffers
-/// of dSᵀ [2][64][64] in bf16, then three stages as in [`bwd_smem_bytes`].
-fn bwd_pair_smem_bytes(width: usize) -> usize {
-    let stage = 2 * FLASH_BLOCK * width * 2 + 1024;
-    (4 * FLASH_BLOCK * width + 4 * FLASH_BLOCK * FLASH_BLOCK) * 2 + 3 * stage
-}
-
 /// Shared memory of one sm_90 SM.
 const SM90_SMEM_PER_SM: usize = 228 * 1024;
 
@@ -99,16 +85,6 @@ fn bwd_sm90_launch_smem(width: usize) -> usize {
     bwd_sm90_smem_bytes(width).max(SM90_SMEM_PER_SM / 3)
 }
 
-/// How a backward kernel launches: threads per CTA, dynamic shared memory, whether it takes the
-/// tiles' TMA descriptors (Hopper's kernels) and how many 64-key blocks one CTA covers.
-struct BwdLaunch<'a> {
-    function: &'a CudaFunction,
-    threads: u32,
-    smem: usize,
-    takes_maps: bool,
-    key_blocks: usize,
-}
-
 /// Which kernel computes the attention backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashBwdKernel {
@@ -117,24 +93,21 @@ pub enum FlashBwdKernel {
     /// `flash_bwd_d{64,128}_sm90`: warpgroup MMAs, one warpgroup per 64 keys, two CTAs per SM
     /// (sm_90a). A warp-specialised variant (a producer warpgroup loading and reducing dQ for
     /// two consumer warpgroups per 128 keys) measured 5–9% slower at the training shapes
-    /// (docs/perf-notes.md §26).
+    /// (docs/perf-notes.md §26); so did 128-key CTAs whose two warpgroups each reduce dQ
+    /// over both key blocks, halving the dQ reductions (15–55% slower in lockstep, 60–120%
+    /// with the warpgroups one phase apart, §35).
     Warpgroup,
-    /// `flash_bwd_d{64,128}_pair`: two warpgroups per 128 keys (sm_90a), each computing dQ for
-    /// half of the columns over both key blocks, so dQ's fp32 reductions into the accumulator
-    /// are half of `Warpgroup`'s (docs/perf-notes.md §35).
-    Pair,
 }
 
 impl FlashBwdKernel {
     /// Every kernel, in the order of preference where the GPU runs it.
-    pub const ALL: [FlashBwdKernel; 3] = [Self::Warpgroup, Self::Pair, Self::Portable];
+    pub const ALL: [FlashBwdKernel; 2] = [Self::Warpgroup, Self::Portable];
 
     /// The name `FERROTUNE_FLASH_BWD` takes.
     pub fn name(self) -> &'static str {
         match self {
             Self::Portable => "portable",
             Self::Warpgroup => "warpgroup",
-            Self::Pair => "pair",
         }
     }
 }
@@ -163,22 +136,16 @@ impl FlashFunctions {
                 bwd_smem_bytes(width, bwd_stages[i]) as i32,
             )?;
         }
-        let (mut bwd_sm90, mut bwd_pair) = (None, None);
-        if arch.has_wgmma() && bwd_pair_smem_bytes(128) <= smem_optin {
+        let mut bwd_sm90 = None;
+        if arch.has_wgmma() && bwd_sm90_smem_bytes(128) <= smem_optin {
             let fs = [get("flash_bwd_d64_sm90")?, get("flash_bwd_d128_sm90")?];
-            let ps = [get("flash_bwd_d64_pair")?, get("flash_bwd_d128_pair")?];
-            for ((f, p), width) in fs.iter().zip(&ps).zip(WIDTHS) {
+            for (f, width) in fs.iter().zip(WIDTHS) {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     bwd_sm90_launch_smem(width) as i32,
                 )?;
-                p.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bwd_pair_smem_bytes(width) as i32,
-                )?;
             }
             bwd_sm90 = Some(fs);
-            bwd_pair = Some(ps);
         }
         let has_sm90 = bwd_sm90.is_some();
         let bwd_kernel = match std::env::var(FLASH_BWD_ENV) {
@@ -189,7 +156,7 @@ impl FlashFunctions {
                         "flash_attn_bwd",
                         format!(
                             "{FLASH_BWD_ENV}={name}: not a backward kernel this GPU runs \
-                             (portable, and on sm_90a warpgroup or pair)"
+                             (portable, and on sm_90a warpgroup)"
                         ),
                     )
                 })?,
@@ -209,7 +176,6 @@ impl FlashFunctions {
             bwd,
             bwd_stages,
             bwd_sm90,
-            bwd_pair,
             bwd_kernel,
             bwd_prep: get("flash_bwd_prep")?,
             dq_convert: get("flash_dq_convert")?,
@@ -227,7 +193,7 @@ impl FlashFunctions {
 fn runnable(has_sm90: bool) -> impl Iterator<Item = FlashBwdKernel> {
     FlashBwdKernel::ALL.into_iter().filter(move |k| match k {
         FlashBwdKernel::Portable => true,
-        FlashBwdKernel::Warpgroup | FlashBwdKernel::Pair => has_sm90,
+        FlashBwdKernel::Warpgroup => has_sm90,
     })
 }
 
@@ -385,7 +351,7 @@ impl Kernels {
     pub fn flash_bwd_stages(&self, s: &FlashShape) -> usize {
         match self.f.flash.bwd_kernel {
             FlashBwdKernel::Portable => self.f.flash.bwd_stages[s.tile()],
-            FlashBwdKernel::Warpgroup | FlashBwdKernel::Pair => 2,
+            FlashBwdKernel::Warpgroup => 2,
         }
     }
 
@@ -411,31 +377,21 @@ impl Kernels {
         Ok(())
     }
 
-    /// How the chosen backward launches for this shape (`stages` from
-    /// [`Kernels::flash_bwd_stages`]).
-    fn bwd_launch(&self, s: &FlashShape, stages: usize) -> BwdLaunch<'_> {
+    /// The chosen backward's function for this shape, its threads per CTA, dynamic shared
+    /// memory (`stages` from [`Kernels::flash_bwd_stages`]) and whether it takes the tiles'
+    /// TMA descriptors (Hopper's kernels).
+    fn bwd_launch(&self, s: &FlashShape, stages: usize) -> (&CudaFunction, u32, usize, bool) {
         let (fl, tile, width) = (&self.f.flash, s.tile(), WIDTHS[s.tile()]);
-        let hopper = |function, threads, smem, key_blocks| BwdLaunch {
-            function,
-            threads,
-            smem,
-            takes_maps: true,
-            key_blocks,
-        };
-        match (fl.bwd_kernel, &fl.bwd_sm90, &fl.bwd_pair) {
-            (FlashBwdKernel::Warpgroup, Some(fs), _) => {
-                hopper(&fs[tile], SM90_THREADS, bwd_sm90_launch_smem(width), 1)
+        match (fl.bwd_kernel, &fl.bwd_sm90) {
+            (FlashBwdKernel::Warpgroup, Some(fs)) => {
+                (&fs[tile], SM90_THREADS, bwd_sm90_launch_smem(width), true)
             }
-            (FlashBwdKernel::Pair, _, Some(ps)) => {
-                hopper(&ps[tile], PAIR_THREADS, bwd_pair_smem_bytes(width), 2)
-            }
-            _ => BwdLaunch {
-                function: &fl.bwd[tile],
-                threads: BWD_THREADS,
-                smem: bwd_smem_bytes(width, stages),
-                takes_maps: false,
-                key_blocks: 1,
-            },
+            _ => (
+                &fl.bwd[tile],
+                BWD_THREADS,
+                bwd_smem_bytes(width, stages),
+                false,
+            ),
         }
     }
 
@@ -583,8 +539,8 @@ impl Kernels {
         let scale_log2 = scale * std::f32::consts::LOG2_E;
         let stages = self.flash_bwd_stages(s);
         let stages_i = stages as i32;
-        let launch_as = self.bwd_launch(s, stages);
-        let maps = if launch_as.takes_maps {
+        let (function, threads, smem, takes_maps) = self.bwd_launch(s, stages);
+        let maps = if takes_maps {
             Some(BwdMaps {
                 q: s.tile_map(K, "q", q, s.heads, stream)?,
                 k: s.tile_map(K, "k", k, s.kv_heads, stream)?,
@@ -594,7 +550,7 @@ impl Kernels {
         } else {
             None
         };
-        let mut a = stream.launch_builder(launch_as.function);
+        let mut a = stream.launch_builder(function);
         a.arg(q)
             .arg(k)
             .arg(v)
@@ -615,13 +571,9 @@ impl Kernels {
             a.arg(maps);
         }
         let config = LaunchConfig {
-            grid_dim: (
-                s.blocks().div_ceil(launch_as.key_blocks) as u32,
-                s.kv_heads as u32,
-                s.batch as u32,
-            ),
-            block_dim: (launch_as.threads, 1, 1),
-            shared_mem_bytes: launch_as.smem as u32,
+            grid_dim: (s.blocks() as u32, s.kv_heads as u32, s.batch as u32),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         launch(a, config)?;
 
@@ -690,10 +642,6 @@ mod tests {
         assert_eq!(bwd_sm90_smem_bytes(128), 106 * 1024);
         assert!(2 * (bwd_sm90_smem_bytes(128) + 1024) <= 228 * 1024);
         assert_eq!(bwd_sm90_smem_bytes(64), 58 * 1024);
-        // The key-pair backward: one CTA per SM at d 128 (195 KiB).
-        assert_eq!(bwd_pair_smem_bytes(128), 195 * 1024);
-        assert_eq!(bwd_pair_smem_bytes(64), 115 * 1024);
-        assert!(bwd_pair_smem_bytes(128) <= 227 * 1024);
         // Two CTAs per SM at either width, never three.
         for width in WIDTHS {
             let per_cta = bwd_sm90_launch_smem(width) + 1024;
