@@ -327,6 +327,16 @@ __device__ __forceinline__ void mma16816_n16(float (&c)[N][4], int n, const u32 
     mma16816(c[n + 1], a, b[2], b[3]);
 }
 
+// The bf16 A fragment of k16 step kk from an fp32 accumulator in the C layout: two adjacent
+// 8-column tiles are one k16 step's A layout (P·V in the forward, dV and dK in the backward).
+template <int N>
+__device__ __forceinline__ void a_frag(u32 (&a)[4], const float (&c)[N][4], int kk) {
+    a[0] = pack_bf16x2(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16x2(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16x2(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16x2(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward. One CTA = one 64-query block of one head of one batch row; 4 warps, each owning 16
 // query rows (its Q fragments stay in registers, its O accumulator is 16 x D fp32). Key blocks
@@ -537,10 +547,7 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
             u32 pa[4];
-            pa[0] = pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
-            pa[1] = pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
-            pa[2] = pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[3] = pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            a_frag(pa, s, kk);
 #ifdef FA_WGMMA
             const u64 vd = wg_desc(sV + kk * 16 * 64, FA_BLOCK * 64 * 2, 1024);
             if constexpr (D == 64)
@@ -1290,12 +1297,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         bwd_p(st, 0, i0, jr0, jr1, sj0, sj1, full, sg, T, window, sL, scale_log2, t);
         u32 pa[4][4], sa[4][4];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            pa[kk][0] = pack_bf16x2(st[2 * kk][0], st[2 * kk][1]);
-            pa[kk][1] = pack_bf16x2(st[2 * kk][2], st[2 * kk][3]);
-            pa[kk][2] = pack_bf16x2(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16x2(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-        }
+        for (int kk = 0; kk < 4; ++kk) a_frag(pa[kk], st, kk);
         wg_fence();
         wgmma_rs_k64<D>(dVa, pa, sO);
         wg_commit();
@@ -1304,10 +1306,7 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         bwd_ds(st, dpt, 0, sD, t);
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            sa[kk][0] = pack_bf16x2(dpt[2 * kk][0], dpt[2 * kk][1]);
-            sa[kk][1] = pack_bf16x2(dpt[2 * kk][2], dpt[2 * kk][3]);
-            sa[kk][2] = pack_bf16x2(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-            sa[kk][3] = pack_bf16x2(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+            a_frag(sa[kk], dpt, kk);
             const int row = warp * 16 + g, col = kk * 16 + 2 * t;
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row, col)) = sa[kk][0];
             *reinterpret_cast<u32*>(sS + swz<FA_BLOCK>(row + 8, col)) = sa[kk][1];
