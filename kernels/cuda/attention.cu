@@ -157,6 +157,18 @@ __device__ __forceinline__ void wgmma_rs_m64n128_tb(float (&d)[16][4], const u32
         : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
+// acc (m64n64) = A·Bᵀ over D: both operands [64][D] tiles, K-major (d contiguous) in 64-column
+// blocks of [64][64] (layout swh<D>); a k16 step is 32 bytes into the 128-byte rows of a block,
+// the next block 8 KiB on. S = Q·Kᵀ, and the backward's Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ. Issued only:
+// the caller fences, commits and waits.
+template <int D>
+__device__ __forceinline__ void wgmma_ss_kd(float (&acc)[8][4], const bf16* a, const bf16* b) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
+        wgmma_ss_m64n64<0, 0>(acc, wg_desc(a + at, 16, 1024), wg_desc(b + at, 16, 1024), kk > 0);
+    }
+}
 #endif
 
 // A CUtensorMap (the driver's opaque 128-byte TMA descriptor), passed inside a
@@ -434,14 +446,9 @@ __device__ __forceinline__ void flash_fwd(const bf16* __restrict__ q, const bf16
 
         float s[8][4];
 #ifdef FA_WGMMA
-        // S = Q·Kᵀ: Q and K are K-major (d contiguous); a k16 step is 32 bytes into the 128-byte
-        // rows of a 64-column block, the next block 8 KiB on. The first step overwrites S.
+        // S = Q·Kᵀ (overwrites S).
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-            wgmma_ss_m64n64<0, 0>(s, wg_desc(sQ + at, 16, 1024), wg_desc(sK + at, 16, 1024), kk > 0);
-        }
+        wgmma_ss_kd<D>(s, sQ, sK);
         wg_commit_wait();
 #else
 #pragma unroll
@@ -1278,17 +1285,9 @@ __device__ __forceinline__ void flash_bwd_sm90(const bf16* __restrict__ q, const
         // Sᵀ and dPᵀ in two groups: Pᵀ and dV += Pᵀ·dO while dPᵀ is still in the tensor cores.
         float st[8][4], dpt[8][4];
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-            wgmma_ss_m64n64<0, 0>(st, wg_desc(sK + at, 16, 1024), wg_desc(sQ + at, 16, 1024), kk > 0);
-        }
+        wgmma_ss_kd<D>(st, sK, sQ);
         wg_commit();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            const int at = (kk >> 2) * (FA_BLOCK * 64) + (kk & 3) * 16;
-            wgmma_ss_m64n64<0, 0>(dpt, wg_desc(sV + at, 16, 1024), wg_desc(sO + at, 16, 1024), kk > 0);
-        }
+        wgmma_ss_kd<D>(dpt, sV, sO);
         wg_commit();
         wg_wait<1>();
         wg_fence_acc(st);
