@@ -2,7 +2,9 @@
 //! sandbox against a hostile plugin, version handling, the compiled-component cache, and a
 //! plugin built from the `ferrotune plugin new` scaffold.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -353,43 +355,10 @@ fn inspect_prints_kind_version_and_schema() {
 }
 
 /// `ferrotune plugin new` → `cargo build --release --target wasm32-wasip2` → format rows.
-/// Builds in the target directory of the built-ins (same profile, same locked versions), so
-/// only the new crate itself compiles.
 #[test]
 fn a_scaffolded_plugin_builds_and_formats_through_the_host() {
     let work = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(["plugin", "new", "qa-fmt", "--kind", "formatter", "--dir"])
-        .arg(work.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let crate_dir = work.path().join("qa-fmt");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    std::fs::copy(workspace.join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
-
-    let target_dir = PathBuf::from(env!("FERROTUNE_PLUGIN_TARGET_DIR"));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .current_dir(&crate_dir)
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .unwrap();
-    assert!(status.success(), "scaffold build failed");
-    let wasm = target_dir.join("wasm32-wasip2/release/qa_fmt.wasm");
+    let wasm = support::scaffold::scaffold_and_build("formatter", "qa-fmt", work.path());
 
     let rt = runtime(work.path());
     let plugin =

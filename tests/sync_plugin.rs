@@ -176,3 +176,97 @@ fn wrong_plugins_and_rejected_configs_are_one_clear_error() {
         );
     }
 }
+
+/// `ferrotune plugin new --kind sync` → build → a run syncs through it: every checkpoint
+/// uploaded, the newest `keep_last` kept, the adapter stored at the end, the policy's log in
+/// ours; a fresh node resumes from storage; a config its `new` rejects is one clear error.
+#[test]
+fn a_scaffolded_sync_policy_builds_and_syncs_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wasm = support::scaffold::scaffold_and_build("sync", "ck-sync", tmp.path());
+    let wasm = wasm.to_string_lossy().into_owned();
+    let (model, data) = fixture(tmp.path());
+    let remote = tmp.path().join("remote");
+    let store = FileStore::new(remote.clone()).unwrap();
+    let config = |extra: &str| {
+        format!(
+            r#"{{"storage": "file://{}", "keep_last": 2{extra}}}"#,
+            remote.display()
+        )
+    };
+    let steps = Steps {
+        max_steps: 6,
+        save_steps: 2,
+        save_total_limit: 3,
+    };
+    let (out1, save1) = (tmp.path().join("n1/ck"), tmp.path().join("n1/final"));
+    let mut args = job_args(&model, &data, &out1, &save1, steps);
+    args.extend(
+        [
+            "--resume",
+            "--sync",
+            &wasm,
+            "--sync_config",
+            &config(r#", "artefacts": ["adapter"]"#),
+        ]
+        .map(String::from),
+    );
+    let log = run(&args, &[]);
+    assert!(log.contains("uploading the Adapter in"), "{log}");
+    assert_eq!(
+        remote_checkpoints(&store, "checkpoints"),
+        [(4, true), (6, true)]
+    );
+    verify_remote_checkpoint(&store, "checkpoints", 6, &tmp.path().join("check"));
+    assert_outputs_stored(&store, &save1, tmp.path());
+
+    // A fresh node resumes from checkpoint-6; its default `artefacts` (adapter, gguf) store
+    // the new adapter too.
+    let (out2, save2) = (tmp.path().join("n2/ck"), tmp.path().join("n2/final"));
+    let mut args = job_args(
+        &model,
+        &data,
+        &out2,
+        &save2,
+        Steps {
+            max_steps: 8,
+            ..steps
+        },
+    );
+    args.extend(["--resume", "--sync", &wasm, "--sync_config", &config("")].map(String::from));
+    let log = run(&args, &[]);
+    assert!(
+        log.contains("resumed from") && log.contains("checkpoint-6"),
+        "{log}"
+    );
+    assert_eq!(
+        remote_checkpoints(&store, "checkpoints"),
+        [(6, true), (8, true)]
+    );
+    assert_outputs_stored(&store, &save2, tmp.path());
+
+    let mut args = job_args(
+        &model,
+        &data,
+        &tmp.path().join("o"),
+        &tmp.path().join("s"),
+        steps,
+    );
+    args.extend(
+        [
+            "--sync",
+            &wasm,
+            "--sync_config",
+            &config(r#", "artefacts": ["logz"]"#),
+        ]
+        .map(String::from),
+    );
+    let out = bin().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(r#"artefacts: unknown kind "logz""#), "{err}");
+    assert!(
+        !tmp.path().join("o/checkpoint-2").exists(),
+        "trained despite the error"
+    );
+}

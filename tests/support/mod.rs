@@ -4,6 +4,7 @@
 pub mod fake_hub;
 pub mod flaky;
 pub mod s3_server;
+pub mod scaffold;
 pub mod tcp_proxy;
 pub mod tiny_job;
 

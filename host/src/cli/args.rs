@@ -195,7 +195,8 @@ pub enum PluginCommand {
 pub struct PluginNewArgs {
     /// Crate name: lower-case letters, digits and '-'.
     pub name: String,
-    /// Plugin kind (one WIT world each).
+    /// Plugin kind (one WIT world each); storage and publish have no scaffold and name the
+    /// built-in example to start from.
     #[arg(long, value_enum)]
     pub kind: PluginKind,
     /// Folder the crate is created in.

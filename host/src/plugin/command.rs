@@ -5,27 +5,25 @@ use anyhow::Result;
 use super::formatter::FormatterPlugin;
 use super::runtime::{PluginLimits, PluginRuntime};
 use crate::cli::args::{FormatArgs, PluginCommand};
-use crate::cli::choices::PluginKind;
 use crate::cli::UsageError;
 
 pub fn run(command: PluginCommand) -> Result<()> {
     match command {
         PluginCommand::New(args) => {
-            if args.kind != PluginKind::Formatter {
-                return Err(UsageError::new(format!(
-                    "plugin new --kind {}: only formatter plugins can be scaffolded so far \
-                     (the {} world's SDK is not built yet: issue \"Storage backends, sync plugins\" / \"Export and publish\")",
-                    args.kind, args.kind
-                ))
-                .into());
-            }
-            let dir =
-                super::scaffold::new_formatter(&args.name, &args.dir, args.sdk_path.as_deref())?;
-            println!(
-                "created {}\nbuild it:  cd {} && cargo build --release --target wasm32-wasip2\nthen:      ferrotune --formatter target/wasm32-wasip2/release/{}.wasm ...",
-                dir.display(),
-                dir.display(),
+            let created = super::scaffold::new_plugin(
+                args.kind,
+                &args.name,
+                &args.dir,
+                args.sdk_path.as_deref(),
+            )?;
+            let dir = created.dir.display();
+            let wasm = format!(
+                "target/wasm32-wasip2/release/{}.wasm",
                 args.name.replace('-', "_")
+            );
+            println!(
+                "created {dir}\nbuild it:  cd {dir} && cargo build --release --target wasm32-wasip2\nthen:      ferrotune ... {}",
+                created.run_flags.replace("{wasm}", &wasm)
             );
             Ok(())
         }
