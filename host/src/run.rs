@@ -65,12 +65,19 @@ fn train(job: JobConfig) -> anyhow::Result<()> {
         .into());
     }
     let push_token = crate::export::push::check_job(&job)?;
+    let publish_plan = crate::export::publish::check_job(&job)?;
     let report = crate::train::run_job(&job)?;
     for file in &report.saved {
         println!("{}", file.display());
     }
-    if let (Some(token), true) = (push_token, report.completed) {
+    if !report.completed {
+        return Ok(());
+    }
+    if let Some(token) = push_token {
         crate::export::push::push_job(&job, token, &report.saved)?;
+    }
+    if let Some(plan) = &publish_plan {
+        crate::export::publish::publish_job(&job, plan, &report.saved)?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Helpers shared by the storage, sync, publish and Kelpie end-to-end tests.
 #![allow(dead_code)]
 
+pub mod dav_server;
 pub mod fake_hub;
 pub mod flaky;
 pub mod s3_server;

@@ -195,8 +195,8 @@ pub enum PluginCommand {
 pub struct PluginNewArgs {
     /// Crate name: lower-case letters, digits and '-'.
     pub name: String,
-    /// Plugin kind (one WIT world each); storage and publish have no scaffold and name the
-    /// built-in example to start from.
+    /// Plugin kind (one WIT world each); storage has no scaffold and names the built-in
+    /// example to start from.
     #[arg(long, value_enum)]
     pub kind: PluginKind,
     /// Folder the crate is created in.
@@ -470,6 +470,15 @@ pub struct PushArgs {
     #[arg(long)]
     #[serde(serialize_with = "redact_secret")]
     pub hub_token: Option<String>,
+    /// A publish plugin PATH.wasm run after the saves (and any Hub push): it receives the saved
+    /// model and GGUF files and sends them on through wasi:http (configured by --publish_config).
+    #[arg(long)]
+    pub publish: Option<PathBuf>,
+    /// Publish plugin configuration: inline JSON or @file.json. Keys allow_hosts (the
+    /// "host:port"s it may reach) and secrets (never printed) are the host's; the rest the plugin's.
+    #[arg(long)]
+    #[serde(serialize_with = "redact_publish_config")]
+    pub publish_config: Option<String>,
 }
 
 #[derive(Debug, Args, Clone, Serialize)]
@@ -522,6 +531,17 @@ fn redact_sync_config<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     match value {
         Some(text) => s.serialize_str(&crate::plugin::storage_config::redact_sync_config(text)),
+        None => s.serialize_none(),
+    }
+}
+
+/// `--publish_config` in `--dry_run` output: its secrets replaced by a marker.
+fn redact_publish_config<S: serde::Serializer>(
+    value: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(text) => s.serialize_str(&crate::plugin::storage_config::redact_publish_config(text)),
         None => s.serialize_none(),
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
-use super::push;
 use super::run::{model_name_of, run_exports, ExportRequest};
+use super::{publish, push};
 use crate::cli::args::ExportArgs;
 use crate::cli::choices::SaveMethod;
 use crate::cli::UsageError;
@@ -41,6 +41,7 @@ pub fn run(args: ExportArgs) -> Result<()> {
     } else {
         None
     };
+    let publish_plan = publish::check(flags, args.save_method.is_some() || args.save_gguf)?;
     let base_name = match &args.base {
         Some(base) => base.clone(),
         None => base_from_adapter(&adapter_dir)?,
@@ -70,17 +71,27 @@ pub fn run(args: ExportArgs) -> Result<()> {
     for file in &written {
         println!("{}", file.display());
     }
+    let kind = if args.save_method == Some(SaveMethod::Lora) {
+        ArtefactKind::Adapter
+    } else {
+        ArtefactKind::MergedModel
+    };
+    // Re-running the same command pushes and publishes again (the export is deterministic).
+    let retry = "the same ferrotune export command again";
     if let Some(token) = push_token {
-        let kind = if args.save_method == Some(SaveMethod::Lora) {
-            ArtefactKind::Adapter
-        } else {
-            ArtefactKind::MergedModel
-        };
-        // Re-running the same command pushes again (the export is deterministic).
-        let retry = "the same ferrotune export command again";
         push::push(
             flags,
             token,
+            PluginLimits::default(),
+            &args.save_path,
+            &written,
+            kind,
+            retry,
+        )?;
+    }
+    if let Some(plan) = &publish_plan {
+        publish::publish(
+            plan,
             PluginLimits::default(),
             &args.save_path,
             &written,

@@ -11,6 +11,7 @@ pub mod hf_save;
 pub mod merge;
 pub mod peft;
 pub mod progress;
+pub mod publish;
 pub mod push;
 pub mod run;
 pub mod safetensors_dir;

@@ -59,15 +59,47 @@ pub fn check_job(job: &JobConfig) -> Result<Option<String>, UsageError> {
         .map(Some)
 }
 
-/// After training: pushes what the final exports wrote (`saved`).
-pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()> {
-    let s = &job.saving;
-    let flags = &s.push;
-    let kind = if s.save_method == SaveMethod::Lora {
+/// The kind of artefact a job's model save is.
+pub fn model_kind(save_method: SaveMethod) -> ArtefactKind {
+    if save_method == SaveMethod::Lora {
         ArtefactKind::Adapter
     } else {
         ArtefactKind::MergedModel
-    };
+    }
+}
+
+/// After training: pushes what the final exports wrote (`saved`).
+pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()> {
+    let flags = &job.saving.push;
+    let mut retry = export_again(job);
+    for (on, flag) in [
+        (flags.push_model, "--push_model"),
+        (flags.push_gguf, "--push_gguf"),
+    ] {
+        if on {
+            retry.push(' ');
+            retry.push_str(flag);
+        }
+    }
+    retry.push_str(&format!(
+        " --hub_path {} (token: --hub_token or HF_TOKEN)",
+        flags.hub_path
+    ));
+    push(
+        flags,
+        token,
+        PluginLimits::from_job(job),
+        &job.saving.save_path,
+        saved,
+        model_kind(job.saving.save_method),
+        &retry,
+    )
+}
+
+/// The `ferrotune export` command that writes a training job's final saves again from its
+/// adapter or newest checkpoint (a failed push or publish adds its own flags and retries).
+pub fn export_again(job: &JobConfig) -> String {
+    let s = &job.saving;
     let source = if s.save_model && s.save_method == SaveMethod::Lora {
         format!("--adapter {}", s.save_path.display())
     } else {
@@ -90,28 +122,7 @@ pub fn push_job(job: &JobConfig, token: String, saved: &[PathBuf]) -> Result<()>
             s.quantization.join(" ")
         ));
     }
-    for (on, flag) in [
-        (flags.push_model, "--push_model"),
-        (flags.push_gguf, "--push_gguf"),
-    ] {
-        if on {
-            retry.push(' ');
-            retry.push_str(flag);
-        }
-    }
-    retry.push_str(&format!(
-        " --hub_path {} (token: --hub_token or HF_TOKEN)",
-        flags.hub_path
-    ));
-    push(
-        flags,
-        token,
-        PluginLimits::from_job(job),
-        &s.save_path,
-        saved,
-        kind,
-        &retry,
-    )
+    retry
 }
 
 fn is_gguf_file(path: &Path) -> bool {
@@ -119,9 +130,10 @@ fn is_gguf_file(path: &Path) -> bool {
         || path.file_name().is_some_and(|n| n == "Modelfile")
 }
 
-/// The artefacts to push out of the files an export wrote into `save_path`.
+/// The artefacts out of the files an export wrote into `save_path`: the model save (when
+/// `with_model`) and the GGUF files with their Modelfile (when `with_gguf`).
 pub fn artefacts(
-    flags: &PushArgs,
+    (with_model, with_gguf): (bool, bool),
     save_path: &Path,
     written: &[PathBuf],
     model_kind: ArtefactKind,
@@ -129,10 +141,10 @@ pub fn artefacts(
     let (gguf, model): (Vec<PathBuf>, Vec<PathBuf>) =
         written.iter().cloned().partition(|p| is_gguf_file(p));
     let mut out = Vec::new();
-    if flags.push_model && !model.is_empty() {
+    if with_model && !model.is_empty() {
         out.push(publish_host::artefact_of(model_kind, save_path, &model));
     }
-    if flags.push_gguf && !gguf.is_empty() {
+    if with_gguf && !gguf.is_empty() {
         out.push(publish_host::artefact_of(
             ArtefactKind::Gguf,
             save_path,
@@ -153,7 +165,12 @@ pub fn push(
     model_kind: ArtefactKind,
     retry: &str,
 ) -> Result<()> {
-    let artefacts = artefacts(flags, save_path, written, model_kind);
+    let artefacts = artefacts(
+        (flags.push_model, flags.push_gguf),
+        save_path,
+        written,
+        model_kind,
+    );
     if artefacts.is_empty() {
         anyhow::bail!(
             "--push_model/--push_gguf: nothing was written into {} to push",
@@ -195,6 +212,8 @@ mod tests {
             push_gguf: gguf,
             hub_path: "me/tiny".into(),
             hub_token: Some("t".into()),
+            publish: None,
+            publish_config: None,
         }
     }
 
@@ -207,24 +226,14 @@ mod tests {
             dir.join("m.Q8_0.gguf"),
             dir.join("Modelfile"),
         ];
-        let a = artefacts(
-            &flags(true, false),
-            dir,
-            &written,
-            ArtefactKind::MergedModel,
-        );
+        let a = artefacts((true, false), dir, &written, ArtefactKind::MergedModel);
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].files, ["model.safetensors", "config.json"]);
-        let a = artefacts(
-            &flags(false, true),
-            dir,
-            &written,
-            ArtefactKind::MergedModel,
-        );
+        let a = artefacts((false, true), dir, &written, ArtefactKind::MergedModel);
         assert_eq!(a[0].kind, ArtefactKind::Gguf);
         assert_eq!(a[0].files, ["m.Q8_0.gguf", "Modelfile"]);
         assert_eq!(
-            artefacts(&flags(true, true), dir, &written, ArtefactKind::Adapter).len(),
+            artefacts((true, true), dir, &written, ArtefactKind::Adapter).len(),
             2
         );
     }

@@ -1,15 +1,17 @@
 //! Hosts a plugin of the `publish` world: the built-in `hf-hub` (crate `hf-publish`), embedded
-//! in the binary, which pushes the run's artefacts to a Hugging Face-compatible Hub.
+//! in the binary, which pushes the run's artefacts to a Hugging Face-compatible Hub, and a
+//! user's `--publish PATH.wasm`, configured by `--publish_config`.
 //!
 //! - Files: the plugin reads only the files of the artefacts it was handed, through
 //!   `open-artefact.open` (a `body-reader` over the local file, chunks of at most
 //!   [`MAX_CHUNK`]); any other path is `denied`. No file system otherwise.
-//! - Network: `wasi:http` only ([`NetGrant`]): the endpoint's `host:port`, plus any host over the
-//!   endpoint's scheme, because the Hub's LFS batch answer names presigned storage URLs (S3,
-//!   CloudFront, …) the host cannot know in advance. Each such request is logged; the plugin
-//!   sends the token only to the endpoint's origin.
-//! - The token is a secret: it reaches the plugin's `configure` only; the plugin's log lines,
-//!   stdout/stderr and error messages are masked.
+//! - Network: `wasi:http` only ([`NetGrant`]). `hf-hub`: the endpoint's `host:port`, plus any
+//!   host over the endpoint's scheme, because the Hub's LFS batch answer names presigned storage
+//!   URLs (S3, CloudFront, …) the host cannot know in advance; each such request is logged and
+//!   the plugin sends the token only to the endpoint's origin. A user's plugin: the
+//!   `allow_hosts` of its `--publish_config`, nothing else.
+//! - Tokens and `--publish_config` secrets reach the plugin's `configure` only; the plugin's log
+//!   lines, stdout/stderr and error messages are masked.
 //! - `host-export.request-export` returns an artefact this run already produced (the host
 //!   exports before it publishes); anything else is `not-found` naming the flag that makes it.
 //! - A call may run as long as it keeps reading file bytes; `--plugin_timeout_s` (at least
@@ -21,14 +23,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::{Store, Trap};
 
 use super::net_grant::NetGrant;
 use super::net_state::{self, BodyReader, NetState};
 use super::runtime::{PluginLimits, PluginRuntime};
-use super::storage_config::Secrets;
+use super::storage_config::{NetPluginConfig, Secrets};
 use super::wasm_err;
+use super::world::{self, Kind};
+use crate::cli::UsageError;
 
 pub use super::net_state::MAX_CHUNK;
 /// Shortest no-progress deadline: a Hub may take a while to answer a commit of large files.
@@ -220,77 +224,187 @@ fn endpoint_authority(endpoint: &str) -> Result<(String, &'static str)> {
 
 /// Pushes `req.artefacts` with the built-in `hf-hub` plugin; returns the commit URL(s).
 pub fn push(limits: PluginLimits, req: &PushRequest) -> Result<Vec<String>> {
-    let idle = limits.timeout.max(MIN_IDLE);
-    let runtime = PluginRuntime::new(PluginLimits {
-        memory_mb: limits.memory_mb,
-        timeout: idle,
-    })?;
+    let runtime = publish_runtime(limits)?;
     let (authority, scheme) = endpoint_authority(&req.endpoint)?;
-    let artefacts = req
-        .artefacts
-        .iter()
-        .map(wit_artefact)
-        .collect::<Result<Vec<_>>>()?;
-    let name: Arc<str> = PLUGIN_NAME.into();
-    let secrets = Secrets::new(vec![req.token.clone()]);
+    let artefacts = wit_artefacts(&req.artefacts)?;
     let component = runtime.component(PLUGIN_NAME, HF_PUBLISH_WASM)?;
-    let linker = publish_linker(&runtime)?;
-    let pre = linker
-        .instantiate_pre(&component)
-        .map_err(wasm_err)
-        .and_then(|pre| v0_1_0::PublishPre::new(pre).map_err(wasm_err))
-        .context("the built-in hf-hub plugin does not match this host's publish world")?;
     tracing::info!(
         plugin = PLUGIN_NAME,
         endpoint = %req.endpoint,
         repo = %req.repo_id,
         "pushing to the Hub (network: {authority}, and any {scheme} host for LFS uploads)"
     );
-    let state = PublishState::new(
-        &runtime,
-        name.clone(),
-        NetGrant::new(name, vec![authority], idle).any_host_over(scheme),
-        secrets,
-        Handed {
-            artefacts: artefacts.clone(),
-        },
-    );
-    let mut store = state.into_store(runtime.engine(), idle);
-    let trap = |store: &mut Store<PublishState>, e: wasmtime::Error| {
-        let state = store.data();
-        let why = if err_is_interrupt(&e) {
-            format!("made no progress for {}s", idle.as_secs())
-        } else {
-            format!("failed ({})", e.root_cause())
-        };
-        anyhow::anyhow!(state.secrets.mask(&format!(
-            "publish plugin {PLUGIN_NAME} {why}{}",
-            state.stderr_tail()
-        )))
-    };
-    let bindings = pre
-        .instantiate(&mut store)
-        .map_err(|e| trap(&mut store, e))?;
-    let steps = bindings.ferrotune_plugin_publish_steps();
     let config = serde_json::json!({
         "endpoint": req.endpoint,
         "token": req.token,
         "repo_id": req.repo_id,
         "message": req.message,
-    })
-    .to_string();
-    let configured = steps
-        .call_configure(&mut store, &config)
-        .map_err(|e| trap(&mut store, e))?;
-    if let Err(e) = configured {
-        bail!("{}", plugin_error(&store, e));
+    });
+    let name: Arc<str> = PLUGIN_NAME.into();
+    let grant = NetGrant::new(name.clone(), vec![authority], runtime.limits().timeout)
+        .any_host_over(scheme);
+    let run = PublishRun {
+        name,
+        grant,
+        secrets: Secrets::new(vec![req.token.clone()]),
+        config: config.to_string(),
+        allowed: "neither the Hub endpoint nor a host over the endpoint's scheme",
+    };
+    run.publish(&runtime, &component, artefacts)
+}
+
+/// Runs the user's publish plugin `path` with `config` (`--publish_config`) on `artefacts`;
+/// returns what it reports (URLs or ids).
+pub fn publish_with_plugin(
+    limits: PluginLimits,
+    path: &Path,
+    config: &NetPluginConfig,
+    artefacts: &[PushArtefact],
+) -> Result<Vec<String>> {
+    let runtime = publish_runtime(limits)?;
+    let name = plugin_file_name(path);
+    let component = publish_component(&runtime, path)?;
+    let artefacts = wit_artefacts(artefacts)?;
+    tracing::info!(
+        plugin = %name,
+        config = config.redacted_json(),
+        "publishing {} artefact(s) (network: {})",
+        artefacts.len(),
+        if config.allow_hosts.is_empty() {
+            "none".to_string()
+        } else {
+            config.allow_hosts.join(", ")
+        }
+    );
+    let name: Arc<str> = name.into();
+    let run = PublishRun {
+        grant: NetGrant::new(
+            name.clone(),
+            config.allow_hosts.clone(),
+            runtime.limits().timeout,
+        ),
+        name,
+        secrets: config.secrets().clone(),
+        config: config.plugin_json().to_string(),
+        allowed: "not in --publish_config allow_hosts (add \"host:port\" there)",
+    };
+    run.publish(&runtime, &component, artefacts)
+}
+
+/// Reads `path` and checks it is a publish plugin this host can run (before any work starts).
+pub fn check_plugin(path: &Path) -> Result<()> {
+    publish_component(&publish_runtime(PluginLimits::default())?, path).map(|_| ())
+}
+
+fn plugin_file_name(path: &Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
+fn publish_component(runtime: &PluginRuntime, path: &Path) -> Result<Component> {
+    let wasm = std::fs::read(path).map_err(|e| {
+        UsageError::new(format!(
+            "--publish {}: cannot read it ({e}); pass a publish plugin .wasm component",
+            path.display()
+        ))
+    })?;
+    let name = plugin_file_name(path);
+    let component = runtime.component(&name, &wasm)?;
+    let found = world::detect(runtime.engine(), &component, &name)?;
+    if found.kind != Kind::Publish {
+        bail!(UsageError::new(format!(
+            "--publish {name}: this is a {} plugin, not a publish plugin",
+            found.kind
+        )));
     }
-    let pushed = steps
-        .call_publish(&mut store, &artefacts)
-        .map_err(|e| trap(&mut store, e))?;
-    match pushed {
-        Ok(urls) => Ok(urls),
-        Err(e) => bail!("{}", plugin_error(&store, e)),
+    Ok(component)
+}
+
+/// A plugin call may run as long as it keeps reading file bytes: the deadline is one without
+/// progress, at least [`MIN_IDLE`].
+fn publish_runtime(limits: PluginLimits) -> Result<PluginRuntime> {
+    PluginRuntime::new(PluginLimits {
+        memory_mb: limits.memory_mb,
+        timeout: limits.timeout.max(MIN_IDLE),
+    })
+}
+
+fn wit_artefacts(artefacts: &[PushArtefact]) -> Result<Vec<wit_types::Artefact>> {
+    artefacts.iter().map(wit_artefact).collect()
+}
+
+/// One publish: which plugin, what it may reach, what it must not print, its config.
+struct PublishRun {
+    name: Arc<str>,
+    grant: NetGrant,
+    secrets: Secrets,
+    /// JSON text for `configure` (may hold secrets: never logged).
+    config: String,
+    /// How a refused request's authority is described ("… which is {allowed}").
+    allowed: &'static str,
+}
+
+impl PublishRun {
+    fn publish(
+        self,
+        runtime: &PluginRuntime,
+        component: &Component,
+        artefacts: Vec<wit_types::Artefact>,
+    ) -> Result<Vec<String>> {
+        let PublishRun {
+            name,
+            grant,
+            secrets,
+            config,
+            allowed,
+        } = self;
+        let idle = runtime.limits().timeout;
+        let pre = publish_linker(runtime)?
+            .instantiate_pre(component)
+            .map_err(wasm_err)
+            .and_then(|pre| v0_1_0::PublishPre::new(pre).map_err(wasm_err))
+            .with_context(|| format!("{name} does not match this host's publish world"))?;
+        let state = PublishState::new(
+            runtime,
+            name.clone(),
+            grant,
+            secrets,
+            Handed {
+                artefacts: artefacts.clone(),
+            },
+        );
+        let mut store = state.into_store(runtime.engine(), idle);
+        let trap = |store: &mut Store<PublishState>, e: wasmtime::Error| {
+            let state = store.data();
+            let why = if err_is_interrupt(&e) {
+                format!("made no progress for {}s", idle.as_secs())
+            } else {
+                format!("failed ({})", e.root_cause())
+            };
+            anyhow::anyhow!(state.secrets.mask(&format!(
+                "publish plugin {name} {why}{}",
+                state.stderr_tail()
+            )))
+        };
+        let bindings = pre
+            .instantiate(&mut store)
+            .map_err(|e| trap(&mut store, e))?;
+        let steps = bindings.ferrotune_plugin_publish_steps();
+        let configured = steps
+            .call_configure(&mut store, &config)
+            .map_err(|e| trap(&mut store, e))?;
+        if let Err(e) = configured {
+            bail!("{}", plugin_error(&store, e, allowed));
+        }
+        let published = steps
+            .call_publish(&mut store, &artefacts)
+            .map_err(|e| trap(&mut store, e))?;
+        match published {
+            Ok(urls) => Ok(urls),
+            Err(e) => bail!("{}", plugin_error(&store, e, allowed)),
+        }
     }
 }
 
@@ -298,14 +412,18 @@ fn err_is_interrupt(e: &wasmtime::Error) -> bool {
     e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
 }
 
-/// A plugin error in one line, secrets masked; a refused request in the host's words.
-fn plugin_error(store: &Store<PublishState>, e: wit_types::PluginError) -> String {
+/// A plugin error in one line, secrets masked; a refused request in the host's words
+/// (`allowed` says what the grant allows).
+fn plugin_error(store: &Store<PublishState>, e: wit_types::PluginError, allowed: &str) -> String {
     let state = store.data();
     if let Some(authority) = state.grant.take_denied().first() {
+        let granted = match state.grant.allowed() {
+            [] => "none".to_string(),
+            hosts => hosts.join(", "),
+        };
         return format!(
-            "the push tried to reach {authority}, which is neither the Hub endpoint ({}) nor \
-             a host over the endpoint's scheme; the host refused it",
-            state.grant.allowed().join(", ")
+            "the plugin tried to reach {authority}, which is {allowed} (allowed: {granted}); \
+             the host refused it"
         );
     }
     let m = match e {

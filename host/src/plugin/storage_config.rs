@@ -1,5 +1,6 @@
-//! The config of a storage plugin (`--sync_config` key `storage_config`), split into what the
-//! host enforces and what the plugin receives:
+//! The config of a plugin that reaches the network — a storage plugin's `--sync_config` key
+//! `storage_config`, a publish plugin's `--publish_config` — split into what the host enforces
+//! and what the plugin receives:
 //!
 //! - `allow_hosts`: the `host:port` authorities the plugin may reach through `wasi:http` (the
 //!   host refuses any other; none given means no network at all). Removed before the plugin
@@ -18,12 +19,15 @@ use serde_json::{Map, Value};
 
 use crate::storage::StorageError;
 
+/// How errors name a storage plugin's config.
+pub const STORAGE_CONFIG: &str = "--sync_config storage_config";
+
 /// What secrets are replaced with wherever the host would print them.
 pub const REDACTED: &str = "<redacted>";
 
-/// A parsed storage plugin config.
+/// A parsed network plugin config.
 #[derive(Clone)]
-pub struct StoragePluginConfig {
+pub struct NetPluginConfig {
     /// Lower-case `host:port` authorities the plugin may reach.
     pub allow_hosts: Vec<String>,
     /// JSON text passed to the plugin's `configure` (secrets resolved, `allow_hosts` removed).
@@ -34,26 +38,32 @@ pub struct StoragePluginConfig {
     secrets: Secrets,
 }
 
-impl std::fmt::Debug for StoragePluginConfig {
+impl std::fmt::Debug for NetPluginConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoragePluginConfig")
+        f.debug_struct("NetPluginConfig")
             .field("allow_hosts", &self.allow_hosts)
             .field("config", &self.redacted_json)
             .finish()
     }
 }
 
-impl StoragePluginConfig {
-    /// Parses `storage_config` (`None`: `{}`). Errors name the key and the fix.
+impl NetPluginConfig {
+    /// Parses a storage plugin's `storage_config` (`None`: `{}`). Errors name the key and the fix.
     pub fn parse(value: Option<&Value>) -> Result<Self, StorageError> {
-        Self::parse_with_env(value, |name| std::env::var(name).ok())
+        Self::parse_flag(STORAGE_CONFIG, value)
+    }
+
+    /// Parses the config given as `flag` (the words errors start with, e.g. `--publish_config`).
+    pub fn parse_flag(flag: &str, value: Option<&Value>) -> Result<Self, StorageError> {
+        Self::parse_with_env(flag, value, |name| std::env::var(name).ok())
     }
 
     pub fn parse_with_env(
+        flag: &str,
         value: Option<&Value>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, StorageError> {
-        let bad = |msg: String| StorageError::Config(format!("--sync_config storage_config{msg}"));
+        let bad = |msg: String| StorageError::Config(format!("{flag}{msg}"));
         let mut map: Map<String, Value> = match value {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(map)) => map.clone(),
@@ -113,7 +123,7 @@ impl StoragePluginConfig {
             }
             redacted.insert("secrets".into(), Value::Object(masked));
         }
-        Ok(StoragePluginConfig {
+        Ok(NetPluginConfig {
             allow_hosts,
             plugin_json: Value::Object(map).to_string(),
             redacted_json: Value::Object(redacted).to_string(),
@@ -210,15 +220,29 @@ pub fn redact_sync_config(text: &str) -> String {
     let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(text) else {
         return text.to_string();
     };
-    let Some(Value::Object(storage)) = map.get_mut("storage_config") else {
+    let Some(storage) = map.get_mut("storage_config") else {
         return text.to_string();
     };
-    if let Some(Value::Object(secrets)) = storage.get_mut("secrets") {
+    redact_secrets(storage);
+    Value::Object(map).to_string()
+}
+
+/// `--publish_config` text for `--dry_run` output: inline JSON with the `secrets` values
+/// replaced by [`REDACTED`]; anything else unchanged.
+pub fn redact_publish_config(text: &str) -> String {
+    let Ok(mut config) = serde_json::from_str::<Value>(text) else {
+        return text.to_string();
+    };
+    redact_secrets(&mut config);
+    config.to_string()
+}
+
+fn redact_secrets(config: &mut Value) {
+    if let Some(Value::Object(secrets)) = config.get_mut("secrets") {
         for value in secrets.values_mut() {
             *value = Value::String(REDACTED.into());
         }
     }
-    Value::Object(map).to_string()
 }
 
 #[cfg(test)]
@@ -226,8 +250,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn parse(value: Value) -> Result<StoragePluginConfig, StorageError> {
-        StoragePluginConfig::parse_with_env(Some(&value), |name| match name {
+    fn parse(value: Value) -> Result<NetPluginConfig, StorageError> {
+        NetPluginConfig::parse_with_env(STORAGE_CONFIG, Some(&value), |name| match name {
             "DAV_PASSWORD" => Some("from-env-secret".to_string()),
             "KELPIE_JOB_ID" => Some("job-7".to_string()),
             _ => None,
@@ -286,10 +310,7 @@ mod tests {
             );
             assert!(err.contains(needle), "{value}: {err}");
         }
-        assert!(StoragePluginConfig::parse(None)
-            .unwrap()
-            .allow_hosts
-            .is_empty());
+        assert!(NetPluginConfig::parse(None).unwrap().allow_hosts.is_empty());
     }
 
     #[test]
@@ -301,5 +322,10 @@ mod tests {
             "{shown}"
         );
         assert_eq!(redact_sync_config("@file.json"), "@file.json");
+        let publish = redact_publish_config(r#"{"base_url":"u","secrets":{"token":"tk-98765"}}"#);
+        assert!(
+            !publish.contains("tk-98765") && publish.contains(REDACTED) && publish.contains("u"),
+            "{publish}"
+        );
     }
 }

@@ -29,7 +29,7 @@ use super::net_grant::NetGrant;
 use super::net_state::{self, BodyReader, BodyWriter, NetState};
 use super::runtime::PluginRuntime;
 use super::sandbox;
-use super::storage_config::{Secrets, StoragePluginConfig};
+use super::storage_config::{NetPluginConfig, Secrets};
 use super::wasm_err;
 use super::world::{self, Kind, World};
 use crate::storage::transfer::Partial;
@@ -60,7 +60,7 @@ pub struct PluginStore {
     name: Arc<str>,
     runtime: PluginRuntime,
     pre: v0_1_0::StoragePre<StorageState>,
-    config: StoragePluginConfig,
+    config: NetPluginConfig,
     /// `None` after a trap: the next call instantiates afresh.
     instance: Mutex<Option<Instance>>,
 }
@@ -71,7 +71,7 @@ impl PluginStore {
     pub fn open(
         runtime: &PluginRuntime,
         path: &Path,
-        config: StoragePluginConfig,
+        config: NetPluginConfig,
     ) -> Result<Self, StorageError> {
         let url = path.display().to_string();
         let wasm = std::fs::read(path).map_err(|e| {

@@ -80,8 +80,8 @@ pub fn open_with(
             Ok(Box::new(s3::S3Store::connect(&bucket, &prefix, settings)?))
         }
         StorageUrl::Plugin { path } => {
-            use crate::plugin::storage_config::StoragePluginConfig;
-            let config = StoragePluginConfig::parse(plugin_config)?;
+            use crate::plugin::storage_config::NetPluginConfig;
+            let config = NetPluginConfig::parse(plugin_config)?;
             let runtime = crate::plugin::PluginRuntime::new(limits)
                 .map_err(|e| StorageError::Config(format!("storage plugin {url}: {e:#}")))?;
             Ok(Box::new(crate::plugin::storage_host::PluginStore::open(

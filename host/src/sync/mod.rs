@@ -265,7 +265,7 @@ fn check_storage_plugin(
             path.display()
         ))
     })?;
-    crate::plugin::storage_config::StoragePluginConfig::parse(storage_config)
+    crate::plugin::storage_config::NetPluginConfig::parse(storage_config)
         .map_err(|e| UsageError::new(e.to_string()))?;
     Ok(())
 }

@@ -1,7 +1,8 @@
-//! `ferrotune plugin new NAME --kind formatter|sync`: writes a plugin crate (Cargo.toml,
-//! src/lib.rs with a working example and its tests, README) that builds outside this repository
-//! with `cargo build --release --target wasm32-wasip2`. The examples live in `formatter/` and
-//! `sync/` beside this file, with `{name}` (and `{crate}` in READMEs) filled in.
+//! `ferrotune plugin new NAME --kind formatter|sync|publish`: writes a plugin crate
+//! (Cargo.toml, src/lib.rs with a working example and its tests, README) that builds outside
+//! this repository with `cargo build --release --target wasm32-wasip2`. The examples live in
+//! `formatter/`, `sync/` and `publish/` beside this file, with `{name}` (and `{crate}` in
+//! READMEs) filled in.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ const BUILD_SDK_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugin-sdk"
 struct Template {
     /// The SDK dependency's features beyond `path` (a component carries one world's bindings).
     sdk_features: &'static str,
+    /// Dependencies beyond the SDK and serde (Cargo.toml lines).
+    extra_deps: &'static str,
     lib_rs: &'static str,
     readme: &'static str,
     /// The training flags that load the built component (at `{wasm}`).
@@ -34,6 +37,7 @@ pub struct Created {
 
 const FORMATTER: Template = Template {
     sdk_features: "",
+    extra_deps: "",
     lib_rs: include_str!("formatter/lib.rs.tmpl"),
     readme: include_str!("formatter/README.md.tmpl"),
     run_flags: "--formatter {wasm}",
@@ -41,21 +45,31 @@ const FORMATTER: Template = Template {
 
 const SYNC: Template = Template {
     sdk_features: r#", default-features = false, features = ["sync"]"#,
+    extra_deps: "",
     lib_rs: include_str!("sync/lib.rs.tmpl"),
     readme: include_str!("sync/README.md.tmpl"),
     run_flags: r#"--sync {wasm} --sync_config '{"storage": "s3://BUCKET/PREFIX", "keep_last": 2}'"#,
+};
+
+const PUBLISH: Template = Template {
+    sdk_features: r#", default-features = false, features = ["publish"]"#,
+    extra_deps: "base64 = \"0.22\"\n",
+    lib_rs: include_str!("publish/lib.rs.tmpl"),
+    readme: include_str!("publish/README.md.tmpl"),
+    run_flags: r#"--save_model --publish {wasm} --publish_config '{"base_url": "https://HOST/DIR", "allow_hosts": ["HOST:443"]}'"#,
 };
 
 fn template(kind: PluginKind) -> Result<&'static Template, UsageError> {
     match kind {
         PluginKind::Formatter => Ok(&FORMATTER),
         PluginKind::Sync => Ok(&SYNC),
-        // Their examples need a server to be useful; the built-ins are the starting point.
-        PluginKind::Storage | PluginKind::Publish => Err(UsageError::new(format!(
-            "plugin new --kind {kind}: no scaffold for this kind; start from the example in \
-             plugins/{} and docs/plugins.md (SDK feature \"{kind}\"), or use --kind formatter or sync",
-            if kind == PluginKind::Storage { "http-store" } else { "hf-publish" }
-        ))),
+        PluginKind::Publish => Ok(&PUBLISH),
+        // A whole object store does not fit a small example; the built-in is the starting point.
+        PluginKind::Storage => Err(UsageError::new(
+            "plugin new --kind storage: no scaffold for this kind; start from the WebDAV example \
+             in plugins/http-store and docs/plugins.md (SDK feature \"storage\"), or use --kind \
+             formatter, sync or publish",
+        )),
     }
 }
 
@@ -80,7 +94,7 @@ pub fn new_plugin(
     std::fs::create_dir_all(dir.join("src"))
         .with_context(|| format!("create {}", dir.display()))?;
     let files = [
-        ("Cargo.toml", cargo_toml(name, &sdk, template.sdk_features)),
+        ("Cargo.toml", cargo_toml(name, &sdk, template)),
         ("src/lib.rs", template.lib_rs.replace("{name}", name)),
         (
             "README.md",
@@ -134,7 +148,7 @@ fn sdk_dir(given: Option<&Path>) -> Result<PathBuf> {
     .into())
 }
 
-fn cargo_toml(name: &str, sdk: &Path, sdk_features: &str) -> String {
+fn cargo_toml(name: &str, sdk: &Path, template: &Template) -> String {
     let profile: String = WASM_RELEASE_PROFILE
         .iter()
         .map(|(key, value)| format!("{key} = {value}\n"))
@@ -153,14 +167,16 @@ crate-type = ["cdylib", "rlib"]
 [dependencies]
 ferrotune-plugin-sdk = {{ path = {sdk:?}{sdk_features} }}
 serde = {{ version = "1", features = ["derive"] }}
-
+{extra_deps}
 # Small components; wasm has no unwinding (a panic is a trap the host reports).
 [profile.release]
 {profile}
 # A crate of its own, even inside another workspace.
 [workspace]
 "#,
-        sdk = sdk.display().to_string()
+        sdk = sdk.display().to_string(),
+        sdk_features = template.sdk_features,
+        extra_deps = template.extra_deps,
     )
 }
 
@@ -208,15 +224,26 @@ mod tests {
     }
 
     #[test]
-    fn kinds_without_a_scaffold_name_their_example_and_write_nothing() {
+    fn a_publish_step_depends_on_the_publish_world_and_base64() {
         let tmp = tempfile::tempdir().unwrap();
-        for (kind, example) in [
-            (PluginKind::Storage, "plugins/http-store"),
-            (PluginKind::Publish, "plugins/hf-publish"),
-        ] {
-            let err = new_plugin(kind, "mine", tmp.path(), None).unwrap_err();
-            assert!(err.to_string().contains(example), "{err}");
-        }
+        let dir = new_plugin(PluginKind::Publish, "put-up", tmp.path(), None)
+            .unwrap()
+            .dir;
+        let toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(
+            toml.contains(r#"default-features = false, features = ["publish"] }"#)
+                && toml.contains("base64 = \"0.22\"\n"),
+            "{toml}"
+        );
+        let lib = std::fs::read_to_string(dir.join("src/lib.rs")).unwrap();
+        assert!(lib.contains("export_publisher!(Plugin);"));
+    }
+
+    #[test]
+    fn storage_has_no_scaffold_names_its_example_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = new_plugin(PluginKind::Storage, "mine", tmp.path(), None).unwrap_err();
+        assert!(err.to_string().contains("plugins/http-store"), "{err}");
         assert!(!tmp.path().join("mine").exists());
     }
 }
