@@ -155,14 +155,14 @@ impl host_export::Host for PublishState {
 fn wit_artefact(a: &PushArtefact) -> Result<wit_types::Artefact> {
     let path = a.dir.to_str().with_context(|| {
         format!(
-            "{}: the path is not UTF-8, which the Hub cannot name",
+            "{}: the path is not UTF-8, which a publish plugin cannot be handed",
             a.dir.display()
         )
     })?;
     let mut files = Vec::new();
     for name in &a.files {
         let size = std::fs::metadata(a.dir.join(name))
-            .with_context(|| format!("cannot push {}", a.dir.join(name).display()))?
+            .with_context(|| format!("cannot publish {}", a.dir.join(name).display()))?
             .len();
         files.push(wit_types::FileInfo {
             path: name.clone(),
