@@ -69,6 +69,18 @@ fn a_scaffolded_publish_plugin_uploads_the_saves_of_a_run_and_of_an_export() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let wasm = scaffold_and_build("publish", "put-up", tmp.path());
+    let inspect = bin()
+        .args(["plugin", "inspect"])
+        .arg(&wasm)
+        .output()
+        .unwrap();
+    let text = output_text(&inspect);
+    assert!(
+        text.contains("kind:        publish")
+            && text.contains("name:        put-up")
+            && text.contains("description: uploads the saved files with HTTP PUT"),
+        "{text}"
+    );
     let (model, data) = fixture(tmp.path());
     let (out, save) = (tmp.path().join("out"), tmp.path().join("save"));
     std::fs::create_dir_all(server.root.join("run")).unwrap();

@@ -38,13 +38,7 @@ pub fn inspect(runtime: &PluginRuntime, file: &Path) -> Result<String> {
         Kind::Formatter => describe_component(runtime, &name, &wasm)?.1,
         Kind::Storage => super::storage_host::describe_component(runtime, &name, &wasm)?,
         Kind::Sync => super::sync_policy::describe_component(runtime, &name, &wasm)?,
-        _ => {
-            writeln!(
-                out,
-                "(plugin inspect describes formatter, storage and sync plugins)"
-            )?;
-            return Ok(out);
-        }
+        Kind::Publish => super::publish_host::describe_component(runtime, &name, &wasm)?,
     };
     writeln!(out, "name:        {}", info.name)?;
     writeln!(out, "version:     {}", info.version)?;

@@ -361,11 +361,7 @@ impl PublishRun {
             allowed,
         } = self;
         let idle = runtime.limits().timeout;
-        let pre = publish_linker(runtime)?
-            .instantiate_pre(component)
-            .map_err(wasm_err)
-            .and_then(|pre| v0_1_0::PublishPre::new(pre).map_err(wasm_err))
-            .with_context(|| format!("{name} does not match this host's publish world"))?;
+        let pre = publish_pre(runtime, component, &name)?;
         let state = PublishState::new(
             runtime,
             name.clone(),
@@ -406,6 +402,52 @@ impl PublishRun {
             Err(e) => bail!("{}", plugin_error(&store, e, allowed)),
         }
     }
+}
+
+/// Describes a publish plugin without configuring it (for `ferrotune plugin inspect`).
+pub fn describe_component(
+    runtime: &PluginRuntime,
+    name: &str,
+    wasm: &[u8],
+) -> Result<super::formatter::PluginInfo> {
+    let component = runtime.component(name, wasm)?;
+    let pre = publish_pre(runtime, &component, name)?;
+    let name: Arc<str> = name.into();
+    let timeout = runtime.limits().timeout;
+    let state = PublishState::new(
+        runtime,
+        name.clone(),
+        NetGrant::new(name, Vec::new(), timeout),
+        Secrets::default(),
+        Handed {
+            artefacts: Vec::new(),
+        },
+    );
+    let mut store = state.into_store(runtime.engine(), timeout);
+    let bindings = pre.instantiate(&mut store).map_err(wasm_err)?;
+    let info = bindings
+        .ferrotune_plugin_publish_steps()
+        .call_describe(&mut store)
+        .map_err(wasm_err)?;
+    Ok(super::formatter::PluginInfo {
+        name: info.name,
+        version: info.version,
+        description: info.description,
+        config_schema: info.config_schema,
+    })
+}
+
+/// The component linked against this host's publish world, ready to instantiate per Store.
+fn publish_pre(
+    runtime: &PluginRuntime,
+    component: &Component,
+    name: &str,
+) -> Result<v0_1_0::PublishPre<PublishState>> {
+    publish_linker(runtime)?
+        .instantiate_pre(component)
+        .map_err(wasm_err)
+        .and_then(|pre| v0_1_0::PublishPre::new(pre).map_err(wasm_err))
+        .with_context(|| format!("{name} does not match this host's publish world"))
 }
 
 fn err_is_interrupt(e: &wasmtime::Error) -> bool {
