@@ -10,8 +10,9 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use support::dav_server::{DavServer, PASSWORD, USER};
 use support::scaffold::scaffold_and_build;
@@ -58,6 +59,19 @@ fn assert_published(save: &Path, dir: &Path) -> usize {
     n
 }
 
+/// The publish scaffold, built once for this file's tests: they run in parallel, and two
+/// builds of one crate name would overwrite each other's component in the shared target
+/// directory. Written under that directory, not a temporary one, since a static is never dropped.
+fn put_up_wasm() -> &'static Path {
+    static WASM: OnceLock<PathBuf> = OnceLock::new();
+    WASM.get_or_init(|| {
+        let work = Path::new(env!("FERROTUNE_PLUGIN_TARGET_DIR")).join("scaffold-tests");
+        let _ = std::fs::remove_dir_all(work.join("put-up"));
+        std::fs::create_dir_all(&work).unwrap();
+        scaffold_and_build("publish", "put-up", &work)
+    })
+}
+
 fn publish_run(command: &mut Command, password: &str) -> Output {
     command.env("PUBLISH_PW", password).output().unwrap()
 }
@@ -68,7 +82,7 @@ fn a_scaffolded_publish_plugin_uploads_the_saves_of_a_run_and_of_an_export() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let wasm = scaffold_and_build("publish", "put-up", tmp.path());
+    let wasm = put_up_wasm();
     let inspect = bin()
         .args(["plugin", "inspect"])
         .arg(&wasm)
@@ -130,7 +144,7 @@ fn refused_hosts_wrong_passwords_and_wrong_kinds_fail_clearly() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let wasm = scaffold_and_build("publish", "put-up", tmp.path());
+    let wasm = put_up_wasm();
     let (model, data) = fixture(tmp.path());
     std::fs::create_dir_all(server.root.join("run")).unwrap();
     let run = |name: &str, plugin: &Path, config: String, password: &str| {
