@@ -85,7 +85,7 @@ fn a_scaffolded_publish_plugin_uploads_the_saves_of_a_run_and_of_an_export() {
     let wasm = put_up_wasm();
     let inspect = bin()
         .args(["plugin", "inspect"])
-        .arg(&wasm)
+        .arg(wasm)
         .output()
         .unwrap();
     let text = output_text(&inspect);
@@ -103,7 +103,7 @@ fn a_scaffolded_publish_plugin_uploads_the_saves_of_a_run_and_of_an_export() {
         bin()
             .args(job_args(&model, &data, &out, &save, steps()))
             .args(["--save_gguf", "--quantization", "q8_0", "--publish"])
-            .arg(&wasm)
+            .arg(wasm)
             .args(["--publish_config", &publish_config(&server, "run", &allow)]),
         PASSWORD,
     );
@@ -126,7 +126,7 @@ fn a_scaffolded_publish_plugin_uploads_the_saves_of_a_run_and_of_an_export() {
             .args(["export", "--adapter", save.to_str().unwrap()])
             .args(["--base", model.to_str().unwrap(), "--save_method", "lora"])
             .args(["--save_path", again.to_str().unwrap(), "--publish"])
-            .arg(&wasm)
+            .arg(wasm)
             .args([
                 "--publish_config",
                 &publish_config(&server, "export", &allow),
@@ -166,7 +166,7 @@ fn refused_hosts_wrong_passwords_and_wrong_kinds_fail_clearly() {
     // Not in allow_hosts: the host refuses the request; the saves stay, the retry is named.
     let (refused, _, save) = run(
         "refused",
-        &wasm,
+        wasm,
         publish_config(&server, "run", &[]),
         PASSWORD,
     );
@@ -189,7 +189,7 @@ fn refused_hosts_wrong_passwords_and_wrong_kinds_fail_clearly() {
     let wrong = "wrong-pw-Q7x!secret";
     let (denied, _, _) = run(
         "denied",
-        &wasm,
+        wasm,
         publish_config(&server, "run", &allow),
         wrong,
     );
@@ -209,7 +209,7 @@ fn refused_hosts_wrong_passwords_and_wrong_kinds_fail_clearly() {
             steps(),
         ))
         .arg("--publish")
-        .arg(&wasm)
+        .arg(wasm)
         .args(["--publish_config", &inline.to_string(), "--dry_run"])
         .output()
         .unwrap();
