@@ -9,7 +9,6 @@ use super::hf_save::DEFAULT_MAX_SHARD_BYTES;
 use super::run::{model_name_of, run_exports, ExportRequest};
 use super::{publish, push};
 use crate::cli::args::ExportArgs;
-use crate::cli::choices::SaveMethod;
 use crate::cli::UsageError;
 use crate::plugin::publish_host::ArtefactKind;
 use crate::plugin::PluginLimits;
@@ -71,11 +70,10 @@ pub fn run(args: ExportArgs) -> Result<()> {
     for file in &written {
         println!("{}", file.display());
     }
-    let kind = if args.save_method == Some(SaveMethod::Lora) {
-        ArtefactKind::Adapter
-    } else {
-        ArtefactKind::MergedModel
-    };
+    // GGUF alone (no --save_method) writes no model files, so the kind is not used then.
+    let kind = args
+        .save_method
+        .map_or(ArtefactKind::MergedModel, push::model_kind);
     // Re-running the same command pushes and publishes again (the export is deterministic).
     let retry = "the same ferrotune export command again";
     if let Some(token) = push_token {

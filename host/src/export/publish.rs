@@ -96,10 +96,7 @@ pub fn publish(
             save_path.display()
         );
     }
-    let name = plan.path.file_name().map_or_else(
-        || plan.path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = crate::plugin::file_label(&plan.path);
     match publish_host::publish_with_plugin(limits, &plan.path, &plan.config, &artefacts) {
         Ok(reports) => {
             for report in reports {

@@ -18,10 +18,7 @@ pub fn inspect(runtime: &PluginRuntime, file: &Path) -> Result<String> {
             file.display()
         ))
     })?;
-    let name = file.file_name().map_or_else(
-        || file.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = super::file_label(file);
     let component = runtime.component(&name, &wasm)?;
     let found = world::detect(runtime.engine(), &component, &name)?;
     let mut out = String::new();

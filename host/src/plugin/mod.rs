@@ -30,5 +30,13 @@ pub(crate) fn wasm_err(e: wasmtime::Error) -> anyhow::Error {
     anyhow::anyhow!("{e:#}")
 }
 
+/// The name a plugin file goes by in logs and errors: its file name, else the whole path.
+pub(crate) fn file_label(path: &std::path::Path) -> String {
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 pub use formatter::{format_rows, format_rows_with, FormatOptions, FormatterPlugin};
 pub use runtime::{PluginLimits, PluginRuntime};

@@ -30,8 +30,8 @@ use super::net_grant::NetGrant;
 use super::net_state::{self, BodyReader, NetState};
 use super::runtime::{PluginLimits, PluginRuntime};
 use super::storage_config::{NetPluginConfig, Secrets};
-use super::wasm_err;
 use super::world::{self, Kind};
+use super::{file_label, wasm_err};
 use crate::cli::UsageError;
 
 pub use super::net_state::MAX_CHUNK;
@@ -262,7 +262,7 @@ pub fn publish_with_plugin(
     artefacts: &[PushArtefact],
 ) -> Result<Vec<String>> {
     let runtime = publish_runtime(limits)?;
-    let name = plugin_file_name(path);
+    let name = file_label(path);
     let component = publish_component(&runtime, path)?;
     let artefacts = wit_artefacts(artefacts)?;
     tracing::info!(
@@ -270,11 +270,7 @@ pub fn publish_with_plugin(
         config = config.redacted_json(),
         "publishing {} artefact(s) (network: {})",
         artefacts.len(),
-        if config.allow_hosts.is_empty() {
-            "none".to_string()
-        } else {
-            config.allow_hosts.join(", ")
-        }
+        hosts_or_none(&config.allow_hosts)
     );
     let name: Arc<str> = name.into();
     let run = PublishRun {
@@ -296,13 +292,6 @@ pub fn check_plugin(path: &Path) -> Result<()> {
     publish_component(&publish_runtime(PluginLimits::default())?, path).map(|_| ())
 }
 
-fn plugin_file_name(path: &Path) -> String {
-    path.file_name().map_or_else(
-        || path.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
-}
-
 fn publish_component(runtime: &PluginRuntime, path: &Path) -> Result<Component> {
     let wasm = std::fs::read(path).map_err(|e| {
         UsageError::new(format!(
@@ -310,7 +299,7 @@ fn publish_component(runtime: &PluginRuntime, path: &Path) -> Result<Component> 
             path.display()
         ))
     })?;
-    let name = plugin_file_name(path);
+    let name = file_label(path);
     let component = runtime.component(&name, &wasm)?;
     let found = world::detect(runtime.engine(), &component, &name)?;
     if found.kind != Kind::Publish {
@@ -450,6 +439,15 @@ fn publish_pre(
         .with_context(|| format!("{name} does not match this host's publish world"))
 }
 
+/// `host:port`s as a list for messages.
+fn hosts_or_none(hosts: &[String]) -> String {
+    if hosts.is_empty() {
+        "none".to_string()
+    } else {
+        hosts.join(", ")
+    }
+}
+
 fn err_is_interrupt(e: &wasmtime::Error) -> bool {
     e.downcast_ref::<Trap>() == Some(&Trap::Interrupt)
 }
@@ -459,13 +457,10 @@ fn err_is_interrupt(e: &wasmtime::Error) -> bool {
 fn plugin_error(store: &Store<PublishState>, e: wit_types::PluginError, allowed: &str) -> String {
     let state = store.data();
     if let Some(authority) = state.grant.take_denied().first() {
-        let granted = match state.grant.allowed() {
-            [] => "none".to_string(),
-            hosts => hosts.join(", "),
-        };
         return format!(
-            "the plugin tried to reach {authority}, which is {allowed} (allowed: {granted}); \
-             the host refused it"
+            "the plugin tried to reach {authority}, which is {allowed} (allowed: {}); the host \
+             refused it",
+            hosts_or_none(state.grant.allowed())
         );
     }
     let m = match e {

@@ -57,10 +57,7 @@ impl WasmSyncPolicy {
                 path.display()
             ))
         })?;
-        let name = path.file_name().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let name = super::file_label(path);
         let (mut policy, found) = Self::instantiate(runtime, &name, &wasm)?;
         let info = policy.describe()?;
         sandbox::arm_deadline(&mut policy.store, policy.timeout);
